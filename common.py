@@ -1,0 +1,1275 @@
+"""
+Shared utilities for the six paper scripts: noise schedules, the U-Net and its blocks, data,
+training plumbing (device, DDP, EMA, AdamW, atomic checkpoints), images and the CLI contract.
+
+The papers' own math (losses, samplers, guidance, GAN objectives) is NOT here: it lives in each
+script next to the equation it implements. Copy a script together with this file and it runs.
+"""
+import argparse
+import copy
+import gzip
+import hashlib
+import json
+import math
+import os
+import pickle
+import re
+import struct
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line `error: ...` and exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise schedules: computed in float64, cast by the caller.
+# ---------------------------------------------------------------------------------------------
+
+def beta_schedule(name, T, beta_start=1e-4, beta_end=0.02):
+    """betas (T,) float64. linear: Ho et al. 2020 (1e-4 .. 0.02 for T=1000); cosine: Nichol &
+    Dhariwal 2021 eq. 17 with s=0.008 and betas clipped at 0.999; sigmoid: a sigmoid ramp between
+    the same endpoints as linear; scaled_linear: linspace(sqrt(start), sqrt(end))**2 as in LDM."""
+    if name == "linear":
+        return np.linspace(beta_start, beta_end, T, dtype=np.float64)
+    if name == "scaled_linear":
+        return np.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=np.float64) ** 2
+    if name == "cosine":
+        f = lambda t: np.cos((t / T + 0.008) / 1.008 * np.pi / 2) ** 2
+        i = np.arange(T, dtype=np.float64)
+        return np.minimum(1 - f(i + 1) / f(i), 0.999)
+    if name == "sigmoid":
+        s = 1 / (1 + np.exp(-np.linspace(-6, 6, T, dtype=np.float64)))
+        return beta_start + (beta_end - beta_start) * (s - s[0]) / (s[-1] - s[0])
+    raise UserError(f"unknown beta schedule '{name}': use linear, cosine, sigmoid or scaled_linear")
+
+
+def extract(a, t, shape):
+    """Gather a[t] for a batch of timesteps t (B,) and reshape to broadcast over x of `shape`."""
+    return a.to(t.device)[t].float().reshape(-1, *([1] * (len(shape) - 1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# U-Net (Ho et al. 2020 / ADM, Dhariwal & Nichol 2021) with the options later papers need.
+# ---------------------------------------------------------------------------------------------
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding (Transformer positional encoding) of timesteps t (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def norm(ch):
+    """GroupNorm with 32 groups where the width allows it (fewer for narrow layers)."""
+    g = 32
+    while g > 1 and (ch % g or ch // g < 4):
+        g //= 2
+    return nn.GroupNorm(g, ch)
+
+
+def zero(module):
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """GN -> SiLU -> (up/down) -> conv -> + time emb -> GN (AdaGN if scale_shift) -> SiLU ->
+    dropout -> conv(zero init), plus a skip; optionally scaled by 1/sqrt(2) (skip_rescale)."""
+
+    def __init__(self, cin, cout, emb_dim, dropout=0.0, scale_shift=False, up=False, down=False,
+                 skip_rescale=False):
+        super().__init__()
+        self.norm1, self.conv1 = norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * cout if scale_shift else cout)
+        self.norm2, self.drop = norm(cout), nn.Dropout(dropout)
+        self.conv2 = zero(nn.Conv2d(cout, cout, 3, padding=1))
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.scale_shift, self.up, self.down, self.skip_rescale = scale_shift, up, down, skip_rescale
+
+    def resample(self, x):
+        if self.up:
+            return F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return F.avg_pool2d(x, 2) if self.down else x
+
+    def forward(self, x, emb):
+        h = F.silu(self.norm1(x))
+        h, x = self.resample(h), self.resample(x)     # BigGAN-style: resample inside the block
+        h = self.conv1(h)
+        e = self.emb(F.silu(emb))[:, :, None, None]
+        if self.scale_shift:                          # AdaGN: GN(h) * (1 + y_s) + y_b
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.drop(F.silu(h)))
+        out = self.skip(x) + h
+        return out * (2 ** -0.5) if self.skip_rescale else out
+
+
+class Attention(nn.Module):
+    """Multi-head attention over the pixels of x (B, C, H, W); keys/values from x itself or from a
+    context sequence (B, L, Dc) with an optional padding mask (B, L), True = real token."""
+
+    def __init__(self, ch, heads, context_dim=None):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(ch, ch, bias=context_dim is None)
+        self.kv = nn.Linear(context_dim or ch, 2 * ch, bias=context_dim is None)
+        self.out = zero(nn.Linear(ch, ch))
+
+    def forward(self, x, context=None, mask=None):  # x: (B, N, C) tokens
+        B, N, C = x.shape
+        ctx = x if context is None else context
+        q = self.q(x).view(B, N, self.heads, -1).transpose(1, 2)                  # (B, h, N, d)
+        k, v = self.kv(ctx).view(B, ctx.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        m = None if mask is None else mask[:, None, None, :]                      # (B, 1, 1, L)
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        return self.out(h.transpose(1, 2).reshape(B, N, C))
+
+
+class AttnBlock(nn.Module):
+    """Self-attention at one resolution (DDPM/ADM). With context_dim it becomes LDM's spatial
+    transformer block: x += SelfAttn(LN x); x += CrossAttn(LN x, context); x += FF(LN x)."""
+
+    def __init__(self, ch, heads, context_dim=None, skip_rescale=False):
+        super().__init__()
+        self.norm = norm(ch)
+        self.attn = Attention(ch, heads)
+        self.skip_rescale = skip_rescale
+        self.context_dim = context_dim
+        if context_dim is not None:
+            self.ln1, self.ln2, self.ln3 = nn.LayerNorm(ch), nn.LayerNorm(ch), nn.LayerNorm(ch)
+            self.cross = Attention(ch, heads, context_dim)
+            self.ff = nn.Sequential(nn.Linear(ch, 4 * ch), nn.GELU(), zero(nn.Linear(4 * ch, ch)))
+
+    def forward(self, x, context=None, mask=None):
+        B, C, H, W = x.shape
+        h = self.norm(x).flatten(2).transpose(1, 2)        # (B, HW, C)
+        if self.context_dim is None:
+            h = self.attn(h)
+        else:
+            h = h + self.attn(self.ln1(h))
+            h = h + self.cross(self.ln2(h), context, mask)
+            h = h + self.ff(self.ln3(h))
+        out = x + h.transpose(1, 2).reshape(B, C, H, W)
+        return out * (2 ** -0.5) if self.skip_rescale else out
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x, emb=None):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x, emb=None):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """The DDPM U-Net (Ho et al. 2020, Appendix B) with ADM's options (Dhariwal & Nichol 2021).
+
+    ch, ch_mult, num_res_blocks, attn_res (resolutions in pixels with attention), heads (or
+    head_channels: channels per head, ADM uses 64), dropout, in_ch, out_ch (2*in_ch for learned
+    variances), image_size. Options: num_classes (class embedding with a null label at index
+    num_classes), context_dim (cross-attention to a context sequence), scale_shift (AdaGN),
+    resblock_updown (BigGAN up/down residual blocks), skip_rescale (1/sqrt(2) residuals).
+    forward(x, t, y=None, context=None, mask=None, emb=None): `emb` (B, 4*ch) is added to the
+    time embedding (e.g. DDGAN's latent z after a mapping network)."""
+
+    def __init__(self, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_res=(16,), heads=4,
+                 head_channels=None, dropout=0.0, in_ch=3, out_ch=3, image_size=32,
+                 num_classes=None, context_dim=None, scale_shift=False, resblock_updown=False,
+                 skip_rescale=False):
+        super().__init__()
+        emb_dim = 4 * ch
+        self.ch, self.num_classes = ch, num_classes
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.class_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        res_kw = dict(emb_dim=emb_dim, dropout=dropout, scale_shift=scale_shift, skip_rescale=skip_rescale)
+
+        def attn(c):
+            return AttnBlock(c, c // head_channels if head_channels else heads, context_dim, skip_rescale)
+
+        def down(c):
+            return ResBlock(c, c, down=True, **res_kw) if resblock_updown else Downsample(c)
+
+        def up(c):
+            return ResBlock(c, c, up=True, **res_kw) if resblock_updown else Upsample(c)
+
+        self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
+        self.down, skips, c, res = nn.ModuleList(), [ch], ch, image_size
+        for level, mult in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                blocks = [ResBlock(c, ch * mult, **res_kw)]
+                c = ch * mult
+                if res in attn_res:
+                    blocks.append(attn(c))
+                self.down.append(nn.ModuleList(blocks))
+                skips.append(c)
+            if level != len(ch_mult) - 1:
+                self.down.append(nn.ModuleList([down(c)]))
+                skips.append(c)
+                res //= 2
+        self.mid = nn.ModuleList([ResBlock(c, c, **res_kw), attn(c), ResBlock(c, c, **res_kw)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(ch_mult))):
+            for i in range(num_res_blocks + 1):
+                blocks = [ResBlock(c + skips.pop(), ch * mult, **res_kw)]
+                c = ch * mult
+                if res in attn_res:
+                    blocks.append(attn(c))
+                if level and i == num_res_blocks:
+                    blocks.append(up(c))
+                    res *= 2
+                self.up.append(nn.ModuleList(blocks))
+        self.out = nn.Sequential(norm(c), nn.SiLU(), zero(nn.Conv2d(c, out_ch, 3, padding=1)))
+
+    def run(self, blocks, h, emb, context, mask):
+        for b in blocks:
+            h = b(h, context, mask) if isinstance(b, AttnBlock) else b(h, emb)
+        return h
+
+    def forward(self, x, t, y=None, context=None, mask=None, emb=None):
+        e = self.time_mlp(timestep_embedding(t, self.ch))
+        if self.class_emb is not None:  # y=None or y=num_classes: the null label
+            y = torch.full_like(t, self.num_classes, dtype=torch.long) if y is None else y
+            e = e + self.class_emb(y)
+        if emb is not None:
+            e = e + emb
+        h = self.conv_in(x)
+        hs = [h]
+        for blocks in self.down:
+            h = self.run(blocks, h, e, context, mask)
+            hs.append(h)
+        h = self.run(self.mid, h, e, context, mask)
+        for blocks in self.up:
+            h = self.run(blocks, torch.cat([h, hs.pop()], dim=1), e, context, mask)
+        return self.out(h)
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Data. Every dataset yields (image in [-1, 1] as (C, H, W) float, label int, caption str).
+# ---------------------------------------------------------------------------------------------
+
+SHAPES = ["circle", "square", "triangle", "cross"]
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 235),
+          "yellow": (235, 210, 40), "purple": (150, 60, 210), "white": (240, 240, 240)}
+SIZES = ["small", "large"]
+POSITIONS = ["left", "center", "right"]
+POSITION_WORDS = {"left": "on the left", "center": "in the center", "right": "on the right"}
+BACKGROUND = (24, 24, 32)
+
+
+def shape_caption(a):
+    """'a small red circle on the left' from an attribute dict."""
+    return f"a {a['size']} {a['color']} {a['shape']} {POSITION_WORDS[a['position']]}"
+
+
+def draw_shape(a, image_size=32, channels=3, jitter=(0.0, 0.0, 1.0), supersample=4):
+    """Render one shape with attributes `a` (shape, color, size, position) on a plain background.
+    jitter = (dx, dy, scale) in fractions of the image. Drawn at 4x and box-filtered (antialiased).
+    With a['subject'] true, the circle carries DreamBooth's "subject" pattern (stripes)."""
+    S = image_size * supersample
+    img = Image.new("RGB", (S, S), BACKGROUND)
+    d = ImageDraw.Draw(img)
+    cx = S * ({"left": 0.25, "center": 0.5, "right": 0.75}[a["position"]] + jitter[0])
+    cy = S * (0.5 + jitter[1])
+    r = S * (0.11 if a["size"] == "small" else 0.2) * jitter[2]
+    col = COLORS[a["color"]]
+    if a["shape"] == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=col)
+        if a.get("subject"):  # a distinctive instance the ordinary data never draws
+            for k in (-0.5, 0.0, 0.5):
+                d.rectangle([cx - r, cy + (k - 0.1) * r, cx + r, cy + (k + 0.1) * r], fill=BACKGROUND)
+            d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=col, width=max(1, supersample))
+    elif a["shape"] == "square":
+        q = r * 0.88
+        d.rectangle([cx - q, cy - q, cx + q, cy + q], fill=col)
+    elif a["shape"] == "triangle":
+        d.polygon([(cx, cy - r), (cx + r * 0.95, cy + r * 0.8), (cx - r * 0.95, cy + r * 0.8)], fill=col)
+    elif a["shape"] == "cross":
+        w = r * 0.36
+        d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=col)
+        d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=col)
+    img = img.resize((image_size, image_size), Image.BOX)
+    return img.convert("L") if channels == 1 else img
+
+
+def to_tensor(img):
+    """PIL image -> (C, H, W) float in [-1, 1]."""
+    a = np.asarray(img, dtype=np.float32)
+    a = a[:, :, None] if a.ndim == 2 else a
+    return torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1
+
+
+class ShapesData:
+    """Endless, deterministic colored shapes: item i is drawn from numpy's RNG seeded by (seed, i).
+    Label = shape index; caption like 'a small red circle on the left'. No download."""
+    endless = True
+
+    def __init__(self, image_size=32, channels=3, seed=0, subject=False):
+        self.image_size, self.channels, self.seed, self.subject = image_size, channels, seed, subject
+        self.class_names = list(SHAPES)
+        self.num_classes = len(SHAPES)
+
+    def attributes(self, i):
+        rng = np.random.default_rng([self.seed, i])
+        a = {"shape": SHAPES[rng.integers(4)], "color": list(COLORS)[rng.integers(len(COLORS))],
+             "size": SIZES[rng.integers(2)], "position": POSITIONS[rng.integers(3)]}
+        if self.subject:
+            a["shape"], a["subject"] = "circle", True
+        a["jitter"] = (rng.uniform(-0.04, 0.04), rng.uniform(-0.1, 0.1), rng.uniform(0.9, 1.1))
+        return a
+
+    def __getitem__(self, i):
+        a = self.attributes(i)
+        img = draw_shape(a, self.image_size, self.channels, a["jitter"])
+        return to_tensor(img), SHAPES.index(a["shape"]), shape_caption(a)
+
+
+class TensorData:
+    """Images held in memory as uint8 (N, C, H, W) with labels; CIFAR-10 and MNIST load to this."""
+    endless = False
+
+    def __init__(self, images, labels, class_names, captions=None):
+        self.images, self.labels, self.class_names, self.captions = images, labels, class_names, captions
+        self.num_classes = len(class_names) if class_names else None
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        cap = self.captions[i] if self.captions else (self.class_names[self.labels[i]] if self.class_names else "")
+        return self.images[i].float() / 127.5 - 1, int(self.labels[i]), cap
+
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def resize_crop(img, size):
+    """Resize the short side to `size` (bicubic), then center-crop to size x size."""
+    w, h = img.size
+    s = size / min(w, h)
+    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def load_folder(root, image_size, channels):
+    """A folder of images, searched recursively. The first-level subfolder is the class label
+    (only when every image sits in a subfolder); a .txt beside an image is its caption."""
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
+                   if f.lower().endswith(IMAGE_EXTS))
+    if not files:
+        raise UserError(f"--data {root}: no images found (looked for {', '.join(IMAGE_EXTS)} recursively)")
+    rel = [os.path.relpath(f, root) for f in files]
+    labelled = all(os.sep in r for r in rel)
+    class_names = sorted({r.split(os.sep)[0] for r in rel}) if labelled else None
+    images, labels, captions, bad = [], [], [], 0
+    for f, r in zip(files, rel):
+        try:
+            with Image.open(f) as im:
+                im.load()
+                if min(im.size) < image_size:
+                    raise UserError(f"--data {root}: image {r} is {im.size[0]}x{im.size[1]}, smaller than "
+                                    f"--image-size {image_size}; use a smaller --image-size or remove it")
+                im = resize_crop(im.convert("L" if channels == 1 else "RGB"), image_size)
+        except UserError:
+            raise
+        except Exception:
+            bad += 1
+            continue
+        images.append(torch.from_numpy(np.asarray(im, dtype=np.uint8).reshape(image_size, image_size, channels).copy()))
+        labels.append(class_names.index(r.split(os.sep)[0]) if labelled else 0)
+        txt = os.path.splitext(f)[0] + ".txt"
+        captions.append(open(txt).read().strip() if os.path.exists(txt) else
+                        (r.split(os.sep)[0] if labelled else ""))
+    if not images:
+        raise UserError(f"--data {root}: none of the {len(files)} image files could be read")
+    if bad:
+        print(f"warning: skipped {bad} unreadable image file(s) in {root}", file=sys.stderr)
+    return TensorData(torch.stack(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels),
+                      class_names, captions)
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """CIFAR-10's python batches are pickles; allow only what they need (numpy arrays, builtins)."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def load_cifar10(root, image_size, channels, train=True):
+    """CIFAR-10 python format (the cifar-10-batches-py folder): data_batch_1..5 or test_batch."""
+    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    found = [os.path.join(root, n) for n in names if os.path.exists(os.path.join(root, n))]
+    if not found:
+        raise UserError(f"--data {root}: no CIFAR-10 batch files ({names[0]}...) found")
+    xs, ys = [], []
+    for f in found:
+        try:
+            with open(f, "rb") as fh:
+                d = _NumpyOnlyUnpickler(fh, encoding="bytes").load()
+            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(d[b"labels"]))
+        except Exception as e:
+            raise UserError(f"--data {root}: {os.path.basename(f)} is not a CIFAR-10 python batch ({e})")
+    x = torch.from_numpy(np.concatenate(xs))
+    return TensorData(_fit(x, image_size, channels), torch.from_numpy(np.concatenate(ys)).long(), CIFAR_CLASSES)
+
+
+def _fit(x, image_size, channels):
+    """uint8 (N, C, h, w) -> uint8 (N, channels, image_size, image_size)."""
+    if channels == 1 and x.shape[1] == 3:
+        x = (x.float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    elif channels == 3 and x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if x.shape[-1] != image_size:
+        x = F.interpolate(x.float(), size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).contiguous()
+
+
+def _read_idx(path):
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise UserError(f"--data: {path} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(shape)):
+        raise UserError(f"--data: {path} is truncated ({arr.size} bytes for shape {shape})")
+    return arr.reshape(shape)
+
+
+def load_mnist(root, image_size, channels, train=True):
+    """MNIST IDX files (gzipped or not): train-* by default, t10k-* when no train files exist."""
+    for prefix in (["train", "t10k"] if train else ["t10k"]):
+        for ext in ("", ".gz"):
+            img = os.path.join(root, f"{prefix}-images-idx3-ubyte{ext}")
+            lab = os.path.join(root, f"{prefix}-labels-idx1-ubyte{ext}")
+            if os.path.exists(img) and os.path.exists(lab):
+                x, y = _read_idx(img), _read_idx(lab)
+                if len(x) != len(y):
+                    raise UserError(f"--data {root}: {len(x)} images but {len(y)} labels")
+                x = torch.from_numpy(x.copy())[:, None]
+                return TensorData(_fit(x, image_size, channels), torch.from_numpy(y.astype(np.int64)),
+                                  [str(i) for i in range(10)])
+    raise UserError(f"--data {root}: no MNIST IDX pair (train-images-idx3-ubyte[.gz] + labels) found")
+
+
+def load_data(spec, image_size=32, channels=3, seed=0, train=True):
+    """--data: 'shapes' (default, generated), a CIFAR-10 python folder, an MNIST IDX folder, or a
+    folder of images. train=False gives held-out data (another seed, or the test split)."""
+    if spec == "shapes":
+        return ShapesData(image_size, channels, seed=seed if train else seed + 10_000_019)
+    if not os.path.exists(spec):
+        raise UserError(f"--data {spec}: no such file or folder; give 'shapes' or a path to images, "
+                        "CIFAR-10 (cifar-10-batches-py) or MNIST IDX files")
+    if not os.path.isdir(spec):
+        raise UserError(f"--data {spec}: is a file; give the folder that holds the images or dataset files")
+    sub = os.path.join(spec, "cifar-10-batches-py")
+    root = sub if os.path.isdir(sub) else spec
+    files = os.listdir(root)
+    if "data_batch_1" in files or "test_batch" in files:
+        return load_cifar10(root, image_size, channels, train=train or "test_batch" not in files)
+    if any("idx3-ubyte" in f for f in files):
+        return load_mnist(spec, image_size, channels, train=train or not any(f.startswith("t10k") for f in files))
+    return load_folder(spec, image_size, channels)
+
+
+def batches(data, batch_size, seed, step=0, rank=0, world=1, flip=False):
+    """Endless batches (x, y, captions) for one rank, starting at `step`. Batch k is a pure function
+    of (seed, k, rank), so a resumed run sees exactly the data an uninterrupted one would.
+    Finite data: one shuffle per epoch, sharded across ranks; optional random horizontal flip."""
+    while True:
+        if data.endless:
+            idx = [(step * world + rank) * batch_size + j for j in range(batch_size)]
+        else:
+            per_epoch = max(1, len(data) // (batch_size * world))
+            epoch, k = divmod(step, per_epoch)
+            perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+            start = (k * world + rank) * batch_size
+            idx = perm[start:start + batch_size].tolist()
+            idx += perm[:batch_size - len(idx)].tolist()  # datasets smaller than one batch
+        items = [data[i] for i in idx]
+        x = torch.stack([it[0] for it in items])
+        if flip:
+            g = torch.Generator().manual_seed(seed * 7919 + step * world + rank)
+            m = torch.rand(len(x), generator=g) < 0.5
+            x[m] = x[m].flip(-1)
+        yield x, torch.tensor([it[1] for it in items]), [it[2] for it in items]
+        step += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Training plumbing
+# ---------------------------------------------------------------------------------------------
+
+def get_device(name="auto"):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device name; use auto, cpu, cuda, cuda:N or mps")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return dev
+
+
+def setup_distributed(device_arg):
+    """Under torchrun: init the process group (nccl on GPU, gloo on CPU) and pick this rank's
+    device. Returns (device, rank, world_size)."""
+    if "RANK" not in os.environ:
+        return get_device(device_arg), 0, 1
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() and device_arg in ("auto", "cuda")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local), rank, world
+    return torch.device("cpu"), rank, world
+
+
+def autocast(device, dtype):
+    """bf16 autocast where asked (default on CUDA); fp32 otherwise."""
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if dtype == "float32":
+        return nullcontext()
+    if dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    raise UserError(f"--dtype {dtype}: use auto, float32 or bfloat16")
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, parameters and buffers."""
+    e, m = list(ema.parameters()), list(model.parameters())
+    torch._foreach_lerp_(e, m, 1 - decay)
+    for be, bm in zip(ema.buffers(), model.buffers()):
+        be.copy_(bm)
+
+
+def ema_decay(step, target):
+    """EMA with warm-up: min(target, (1 + n) / (10 + n)), so early averages are not stuck at init."""
+    return min(target, (1 + step) / (10 + step))
+
+
+def make_optimizer(params, lr, weight_decay=0.0, betas=(0.9, 0.999), device=None):
+    fused = device is not None and device.type == "cuda"
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=1e-8,
+                             **({"fused": True} if fused else {"foreach": True}))
+
+
+def lr_at(step, lr, warmup):
+    """Linear warm-up over `warmup` steps, then constant (Ho et al. 2020)."""
+    return lr * min(1.0, (step + 1) / max(1, warmup))
+
+
+def save_checkpoint(obj, path):
+    """Atomic: write a temp file beside `path`, fsync, then rename over it. A crash mid-write
+    leaves the previous checkpoint intact."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, scripts):
+    """torch.load(weights_only=True): tensors and plain data only, never code. `scripts` lists the
+    scripts whose checkpoints this caller accepts."""
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint {path} not found; train one first with `python {scripts[0]}.py --train`")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path} holds more than tensors and plain data; refused to load it "
+                        f"(weights_only=True): {str(e).splitlines()[0]}")
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint: {str(e).splitlines()[0]}")
+    if not isinstance(ck, dict) or ck.get("script") not in scripts:
+        what = ck.get("script") if isinstance(ck, dict) else None
+        raise UserError(f"{path} is {'a ' + what + '.py' if what else 'not a'} checkpoint, not one of "
+                        f"{', '.join(s + '.py' for s in scripts)}; pass --ckpt with the right file")
+    return ck
+
+
+def unwrap(model):
+    """The plain module under DDP and torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def all_finite(module):
+    return all(torch.isfinite(p).all() for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------
+
+def to_uint8(x):
+    """(N, C, H, W) in [-1, 1] -> uint8 numpy (N, H, W, C)."""
+    return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def make_grid(x, nrow=None, pad=2):
+    """(N, C, H, W) in [-1, 1] -> PIL image grid."""
+    a = to_uint8(x)
+    n, h, w, c = a.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    g = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), np.uint8)
+    for i in range(n):
+        r, k = divmod(i, nrow)
+        g[pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = a[i]
+    return Image.fromarray(g[:, :, 0] if c == 1 else g)
+
+
+def save_grid(x, path, nrow=None):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    make_grid(x, nrow).save(path)
+
+
+def save_gif(frames, path, nrow=None, duration=60):
+    """frames: list of (N, C, H, W) in [-1, 1] (e.g. a reverse-process trajectory) -> animated GIF;
+    the last frame is held for a second."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    ims = [make_grid(f, nrow).convert("RGB") for f in frames]
+    ims[0].save(path, save_all=True, append_images=ims[1:], loop=0,
+                duration=[duration] * (len(ims) - 1) + [1000])
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI contract shared by all six scripts
+# ---------------------------------------------------------------------------------------------
+
+def make_parser(script, description, presets):
+    p = argparse.ArgumentParser(f"{script}.py", description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--train", action="store_true", help="train (resumable; checkpoints in --out)")
+    mode.add_argument("--sample", action="store_true", help="write a PNG grid (and GIF) of samples from --ckpt")
+    mode.add_argument("--eval", action="store_true", help="sample and score; the last line printed is one JSON object")
+    p.add_argument("--preset", default="cpu", choices=list(presets),
+                   help="tiny: seconds, for tests; cpu: the default, minutes on a laptop CPU; "
+                        "paper: the paper's configuration, for a GPU")
+    p.add_argument("--data", default="shapes",
+                   help="'shapes' (generated, default), or a folder of images (subfolders = classes, "
+                        ".txt beside an image = caption), a CIFAR-10 cifar-10-batches-py folder, or an MNIST IDX folder")
+    p.add_argument("--image-size", type=int, help="image side in pixels (default: from the preset)")
+    p.add_argument("--channels", type=int, choices=[1, 3], help="1 (grayscale) or 3 (RGB; default)")
+    p.add_argument("--out", default=f"out/{script}", help=f"output folder (default out/{script}/)")
+    p.add_argument("--ckpt", help="checkpoint to sample/eval from (default <out>/ckpt.pt)")
+    p.add_argument("--resume", action="store_true", help="continue training from <out>/ckpt.pt exactly")
+    p.add_argument("--max-steps", type=int, help="total training steps (default: from the preset)")
+    p.add_argument("--batch-size", type=int, help="per-process batch size (default: from the preset); --eval: sampling batch (250)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: from the preset)")
+    p.add_argument("--n-samples", type=int, help="images to sample (--sample: 64; --eval: 1000)")
+    p.add_argument("--steps", type=int, help="sampling steps for --eval (default: the script's own; ddpm.py: all T)")
+    p.add_argument("--fid-weights", metavar="PATH", help="--eval: also the standard Inception FID, from this "
+                   "pt_inception-2015-12-05 weights file (never downloaded)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 autocast on CUDA, float32 elsewhere), float32, bfloat16")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (slow to start; off by default)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    return p
+
+
+def make_config(args, presets):
+    """The preset's plain dict, overridden by the flags the user gave."""
+    cfg = dict(presets[args.preset])
+    for k in ("image_size", "channels", "max_steps", "batch_size", "lr"):
+        v = getattr(args, k, None)
+        if v is not None:
+            cfg[k] = v
+    for k in ("image_size", "batch_size", "max_steps"):
+        if cfg[k] <= 0:
+            raise UserError(f"--{k.replace('_', '-')} must be positive, got {cfg[k]}")
+    if cfg["image_size"] % (2 ** (len(cfg["ch_mult"]) - 1)):
+        raise UserError(f"--image-size {cfg['image_size']} must be divisible by {2 ** (len(cfg['ch_mult']) - 1)} "
+                        f"for this preset's U-Net")
+    return cfg
+
+
+def main_guard(fn):
+    """Run a script's main(): UserError -> one line on stderr and exit status 2."""
+    try:
+        fn()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is intact", file=sys.stderr)
+        sys.exit(130)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop shared by the diffusion scripts
+# ---------------------------------------------------------------------------------------------
+
+def train(script, args, cfg, build_model, loss_fn, sample_fn, extra_state=None):
+    """Train `build_model(cfg)` on --data with loss_fn(model, x, y, captions) -> scalar.
+
+    Resumes exactly (--resume): the model, EMA, optimizer and step are restored, and every random
+    draw of step k is seeded from (seed, rank, k), as is the data. Checkpoints (atomic) and sample
+    grids sample_fn(ema_model, n) -> (n, C, H, W) go to --out on rank 0 only. A non-finite loss
+    stops training with a message and never overwrites the last good checkpoint."""
+    device, rank, world = setup_distributed(args.device)
+    out = args.out
+    ckpt_path = os.path.join(out, "ckpt.pt")
+    if args.resume:
+        ck = load_checkpoint(ckpt_path, [script])
+        cfg = {**ck["config"], **{k: cfg[k] for k in ("max_steps",)}}
+    data = load_data(args.data, cfg["image_size"], cfg["channels"], seed=args.seed)
+    if cfg.get("num_classes") == "data":
+        cfg["num_classes"] = data.num_classes
+    torch.manual_seed(args.seed)
+    model = build_model(cfg).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = make_optimizer(model.parameters(), cfg["lr"], cfg.get("weight_decay", 0.0), device=device)
+    step = 0
+    if args.resume:
+        model.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    model = model.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
+    net = torch.compile(model) if args.compile else model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    amp = autocast(device, args.dtype)
+    it = batches(data, cfg["batch_size"], args.seed, step, rank, world, flip=cfg.get("flip", False) and not data.endless)
+    log_every, sample_every, ckpt_every = cfg.get("log_every", 50), cfg.get("sample_every", 0), cfg.get("ckpt_every", 1000)
+
+    def save(step):
+        if rank == 0:
+            if not (all_finite(model) and all_finite(ema)):
+                raise UserError(f"weights are not finite at step {step}; kept the last good checkpoint {ckpt_path}")
+            save_checkpoint({"script": script, "config": cfg, "model": model.state_dict(), "ema": ema.state_dict(),
+                             "opt": opt.state_dict(), "step": step, "seed": args.seed,
+                             **(extra_state() if extra_state else {})}, ckpt_path)
+
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        print(f"{script}: {count_params(model) / 1e6:.2f}M parameters, device {device}, world size {world}, "
+              f"global batch {cfg['batch_size'] * world} = {cfg['batch_size']} x {world}, "
+              f"steps {step} -> {cfg['max_steps']}, out {out}")
+    bar = tqdm(total=cfg["max_steps"], initial=step, disable=rank != 0, dynamic_ncols=True, desc=script)
+    t0, loss_sum = time.time(), torch.zeros((), device=device)
+    model.train()
+    while step < cfg["max_steps"]:
+        torch.manual_seed(args.seed * 1_000_003 + rank * 7919 + step)  # per-rank, per-step: exact resume
+        x, y, caps = next(it)
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg["lr"], cfg.get("warmup", 0))
+        with amp:
+            loss = loss_fn(net, x, y, caps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.get("grad_clip"):
+            nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"], foreach=True)
+        opt.step()
+        ema_update(ema, model, ema_decay(step, cfg["ema"]))
+        step += 1
+        loss_sum += loss.detach()
+        if step % log_every == 0 or step == cfg["max_steps"]:
+            n = (step - 1) % log_every + 1
+            avg = loss_sum.item() / n  # the only host sync, every log_every steps
+            loss_sum.zero_()
+            if not math.isfinite(avg):
+                raise UserError(f"loss became {avg} by step {step}; stopped without saving, the last good "
+                                f"checkpoint {ckpt_path} is kept; try a lower --lr")
+            bar.set_postfix(loss=f"{avg:.4f}")
+        bar.update(1)
+        if rank == 0 and sample_every and step % sample_every == 0 and step < cfg["max_steps"]:
+            with torch.no_grad(), amp:
+                save_grid(sample_fn(ema, 16), os.path.join(out, f"samples_{step:06d}.png"))
+        if step % ckpt_every == 0 or step == cfg["max_steps"]:
+            save(step)
+    bar.close()
+    if rank == 0:
+        print(f"trained to step {step} in {time.time() - t0:.1f}s; checkpoint {ckpt_path}")
+    if world > 1:
+        dist.barrier()
+    return ema, cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: FID and KID on a small "judge" CNN, attribute accuracy, optional Inception FID
+# ---------------------------------------------------------------------------------------------
+# The standard FID network (Inception-v3) cannot be downloaded here, so FID (Heusel et al. 2017)
+# and KID (Binkowski et al. 2018) are computed on the penultimate features of a small CNN, the
+# judge, trained on the data's own attributes (shapes) or class labels and cached in out/judge/.
+# Its numbers compare runs and scripts of this repository, not papers; where the user has the
+# standard weights file, --fid-weights adds the Inception FID that papers report.
+
+JUDGE_DIR = os.path.join("out", "judge")   # relative to the working directory
+JUDGE_STEPS = 800                          # about 2 minutes on 2 CPU cores; tiny presets set judge_steps
+SHAPE_HEADS = {"shape": SHAPES, "color": list(COLORS), "size": SIZES, "position": POSITIONS}
+
+
+class Judge(nn.Module):
+    """A small CNN with one classification head per attribute. heads: {name: [class names]}, e.g.
+    SHAPE_HEADS on shapes or {"label": class_names} on labelled data. features(x) is the layer FID
+    and KID compare; forward(x) gives {head: logits}."""
+
+    def __init__(self, heads, channels=3, width=32, dim=128):
+        super().__init__()
+        self.classes = {k: list(v) for k, v in heads.items()}
+        w = width
+
+        def conv(cin, cout, stride):
+            return [nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU()]
+
+        self.body = nn.Sequential(*conv(channels, w, 1), *conv(w, w, 2),         # (N, w, H/2, W/2)
+                                  *conv(w, 2 * w, 1), *conv(2 * w, 2 * w, 2),     # (N, 2w, H/4, W/4)
+                                  *conv(2 * w, 4 * w, 2), nn.AdaptiveAvgPool2d(4),  # (N, 4w, 4, 4): keeps where
+                                  nn.Flatten(), nn.Linear(64 * w, dim), nn.SiLU())  # (N, dim)
+        self.heads = nn.ModuleDict({k: nn.Linear(dim, len(v)) for k, v in self.classes.items()})
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        f = self.features(x)
+        return {k: head(f) for k, head in self.heads.items()}
+
+
+def _float_images(x):
+    """uint8 images -> [-1, 1]; float images pass through."""
+    return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
+
+
+@torch.no_grad()
+def features(net, x, batch=250):
+    """net.features over images x (N, C, H, W) (uint8, or float in [-1, 1]) in batches on the net's
+    device -> (N, D) float64 on the CPU."""
+    dev = next(net.parameters()).device
+    return torch.cat([net.features(_float_images(x[i:i + batch]).to(dev)).double().cpu()
+                      for i in range(0, len(x), batch)])
+
+
+@torch.no_grad()
+def judge_predict(judge, x, batch=250):
+    """The judge's class index per head for images x -> {head: (N,) long}."""
+    dev = next(judge.parameters()).device
+    out = [{k: v.argmax(1).cpu() for k, v in judge(_float_images(x[i:i + batch]).to(dev)).items()}
+           for i in range(0, len(x), batch)]
+    return {k: torch.cat([o[k] for o in out]) for k in judge.classes}
+
+
+def _judge_set(data, idx):
+    """Items idx of `data` -> images uint8 (N, C, H, W) and targets {head: (N,) long}."""
+    if isinstance(data, ShapesData):
+        x = torch.stack([data[i][0] for i in idx])
+        attrs = [data.attributes(i) for i in idx]
+        y = {k: torch.tensor([names.index(a[k]) for a in attrs]) for k, names in SHAPE_HEADS.items()}
+        return ((x + 1) * 127.5).round().to(torch.uint8), y
+    idx = torch.as_tensor(list(idx), dtype=torch.long)
+    return data.images[idx], {"label": data.labels[idx].long()}
+
+
+def judge_accuracy(judge, x, y):
+    """Accuracy per head on images x with targets y, and "all" (every head right) with several heads."""
+    pred = judge_predict(judge, x)
+    hits = {k: pred[k] == y[k] for k in y}
+    acc = {k: h.float().mean().item() for k, h in hits.items()}
+    if len(hits) > 1:
+        acc["all"] = torch.stack(list(hits.values())).all(0).float().mean().item()
+    return acc
+
+
+def train_judge(data_spec, image_size, channels, device, steps=JUDGE_STEPS, batch_size=64, seed=0):
+    """Train a Judge deterministically (fixed seed and data order). shapes: up to 5000 generated images,
+    accuracy on 1000 of the held-out split; labelled data: 90% of the training split, accuracy on the
+    other 10%. Returns the checkpoint dict, or None for data without class labels."""
+    t0, c0 = time.time(), time.process_time()
+    data = load_data(data_spec, image_size, channels, seed=0, train=True)
+    if isinstance(data, ShapesData):
+        heads = SHAPE_HEADS
+        xtr, ytr = _judge_set(data, range(min(5000, steps * batch_size)))
+        xte, yte = _judge_set(load_data(data_spec, image_size, channels, seed=0, train=False), range(1000))
+    else:
+        if not data.class_names or len(data.class_names) < 2:
+            return None
+        heads = {"label": data.class_names}
+        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_test = max(1, len(data) // 10)
+        xte, yte = _judge_set(data, perm[:n_test])
+        xtr, ytr = _judge_set(data, perm[n_test:])
+    torch.manual_seed(seed)
+    judge = Judge(heads, channels).to(device)
+    opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    for step in tqdm(range(steps), desc="training the judge", leave=False, dynamic_ncols=True):
+        i = torch.randint(len(xtr), (batch_size,), generator=g)
+        for group in opt.param_groups:  # cosine decay to 0
+            group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
+        logits = judge(_float_images(xtr[i]).to(device))
+        loss = sum(F.cross_entropy(logits[k], ytr[k][i].to(device)) for k in heads)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    judge.eval()
+    return {"script": "judge", "data": data_spec, "image_size": image_size, "channels": channels,
+            "steps": steps, "heads": heads, "model": {k: v.cpu() for k, v in judge.state_dict().items()},
+            "accuracy": judge_accuracy(judge, xte, yte), "n_train": len(xtr), "n_test": len(xte),
+            "train_seconds": time.time() - t0, "train_cpu_seconds": time.process_time() - c0}
+
+
+def judge_path(data_spec, image_size, channels, steps=JUDGE_STEPS, cache_dir=JUDGE_DIR):
+    """out/judge/judge_<data>_<size>_<channels>[_s<steps>].pt; <data> is 'shapes' or the folder's
+    name plus a hash of its absolute path."""
+    name = "shapes"
+    if data_spec != "shapes":
+        p = os.path.abspath(data_spec)
+        name = f"{os.path.basename(p) or 'data'}-{hashlib.sha1(p.encode()).hexdigest()[:8]}"
+    tag = "" if steps == JUDGE_STEPS else f"_s{steps}"
+    return os.path.join(cache_dir, f"judge_{name}_{image_size}_{channels}{tag}.pt")
+
+
+def get_judge(data_spec, image_size, channels, device, steps=JUDGE_STEPS, cache_dir=JUDGE_DIR):
+    """The judge for --data at this size: loaded from its cache file, or trained and cached there
+    (atomically). Data without class labels (a folder of loose images) is judged with the shapes
+    judge's features instead. judge.accuracy holds its held-out accuracy, which is printed."""
+    path = judge_path(data_spec, image_size, channels, steps, cache_dir)
+    if os.path.exists(path):
+        ck = load_checkpoint(path, ["judge"])
+    else:
+        print(f"training the judge for --data {data_spec} at {image_size}px ({steps} steps), cached in {path}")
+        ck = train_judge(data_spec, image_size, channels, device, steps)
+        if ck is None:
+            print(f"note: --data {data_spec} has no class labels; FID/KID use the shapes judge's features",
+                  file=sys.stderr)
+            return get_judge("shapes", image_size, channels, device, steps, cache_dir)
+        save_checkpoint(ck, path)
+        print(f"trained the judge in {ck['train_seconds']:.0f}s")
+    judge = Judge(ck["heads"], channels)
+    judge.load_state_dict(ck["model"])
+    judge.accuracy = ck["accuracy"]
+    print(f"judge {path}: held-out accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in judge.accuracy.items()))
+    return judge.to(device).eval()
+
+
+def feature_stats(f):
+    """Mean (D,) and covariance (D, D) of features f (N, D), in float64."""
+    f = f.double()
+    mu = f.mean(0)
+    d = f - mu
+    return mu, d.T @ d / (len(f) - 1)
+
+
+def sqrtm_psd(a):
+    """Square root of a symmetric positive semi-definite matrix, via its eigendecomposition."""
+    w, v = torch.linalg.eigh(a)
+    return (v * w.clamp(min=0).sqrt()) @ v.T
+
+
+def frechet_distance(mu1, s1, mu2, s2):
+    """Frechet distance between N(mu1, s1) and N(mu2, s2), in float64:
+    ||mu1 - mu2||^2 + tr(s1) + tr(s2) - 2 tr((s1 s2)^(1/2)). With r = s1^(1/2), s1 s2 = r (r s2 r) r^-1
+    has the eigenvalues of the symmetric PSD r s2 r, so tr((s1 s2)^(1/2)) = sum sqrt(eig(r s2 r))."""
+    mu1, s1, mu2, s2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, s1, mu2, s2))
+    r = sqrtm_psd(s1)
+    m = r @ s2 @ r
+    tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+    return ((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * tr_covmean).item()
+
+
+def kid(f1, f2, subsets=100, subset_size=1000, seed=0):
+    """Kernel Inception Distance: the unbiased estimate of MMD^2 with the kernel k(x, y) =
+    (x.y / D + 1)^3, averaged over random subsets (one pass over everything when both sets fit)."""
+    f1, f2 = f1.double(), f2.double()
+    m = min(len(f1), len(f2), subset_size)
+    if m == len(f1) == len(f2):
+        subsets = 1
+    g = torch.Generator().manual_seed(seed)
+    vals = []
+    for _ in range(subsets):
+        x = f1[torch.randperm(len(f1), generator=g)[:m]]
+        y = f2[torch.randperm(len(f2), generator=g)[:m]]
+        kxx, kyy, kxy = [(a @ b.T / f1.shape[1] + 1) ** 3 for a, b in ((x, x), (y, y), (x, y))]
+        off = lambda k: (k.sum() - k.diagonal().sum()) / (m * (m - 1))  # drop the i = j terms
+        vals.append((off(kxx) + off(kyy) - 2 * kxy.mean()).item())
+    return float(np.mean(vals))
+
+
+def fid_kid(net, fake, real):
+    """FID and KID between two image sets (N, C, H, W) on net.features (the judge, or InceptionFID)."""
+    f1, f2 = features(net, fake), features(net, real)
+    return {"fid": frechet_distance(*feature_stats(f1), *feature_stats(f2)), "kid": kid(f1, f2)}
+
+
+def parse_caption(caption):
+    """The attributes a caption names, the inverse of shape_caption: 'a red circle on the left' ->
+    {'color': 'red', 'shape': 'circle', 'position': 'left'}. Attributes not named are left out."""
+    vocab = {w: ("shape", s) for s in SHAPES for w in (s, s + ("es" if s.endswith("s") else "s"))}
+    vocab.update({c: ("color", c) for c in COLORS})
+    vocab.update({s: ("size", s) for s in SIZES})
+    vocab.update({p: ("position", p) for p in POSITIONS})
+    out = {}
+    for word in re.findall(r"[a-z]+", caption.lower()):
+        if word in vocab:
+            key, value = vocab[word]
+            if out.get(key, value) != value:
+                raise UserError(f"caption '{caption}' names two {key}s ({out[key]} and {value})")
+            out[key] = value
+    return out
+
+
+def _wanted(judge, w):
+    """What was asked, as {head: class name}: a class label (int), a caption or an attribute dict."""
+    if isinstance(w, (int, np.integer)) or (torch.is_tensor(w) and w.ndim == 0):
+        head = "label" if "label" in judge.classes else "shape"  # the shapes label is the shape index
+        return {head: judge.classes[head][int(w)]}
+    if isinstance(w, str):
+        return {"label": w} if "label" in judge.classes else parse_caption(w)
+    return {k: v for k, v in w.items() if k in judge.classes}  # drops jitter, subject
+
+
+def attribute_accuracy(judge, images, wanted):
+    """Fraction of images (N, C, H, W) whose judged attributes match what was asked: wanted[i] is a
+    class label, a caption or an attribute dict. An image counts only if every named attribute matches."""
+    pred = judge_predict(judge, images)
+    ok = 0
+    for i, w in enumerate(wanted):
+        w = _wanted(judge, w)
+        for k, v in w.items():
+            if v not in judge.classes[k]:
+                raise UserError(f"cannot judge {k} '{v}': the judge knows {', '.join(judge.classes[k])}")
+        ok += all(judge.classes[k][pred[k][i]] == v for k, v in w.items())
+    return ok / len(wanted)
+
+
+# The standard FID network: Inception-v3 as in TensorFlow's 2015-12-05 graph (the pytorch-fid port).
+
+class ConvBN(nn.Module):
+    """conv (no bias) -> BatchNorm (eps 1e-3) -> ReLU, named like the weights file's keys."""
+
+    def __init__(self, cin, cout, kernel, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=1e-3)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+class Mixed(nn.Module):
+    """One Inception block: parallel branches concatenated on channels. A branch is a chain of links
+    (name, cin, cout, kernel, stride, padding); a link given as a list is several convs side by side
+    (InceptionE). The pool branch: 'avg' (3x3, averaging only real pixels as TF does) or 'max' (3x3,
+    stride 1), each followed by the conv branch_pool; or 'down' (3x3 stride-2 max pool, no conv)."""
+
+    def __init__(self, branches, pool, cin=None, pool_ch=None):
+        super().__init__()
+        self.chains, self.pool = [], pool
+        for chain in branches:
+            links = [link if isinstance(link, list) else [link] for link in chain]
+            for name, *conv in (c for link in links for c in link):
+                setattr(self, name, ConvBN(*conv))
+            self.chains.append([[c[0] for c in link] for link in links])
+        if pool != "down":
+            self.branch_pool = ConvBN(cin, pool_ch, 1)
+
+    def forward(self, x):
+        outs = []
+        for chain in self.chains:
+            h = x
+            for names in chain:
+                h = torch.cat([getattr(self, n)(h) for n in names], 1)
+            outs.append(h)
+        if self.pool == "down":
+            return torch.cat(outs + [F.max_pool2d(x, 3, 2)], 1)
+        p = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False) if self.pool == "avg" else F.max_pool2d(x, 3, 1, 1)
+        return torch.cat(outs + [self.branch_pool(p)], 1)
+
+
+def _inception_a(cin, pool_ch):  # 35x35: cin -> 224 + pool_ch channels
+    return Mixed([[("branch1x1", cin, 64, 1)],
+                  [("branch5x5_1", cin, 48, 1), ("branch5x5_2", 48, 64, 5, 1, 2)],
+                  [("branch3x3dbl_1", cin, 64, 1), ("branch3x3dbl_2", 64, 96, 3, 1, 1),
+                   ("branch3x3dbl_3", 96, 96, 3, 1, 1)]], "avg", cin, pool_ch)
+
+
+def _inception_b(cin):  # 35x35 -> 17x17, cin -> 480 + cin
+    return Mixed([[("branch3x3", cin, 384, 3, 2)],
+                  [("branch3x3dbl_1", cin, 64, 1), ("branch3x3dbl_2", 64, 96, 3, 1, 1),
+                   ("branch3x3dbl_3", 96, 96, 3, 2)]], "down")
+
+
+def _inception_c(cin, c7):  # 17x17, factorized 7x7 convs: cin -> 768
+    one_seven, seven_one = ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0))
+    return Mixed([[("branch1x1", cin, 192, 1)],
+                  [("branch7x7_1", cin, c7, 1), ("branch7x7_2", c7, c7, *one_seven),
+                   ("branch7x7_3", c7, 192, *seven_one)],
+                  [("branch7x7dbl_1", cin, c7, 1), ("branch7x7dbl_2", c7, c7, *seven_one),
+                   ("branch7x7dbl_3", c7, c7, *one_seven), ("branch7x7dbl_4", c7, c7, *seven_one),
+                   ("branch7x7dbl_5", c7, 192, *one_seven)]], "avg", cin, 192)
+
+
+def _inception_d(cin):  # 17x17 -> 8x8, cin -> 512 + cin
+    return Mixed([[("branch3x3_1", cin, 192, 1), ("branch3x3_2", 192, 320, 3, 2)],
+                  [("branch7x7x3_1", cin, 192, 1), ("branch7x7x3_2", 192, 192, (1, 7), 1, (0, 3)),
+                   ("branch7x7x3_3", 192, 192, (7, 1), 1, (3, 0)), ("branch7x7x3_4", 192, 192, 3, 2)]], "down")
+
+
+def _inception_e(cin, pool):  # 8x8: cin -> 2048
+    fork = lambda p: [(p + "a", 384, 384, (1, 3), 1, (0, 1)), (p + "b", 384, 384, (3, 1), 1, (1, 0))]
+    return Mixed([[("branch1x1", cin, 320, 1)],
+                  [("branch3x3_1", cin, 384, 1), fork("branch3x3_2")],
+                  [("branch3x3dbl_1", cin, 448, 1), ("branch3x3dbl_2", 448, 384, 3, 1, 1),
+                   fork("branch3x3dbl_3")]], pool, cin, 192)
+
+
+class InceptionFID(nn.Module):
+    """The FID Inception-v3 (torchvision's layout, TF's average pools, a max pool in Mixed_7c), to load
+    pt_inception-2015-12-05-6726825d.pth with InceptionFID.load(path); nothing is ever downloaded.
+    features(x): images (N, C, H, W) in [-1, 1], resized to 299x299 -> pool3 features (N, 2048)."""
+    BLOCKS = ["Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+              "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"]
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3, self.Conv2d_2a_3x3 = ConvBN(3, 32, 3, 2), ConvBN(32, 32, 3)
+        self.Conv2d_2b_3x3, self.Conv2d_3b_1x1 = ConvBN(32, 64, 3, 1, 1), ConvBN(64, 80, 1)
+        self.Conv2d_4a_3x3 = ConvBN(80, 192, 3)
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = _inception_a(192, 32), _inception_a(256, 64), _inception_a(288, 64)
+        self.Mixed_6a = _inception_b(288)
+        self.Mixed_6b, self.Mixed_6c = _inception_c(768, 128), _inception_c(768, 160)
+        self.Mixed_6d, self.Mixed_6e = _inception_c(768, 160), _inception_c(768, 192)
+        self.Mixed_7a = _inception_d(768)
+        self.Mixed_7b, self.Mixed_7c = _inception_e(1280, "avg"), _inception_e(2048, "max")
+        self.fc = nn.Linear(2048, 1008)  # ImageNet logits: in the weights file, not used by FID
+
+    def features(self, x):
+        x = x.float().expand(-1, 3, -1, -1)                                   # grayscale -> RGB
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))    # (N, 64, 147, 147)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, 2)))    # (N, 192, 71, 71)
+        x = F.max_pool2d(x, 3, 2)                                            # (N, 192, 35, 35)
+        for name in self.BLOCKS:
+            x = getattr(self, name)(x)                                       # ... (N, 2048, 8, 8)
+        return x.mean((2, 3))                                                # (N, 2048)
+
+    @classmethod
+    def load(cls, path):
+        """The network with the weights in `path` (weights_only load); UserError unless it is exactly
+        the FID Inception's state dict."""
+        if not os.path.isfile(path):
+            raise UserError(f"--fid-weights {path}: no such file; get pt_inception-2015-12-05-6726825d.pth "
+                            "(pytorch-fid's FID weights) yourself, nothing is downloaded here")
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"--fid-weights {path}: not a readable weights file ({str(e).splitlines()[0]})")
+        net = cls()
+        want = {k: tuple(v.shape) for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+        got = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")} if isinstance(sd, dict) else {}
+        missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+        bad = sorted(k for k in want.keys() & got.keys() if not torch.is_tensor(got[k]) or tuple(got[k].shape) != want[k])
+        if missing or extra or bad:
+            first = (missing + extra + bad)[0]
+            raise UserError(f"--fid-weights {path}: not the pt_inception-2015-12-05 FID weights ({len(missing)} "
+                            f"missing, {len(extra)} unexpected, {len(bad)} wrongly shaped keys, e.g. {first})")
+        net.load_state_dict(got, strict=False)  # strict on everything but BatchNorm's step counters
+        return net.eval()
+
+
+def quantize(x):
+    """Round images in [-1, 1] to the 256 levels a saved PNG has."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+
+def evaluate(script, args, cfg, sample_fn, nfe, device, cond=None, info=None):
+    """--eval: draw --n-samples images (default 1000) with sample_fn(k, wanted) -> (k, C, H, W) in
+    [-1, 1], in batches of --batch-size (default 250), and time them. wanted is None (cond=None), or
+    the k class labels (cond='label') or captions (cond='caption') of the held-out images the samples
+    are compared with. Scores: FID and KID against as many held-out real images on the judge's
+    features; fid_floor, the FID of another held-out set against the same one (the estimator's floor
+    at this n); acc, the fraction of samples the judge finds to be what was asked (conditional only);
+    fid_inception with --fid-weights. Prints the JSON dict as the last line of stdout and returns it."""
+    n = args.n_samples or 1000
+    if n < 2:
+        raise UserError(f"--n-samples {n}: --eval needs at least 2 samples")
+    size, ch = cfg["image_size"], cfg["channels"]
+    inception = InceptionFID.load(args.fid_weights).to(device) if args.fid_weights else None
+    judge = get_judge(args.data, size, ch, device, steps=cfg.get("judge_steps", JUDGE_STEPS))
+    held = load_data(args.data, size, ch, train=False)
+    order = list(range(2 * n)) if held.endless else \
+        torch.randperm(len(held), generator=torch.Generator().manual_seed(0)).tolist()
+    items = [held[i] for i in order[:n]]
+    real = torch.stack([it[0] for it in items])                              # (<=n, C, H, W)
+    wanted = None if cond is None else [items[i % len(items)][1 if cond == "label" else 2] for i in range(n)]
+    bs = args.batch_size or 250
+    torch.manual_seed(args.seed)
+    fake, t0 = [], time.time()
+    for s in tqdm(range(0, n, bs), desc=f"{script} --eval: sampling", dynamic_ncols=True):
+        fake.append(sample_fn(min(bs, n - s), None if wanted is None else wanted[s:s + bs]).float().cpu())
+    sec = (time.time() - t0) / n
+    fake = quantize(torch.cat(fake))                                         # (n, C, H, W)
+    res = {"script": script, "data": args.data, "n_samples": n, **(info or {}), "nfe": nfe,
+           "sec_per_image": round(sec, 5), **fid_kid(judge, fake, real)}
+    if len(order) >= 2 * n:
+        real2 = torch.stack([held[i][0] for i in order[n:2 * n]])
+        res["fid_floor"] = fid_kid(judge, real2, real)["fid"]
+    if cond is not None:
+        res["acc"] = attribute_accuracy(judge, fake, wanted)
+    res["judge_acc"] = judge.accuracy.get("all", judge.accuracy.get("label"))
+    if inception is not None:
+        res["fid_inception"] = fid_kid(inception, fake, real)["fid"]
+    save_grid(fake[:64], os.path.join(args.out, "eval_samples.png"))
+    print(f"{script} --eval: FID {res['fid']:.3f} (floor {res.get('fid_floor', float('nan')):.3f}), "
+          f"KID {res['kid']:.5f}, {sec:.4f} s/image at {nfe} NFE; samples in {os.path.join(args.out, 'eval_samples.png')}")
+    print(json.dumps(res))
+    return res

@@ -1,0 +1,221 @@
+"""
+Denoising Diffusion Probabilistic Models (Ho, Jain & Abbeel, 2020), https://arxiv.org/abs/2006.11239
+
+    python ddpm.py --train                              # shapes, a few minutes on a laptop CPU
+    python ddpm.py --sample --ckpt out/ddpm/ckpt.pt     # PNG grid + GIF of the reverse process
+    python ddpm.py --eval                               # FID/KID (see common.py), JSON last line
+
+Forward process  q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)                    (eq. 4)
+Posterior        q(x_{t-1} | x_t, x_0) = N(mu~_t(x_t, x_0), beta~_t I)                 (eqs. 6-7)
+Loss             L_simple = E_{t, x_0, eps} || eps - eps_theta(x_t, t) ||^2             (eq. 14)
+Sampling         Algorithm 2, with sigma_t^2 = beta_t ("large") or beta~_t ("small").
+Timesteps are 0-indexed: t = 0 is one noising step, t = T - 1 is (almost) pure noise.
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+import common
+from tqdm import tqdm
+
+PRESETS = {
+    # seconds, for tests
+    "tiny": dict(image_size=16, channels=3, ch=16, ch_mult=[1, 2], num_res_blocks=1, attn_res=[8], heads=2,
+                 dropout=0.0, timesteps=100, schedule="linear", objective="eps", var="large",
+                 batch_size=8, max_steps=20, lr=1e-3, warmup=0, grad_clip=1.0, ema=0.99,
+                 log_every=5, sample_every=0, ckpt_every=10, judge_steps=30),
+    # the default: minutes on a 2-core CPU
+    "cpu": dict(image_size=32, channels=3, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_res=[8], heads=4,
+                dropout=0.0, timesteps=1000, schedule="linear", objective="eps", var="large",
+                batch_size=32, max_steps=2400, lr=1e-3, warmup=100, grad_clip=1.0, ema=0.995,
+                log_every=25, sample_every=0, ckpt_every=500),
+    # Ho et al. 2020, CIFAR-10 (Appendix B): 35.7M parameters, lr 2e-4, batch 128, 800K steps
+    "paper": dict(image_size=32, channels=3, ch=128, ch_mult=[1, 2, 2, 2], num_res_blocks=2, attn_res=[16], heads=1,
+                  dropout=0.1, timesteps=1000, schedule="linear", objective="eps", var="large",
+                  batch_size=128, max_steps=800_000, lr=2e-4, warmup=5000, grad_clip=1.0, ema=0.9999,
+                  flip=True, log_every=100, sample_every=10_000, ckpt_every=5000),
+}
+
+
+def build_model(cfg):
+    return common.UNet(ch=cfg["ch"], ch_mult=cfg["ch_mult"], num_res_blocks=cfg["num_res_blocks"],
+                       attn_res=cfg["attn_res"], heads=cfg["heads"], dropout=cfg["dropout"],
+                       in_ch=cfg["channels"], out_ch=cfg["channels"], image_size=cfg["image_size"])
+
+
+class Diffusion:
+    """The fixed forward process and everything derived from its betas (float64, then cast)."""
+
+    def __init__(self, betas, objective="eps", var="large"):
+        b = torch.as_tensor(betas, dtype=torch.float64)
+        self.T, self.objective, self.var = len(b), objective, var
+        self.betas = b
+        self.alphas = 1 - b
+        self.abar = torch.cumprod(self.alphas, 0)                           # abar_t = prod_{s<=t} alpha_s
+        self.abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.abar[:-1]])
+        # eq. 7: beta~_t = (1 - abar_{t-1}) / (1 - abar_t) * beta_t ; mu~_t = c0 x_0 + ct x_t
+        self.post_var = b * (1 - self.abar_prev) / (1 - self.abar)
+        self.post_c0 = b * self.abar_prev.sqrt() / (1 - self.abar)
+        self.post_ct = (1 - self.abar_prev) * self.alphas.sqrt() / (1 - self.abar)
+        # beta~_0 = 0: use beta~_1 in its place for the log (and as "large" variance at t=0)
+        self.post_logvar = torch.log(torch.cat([self.post_var[1:2], self.post_var[1:]]))
+        self.large_logvar = torch.log(torch.cat([self.post_var[1:2], b[1:]]))
+
+    def q_sample(self, x0, t, noise):
+        """eq. 4: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
+        a = common.extract(self.abar, t, x0.shape)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def q_posterior(self, x0, xt, t):
+        """eqs. 6-7: mean and log-variance of q(x_{t-1} | x_t, x_0)."""
+        mean = common.extract(self.post_c0, t, xt.shape) * x0 + common.extract(self.post_ct, t, xt.shape) * xt
+        return mean, common.extract(self.post_logvar, t, xt.shape)
+
+    # Conversions between what the network may predict: eps, x_0, or v = sqrt(a) eps - sqrt(1-a) x_0
+    def x0_from_eps(self, xt, t, eps):
+        a = common.extract(self.abar, t, xt.shape)
+        return (xt - (1 - a).sqrt() * eps) / a.sqrt()
+
+    def eps_from_x0(self, xt, t, x0):
+        a = common.extract(self.abar, t, xt.shape)
+        return (xt - a.sqrt() * x0) / (1 - a).sqrt()
+
+    def x0_from_v(self, xt, t, v):
+        a = common.extract(self.abar, t, xt.shape)
+        return a.sqrt() * xt - (1 - a).sqrt() * v
+
+    def v_target(self, x0, t, eps):
+        a = common.extract(self.abar, t, x0.shape)
+        return a.sqrt() * eps - (1 - a).sqrt() * x0
+
+    def predict_x0(self, out, xt, t):
+        if self.objective == "eps":
+            return self.x0_from_eps(xt, t, out)
+        return out if self.objective == "x0" else self.x0_from_v(xt, t, out)
+
+    def loss(self, model, x0, **cond):
+        """eq. 14, L_simple: t ~ U{0..T-1}, eps ~ N(0, I), MSE on the chosen target."""
+        t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)
+        noise = torch.randn_like(x0)
+        xt = self.q_sample(x0, t, noise)
+        target = {"eps": noise, "x0": x0, "v": self.v_target(x0, t, noise)}[self.objective]
+        return F.mse_loss(model(xt, t, **cond).float(), target)
+
+    def p_mean_variance(self, model, xt, t, clip=True, **cond):
+        """p_theta(x_{t-1} | x_t) = N(mu~_t(x_t, x0_hat), sigma_t^2): x0_hat from the network, clipped
+        to [-1, 1] (the official sampler), then the posterior mean of eq. 7 (equal to Algorithm 2's
+        1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps) when nothing is clipped)."""
+        x0 = self.predict_x0(model(xt, t, **cond).float(), xt, t)
+        if clip:
+            x0 = x0.clamp(-1, 1)
+        mean, logvar_small = self.q_posterior(x0, xt, t)
+        logvar = common.extract(self.large_logvar, t, xt.shape) if self.var == "large" else logvar_small
+        return mean, logvar, x0
+
+    def p_sample(self, model, xt, t, clip=True, **cond):
+        """Algorithm 2, line 4: x_{t-1} = mu + sigma_t z, no noise at t = 0."""
+        mean, logvar, _ = self.p_mean_variance(model, xt, t, clip, **cond)
+        nonzero = (t > 0).float().view(-1, *([1] * (xt.ndim - 1)))
+        return mean + nonzero * (0.5 * logvar).exp() * torch.randn_like(xt)
+
+    @torch.inference_mode()
+    def sample(self, model, shape, device, clip=True, frames=0, **cond):
+        """Algorithm 2: x_T ~ N(0, I), then T ancestral steps. Returns x_0 and `frames` snapshots."""
+        x = torch.randn(shape, device=device)
+        keep = set(torch.linspace(self.T - 1, 0, frames).round().long().tolist()) if frames else set()
+        traj = []
+        for i in tqdm(reversed(range(self.T)), total=self.T, desc="sampling", leave=False):
+            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+            x = self.p_sample(model, x, t, clip, **cond)
+            if i in keep:
+                traj.append(x.cpu())
+        return x, traj
+
+
+def diffusion_from(cfg):
+    betas = common.beta_schedule(cfg["schedule"], cfg["timesteps"])
+    return Diffusion(betas, cfg["objective"], cfg["var"])
+
+
+def respace(diff, steps):
+    """Ancestral sampling on `steps` evenly spaced timesteps t_1 < ... < t_S of the T (Nichol & Dhariwal
+    2021, sec. 4): keep abar at those t and set beta'_i = 1 - abar_{t_i} / abar_{t_{i-1}}, a shorter
+    forward process with the same marginals q(x_t | x_0). Returns its Diffusion and the t_i (S,) that
+    the network, trained on the original timesteps, must be called with."""
+    ts = torch.linspace(diff.T - 1, 0, steps, dtype=torch.float64).round().long().flip(0)
+    abar = diff.abar[ts]
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    return Diffusion(1 - abar / prev, diff.objective, diff.var), ts
+
+
+def load(path, device):
+    """EMA network and diffusion from a ddpm.py checkpoint."""
+    ck = common.load_checkpoint(path, ["ddpm"])
+    model = build_model(ck["config"])
+    model.load_state_dict(ck["ema"])
+    return model.to(device).eval(), diffusion_from(ck["config"]), ck
+
+
+def main(argv=None):
+    p = common.make_parser("ddpm", __doc__, PRESETS)
+    p.add_argument("--objective", choices=["eps", "x0", "v"], help="what the network predicts (default eps, eq. 14)")
+    p.add_argument("--var", choices=["large", "small"], help="sigma_t^2 = beta_t (large, default) or beta~_t (small)")
+    p.add_argument("--schedule", choices=["linear", "cosine", "sigmoid"], help="beta schedule (default linear)")
+    p.add_argument("--no-clip", action="store_true", help="do not clip x0_hat to [-1, 1] when sampling")
+    args = p.parse_args(argv)
+    cfg = common.make_config(args, PRESETS)
+    for k in ("objective", "var", "schedule"):
+        if getattr(args, k):
+            cfg[k] = getattr(args, k)
+    if args.train:
+        diff = diffusion_from(cfg)
+
+        def loss_fn(net, x, y, caps):
+            return diff.loss(net, x)
+
+        def sample_fn(ema, n):
+            return diff.sample(ema, (n, cfg["channels"], cfg["image_size"], cfg["image_size"]),
+                               next(ema.parameters()).device)[0]
+
+        ema, cfg = common.train("ddpm", args, cfg, build_model, loss_fn, sample_fn)
+        if int(os.environ.get("RANK", 0)) == 0:
+            diff = diffusion_from(cfg)
+            dev = next(ema.parameters()).device
+            torch.manual_seed(args.seed)
+            x = diff.sample(ema, (args.n_samples or 36, cfg["channels"], cfg["image_size"], cfg["image_size"]), dev)[0]
+            common.save_grid(x, os.path.join(args.out, "samples.png"))
+            print(f"samples: {os.path.join(args.out, 'samples.png')}")
+    elif args.sample:
+        device = common.get_device(args.device)
+        model, diff, ck = load(args.ckpt or os.path.join(args.out, "ckpt.pt"), device)
+        c = ck["config"]
+        torch.manual_seed(args.seed)
+        with common.autocast(device, args.dtype):
+            x, traj = diff.sample(model, (args.n_samples or 64, c["channels"], c["image_size"], c["image_size"]),
+                                  device, clip=not args.no_clip, frames=50)
+        common.save_grid(x, os.path.join(args.out, "samples.png"))
+        common.save_gif(traj, os.path.join(args.out, "reverse.gif"))
+        print(f"wrote {os.path.join(args.out, 'samples.png')} and {os.path.join(args.out, 'reverse.gif')}")
+    else:  # --eval: FID/KID on common.py's judge; --steps S < T samples on S respaced timesteps
+        device = common.get_device(args.device)
+        model, diff, ck = load(args.ckpt or os.path.join(args.out, "ckpt.pt"), device)
+        c = ck["config"]
+        steps = args.steps or diff.T
+        if not 1 <= steps <= diff.T:
+            raise common.UserError(f"--steps {steps}: use 1..{diff.T}, the model's number of timesteps T")
+        net = model
+        if steps < diff.T:
+            diff, ts = respace(diff, steps)
+            net = lambda x, t, **kw: model(x, ts.to(t.device)[t], **kw)  # respaced index -> original t
+
+        def sample_fn(n, wanted):
+            with common.autocast(device, args.dtype):
+                return diff.sample(net, (n, c["channels"], c["image_size"], c["image_size"]), device,
+                                   clip=not args.no_clip)[0]
+
+        common.evaluate("ddpm", args, c, sample_fn, nfe=steps, device=device, info={"steps": steps})
+
+
+if __name__ == "__main__":
+    common.main_guard(main)
