@@ -269,6 +269,16 @@ class UNet(nn.Module):
         return self.out(h)
 
 
+def build_unet(cfg):
+    """A UNet from a plain config dict (the keys of the scripts' presets)."""
+    return UNet(ch=cfg["ch"], ch_mult=cfg["ch_mult"], num_res_blocks=cfg["num_res_blocks"],
+                attn_res=cfg["attn_res"], heads=cfg.get("heads", 4), head_channels=cfg.get("head_channels"),
+                dropout=cfg.get("dropout", 0.0), in_ch=cfg["channels"], out_ch=cfg.get("out_ch", cfg["channels"]),
+                image_size=cfg["image_size"], num_classes=cfg.get("num_classes"),
+                context_dim=cfg.get("context_dim"), scale_shift=cfg.get("scale_shift", False),
+                resblock_updown=cfg.get("resblock_updown", False), skip_rescale=cfg.get("skip_rescale", False))
+
+
 def count_params(model):
     return sum(p.numel() for p in model.parameters())
 
@@ -708,7 +718,8 @@ def make_parser(script, description, presets):
     p.add_argument("--ckpt", help="checkpoint to sample/eval from (default <out>/ckpt.pt)")
     p.add_argument("--resume", action="store_true", help="continue training from <out>/ckpt.pt exactly")
     p.add_argument("--max-steps", type=int, help="total training steps (default: from the preset)")
-    p.add_argument("--batch-size", type=int, help="per-process batch size (default: from the preset); --eval: sampling batch (250)")
+    p.add_argument("--batch-size", type=int, help="per-process batch size (default: from the preset); "
+                   "--eval: the sampling batch (default 100; 500 on CUDA)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: from the preset)")
     p.add_argument("--n-samples", type=int, help="images to sample (--sample: 64; --eval: 1000)")
     p.add_argument("--steps", type=int, help="sampling steps for --eval (default: the script's own; ddpm.py: all T)")
@@ -854,14 +865,15 @@ def train(script, args, cfg, build_model, loss_fn, sample_fn, extra_state=None):
 # standard weights file, --fid-weights adds the Inception FID that papers report.
 
 JUDGE_DIR = os.path.join("out", "judge")   # relative to the working directory
-JUDGE_STEPS = 800                          # about 2 minutes on 2 CPU cores; tiny presets set judge_steps
+JUDGE_STEPS = 800                          # about a minute on one CPU core; tiny presets set judge_steps
 SHAPE_HEADS = {"shape": SHAPES, "color": list(COLORS), "size": SIZES, "position": POSITIONS}
 
 
 class Judge(nn.Module):
     """A small CNN with one classification head per attribute. heads: {name: [class names]}, e.g.
     SHAPE_HEADS on shapes or {"label": class_names} on labelled data. features(x) is the layer FID
-    and KID compare; forward(x) gives {head: logits}."""
+    and KID compare, times a fixed `scale` that gives held-out real images a mean square of 1 (so
+    the numbers do not depend on an arbitrary activation scale); forward(x) gives {head: logits}."""
 
     def __init__(self, heads, channels=3, width=32, dim=128):
         super().__init__()
@@ -876,12 +888,13 @@ class Judge(nn.Module):
                                   *conv(2 * w, 4 * w, 2), nn.AdaptiveAvgPool2d(4),  # (N, 4w, 4, 4): keeps where
                                   nn.Flatten(), nn.Linear(64 * w, dim), nn.SiLU())  # (N, dim)
         self.heads = nn.ModuleDict({k: nn.Linear(dim, len(v)) for k, v in self.classes.items()})
+        self.register_buffer("scale", torch.ones(()))
 
     def features(self, x):
-        return self.body(x)
+        return self.body(x) * self.scale
 
     def forward(self, x):
-        f = self.features(x)
+        f = self.body(x)
         return {k: head(f) for k, head in self.heads.items()}
 
 
@@ -961,6 +974,7 @@ def train_judge(data_spec, image_size, channels, device, steps=JUDGE_STEPS, batc
         loss.backward()
         opt.step()
     judge.eval()
+    judge.scale.fill_(features(judge, xte).square().mean().rsqrt().item())
     return {"script": "judge", "data": data_spec, "image_size": image_size, "channels": channels,
             "steps": steps, "heads": heads, "model": {k: v.cpu() for k, v in judge.state_dict().items()},
             "accuracy": judge_accuracy(judge, xte, yte), "n_train": len(xtr), "n_test": len(xte),
@@ -995,7 +1009,10 @@ def get_judge(data_spec, image_size, channels, device, steps=JUDGE_STEPS, cache_
         save_checkpoint(ck, path)
         print(f"trained the judge in {ck['train_seconds']:.0f}s")
     judge = Judge(ck["heads"], channels)
-    judge.load_state_dict(ck["model"])
+    try:
+        judge.load_state_dict(ck["model"])
+    except RuntimeError:
+        raise UserError(f"{path} does not fit this version's judge; delete it and it is retrained")
     judge.accuracy = ck["accuracy"]
     print(f"judge {path}: held-out accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in judge.accuracy.items()))
     return judge.to(device).eval()
@@ -1184,7 +1201,8 @@ class InceptionFID(nn.Module):
         self.Conv2d_1a_3x3, self.Conv2d_2a_3x3 = ConvBN(3, 32, 3, 2), ConvBN(32, 32, 3)
         self.Conv2d_2b_3x3, self.Conv2d_3b_1x1 = ConvBN(32, 64, 3, 1, 1), ConvBN(64, 80, 1)
         self.Conv2d_4a_3x3 = ConvBN(80, 192, 3)
-        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = _inception_a(192, 32), _inception_a(256, 64), _inception_a(288, 64)
+        self.Mixed_5b, self.Mixed_5c = _inception_a(192, 32), _inception_a(256, 64)
+        self.Mixed_5d = _inception_a(288, 64)
         self.Mixed_6a = _inception_b(288)
         self.Mixed_6b, self.Mixed_6c = _inception_c(768, 128), _inception_c(768, 160)
         self.Mixed_6d, self.Mixed_6e = _inception_c(768, 160), _inception_c(768, 192)
@@ -1217,7 +1235,8 @@ class InceptionFID(nn.Module):
         want = {k: tuple(v.shape) for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
         got = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")} if isinstance(sd, dict) else {}
         missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
-        bad = sorted(k for k in want.keys() & got.keys() if not torch.is_tensor(got[k]) or tuple(got[k].shape) != want[k])
+        bad = sorted(k for k in want.keys() & got.keys()
+                     if not torch.is_tensor(got[k]) or tuple(got[k].shape) != want[k])
         if missing or extra or bad:
             first = (missing + extra + bad)[0]
             raise UserError(f"--fid-weights {path}: not the pt_inception-2015-12-05 FID weights ({len(missing)} "
@@ -1233,12 +1252,13 @@ def quantize(x):
 
 def evaluate(script, args, cfg, sample_fn, nfe, device, cond=None, info=None):
     """--eval: draw --n-samples images (default 1000) with sample_fn(k, wanted) -> (k, C, H, W) in
-    [-1, 1], in batches of --batch-size (default 250), and time them. wanted is None (cond=None), or
-    the k class labels (cond='label') or captions (cond='caption') of the held-out images the samples
-    are compared with. Scores: FID and KID against as many held-out real images on the judge's
-    features; fid_floor, the FID of another held-out set against the same one (the estimator's floor
-    at this n); acc, the fraction of samples the judge finds to be what was asked (conditional only);
-    fid_inception with --fid-weights. Prints the JSON dict as the last line of stdout and returns it."""
+    [-1, 1], in batches of --batch-size (default 100 on CPU, 500 on CUDA), and time them. wanted is
+    None (cond=None), or the k class labels (cond='label') or captions (cond='caption') of the
+    held-out images the samples are compared with. Scores: FID and KID against as many held-out real
+    images on the judge's features; fid_floor, the FID of another held-out set against the same one
+    (the estimator's floor at this n); acc, the fraction of samples the judge finds to be what was
+    asked (conditional only); fid_inception with --fid-weights. nfe (network evaluations per image)
+    and info go into the result as they are. Prints it as JSON, the last line of stdout, and returns it."""
     n = args.n_samples or 1000
     if n < 2:
         raise UserError(f"--n-samples {n}: --eval needs at least 2 samples")
@@ -1251,7 +1271,7 @@ def evaluate(script, args, cfg, sample_fn, nfe, device, cond=None, info=None):
     items = [held[i] for i in order[:n]]
     real = torch.stack([it[0] for it in items])                              # (<=n, C, H, W)
     wanted = None if cond is None else [items[i % len(items)][1 if cond == "label" else 2] for i in range(n)]
-    bs = args.batch_size or 250
+    bs = args.batch_size or (500 if device.type == "cuda" else 100)
     torch.manual_seed(args.seed)
     fake, t0 = [], time.time()
     for s in tqdm(range(0, n, bs), desc=f"{script} --eval: sampling", dynamic_ncols=True):
@@ -1268,8 +1288,9 @@ def evaluate(script, args, cfg, sample_fn, nfe, device, cond=None, info=None):
     res["judge_acc"] = judge.accuracy.get("all", judge.accuracy.get("label"))
     if inception is not None:
         res["fid_inception"] = fid_kid(inception, fake, real)["fid"]
-    save_grid(fake[:64], os.path.join(args.out, "eval_samples.png"))
-    print(f"{script} --eval: FID {res['fid']:.3f} (floor {res.get('fid_floor', float('nan')):.3f}), "
-          f"KID {res['kid']:.5f}, {sec:.4f} s/image at {nfe} NFE; samples in {os.path.join(args.out, 'eval_samples.png')}")
+    grid = os.path.join(args.out, "eval_samples.png")
+    save_grid(fake[:64], grid)
+    print(f"{script} --eval: FID {res['fid']:.4f} (real-vs-real floor {res.get('fid_floor', float('nan')):.4f}), "
+          f"KID {res['kid']:.5f}, {sec:.4f} s/image at {nfe} NFE; samples: {grid}")
     print(json.dumps(res))
     return res

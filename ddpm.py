@@ -28,7 +28,7 @@ PRESETS = {
     # the default: minutes on a 2-core CPU
     "cpu": dict(image_size=32, channels=3, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_res=[8], heads=4,
                 dropout=0.0, timesteps=1000, schedule="linear", objective="eps", var="large",
-                batch_size=32, max_steps=2400, lr=1e-3, warmup=100, grad_clip=1.0, ema=0.995,
+                batch_size=32, max_steps=2400, lr=2e-3, warmup=200, grad_clip=1.0, ema=0.995,
                 log_every=25, sample_every=0, ckpt_every=500),
     # Ho et al. 2020, CIFAR-10 (Appendix B): 35.7M parameters, lr 2e-4, batch 128, 800K steps
     "paper": dict(image_size=32, channels=3, ch=128, ch_mult=[1, 2, 2, 2], num_res_blocks=2, attn_res=[16], heads=1,
@@ -36,12 +36,6 @@ PRESETS = {
                   batch_size=128, max_steps=800_000, lr=2e-4, warmup=5000, grad_clip=1.0, ema=0.9999,
                   flip=True, log_every=100, sample_every=10_000, ckpt_every=5000),
 }
-
-
-def build_model(cfg):
-    return common.UNet(ch=cfg["ch"], ch_mult=cfg["ch_mult"], num_res_blocks=cfg["num_res_blocks"],
-                       attn_res=cfg["attn_res"], heads=cfg["heads"], dropout=cfg["dropout"],
-                       in_ch=cfg["channels"], out_ch=cfg["channels"], image_size=cfg["image_size"])
 
 
 class Diffusion:
@@ -152,7 +146,7 @@ def respace(diff, steps):
 def load(path, device):
     """EMA network and diffusion from a ddpm.py checkpoint."""
     ck = common.load_checkpoint(path, ["ddpm"])
-    model = build_model(ck["config"])
+    model = common.build_unet(ck["config"])
     model.load_state_dict(ck["ema"])
     return model.to(device).eval(), diffusion_from(ck["config"]), ck
 
@@ -178,7 +172,7 @@ def main(argv=None):
             return diff.sample(ema, (n, cfg["channels"], cfg["image_size"], cfg["image_size"]),
                                next(ema.parameters()).device)[0]
 
-        ema, cfg = common.train("ddpm", args, cfg, build_model, loss_fn, sample_fn)
+        ema, cfg = common.train("ddpm", args, cfg, common.build_unet, loss_fn, sample_fn)
         if int(os.environ.get("RANK", 0)) == 0:
             diff = diffusion_from(cfg)
             dev = next(ema.parameters()).device

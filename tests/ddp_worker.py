@@ -28,7 +28,7 @@ common.save_checkpoint = logged_save
 
 
 def build(c):
-    model_box["m"] = ddpm.build_model(c)
+    model_box["m"] = common.build_unet(c)
     return model_box["m"]
 
 

@@ -98,7 +98,7 @@ def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path):
         return loss * float("nan") if calls["n"] > 12 else loss
 
     with pytest.raises(common.UserError, match="kept"):
-        common.train("ddpm", args, cfg, ddpm.build_model, loss_fn, None)
+        common.train("ddpm", args, cfg, common.build_unet, loss_fn, None)
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ck["step"] == 10  # the checkpoint of step 10 (ckpt_every=10) survives; 20 was never written
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
