@@ -699,10 +699,14 @@ def save_gif(frames, path, nrow=None, duration=60):
 # CLI contract shared by all six scripts
 # ---------------------------------------------------------------------------------------------
 
-def make_parser(script, description, presets):
+def make_parser(script, description, presets, modes=()):
+    """The flags every script shares. `modes`: extra (flag, help) pairs exclusive with --train,
+    --sample and --eval (e.g. ldm.py's --train-ae)."""
     p = argparse.ArgumentParser(f"{script}.py", description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group(required=True)
+    for flag, text in modes:
+        mode.add_argument(flag, action="store_true", help=text)
     mode.add_argument("--train", action="store_true", help="train (resumable; checkpoints in --out)")
     mode.add_argument("--sample", action="store_true", help="write a PNG grid (and GIF) of samples from --ckpt")
     mode.add_argument("--eval", action="store_true", help="sample and score; the last line printed is one JSON object")

@@ -1,5 +1,4 @@
 """What a user sees: train -> checkpoint -> resume -> sample from the CLI, errors, DDP."""
-import json
 import os
 import subprocess
 import sys
@@ -40,7 +39,7 @@ def test_train_resume_matches_uninterrupted_then_sample(tmp_path):
     assert not states_equal(a["model"], half["model"])  # training did change the weights
     assert a["opt"]["state"][0]["step"] == b["opt"]["state"][0]["step"] == 12
 
-    p = run("ddpm.py", "--sample", "--ckpt", os.path.join(full, "ckpt.pt"), "--out", str(tmp_path / "s"),
+    run("ddpm.py", "--sample", "--ckpt", os.path.join(full, "ckpt.pt"), "--out", str(tmp_path / "s"),
             "--n-samples", "4")
     grid = Image.open(tmp_path / "s" / "samples.png")
     assert grid.size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)  # 2x2 grid of 16px images with 2px padding

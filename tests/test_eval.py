@@ -18,15 +18,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 f64 = dict(dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: these networks are small, and on busy CPUs OpenMP threads spin waiting for each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def random_spd(d, g, eps=0.2):
     a = torch.randn(d, d, generator=g, **f64)
     return a @ a.T / d + eps * torch.eye(d, **f64)
@@ -109,6 +100,16 @@ def test_kid_matches_closed_form_mmd_of_two_gaussians():
     exact = cubic_kernel_mean(a, a, d) + cubic_kernel_mean(b, b, d) - 2 * cubic_kernel_mean(a, b, d)
     est = common.kid(gaussian(*a, 8000, g), gaussian(*b, 8000, g), subsets=20, subset_size=1000)
     assert exact > 1 and est == pytest.approx(exact, rel=0.1)
+
+
+def test_kid_is_the_unbiased_mmd_estimate_written_out():
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(5, 3, generator=g, **f64), torch.randn(5, 3, generator=g, **f64) + 0.5
+    k = lambda a, b: (a @ b / 3 + 1) ** 3
+    xx = sum(k(x[i], x[j]) for i in range(5) for j in range(5) if i != j) / 20
+    yy = sum(k(y[i], y[j]) for i in range(5) for j in range(5) if i != j) / 20
+    xy = sum(k(x[i], y[j]) for i in range(5) for j in range(5)) / 25
+    assert common.kid(x, y) == pytest.approx((xx + yy - 2 * xy).item(), rel=1e-12)
 
 
 def test_kid_near_zero_for_same_distribution_and_positive_when_shifted():
@@ -246,6 +247,16 @@ def test_evaluate_scores_faithful_and_stubborn_conditional_samplers(tmp_path, mo
 
 
 # --- The standard FID Inception network --------------------------------------------------------------
+
+def test_inception_pools_average_only_real_pixels_and_mixed_7c_max_pools():
+    net = common.InceptionFID().eval()
+    pools = [net.Mixed_7b.pool, net.Mixed_7c.pool, net.Mixed_6a.pool, net.Mixed_7a.pool]
+    assert pools == ["avg", "max", "down", "down"]
+    with torch.no_grad():
+        for block, cin, pool_ch in ((net.Mixed_5b, 192, 32), (net.Mixed_6b, 768, 192), (net.Mixed_7b, 1280, 192)):
+            out = block(torch.ones(1, cin, 5, 5))[:, -pool_ch:]  # the pool branch, from a constant image
+            assert out.abs().sum() > 0 and torch.allclose(out, out[:, :, :1, :1].expand_as(out))  # no zero padding
+
 
 def test_inception_fid_layout_loads_random_weights_and_gives_2048_features(tmp_path):
     net = common.InceptionFID()

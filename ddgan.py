@@ -1,0 +1,541 @@
+"""
+Tackling the Generative Learning Trilemma with Denoising Diffusion GANs (Xiao, Kreis & Vahdat, ICLR 2022),
+https://arxiv.org/abs/2112.07804 -- a diffusion model whose few, large denoising steps are conditional GANs.
+
+    python ddgan.py --train                              # shapes, T = 4 (minutes on a laptop CPU)
+    python ddgan.py --train --timesteps 1 --out out/gan  # the same networks as a one-step GAN
+    python ddgan.py --sample --ckpt out/ddgan/ckpt.pt    # PNG grid + GIF of the T denoising steps
+    python ddgan.py --eval                               # FID/KID, nfe = T, sec/image, recall, coverage
+
+Schedule      the VP SDE discretised at t_i = i/T (1 - 1e-3) + 1e-3, i = 0..T: abar(t) = exp(-t^2 (b_max -
+              b_min)/2 - t b_min), b_min 0.1, b_max 20; beta_i = 1 - abar(t_i)/abar(t_{i-1}), with 1e-8 in front
+              (Sec. 4 / appendix; official code)                                           [PAPERS.md sec. 4]
+Forward       q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)                     (Sec. 2, eq. 1)
+Generator     p_theta(x_{t-1} | x_t) = int p_theta(x_0 | x_t) q(x_{t-1} | x_t, x_0) dx_0, with the implicit
+              x_0' = G_theta(x_t, z, t), z ~ N(0, I_100): sample x_0', then x_{t-1} ~ q(x_{t-1} | x_t, x_0')
+              (the DDPM posterior), no noise at the last step                 (Sec. 3.3, "Parametrizing the
+                                                                               implicit denoising model")
+Discriminator D_phi(x_{t-1}, x_t, t): is x_{t-1} a plausible denoising of x_t?  (Sec. 3.2, "Modeling
+              denoising distributions with conditional GANs")
+Losses        non-saturating: L_D = softplus(-D(real pair)) + softplus(D(fake pair)),
+              L_G = softplus(-D(fake pair)); real pairs (x_{t-1}, x_t) ~ q(x_{t-1}, x_t | x_0),
+              fake pairs x_{t-1} ~ p_theta(. | x_t) for the same x_t                        (Sec. 3.2)
+R1            gamma/2 E ||grad_{x_{t-1}} D(x_{t-1}, x_t, t)||^2 on real pairs, lazily every k steps and, as in
+              the official code, NOT multiplied by k (PAPERS.md pitfall 9)         (Sec. 3.2 / appendix)
+Optimisation  Adam (0.5, 0.9), lr_G 1.6e-4, lr_D 1.25e-4, EMA 0.9999 of G; one D step then one G step, each
+              with freshly drawn t, noise and z (appendix, official README/code)
+
+Indexing: 0-based as in the official code. A pair index t in 0..T-1 is the paper's step t+1: the pair is
+(x_t, x_{t+1}), G(x_{t+1}, z, t) predicts x_0, and the posterior draws x_t. With T = 1 this is a one-step GAN
+(x_1 is almost pure noise, abar(1) ~ 4e-5) trained and sampled by the same code.
+
+Networks: G is common.UNet with AdaGN (scale_shift), BigGAN up/down residual blocks and 1/sqrt(2) skips; the
+latent z goes through a mapping network (PixelNorm -> MLP -> 4*ch) and is added to the time embedding that
+drives AdaGN (`emb=`); tanh output. D is defined here: residual down-sampling conv blocks with LeakyReLU(0.2),
+a time embedding, a [1,3,3,1] blur in plain torch before each stride-2 downsample, skips scaled by 1/sqrt(2),
+a minibatch-stddev layer and a sum-pooled linear head (the official D_small's layout).
+Not here: the NCSN++ generator itself (FIR resampling, progressive input; common.UNet resamples by average
+pooling / nearest upsampling), the paper's cosine lr decay per epoch (a per-step cosine is the `cosine` key).
+"""
+import copy
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+
+G_NET = dict(scale_shift=True, resblock_updown=True, skip_rescale=True)
+PRESETS = {
+    # seconds, for tests
+    "tiny": dict(image_size=16, channels=3, ch=16, ch_mult=[1, 2], num_res_blocks=1, attn_res=[8], heads=2,
+                 dropout=0.0, **G_NET, nz=100, n_mlp=2, d_ch=16, d_mult=[1, 2], timesteps=4,
+                 beta_min=0.1, beta_max=20.0, r1_gamma=0.02, lazy_reg=3, batch_size=8, max_steps=20,
+                 lr=1e-3, lr_d=1e-3, cosine=False, ema=0.99, log_every=5, sample_every=0, ckpt_every=10,
+                 judge_steps=30),
+    # the default: minutes on a 2-core CPU (untuned: not measured yet)
+    "cpu": dict(image_size=32, channels=3, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_res=[8], heads=4,
+                dropout=0.0, **G_NET, nz=100, n_mlp=3, d_ch=32, d_mult=[1, 2, 4, 4], timesteps=4,
+                beta_min=0.1, beta_max=20.0, r1_gamma=0.02, lazy_reg=15, batch_size=32, max_steps=2400,
+                lr=2e-4, lr_d=1.6e-4, cosine=False, ema=0.999, log_every=25, sample_every=0, ckpt_every=500),
+    # CIFAR-10 (official README): NCSN++-size G (ch 128, mult 1,2,2,2, 2 blocks, attention at 16), nz 100,
+    # 4-layer mapping, D_small 128-128-256-512-512, lr_G 1.6e-4, lr_D 1.25e-4 (cosine decay to 1e-5),
+    # r1 gamma 0.02 every 15 steps, batch 64 per GPU (x 4 GPUs), EMA 0.9999, T = 4, 1800 epochs ~ 211K steps
+    "paper": dict(image_size=32, channels=3, ch=128, ch_mult=[1, 2, 2, 2], num_res_blocks=2, attn_res=[16],
+                  heads=1, dropout=0.0, **G_NET, nz=100, n_mlp=4, d_ch=128, d_mult=[1, 2, 4, 4], timesteps=4,
+                  beta_min=0.1, beta_max=20.0, r1_gamma=0.02, lazy_reg=15, batch_size=64, max_steps=211_000,
+                  lr=1.6e-4, lr_d=1.25e-4, cosine=True, ema=0.9999, flip=True, log_every=100,
+                  sample_every=10_000, ckpt_every=5000),
+}
+ETA_MIN = 1e-5   # the cosine decay's floor (official code)
+
+
+# ---------------------------------------------------------------------------------------------
+# The discretised VP schedule, training pairs and the posterior
+# ---------------------------------------------------------------------------------------------
+
+class Schedule:
+    """The T-step discretisation of the VP SDE that DDGAN uses (official code, PAPERS.md sec. 4),
+    in float64, cast on use. Index 0 of `betas` is the 1e-8 step in front of the T real ones."""
+
+    def __init__(self, T=4, beta_min=0.1, beta_max=20.0, eps=1e-3):
+        if T < 1:
+            raise common.UserError(f"--timesteps {T}: use 1 or more (the paper: 4 on CIFAR-10, 2 on CelebA-HQ)")
+        self.T = T
+        i = torch.arange(T + 1, dtype=torch.float64)
+        self.tc = i / T * (1 - eps) + eps                                          # t_i in [1e-3, 1]
+        abar_c = torch.exp(-0.5 * self.tc ** 2 * (beta_max - beta_min) - self.tc * beta_min)  # VP SDE marginal
+        self.betas = torch.cat([torch.full((1,), 1e-8, dtype=torch.float64), 1 - abar_c[1:] / abar_c[:-1]])
+        self.a = (1 - self.betas).sqrt()                   # one step: x_{t+1} = a x_t + sigma eps   (eq. 1)
+        self.sigma = self.betas.sqrt()
+        self.a_cum = torch.cumprod(self.a, 0)              # q(x_t | x_0) = N(a_cum x_0, sigma_cum^2 I)
+        self.sigma_cum = (1 - self.a_cum ** 2).sqrt()
+        # q(x_t | x_{t+1}, x_0) over the T real steps (betas[1:]), DDPM eqs. 6-7 (Sec. 3.3)
+        b = self.betas[1:]
+        abar = torch.cumprod(1 - b, 0)
+        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        self.post_var = b * (1 - abar_prev) / (1 - abar)                           # beta~ (0 at t = 0)
+        self.post_logvar = self.post_var.clamp(min=1e-20).log()
+        self.post_c0 = b * abar_prev.sqrt() / (1 - abar)
+        self.post_ct = (1 - abar_prev) * (1 - b).sqrt() / (1 - abar)
+
+    def q_sample(self, x0, t, noise=None):
+        """x_t ~ q(x_t | x_0) = N(a_cum_t x_0, sigma_cum_t^2 I) for pair indices t (B,) in 0..T-1."""
+        noise = torch.randn_like(x0) if noise is None else noise
+        return common.extract(self.a_cum, t, x0.shape) * x0 + common.extract(self.sigma_cum, t, x0.shape) * noise
+
+    def q_sample_pairs(self, x0, t):
+        """A real pair (x_t, x_{t+1}) ~ q(x_t | x_0) q(x_{t+1} | x_t) (eq. 1): what D must call real (Sec. 3.2)."""
+        xt = self.q_sample(x0, t)
+        a, sigma = common.extract(self.a, t + 1, x0.shape), common.extract(self.sigma, t + 1, x0.shape)
+        xt1 = a * xt + sigma * torch.randn_like(x0)
+        return xt, xt1
+
+    def posterior(self, x0, xt1, t):
+        """Mean and log-variance of q(x_t | x_{t+1}, x_0) (Sec. 3.3; DDPM eq. 7)."""
+        mean = common.extract(self.post_c0, t, x0.shape) * x0 + common.extract(self.post_ct, t, x0.shape) * xt1
+        return mean, common.extract(self.post_logvar, t, x0.shape)
+
+    def sample_posterior(self, x0, xt1, t):
+        """x_t ~ q(x_t | x_{t+1}, x_0'), with no noise at t = 0 (Sec. 3.3): one step of p_theta."""
+        mean, logvar = self.posterior(x0, xt1, t)
+        nonzero = (t > 0).float().view(-1, *([1] * (x0.ndim - 1)))
+        return mean + nonzero * (0.5 * logvar).exp() * torch.randn_like(x0)
+
+
+def schedule_from(cfg):
+    return Schedule(cfg["timesteps"], cfg.get("beta_min", 0.1), cfg.get("beta_max", 20.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------
+
+class PixelNorm(nn.Module):
+    """z / sqrt(mean(z^2)) per sample (StyleGAN's mapping network input)."""
+
+    def forward(self, z):
+        return z * torch.rsqrt(z.square().mean(1, keepdim=True) + 1e-8)
+
+
+class Generator(nn.Module):
+    """G(x_{t+1}, z, t) -> x_0' in [-1, 1]: common.UNet with AdaGN, the mapping network's output of z added
+    to its time embedding (Sec. 3.3; the official NCSN++ feeds z to AdaGN the same way)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.nz = cfg["nz"]
+        self.unet = common.build_unet({**cfg, "scale_shift": True})
+        d = 4 * cfg["ch"]
+        layers = [PixelNorm(), nn.Linear(self.nz, d)]
+        for _ in range(cfg.get("n_mlp", 4)):
+            layers += [nn.SiLU(), nn.Linear(d, d)]
+        self.mapping = nn.Sequential(*layers)
+
+    def forward(self, x, t, z):
+        return torch.tanh(self.unet(x, t, emb=self.mapping(z)))
+
+
+def blur_down(x):
+    """[1,3,3,1] FIR low-pass then stride 2, in plain torch (PAPERS.md pitfall 9: no custom CUDA ops)."""
+    k = torch.tensor([1.0, 3.0, 3.0, 1.0], device=x.device, dtype=x.dtype)
+    k = (k[:, None] * k[None, :]) / 64
+    C = x.shape[1]
+    return F.conv2d(F.pad(x, (1, 1, 1, 1)), k.expand(C, 1, 4, 4), stride=2, groups=C)
+
+
+class DownBlock(nn.Module):
+    """LeakyReLU -> conv -> + dense(t_emb) -> LeakyReLU -> (blur, stride 2) -> conv (zero init), plus a 1x1
+    skip (blurred and strided too), summed and scaled by 1/sqrt(2)."""
+
+    def __init__(self, cin, cout, tdim, down):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(cin, cout, 3, padding=1), common.zero(nn.Conv2d(cout, cout, 3, padding=1))
+        self.dense = nn.Linear(tdim, cout)
+        self.skip = nn.Conv2d(cin, cout, 1, bias=False)
+        self.down = down
+
+    def forward(self, x, temb):
+        h = self.conv1(F.leaky_relu(x, 0.2)) + self.dense(temb)[:, :, None, None]
+        h = F.leaky_relu(h, 0.2)
+        if self.down:
+            h, x = blur_down(h), blur_down(x)
+        return (self.conv2(h) + self.skip(x)) * 2 ** -0.5
+
+
+class Discriminator(nn.Module):
+    """D(x_{t-1}, x_t, t) -> logit (B,): the pair concatenated on channels (Sec. 3.2), a 1x1 conv, one block per
+    entry of d_mult (every block after the first halves the resolution), minibatch stddev (groups of 4),
+    conv, LeakyReLU, sum over pixels, linear. t: sinusoidal embedding -> 2-layer MLP."""
+
+    def __init__(self, cfg, mbstd=True):
+        super().__init__()
+        ch, C = cfg["d_ch"], cfg["channels"]
+        tdim = 2 * ch
+        self.tdim, self.mbstd = tdim, mbstd
+        self.t_mlp = nn.Sequential(nn.Linear(tdim, tdim), nn.LeakyReLU(0.2), nn.Linear(tdim, tdim), nn.LeakyReLU(0.2))
+        self.conv_in = nn.Conv2d(2 * C, ch, 1)
+        self.blocks, c = nn.ModuleList(), ch
+        for i, m in enumerate(cfg["d_mult"]):
+            self.blocks.append(DownBlock(c, ch * m, tdim, down=i > 0))
+            c = ch * m
+        self.conv_out = nn.Conv2d(c + (1 if mbstd else 0), c, 3, padding=1)
+        self.head = nn.Linear(c, 1)
+
+    def minibatch_std(self, h, group=4):
+        """Append the across-group std of the features, averaged, as one more channel (StyleGAN)."""
+        B, C, H, W = h.shape
+        g = math.gcd(B, group)
+        s = h.view(g, -1, C, H, W)
+        s = (s.var(0, unbiased=False) + 1e-8).sqrt().mean((1, 2, 3))        # (B / g,)
+        return torch.cat([h, s.view(-1, 1, 1, 1).repeat(g, 1, H, W)], 1)
+
+    def forward(self, x_prev, x_t, t):
+        temb = self.t_mlp(common.timestep_embedding(t, self.tdim).to(x_prev.dtype))
+        h = self.conv_in(torch.cat([x_prev, x_t], 1))
+        for b in self.blocks:
+            h = b(h, temb)
+        if self.mbstd:
+            h = self.minibatch_std(h)
+        h = F.leaky_relu(self.conv_out(h), 0.2).sum((2, 3))
+        return self.head(h).squeeze(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses and one training step (Sec. 3.2)
+# ---------------------------------------------------------------------------------------------
+
+def discriminator_loss(d_real, d_fake):
+    """Non-saturating GAN, D side: E softplus(-D(real)) + E softplus(D(fake)) (Sec. 3.2)."""
+    return F.softplus(-d_real.float()).mean() + F.softplus(d_fake.float()).mean()
+
+
+def generator_loss(d_fake):
+    """Non-saturating GAN, G side: E softplus(-D(fake)) (Sec. 3.2)."""
+    return F.softplus(-d_fake.float()).mean()
+
+
+def r1_penalty(d_real, x_real, gamma):
+    """R1: gamma/2 E_batch ||grad_{x_real} D||^2 on real inputs (Mescheder et al. 2018; DDGAN Sec. 3.2 /
+    appendix). x_real must require grad; create_graph so the penalty trains D."""
+    g, = torch.autograd.grad(d_real.float().sum(), x_real, create_graph=True)
+    return gamma / 2 * g.float().square().flatten(1).sum(1).mean()
+
+
+def average_gradients(module, world):
+    """DDP by hand (one all-reduce of the flattened gradients): robust with R1's double backward."""
+    if world <= 1:
+        return
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    i = 0
+    for g in grads:
+        g.copy_(flat[i:i + g.numel()].view_as(g))
+        i += g.numel()
+
+
+def train_step(G, D, opt_g, opt_d, sched, x0, cfg, step, amp=None, world=1):
+    """One D step then one G step, each with freshly drawn t, noise and z (official code's order).
+    Returns (loss_D, loss_G, r1) as detached tensors; r1 is 0 on steps without the lazy penalty."""
+    amp = amp or nullcontext()
+    B, dev = x0.shape[0], x0.device
+    # D: real pair (x_t, x_{t+1}) ~ q vs fake pair (x'_t ~ p_theta(. | x_{t+1}), x_{t+1})
+    D.requires_grad_(True)
+    t = torch.randint(0, sched.T, (B,), device=dev)
+    x_t, x_t1 = sched.q_sample_pairs(x0, t)
+    reg = cfg["r1_gamma"] > 0 and step % cfg["lazy_reg"] == 0
+    x_t.requires_grad_(reg)
+    with amp:
+        d_real = D(x_t, x_t1, t)
+    with torch.no_grad(), amp:
+        x0_fake = G(x_t1, t, torch.randn(B, G.nz, device=dev)).float()
+    x_fake = sched.sample_posterior(x0_fake, x_t1, t)
+    with amp:
+        d_fake = D(x_fake, x_t1, t)
+    loss_d = discriminator_loss(d_real, d_fake)
+    r1 = r1_penalty(d_real, x_t, cfg["r1_gamma"]) if reg else torch.zeros((), device=dev)
+    opt_d.zero_grad(set_to_none=True)
+    (loss_d + r1).backward()
+    average_gradients(D, world)
+    opt_d.step()
+    # G: make D call x'_t ~ p_theta(x_t | x_{t+1}) real; D frozen
+    D.requires_grad_(False)
+    t = torch.randint(0, sched.T, (B,), device=dev)
+    _, x_t1 = sched.q_sample_pairs(x0, t)
+    with amp:
+        x0_pred = G(x_t1, t, torch.randn(B, G.nz, device=dev))
+    x_fake = sched.sample_posterior(x0_pred.float(), x_t1, t)
+    with amp:
+        loss_g = generator_loss(D(x_fake, x_t1, t))
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    average_gradients(G, world)
+    opt_g.step()
+    D.requires_grad_(True)
+    return loss_d.detach(), loss_g.detach(), r1.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling: T network evaluations (Sec. 3.3, Algorithm in the appendix)
+# ---------------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def sample(G, sched, n, shape, device, amp=None):
+    """x_T ~ N(0, I); for t = T-1..0: x_0' = G(x_{t+1}, z, t), x_t ~ q(x_t | x_{t+1}, x_0'). Returns x_0 (n, C, H, W)
+    and the trajectory [x_T, ..., x_0] (T + 1 frames, on the CPU)."""
+    amp = amp or nullcontext()
+    x = torch.randn(n, *shape, device=device)
+    traj = [x.cpu()]
+    for i in reversed(range(sched.T)):
+        t = torch.full((n,), i, device=device, dtype=torch.long)
+        with amp:
+            x0 = G(x, t, torch.randn(n, G.nz, device=device)).float()
+        x = sched.sample_posterior(x0, x, t)
+        traj.append(x.cpu())
+    return x.clamp(-1, 1), traj
+
+
+# ---------------------------------------------------------------------------------------------
+# Training loop: two networks, two optimizers (common.train's resume and NaN rules)
+# ---------------------------------------------------------------------------------------------
+
+def lr_at(step, lr, cfg):
+    """Constant, or cosine from lr to ETA_MIN over max_steps (the official code anneals per epoch)."""
+    if not cfg.get("cosine"):
+        return lr
+    lo = min(ETA_MIN, lr)
+    return lo + (lr - lo) * 0.5 * (1 + math.cos(math.pi * min(step, cfg["max_steps"]) / cfg["max_steps"]))
+
+
+def train(args, cfg):
+    """Train G and D on --data. Exact resume (--resume): G, D, EMA, both optimizers and the step are restored;
+    every random draw of step k is seeded from (seed, rank, k) and the data batch is a function of k. Rank 0
+    writes atomic checkpoints; a non-finite loss stops with a message and the last good checkpoint is kept."""
+    device, rank, world = common.setup_distributed(args.device)
+    out = args.out
+    ckpt_path = os.path.join(out, "ckpt.pt")
+    if args.resume:
+        ck = common.load_checkpoint(ckpt_path, ["ddgan"])
+        cfg = {**ck["config"], "max_steps": cfg["max_steps"]}
+    data = common.load_data(args.data, cfg["image_size"], cfg["channels"], seed=args.seed)
+    sched = schedule_from(cfg)
+    torch.manual_seed(args.seed)
+    G, D = Generator(cfg).to(device), Discriminator(cfg).to(device)
+    ema = copy.deepcopy(G).eval().requires_grad_(False)
+    opt_g = common.make_optimizer(G.parameters(), cfg["lr"], betas=(0.5, 0.9), device=device)
+    opt_d = common.make_optimizer(D.parameters(), cfg["lr_d"], betas=(0.5, 0.9), device=device)
+    step = 0
+    if args.resume:
+        G.load_state_dict(ck["G"])
+        D.load_state_dict(ck["D"])
+        ema.load_state_dict(ck["ema"])
+        opt_g.load_state_dict(ck["opt_g"])
+        opt_d.load_state_dict(ck["opt_d"])
+        step = ck["step"]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    amp = common.autocast(device, args.dtype)
+    it = common.batches(data, cfg["batch_size"], args.seed, step, rank, world,
+                        flip=cfg.get("flip", False) and not data.endless)
+    log_every, ckpt_every = cfg.get("log_every", 50), cfg.get("ckpt_every", 1000)
+    sample_every = cfg.get("sample_every", 0)
+    shape = (cfg["channels"], cfg["image_size"], cfg["image_size"])
+
+    def save(step):
+        if rank == 0:
+            if not all(common.all_finite(m) for m in (G, D, ema)):
+                raise common.UserError(f"weights are not finite at step {step}; kept the last good checkpoint "
+                                       f"{ckpt_path}")
+            common.save_checkpoint({"script": "ddgan", "config": cfg, "G": G.state_dict(), "D": D.state_dict(),
+                                    "ema": ema.state_dict(), "opt_g": opt_g.state_dict(),
+                                    "opt_d": opt_d.state_dict(), "step": step, "seed": args.seed}, ckpt_path)
+
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        print(f"ddgan: G {common.count_params(G) / 1e6:.2f}M + D {common.count_params(D) / 1e6:.2f}M parameters, "
+              f"T = {sched.T}, device {device}, world size {world}, global batch {cfg['batch_size'] * world} = "
+              f"{cfg['batch_size']} x {world}, steps {step} -> {cfg['max_steps']}, out {out}")
+    bar = tqdm(total=cfg["max_steps"], initial=step, disable=rank != 0, dynamic_ncols=True, desc="ddgan")
+    t0, sums, n = time.time(), torch.zeros(3, device=device), 0
+    G.train(), D.train()
+    while step < cfg["max_steps"]:
+        torch.manual_seed(args.seed * 1_000_003 + rank * 7919 + step)  # per-rank, per-step: exact resume
+        x = next(it)[0].to(device, non_blocking=True)
+        for o, lr in ((opt_g, cfg["lr"]), (opt_d, cfg["lr_d"])):
+            for g in o.param_groups:
+                g["lr"] = lr_at(step, lr, cfg)
+        losses = train_step(G, D, opt_g, opt_d, sched, x, cfg, step, amp, world)
+        common.ema_update(ema, G, common.ema_decay(step, cfg["ema"]))
+        step += 1
+        sums += torch.stack(losses)
+        n += 1
+        bar.update(1)
+        if step % log_every == 0 or step % ckpt_every == 0 or step == cfg["max_steps"]:
+            avg = (sums / n).tolist()  # the only host sync
+            sums.zero_()
+            n = 0
+            if not all(map(math.isfinite, avg)):
+                raise common.UserError(f"training diverged: losses D {avg[0]}, G {avg[1]}, R1 {avg[2]} by step {step}; "
+                                       f"stopped without saving, the last good checkpoint {ckpt_path} is kept; "
+                                       f"try a lower --lr/--lr-d or a larger --r1-gamma")
+            bar.set_postfix(d=f"{avg[0]:.3f}", g=f"{avg[1]:.3f}")
+        if rank == 0 and sample_every and step % sample_every == 0 and step < cfg["max_steps"]:
+            save_path = os.path.join(out, f"samples_{step:06d}.png")
+            common.save_grid(sample(ema, sched, 16, shape, device, amp)[0], save_path)
+        if step % ckpt_every == 0 or step == cfg["max_steps"]:
+            save(step)
+    bar.close()
+    if rank == 0:
+        print(f"trained to step {step} in {time.time() - t0:.1f}s; checkpoint {ckpt_path}")
+    if world > 1:
+        dist.barrier()
+    return ema, cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation extras: mode coverage
+# ---------------------------------------------------------------------------------------------
+
+def precision_recall(real, fake, k=3):
+    """Improved precision/recall (Kynkaanniemi et al. 2019) on features (N, D): a set's manifold is the union of
+    balls around its points out to their k-th nearest neighbour. precision = fakes inside the real manifold,
+    recall = reals inside the fake manifold (mode coverage)."""
+    real, fake = real.double(), fake.double()
+
+    def radii(f):
+        return torch.cdist(f, f).kthvalue(min(k, len(f) - 1) + 1, dim=1).values  # +1: the point itself
+
+    d = torch.cdist(fake, real)
+    return {"precision": (d <= radii(real)[None]).any(1).double().mean().item(),
+            "recall": (d <= radii(fake)[:, None]).any(0).double().mean().item()}
+
+
+def mode_coverage(args, cfg, fake, device):
+    """recall/precision on the judge's features against the held-out images evaluate() used, and on shapes the
+    coverage of the 4 x 6 shape x color combinations (a combination counts when the judge finds it in at least
+    1% of the samples, at least one)."""
+    size, ch, n = cfg["image_size"], cfg["channels"], len(fake)
+    judge = common.get_judge(args.data, size, ch, device, steps=cfg.get("judge_steps", common.JUDGE_STEPS))
+    held = common.load_data(args.data, size, ch, train=False)
+    order = list(range(n)) if held.endless else \
+        torch.randperm(len(held), generator=torch.Generator().manual_seed(0)).tolist()[:n]
+    real = torch.stack([held[i][0] for i in order])
+    res = precision_recall(common.features(judge, real), common.features(judge, fake))
+    if {"shape", "color"} <= set(judge.classes):
+        p = common.judge_predict(judge, fake)
+        combos = p["shape"] * len(judge.classes["color"]) + p["color"]
+        counts = torch.bincount(combos, minlength=len(judge.classes["shape"]) * len(judge.classes["color"]))
+        res["combo_coverage"] = (counts >= max(1, math.ceil(0.01 * n))).double().mean().item()
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+def load(path, device):
+    """EMA generator and schedule from a ddgan.py checkpoint."""
+    ck = common.load_checkpoint(path, ["ddgan"])
+    G = Generator(ck["config"])
+    G.load_state_dict(ck["ema"])
+    return G.to(device).eval(), schedule_from(ck["config"]), ck
+
+
+def main(argv=None):
+    p = common.make_parser("ddgan", __doc__, PRESETS)
+    p.add_argument("--timesteps", type=int, help="denoising steps T (default 4; 1 = a one-step GAN); --train only")
+    p.add_argument("--nz", type=int, help="latent z size (default 100)")
+    p.add_argument("--r1-gamma", type=float, help="R1 weight gamma on real pairs (default 0.02; 0 = off)")
+    p.add_argument("--lazy-reg", type=int, help="apply R1 every k steps (default 15; tiny 3)")
+    p.add_argument("--lr-d", type=float, help="discriminator learning rate (--lr is the generator's)")
+    args = p.parse_args(argv)
+    cfg = common.make_config(args, PRESETS)
+    for k in ("timesteps", "nz", "r1_gamma", "lazy_reg", "lr_d"):
+        v = getattr(args, k)
+        if v is not None:
+            cfg[k] = v
+    if cfg["timesteps"] < 1:
+        raise common.UserError(f"--timesteps {cfg['timesteps']}: use 1 or more (4 is the paper's CIFAR-10 choice)")
+    if cfg["nz"] < 1:
+        raise common.UserError(f"--nz {cfg['nz']}: the latent needs at least 1 dimension")
+    if cfg["r1_gamma"] < 0 or not math.isfinite(cfg["r1_gamma"]):
+        raise common.UserError(f"--r1-gamma {cfg['r1_gamma']}: use a finite value >= 0")
+    if cfg["lazy_reg"] < 1:
+        raise common.UserError(f"--lazy-reg {cfg['lazy_reg']}: use 1 (every step) or more")
+    for k in ("lr", "lr_d"):
+        if not cfg[k] > 0:
+            raise common.UserError(f"--{k.replace('_', '-')} {cfg[k]}: use a positive learning rate")
+    if args.train:
+        ema, cfg = train(args, cfg)
+        if int(os.environ.get("RANK", 0)) == 0:
+            dev = next(ema.parameters()).device
+            torch.manual_seed(args.seed)
+            x = sample(ema, schedule_from(cfg), args.n_samples or 36,
+                       (cfg["channels"], cfg["image_size"], cfg["image_size"]), dev)[0]
+            common.save_grid(x, os.path.join(args.out, "samples.png"))
+            print(f"samples: {os.path.join(args.out, 'samples.png')}")
+        return
+    device = common.get_device(args.device)
+    G, sched, ck = load(args.ckpt or os.path.join(args.out, "ckpt.pt"), device)
+    c = ck["config"]
+    if args.timesteps is not None and args.timesteps != sched.T:
+        raise common.UserError(f"--timesteps {args.timesteps}: this checkpoint was trained with T = {sched.T}; "
+                               f"DDGAN samples in exactly the T steps it was trained for")
+    if args.steps is not None and args.steps != sched.T:
+        raise common.UserError(f"--steps {args.steps}: DDGAN samples in exactly T = {sched.T} steps (its training T)")
+    shape = (c["channels"], c["image_size"], c["image_size"])
+    amp = common.autocast(device, args.dtype)
+    if args.sample:
+        torch.manual_seed(args.seed)
+        x, traj = sample(G, sched, args.n_samples or 64, shape, device, amp)
+        common.save_grid(x, os.path.join(args.out, "samples.png"))
+        common.save_gif(traj, os.path.join(args.out, "reverse.gif"), duration=400)
+        print(f"wrote {os.path.join(args.out, 'samples.png')} and {os.path.join(args.out, 'reverse.gif')} "
+              f"({sched.T} network evaluations per image)")
+        return
+    kept = []
+
+    def sample_fn(n, wanted):
+        x = sample(G, sched, n, shape, device, amp)[0]
+        kept.append(x.float().cpu())
+        return x
+
+    res = common.evaluate("ddgan", args, c, sample_fn, nfe=sched.T, device=device, info={"timesteps": sched.T})
+    extra = mode_coverage(args, c, common.quantize(torch.cat(kept)), device)
+    res.update(extra)
+    print("ddgan --eval: " + ", ".join(f"{k} {v:.4f}" for k, v in extra.items()))
+    print(json.dumps(res))
+    return res
+
+
+if __name__ == "__main__":
+    common.main_guard(main)

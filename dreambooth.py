@@ -1,0 +1,596 @@
+"""
+DreamBooth: Fine Tuning Text-to-Image Diffusion Models for Subject-Driven Generation (Ruiz et al., 2023),
+https://arxiv.org/abs/2208.12242 -- on top of an ldm.py text-to-image checkpoint.
+
+    python ldm.py --train                                     # first: the base model, out/ldm/ckpt.pt
+    python dreambooth.py --train                              # 4 images of the subject -> out/dreambooth/ckpt.pt
+    python dreambooth.py --sample --prompt "a blue sks circle on the left"
+    python dreambooth.py --train --no-prior --out out/dreambooth_noprior     # the ablation
+    python dreambooth.py --eval                               # subject fidelity, prompt fidelity, language drift
+
+The subject: by default 4 images of common.ShapesData(subject=True), a striped circle the shapes data never
+draws (any colour, size, position), or 3-5 images of your own with --instance-dir. They are bound to a rare
+identifier [V] = "sks" and the class noun: instance prompt "a sks circle", class prompt "a circle". "sks" is
+not a word of the base vocabulary (built from the training captions), so the vocabulary is extended by it and
+the text encoder's embedding table by one new row (random, at the scale of the trained rows).
+
+Class-specific prior preservation (Sec. 3.3): x_pr = --num-class-images samples of the FROZEN base model for
+the class prompt c_pr, generated once before fine-tuning (kept in <out>/class_<noun>/; missing ones are
+generated). Fine-tuning minimizes (eq. 2, in the eps-parameterization of the base model, on latents):
+    E || eps - eps_theta(z_t, t, c_id) ||^2  +  lambda E || eps' - eps_theta(z'_t', t', c_pr) ||^2,   lambda = 1
+with z = E(x) the latent of an instance image and z' = E(x_pr) that of a class image. As in diffusers'
+train_dreambooth.py, one batch holds [instances..., class images...], one U-Net call predicts both and the
+prediction is split at the number of instances (the order must match the split: pitfall 10). --no-prior
+drops the second term (the paper's ablation). The U-Net is fine-tuned (and the text encoder with
+--train-text-encoder), AdamW (0.9, 0.999), weight decay 1e-2, gradient clipping 1, constant low lr, no EMA.
+
+Self-contained: this file holds its own short copies of what runs an ldm.py checkpoint (tokenizer, text
+encoder, latent U-Net wrapper, autoencoder, DDIM with classifier-free guidance), with ldm.py's state-dict keys.
+"""
+import copy
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import common
+
+PRESETS = {
+    # seconds, for tests: a handful of steps
+    "tiny": dict(max_steps=4, batch_size=1, lr=1e-4, weight_decay=1e-2, grad_clip=1.0, log_every=2,
+                 judge_steps=30, subject_judge_steps=20),
+    # the default: a few hundred steps at a tenth of ldm.py's cpu learning rate (not tuned yet)
+    "cpu": dict(max_steps=400, batch_size=2, lr=1e-4, weight_decay=1e-2, grad_clip=1.0, log_every=25),
+    # diffusers' README example for Stable Diffusion: 800 steps, batch 1, lr 5e-6 (the paper: ~1000 steps)
+    "paper": dict(max_steps=800, batch_size=1, lr=5e-6, weight_decay=1e-2, grad_clip=1.0, log_every=50),
+}
+DEFAULT_STEPS = 50
+DEFAULT_SCALE = 3.0
+BASE = os.path.join("out", "ldm", "ckpt.pt")
+
+
+# ---------------------------------------------------------------------------------------------
+# A minimal copy of ldm.py's model (same state-dict keys): tokenizer, text encoder, U-Net, autoencoder
+# ---------------------------------------------------------------------------------------------
+
+class Tokenizer:
+    """ldm.py's word-level tokenizer: ids 0 <pad>, 1 <bos>, 2 <unk>, then the vocabulary in the order stored
+    (new words are appended at the end, so the base model's ids stay valid)."""
+    PAD, BOS, UNK = 0, 1, 2
+
+    def __init__(self, vocab, max_len):
+        self.vocab, self.max_len = list(vocab), max_len
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+
+    @staticmethod
+    def words(text):
+        return re.findall(r"[a-z0-9]+", text.lower())
+
+    def unknown(self, text):
+        return [w for w in self.words(text) if w not in self.index]
+
+    def __call__(self, texts):
+        out = torch.zeros(len(texts), self.max_len, dtype=torch.long)
+        for i, t in enumerate(texts):
+            ids = [self.BOS] + [self.index.get(w, self.UNK) for w in self.words(t)][:self.max_len - 1]
+            out[i, :len(ids)] = torch.tensor(ids)
+        return out
+
+
+class TextBlock(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.ln1, self.attn, self.ln2 = nn.LayerNorm(d), common.Attention(d, heads), nn.LayerNorm(d)
+        self.ff = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x, mask):
+        x = x + self.attn(self.ln1(x), mask=mask)
+        return x + self.ff(self.ln2(x))
+
+
+class TextEncoder(nn.Module):
+    """tau_theta: token + position embeddings, pre-LN transformer blocks, LayerNorm -> (context, mask)."""
+
+    def __init__(self, vocab_size, d, layers, heads, max_len):
+        super().__init__()
+        self.tok = nn.Embedding(vocab_size, d)
+        self.pos = nn.Parameter(torch.zeros(max_len, d))
+        self.blocks = nn.ModuleList([TextBlock(d, heads) for _ in range(layers)])
+        self.ln = nn.LayerNorm(d)
+
+    def forward(self, tokens):
+        mask = tokens != Tokenizer.PAD
+        x = self.tok(tokens) + self.pos[:tokens.shape[1]]
+        for b in self.blocks:
+            x = b(x, mask)
+        return self.ln(x), mask
+
+
+class LDM(nn.Module):
+    """ldm.py's text-conditional LDM: the latent U-Net with cross-attention and the text encoder."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg["context_dim"]
+        self.unet = common.UNet(ch=cfg["ch"], ch_mult=cfg["ch_mult"], num_res_blocks=cfg["num_res_blocks"],
+                                attn_res=cfg["attn_res"], heads=cfg["heads"], dropout=cfg.get("dropout", 0.0),
+                                in_ch=cfg["z_ch"], out_ch=cfg["z_ch"], image_size=cfg["image_size"] // cfg["f"],
+                                context_dim=d)
+        self.text = TextEncoder(len(cfg["vocab"]), d, cfg["text_layers"], cfg["text_heads"], cfg["max_len"])
+
+    def forward(self, z, t, tokens):
+        ctx, mask = self.text(tokens)
+        return self.unet(z, t, context=ctx, mask=mask)
+
+
+class AEResBlock(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.n1, self.c1 = common.norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.n2, self.c2 = common.norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        return self.skip(x) + self.c2(F.silu(self.n2(self.c1(F.silu(self.n1(x))))))
+
+
+class AutoencoderKL(nn.Module):
+    """ldm.py's KL autoencoder (inference only): encode -> (mean, std) of q(z|x), decode z -> x."""
+
+    def __init__(self, a):
+        super().__init__()
+        ch, nb, z = a["ae_ch"], a["ae_res_blocks"], a["z_ch"]
+        mult = a["ae_mult"][:int(math.log2(a["f"])) + 1]
+        enc, c = [nn.Conv2d(a["channels"], ch, 3, padding=1)], ch
+        for i, m in enumerate(mult):
+            for _ in range(nb):
+                enc.append(AEResBlock(c, ch * m))
+                c = ch * m
+            if i < len(mult) - 1:
+                enc.append(common.Downsample(c))
+        enc += [AEResBlock(c, c), AEResBlock(c, c), common.norm(c), nn.SiLU(), nn.Conv2d(c, 2 * z, 3, padding=1)]
+        self.encoder, self.quant_conv, self.post_quant_conv = nn.Sequential(*enc), nn.Conv2d(2 * z, 2 * z, 1), \
+            nn.Conv2d(z, z, 1)
+        dec = [nn.Conv2d(z, c, 3, padding=1), AEResBlock(c, c), AEResBlock(c, c)]
+        for i, m in reversed(list(enumerate(mult))):
+            for _ in range(nb + 1):
+                dec.append(AEResBlock(c, ch * m))
+                c = ch * m
+            if i > 0:
+                dec.append(common.Upsample(c))
+        self.conv_out = nn.Conv2d(c, a["channels"], 3, padding=1)
+        self.decoder = nn.Sequential(*dec, common.norm(c), nn.SiLU(), self.conv_out)
+        self.logvar = nn.Parameter(torch.zeros(()))
+
+    def encode(self, x):
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        return mean, (0.5 * logvar.clamp(-30.0, 20.0)).exp()
+
+    def decode(self, z):
+        return self.decoder(self.post_quant_conv(z))
+
+
+def alphas_cumprod(cfg):
+    b = common.beta_schedule(cfg["schedule"], cfg["timesteps"], cfg["beta_start"], cfg["beta_end"])
+    return torch.cumprod(1 - torch.as_tensor(b, dtype=torch.float64), 0)
+
+
+def q_sample(z0, t, eps, abar):
+    """z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps."""
+    a = common.extract(abar, t, z0.shape)
+    return a.sqrt() * z0 + (1 - a).sqrt() * eps
+
+
+@torch.no_grad()
+def sample(model, ae, cfg, tokens, scale=DEFAULT_SCALE, steps=DEFAULT_STEPS, progress=False):
+    """Text tokens (n, L) -> images (n, C, H, W) in [-1, 1]: deterministic DDIM (eta 0) in latent space with
+    classifier-free guidance eps~ = eps(z, empty) + s (eps(z, c) - eps(z, empty)), as ldm.py samples."""
+    dev, n, T = next(model.parameters()).device, tokens.shape[0], cfg["timesteps"]
+    if not 1 <= steps <= T:
+        raise common.UserError(f"--steps {steps}: use 1..{T}, the model's number of timesteps T")
+    tok = Tokenizer(cfg["vocab"], cfg["max_len"])
+    ctx, mask = model.text(torch.cat([tokens, tok([""] * n)]).to(dev))         # [cond..., null...]
+    abar, r = alphas_cumprod(cfg), cfg["image_size"] // cfg["f"]
+    z = torch.randn(n, cfg["z_ch"], r, r, device=dev)
+    ts = [i * T // steps for i in range(steps)]
+    for i in tqdm(reversed(range(steps)), total=steps, desc="sampling", leave=False, disable=not progress):
+        a, a_prev = abar[ts[i]].item(), abar[ts[i - 1]].item() if i > 0 else 1.0
+        tt = torch.full((2 * n,), ts[i], device=dev, dtype=torch.long)
+        e_c, e_u = model.unet(torch.cat([z, z]), tt, context=ctx, mask=mask).float().chunk(2)
+        eps = e_u + scale * (e_c - e_u)
+        z = a_prev ** 0.5 * (z - (1 - a) ** 0.5 * eps) / a ** 0.5 + (1 - a_prev) ** 0.5 * eps
+    return ae.decode(z / cfg["scale_factor"]).float().clamp(-1, 1)
+
+
+def load_model(path, scripts=("ldm", "dreambooth")):
+    """An ldm.py checkpoint (its EMA weights) or a fine-tuned one of this script -> model, autoencoder (both
+    frozen, eval mode), config, checkpoint."""
+    if not os.path.exists(path):
+        if "ldm" in scripts:
+            raise common.UserError(f"base model {path} not found; train one with `python ldm.py --train` "
+                                   "(or pass --base PATH)")
+        raise common.UserError(f"checkpoint {path} not found; fine-tune one with `python dreambooth.py --train`")
+    ck = common.load_checkpoint(path, list(scripts))
+    if ck["script"] == "ldm" and ck.get("kind") != "ldm":
+        raise common.UserError(f"{path} is ldm.py's {ck.get('kind')} checkpoint; --base wants <ldm out>/ckpt.pt")
+    cfg = ck["config"]
+    if cfg.get("cond") != "text":
+        raise common.UserError(f"{path} is a class-conditional LDM; DreamBooth needs a text model "
+                               "(`python ldm.py --train --cond text`)")
+    model = LDM(cfg)
+    model.load_state_dict(ck["ema"] if ck["script"] == "ldm" else ck["model"])
+    ae = AutoencoderKL(ck["ae_config"])
+    ae.load_state_dict(ck["ae"])
+    return model.eval().requires_grad_(False), ae.eval().requires_grad_(False), cfg, ck
+
+
+# ---------------------------------------------------------------------------------------------
+# DreamBooth
+# ---------------------------------------------------------------------------------------------
+
+def extend_vocab(model, cfg, words, seed=0):
+    """Append the words the vocabulary lacks (the identifier) and give each a new row of the text encoder's
+    embedding table, N(0, std^2) with std that of the trained rows. Returns the new cfg (model changed in place)."""
+    new = [w for w in words if w not in cfg["vocab"]]
+    if not new:
+        return cfg
+    old = model.text.tok.weight.data
+    g = torch.Generator().manual_seed(seed + 8191)
+    rows = torch.randn(len(new), old.shape[1], generator=g).to(old) * old.std()
+    emb = nn.Embedding(old.shape[0] + len(new), old.shape[1]).to(old.device)
+    emb.weight.data.copy_(torch.cat([old, rows]))
+    model.text.tok = emb
+    return {**cfg, "vocab": list(cfg["vocab"]) + new}
+
+
+def dreambooth_loss(net, z0, tokens, n_inst, abar, prior_weight=1.0, t=None, eps=None):
+    """Eq. 2 with prior preservation on a batch ordered [instance..., class...] (z0, tokens): one U-Net call,
+    the prediction split at n_inst. loss = ||eps - eps_theta||^2 over the instances + lambda ||eps' -
+    eps_theta||^2 over the class images (each a mean); with no class rows, the instance term alone."""
+    t = torch.randint(0, len(abar), (z0.shape[0],), device=z0.device) if t is None else t
+    eps = torch.randn_like(z0) if eps is None else eps
+    pred = net(q_sample(z0, t, eps, abar), t, tokens).float()
+    inst = F.mse_loss(pred[:n_inst], eps[:n_inst].float())
+    if n_inst == z0.shape[0]:
+        return inst, {"inst": inst.item()}
+    prior = F.mse_loss(pred[n_inst:], eps[n_inst:].float())
+    return inst + prior_weight * prior, {"inst": inst.item(), "prior": prior.item()}
+
+
+def instance_images(args, cfg):
+    """--instance-dir's images, or the default: 4 images of ShapesData(subject=True) (a striped circle)."""
+    size, ch = cfg["image_size"], cfg["channels"]
+    if args.instance_dir is None:
+        data = common.ShapesData(size, ch, seed=args.seed + 4242, subject=True)
+        return torch.stack([data[i][0] for i in range(4)])
+    d = args.instance_dir
+    if not os.path.isdir(d):
+        raise common.UserError(f"--instance-dir {d}: no such folder; give a folder with 3-5 images of the subject")
+    files = [f for _, _, fs in os.walk(d) for f in fs if f.lower().endswith(common.IMAGE_EXTS)]
+    if not files:
+        raise common.UserError(f"--instance-dir {d}: no images ({', '.join(common.IMAGE_EXTS)}); give 3-5 images "
+                               "of the subject")
+    data = common.load_folder(d, size, ch)
+    if not 3 <= len(data) <= 5:
+        print(f"warning: {len(data)} instance image(s); the paper uses 3-5", file=sys.stderr)
+    return torch.stack([data[i][0] for i in range(len(data))])
+
+
+@torch.no_grad()
+def class_images(base, ae, cfg, prompt, n, folder, device, scale, steps, seed, batch=50):
+    """The prior-preservation images x_pr: n samples of the frozen base for the class prompt, kept as PNGs in
+    `folder`; only the missing ones are generated (as diffusers does)."""
+    os.makedirs(folder, exist_ok=True)
+    have = sorted(f for f in os.listdir(folder) if f.endswith(".png"))[:n]
+    if len(have) < n:
+        print(f"dreambooth: generating {n - len(have)} class images for '{prompt}' with the frozen base -> {folder}")
+        tok = Tokenizer(cfg["vocab"], cfg["max_len"])
+        torch.manual_seed(seed + 1234 + len(have))
+        for s in tqdm(range(len(have), n, batch), desc="class images", dynamic_ncols=True):
+            k = min(batch, n - s)
+            x = sample(base, ae, cfg, tok([prompt] * k), scale, steps)
+            for j, im in enumerate(common.to_uint8(x)):
+                Image.fromarray(im[:, :, 0] if im.shape[2] == 1 else im).save(os.path.join(folder, f"{s + j:05d}.png"))
+        have = sorted(f for f in os.listdir(folder) if f.endswith(".png"))[:n]
+    ims = [np.asarray(Image.open(os.path.join(folder, f)).convert("L" if cfg["channels"] == 1 else "RGB"))
+           for f in have]
+    x = torch.from_numpy(np.stack([a.reshape(a.shape[0], a.shape[1], -1) for a in ims])).permute(0, 3, 1, 2)
+    if x.shape[-1] != cfg["image_size"]:
+        raise common.UserError(f"{folder} holds {x.shape[-1]}px images, not the base's {cfg['image_size']}px; "
+                               "delete it to regenerate")
+    return x.float() / 127.5 - 1
+
+
+def train(args, dcfg):
+    device = common.get_device(args.device)
+    base, ae, cfg, bck = load_model(args.base, ("ldm",))
+    base, ae = base.to(device), ae.to(device)
+    words = Tokenizer.words(args.class_noun)
+    if len(words) != 1 or words[0] not in cfg["vocab"]:
+        raise common.UserError(f"--class-noun '{args.class_noun}': not a word of the base vocabulary; use one of "
+                               f"{', '.join(w for w in cfg['vocab'][3:])}")
+    ident = Tokenizer.words(args.identifier)
+    if len(ident) != 1:
+        raise common.UserError(f"--identifier '{args.identifier}': use one word of letters and digits, e.g. sks")
+    ident = ident[0]
+    if ident in cfg["vocab"]:
+        print(f"warning: the identifier '{ident}' is a word the base already knows; DreamBooth wants a rare one",
+              file=sys.stderr)
+    inst_prompt, class_prompt = f"a {ident} {words[0]}", f"a {words[0]}"
+    x_inst = instance_images(args, cfg)
+    steps = args.steps or DEFAULT_STEPS
+    x_cls = None if args.no_prior else class_images(
+        base, ae, cfg, class_prompt, args.num_class_images, os.path.join(args.out, f"class_{words[0]}"), device,
+        DEFAULT_SCALE if args.scale is None else args.scale, steps, args.seed)
+    torch.manual_seed(args.seed)
+    model = copy.deepcopy(base)                       # the base itself stays frozen and unchanged
+    cfg = extend_vocab(model, cfg, [ident], args.seed)
+    model.requires_grad_(False).unet.requires_grad_(True)
+    if args.train_text_encoder:
+        model.text.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=dcfg["lr"], betas=(0.9, 0.999), weight_decay=dcfg["weight_decay"])
+    tok, abar = Tokenizer(cfg["vocab"], cfg["max_len"]), alphas_cumprod(cfg).to(device)
+
+    @torch.no_grad()
+    def posterior(x):
+        ms = [ae.encode(x[i:i + 64].to(device)) for i in range(0, len(x), 64)]
+        return torch.cat([m for m, _ in ms]), torch.cat([s for _, s in ms])
+
+    inst_post = posterior(x_inst)
+    cls_post = posterior(x_cls) if x_cls is not None else None
+    t_inst, t_cls = tok([inst_prompt]), tok([class_prompt])
+    bs, sf = dcfg["batch_size"], cfg["scale_factor"]
+    print(f"dreambooth: {len(x_inst)} instance images '{inst_prompt}', "
+          f"{'no prior preservation' if x_cls is None else f'{len(x_cls)} class images {class_prompt!r}, lambda {args.prior_weight:g}'}"
+          f"; training the U-Net{' and the text encoder' if args.train_text_encoder else ''} "
+          f"({sum(p.numel() for p in params) / 1e6:.2f}M parameters), {dcfg['max_steps']} steps, batch {bs}"
+          f"{'' if x_cls is None else f' + {bs}'}, lr {dcfg['lr']:g}, device {device}")
+    model.train()
+    amp = common.autocast(device, args.dtype)
+    bar, logs = tqdm(range(dcfg["max_steps"]), desc="dreambooth", dynamic_ncols=True), {}
+    for step in bar:
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        i = torch.randint(len(x_inst), (bs,), generator=g)
+        mean, std = inst_post[0][i], inst_post[1][i]
+        toks = [t_inst.expand(bs, -1)]
+        if cls_post is not None:                      # the batch: [instance..., class...]
+            j = torch.randint(len(x_cls), (bs,), generator=g)
+            mean, std = torch.cat([mean, cls_post[0][j]]), torch.cat([std, cls_post[1][j]])
+            toks.append(t_cls.expand(bs, -1))
+        torch.manual_seed(args.seed * 1_000_003 + step)
+        z0 = (mean + std * torch.randn_like(mean)) * sf
+        with amp:
+            loss, logs = dreambooth_loss(model, z0.float(), torch.cat(toks).to(device), bs, abar, args.prior_weight)
+        if not torch.isfinite(loss):
+            raise common.UserError(f"loss became {loss.item()} at step {step}; stopped without saving; try a lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, dcfg["grad_clip"])
+        opt.step()
+        if (step + 1) % dcfg["log_every"] == 0:
+            bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
+    model.eval()
+    db = {"identifier": ident, "class_noun": words[0], "instance_prompt": inst_prompt, "class_prompt": class_prompt,
+          "prior": x_cls is not None, "prior_weight": args.prior_weight, "num_class_images": 0 if x_cls is None
+          else len(x_cls), "num_instance_images": len(x_inst), "train_text_encoder": args.train_text_encoder,
+          "base": os.path.abspath(args.base), **dcfg, "last_losses": logs}
+    path = os.path.join(args.out, "ckpt.pt")
+    if not common.all_finite(model):
+        raise common.UserError("fine-tuned weights are not finite; nothing saved; try a lower --lr")
+    common.save_checkpoint({"script": "dreambooth", "kind": "dreambooth", "config": cfg, "dreambooth": db,
+                            "model": {k: v.cpu() for k, v in model.state_dict().items()},
+                            "ae": {k: v.cpu() for k, v in ae.state_dict().items()}, "ae_config": bck["ae_config"],
+                            "step": dcfg["max_steps"], "seed": args.seed}, path)
+    common.save_grid(x_inst, os.path.join(args.out, "instance_images.png"))
+    torch.manual_seed(args.seed)
+    n = args.n_samples or 8
+    x = sample(model, ae, cfg, tok([inst_prompt] * n + [class_prompt] * n), DEFAULT_SCALE if args.scale is None
+               else args.scale, steps)
+    common.save_grid(x, os.path.join(args.out, "samples.png"), nrow=n)
+    print(f"fine-tuned in {dcfg['max_steps']} steps; checkpoint {path}; samples.png: row 1 '{inst_prompt}', "
+          f"row 2 '{class_prompt}'")
+    return model, base
+
+
+def check_prompt(tok, prompt):
+    unk = tok.unknown(prompt)
+    if unk and len(unk) == len(Tokenizer.words(prompt)):
+        raise common.UserError(f"--prompt '{prompt}': no word the model knows; its vocabulary: "
+                               f"{', '.join(tok.vocab[3:])}")
+    if unk:
+        print(f"warning: unknown word(s) {', '.join(unk)} in --prompt become <unk>", file=sys.stderr)
+
+
+def sample_images(args, device):
+    model, ae, cfg, ck = load_model(args.ckpt or os.path.join(args.out, "ckpt.pt"), ("dreambooth",))
+    model, ae = model.to(device), ae.to(device)
+    tok = Tokenizer(cfg["vocab"], cfg["max_len"])
+    prompt = ck["dreambooth"]["instance_prompt"] if args.prompt is None else args.prompt
+    check_prompt(tok, prompt)
+    n, scale = args.n_samples or 16, DEFAULT_SCALE if args.scale is None else args.scale
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    with common.autocast(device, args.dtype):
+        x = sample(model, ae, cfg, tok([prompt] * n), scale, args.steps or DEFAULT_STEPS, progress=True)
+    path = os.path.join(args.out, "samples.png")
+    common.save_grid(x, path)
+    print(f"{n} samples for '{prompt}', scale {scale:g}, {args.steps or DEFAULT_STEPS} DDIM steps, "
+          f"{time.time() - t0:.2f}s: {path}")
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: subject fidelity, prompt fidelity, language drift (Sec. 4.3 - 4.4 at small scale)
+# ---------------------------------------------------------------------------------------------
+
+def subject_judge(size, channels, device, steps=400, seed=0):
+    """A common.Judge with one head, {ordinary, subject}, trained on circles with and without the subject's
+    stripes (ShapesData(subject=True) vs the same attributes drawn plainly); cached in out/judge/."""
+    path = os.path.join(common.JUDGE_DIR, f"subject_{size}_{channels}_s{steps}.pt")
+    heads = {"subject": ["ordinary", "subject"]}
+    judge = common.Judge(heads, channels)
+    if os.path.exists(path):
+        ck = common.load_checkpoint(path, ["judge"])
+        judge.load_state_dict(ck["model"])
+        judge.accuracy = ck["accuracy"]["subject"]
+        return judge.to(device).eval()
+
+    def batch(start, n):
+        data = common.ShapesData(size, channels, seed=seed + 77, subject=True)
+        xs, ys = [], []
+        for i in range(start, start + n):
+            a = data.attributes(i)
+            a["subject"] = bool(i % 2)
+            xs.append(common.to_tensor(common.draw_shape(a, size, channels, a["jitter"])))
+            ys.append(i % 2)
+        return torch.stack(xs), torch.tensor(ys)
+
+    print(f"training the subject judge ({steps} steps), cached in {path}")
+    torch.manual_seed(seed)
+    judge = judge.to(device)
+    x, y = batch(0, min(4000, steps * 32))
+    opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        i = torch.randint(len(x), (32,), generator=g)
+        loss = F.cross_entropy(judge(x[i].to(device))["subject"], y[i].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    judge.eval()
+    xt, yt = batch(10 ** 6, 400)
+    acc = (common.judge_predict(judge, xt)["subject"] == yt).float().mean().item()
+    common.save_checkpoint({"script": "judge", "heads": heads, "model": {k: v.cpu() for k, v in
+                                                                         judge.state_dict().items()},
+                            "accuracy": {"subject": acc}}, path)
+    print(f"subject judge: held-out accuracy {acc:.3f}")
+    judge.accuracy = acc
+    return judge
+
+
+def diversity(judge, x):
+    """Mean pairwise L2 distance of judge features (the paper's DIV uses LPIPS, not available offline)."""
+    f = common.features(judge, x).float()
+    n = len(f)
+    return (torch.cdist(f, f).sum() / max(1, n * (n - 1))).item()
+
+
+def evaluate(args, device):
+    """--eval: on --n-samples images per prompt set (default 100), for the fine-tuned model and (language
+    drift) for its base: subject fidelity = fraction of 'a sks circle' samples the subject judge calls the
+    subject; prompt fidelity = fraction of recontextualized samples ('a blue sks circle on the left', ...)
+    with every named attribute right (common.attribute_accuracy) and the fraction still the subject; drift =
+    fraction of 'a circle' samples that are ordinary circles (shape right, not striped) and their diversity.
+    Then common.evaluate (FID/KID, caption accuracy on held-out ordinary captions) for the fine-tuned model.
+    NOT yet measured at scale; see the README."""
+    path = args.ckpt or os.path.join(args.out, "ckpt.pt")
+    model, ae, cfg, ck = load_model(path, ("dreambooth",))
+    model, ae = model.to(device), ae.to(device)
+    db, tok = ck["dreambooth"], Tokenizer(cfg["vocab"], cfg["max_len"])
+    size, ch, n = cfg["image_size"], cfg["channels"], args.n_samples or 100
+    scale, steps = DEFAULT_SCALE if args.scale is None else args.scale, args.steps or DEFAULT_STEPS
+    preset = PRESETS[args.preset]
+    judge = common.get_judge("shapes", size, ch, device, steps=preset.get("judge_steps", common.JUDGE_STEPS))
+    sj = subject_judge(size, ch, device, steps=preset.get("subject_judge_steps", 400))
+    ident, noun = db["identifier"], db["class_noun"]
+    rng = np.random.default_rng(args.seed)
+    recontext = [f"a {rng.choice(common.SIZES)} {rng.choice(list(common.COLORS))} {ident} {noun} "
+                 f"{common.POSITION_WORDS[rng.choice(common.POSITIONS)]}" for _ in range(n)]
+
+    def draw(m, prompts):
+        torch.manual_seed(args.seed)
+        bs = args.batch_size or 100
+        with common.autocast(device, args.dtype):
+            return torch.cat([common.quantize(sample(m, ae, cfg, tok(prompts[i:i + bs]), scale, steps).cpu())
+                              for i in range(0, len(prompts), bs)])
+
+    def is_subject(x):
+        return (common.judge_predict(sj, x)["subject"] == 1).float()
+
+    x_id = draw(model, [db["instance_prompt"]] * n)
+    x_rc = draw(model, recontext)
+    res = {"script": "dreambooth", "mode": "dreambooth", "n": n, "scale": scale, "steps": steps,
+           "prior": db["prior"], "train_text_encoder": db["train_text_encoder"], "subject_judge_acc": sj.accuracy,
+           "subject_fidelity": is_subject(x_id).mean().item(),
+           "prompt_fidelity": common.attribute_accuracy(judge, x_rc, recontext),
+           "prompt_subject": is_subject(x_rc).mean().item()}
+    base = None
+    if os.path.exists(db["base"]):
+        base = load_model(db["base"], ("ldm",))[0].to(device)
+    for name, m in (("finetuned", model), ("base", base)):
+        if m is None:
+            continue
+        x = draw(m, [db["class_prompt"]] * n)
+        ok = (common.judge_predict(judge, x)["shape"] == common.SHAPES.index(noun)).float() * (1 - is_subject(x)) \
+            if noun in common.SHAPES else 1 - is_subject(x)
+        res[f"class_ordinary_{name}"], res[f"class_diversity_{name}"] = ok.mean().item(), diversity(judge, x)
+        common.save_grid(x[:64], os.path.join(args.out, f"eval_class_{name}.png"))
+    common.save_grid(x_id[:64], os.path.join(args.out, "eval_subject.png"))
+    common.save_grid(x_rc[:64], os.path.join(args.out, "eval_recontext.png"))
+    out, args.out = args.out, os.path.join(args.out, "eval_ordinary")
+    ordinary = common.evaluate("dreambooth", args, {**cfg, "judge_steps": preset.get("judge_steps", common.JUDGE_STEPS)},
+                               lambda k, wanted: sample(model, ae, cfg, tok(wanted), scale, steps),
+                               nfe=2 * steps, device=device, cond="caption")
+    args.out = out
+    res.update({"ordinary_fid": ordinary["fid"], "ordinary_acc": ordinary["acc"]})
+    print(json.dumps(res))
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    p = common.make_parser("dreambooth", __doc__, PRESETS)
+    p.add_argument("--base", default=BASE, help=f"the ldm.py checkpoint to fine-tune (default {BASE})")
+    p.add_argument("--instance-dir", metavar="DIR", help="3-5 images of the subject (default: 4 generated images "
+                   "of the shapes subject, a striped circle)")
+    p.add_argument("--identifier", default="sks", help="the rare identifier word [V] (default sks)")
+    p.add_argument("--class-noun", default="circle", help="the subject's class noun (default circle)")
+    p.add_argument("--num-class-images", type=int, default=100, help="prior-preservation images (default 100)")
+    p.add_argument("--prior-weight", type=float, default=1.0, help="lambda of the prior loss (default 1)")
+    p.add_argument("--no-prior", action="store_true", help="no prior preservation (the ablation)")
+    p.add_argument("--train-text-encoder", action="store_true", help="fine-tune the text encoder too")
+    p.add_argument("--prompt", help="--sample: the prompt (default the instance prompt, 'a sks circle')")
+    p.add_argument("--scale", type=float, help=f"classifier-free guidance scale (default {DEFAULT_SCALE:g})")
+    args = p.parse_args(argv)
+    for k in ("image_size", "channels"):
+        if getattr(args, k) is not None:
+            raise common.UserError(f"--{k.replace('_', '-')}: set by the base checkpoint; drop it")
+    if args.resume:
+        raise common.UserError("--resume: DreamBooth runs are short; start again with --train")
+    if args.prompt is not None and not args.sample:
+        raise common.UserError("--prompt goes with --sample")
+    if args.num_class_images < 1 and not args.no_prior:
+        raise common.UserError(f"--num-class-images {args.num_class_images}: use at least 1 (or --no-prior)")
+    if args.prior_weight < 0:
+        raise common.UserError(f"--prior-weight {args.prior_weight}: use lambda >= 0")
+    if args.scale is not None and args.scale < 0:
+        raise common.UserError(f"--scale {args.scale}: use s >= 0")
+    if args.steps is not None and args.steps < 1:
+        raise common.UserError(f"--steps {args.steps}: use at least 1")
+    dcfg = dict(PRESETS[args.preset])
+    for k in ("max_steps", "batch_size", "lr"):
+        if getattr(args, k) is not None:
+            dcfg[k] = getattr(args, k)
+        if dcfg[k] <= 0:
+            raise common.UserError(f"--{k.replace('_', '-')} must be positive, got {dcfg[k]}")
+    if args.train:
+        return train(args, dcfg)
+    device = common.get_device(args.device)
+    return evaluate(args, device) if args.eval else sample_images(args, device)
+
+
+if __name__ == "__main__":
+    common.main_guard(main)

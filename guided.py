@@ -1,0 +1,770 @@
+"""
+Diffusion Models Beat GANs on Image Synthesis (Dhariwal & Nichol, 2021), https://arxiv.org/abs/2105.05233
+("ADM"), with the learned variances of Improved DDPM (Nichol & Dhariwal, 2021), https://arxiv.org/abs/2102.09672
+
+    python guided.py --train                          # the diffusion model, then the noisy classifier, on shapes
+    python guided.py --sample --class 2 --scale 2     # triangles, classifier guidance (Algorithm 1)
+    python guided.py --sample --class 0 --scale 2 --sampler ddim --steps 25   # guided DDIM (Algorithm 2)
+    python guided.py --eval --scale 1                 # FID/KID and the accuracy of the asked class (JSON last)
+    python guided.py --eval --sweep                   # guidance scales x (FID, accuracy, precision, recall)
+                                                      # and respaced steps; --baseline adds a fixed-variance model
+
+Timesteps are 0-indexed as in ddpm.py: abar_t = prod_{s<=t} (1 - beta_s), t = 0 is one noising step.
+"IDDPM" is Nichol & Dhariwal 2021, "DDPM" Ho et al. 2020, "ADM" Dhariwal & Nichol 2021.
+
+Cosine schedule    abar_t = f(t) / f(0), f(t) = cos^2((t/T + 0.008) / 1.008 pi/2), beta_t <= 0.999   (IDDPM eq. 17)
+Forward process    q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)                                    (DDPM eq. 4)
+Posterior          q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I),
+                   beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t)                                 (DDPM eqs. 6-7)
+Mean               mu_theta = mu~_t(x_t, x0_hat), x0_hat = (x_t - sqrt(1 - abar_t) eps_theta) / sqrt(abar_t)
+Learned variance   the network outputs [eps, v]; Sigma_theta = exp(frac log beta_t + (1 - frac) log beta~_t),
+                   frac = (v + 1) / 2 (the official code's range for v; the paper writes v for frac)   (IDDPM eq. 15)
+Bound              L_vlb = L_0 + ... + L_{T-1}, L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)),
+                   L_0 = -log p_theta(x_0 | x_1), a discretized Gaussian on the 256 pixel levels (DDPM eq. 13)
+Hybrid loss        L_hybrid = L_simple + lambda L_vlb, lambda = 0.001, with mu_theta detached in L_vlb, so
+                   L_vlb trains only Sigma_theta; one uniform t estimates L_vlb by T L_t               (IDDPM eq. 16)
+Respacing          a subsequence S of the T steps: beta'_i = 1 - abar_{S_i} / abar_{S_{i-1}}, the same marginals,
+                   and the learned v interpolates between the respaced beta' and beta~'           (IDDPM Sec. 4)
+Classifier         p_phi(y | x_t, t): the U-Net's downsampling half + attention pooling, cross-entropy on
+                   x_t = q_sample(x_0, t), t ~ U{0..T-1}                                          (ADM Sec. 4)
+Guided ancestral   x_{t-1} ~ N(mu + s Sigma grad_{x_t} log p_phi(y | x_t), Sigma)              (ADM Algorithm 1)
+Guided DDIM        eps^ = eps_theta(x_t) - s sqrt(1 - abar_t) grad_{x_t} log p_phi(y | x_t),
+                   x_{t-1} = sqrt(abar_{t-1}) x0_hat(eps^) + sqrt(1 - abar_{t-1}) eps^  (eta = 0) (ADM Algorithm 2)
+Architecture       common.UNet with ADM's options (ADM Sec. 3): more depth (residual blocks per resolution),
+                   64 channels per attention head, attention at 32, 16 and 8, BigGAN up/down residual blocks,
+                   AdaGN: GroupNorm(h) (1 + y_s) + y_b with (y_s, y_b) from the time (and class) embedding;
+                   residuals scaled by 1/sqrt(2) as an option (ADM_NET below), off as in ADM's final model.
+Not here           IDDPM's importance sampling of t for L_vlb alone (Sec. 3.3; the hybrid loss samples t
+                   uniformly), fp16 training, the upsampler models, classifier-free guidance (see ldm.py).
+"""
+import json
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+
+# ADM Sec. 3: AdaGN and BigGAN up/down blocks. Residuals scaled by 1/sqrt(2) are one of the options ADM's Table 1
+# ablates; its final architecture and the released code (guided_diffusion/unet.py) do not use them, so they are off
+# here: skip_rescale=True turns them on (common.UNet and the classifier read it).
+ADM_NET = dict(scale_shift=True, resblock_updown=True, skip_rescale=False)
+PRESETS = {
+    # seconds, for tests
+    "tiny": dict(image_size=16, channels=3, ch=16, ch_mult=[1, 2], num_res_blocks=2, attn_res=[16, 8],
+                 head_channels=8, dropout=0.0, timesteps=100, schedule="cosine", var="learned", class_cond=False,
+                 **ADM_NET, batch_size=8, max_steps=20, lr=1e-3, warmup=0, grad_clip=1.0, ema=0.99,
+                 log_every=5, sample_every=0, ckpt_every=10, judge_steps=30,
+                 clf_ch=16, clf_ch_mult=[1, 2], clf_depth=1, clf_attn_res=[8], clf_steps=10, clf_batch=8,
+                 clf_lr=1e-3, clf_wd=0.05),
+    # the default: minutes on a 2-core CPU (twice ddpm.py's residual blocks per resolution at the same width)
+    "cpu": dict(image_size=32, channels=3, ch=32, ch_mult=[1, 2, 2], num_res_blocks=2, attn_res=[16, 8],
+                head_channels=32, dropout=0.0, timesteps=1000, schedule="cosine", var="learned", class_cond=False,
+                **ADM_NET, batch_size=32, max_steps=2400, lr=1e-3, warmup=100, grad_clip=1.0, ema=0.995,
+                log_every=25, sample_every=0, ckpt_every=500,
+                clf_ch=32, clf_ch_mult=[1, 2, 2], clf_depth=1, clf_attn_res=[8], clf_steps=800, clf_batch=64,
+                clf_lr=1e-3, clf_wd=0.05),
+    # ADM ImageNet 64x64 (the guided-diffusion README's flags): ch 192, mult 1,2,3,4, 3 blocks, 64 channels per
+    # head at 32/16/8, dropout 0.1, learned sigmas, cosine T = 1000, lr 3e-4, class-conditional, EMA 0.9999;
+    # batch 2048 = 256 per process x 8 GPUs. Classifier: depth 4, width 128, AdamW lr 3e-4, weight decay 0.05.
+    "paper": dict(image_size=64, channels=3, ch=192, ch_mult=[1, 2, 3, 4], num_res_blocks=3, attn_res=[32, 16, 8],
+                  head_channels=64, dropout=0.1, timesteps=1000, schedule="cosine", var="learned", class_cond=True,
+                  **ADM_NET, batch_size=256, max_steps=540_000, lr=3e-4, warmup=0, grad_clip=0.0, ema=0.9999,
+                  flip=True, log_every=100, sample_every=10_000, ckpt_every=5000,
+                  clf_ch=128, clf_ch_mult=[1, 2, 3, 4], clf_depth=4, clf_attn_res=[32, 16, 8], clf_steps=300_000,
+                  clf_batch=256, clf_lr=3e-4, clf_wd=0.05),
+}
+DEFAULT_STEPS = 100          # respaced sampling steps (IDDPM Sec. 4: learned sigmas hold up at 100; ADM used 250)
+DEFAULT_SCALE = 1.0          # ADM's guidance scale for ImageNet 64
+LAMBDA_VLB = 0.001           # IDDPM eq. 16
+SWEEP_SCALES = [0.0, 0.5, 1.0, 2.0, 5.0, 10.0]
+SWEEP_STEPS = [25, 50, 100]
+
+
+# ---------------------------------------------------------------------------------------------
+# Gaussians: the KL terms and the decoder of the variational bound
+# ---------------------------------------------------------------------------------------------
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) per dimension, in nats:
+    1/2 (logvar2 - logvar1 + e^(logvar1 - logvar2) + (mean1 - mean2)^2 e^-logvar2 - 1)."""
+    return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1)
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_scale):
+    """DDPM eq. 13, log p(x_0 | x_1) of images x in [-1, 1] on the 256 levels -1 + 2k/255: the mass the
+    Gaussian N(mean, e^(2 log_scale)) puts on the bin [x - 1/255, x + 1/255], and on (-inf, -1 + 1/255] and
+    [1 - 1/255, inf) at the two end levels. Exact normal CDFs (the official code uses a tanh approximation);
+    every log mass is clamped at log(1e-12) as there. Per dimension, in nats."""
+    inv_std = torch.exp(-log_scale)
+    upper, lower = inv_std * (x - mean + 1 / 255), inv_std * (x - mean - 1 / 255)
+    log_cdf_upper = torch.special.log_ndtr(upper)                 # x = -1: P(X <= -1 + 1/255)
+    log_sf_lower = torch.special.log_ndtr(-lower)                 # x = +1: P(X >= 1 - 1/255)
+    log_bin = torch.log((torch.special.ndtr(upper) - torch.special.ndtr(lower)).clamp(min=1e-12))
+    logp = torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_sf_lower, log_bin))
+    return logp.clamp(min=math.log(1e-12))
+
+
+def mean_flat(x):
+    return x.flatten(1).mean(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The diffusion: forward process, learned-variance reverse process, hybrid loss, samplers
+# ---------------------------------------------------------------------------------------------
+
+class Diffusion:
+    """Everything derived from the betas (float64, cast at use). var: 'learned' (IDDPM eq. 15), 'large'
+    (sigma^2 = beta_t) or 'small' (beta~_t). timestep_map[i] is the original timestep of step i, which the
+    network and the classifier are called with (the identity unless respaced)."""
+
+    def __init__(self, betas, var="learned", timestep_map=None):
+        b = torch.as_tensor(betas, dtype=torch.float64)
+        self.T, self.var, self.betas = len(b), var, b
+        self.abar = torch.cumprod(1 - b, 0)
+        self.abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.abar[:-1]])
+        self.post_var = b * (1 - self.abar_prev) / (1 - self.abar)                        # beta~_t
+        self.post_c0 = b * self.abar_prev.sqrt() / (1 - self.abar)                         # mu~_t = c0 x_0 + ct x_t
+        self.post_ct = (1 - self.abar_prev) * (1 - b).sqrt() / (1 - self.abar)
+        # beta~_0 = 0: its log is clipped to log beta~_1, as in the official code (with one step, log beta_0)
+        self.post_logvar = torch.log(torch.cat([self.post_var[1:2], self.post_var[1:]])) if self.T > 1 else b.log()
+        self.log_betas = b.log()
+        self.large_logvar = torch.cat([self.post_logvar[:1], self.log_betas[1:]])           # DDPM's fixedlarge
+        self.timestep_map = torch.arange(self.T) if timestep_map is None else torch.as_tensor(timestep_map)
+
+    def q_sample(self, x0, t, noise):
+        """DDPM eq. 4: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
+        a = common.extract(self.abar, t, x0.shape)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def q_posterior(self, x0, xt, t):
+        """DDPM eqs. 6-7: mean and (clipped) log-variance of q(x_{t-1} | x_t, x_0)."""
+        mean = common.extract(self.post_c0, t, xt.shape) * x0 + common.extract(self.post_ct, t, xt.shape) * xt
+        return mean, common.extract(self.post_logvar, t, xt.shape)
+
+    def x0_from_eps(self, xt, t, eps):
+        a = common.extract(self.abar, t, xt.shape)
+        return (xt - (1 - a).sqrt() * eps) / a.sqrt()
+
+    def eps_from_x0(self, xt, t, x0):
+        a = common.extract(self.abar, t, xt.shape)
+        return (xt - a.sqrt() * x0) / (1 - a).sqrt()
+
+    def learned_logvar(self, v, t):
+        """IDDPM eq. 15: log Sigma = frac log beta_t + (1 - frac) log beta~_t, frac = (v + 1) / 2, so v = +1
+        gives beta_t and v = -1 gives beta~_t (clipped at t = 0). v is not clamped."""
+        frac = (v + 1) / 2
+        log_beta, log_beta_tilde = (common.extract(a, t, v.shape) for a in (self.log_betas, self.post_logvar))
+        return frac * log_beta + (1 - frac) * log_beta_tilde
+
+    def model_output(self, model, xt, t, y=None):
+        """The network at the original timestep of step t (respacing), in float32."""
+        return model(xt, self.timestep_map.to(t.device)[t], y).float()
+
+    def p_mean_variance(self, model, xt, t, y=None, clip=True, out=None):
+        """p_theta(x_{t-1} | x_t) = N(mu~_t(x_t, x0_hat), Sigma): x0_hat from eps (clipped to [-1, 1] when
+        sampling), Sigma learned (IDDPM eq. 15) or fixed. `out` is the network's output where the caller has
+        it already (the hybrid loss). A 2C-channel output is [eps, v]; a fixed var ignores v."""
+        out = self.model_output(model, xt, t, y) if out is None else out
+        eps, v = out.chunk(2, dim=1) if out.shape[1] == 2 * xt.shape[1] else (out, None)
+        if self.var == "learned":
+            if v is None:
+                raise common.UserError("var 'learned' needs a network that outputs [eps, v]; use --var large or small")
+            logvar = self.learned_logvar(v, t)
+        else:
+            logvar = common.extract(self.large_logvar if self.var == "large" else self.post_logvar, t, xt.shape)
+        x0 = self.x0_from_eps(xt, t, eps)
+        if clip:
+            x0 = x0.clamp(-1, 1)
+        mean, _ = self.q_posterior(x0, xt, t)
+        return {"mean": mean, "logvar": logvar.expand_as(mean), "x0": x0, "eps": eps}
+
+    def vb_terms(self, out, x0, xt, t):
+        """The bound's term for each example in bits per dimension: L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p_theta)
+        for t > 0, L_0 = -log p_theta(x_0 | x_1) (DDPM eq. 13) at t = 0, with p_theta from the output `out`."""
+        true_mean, true_logvar = self.q_posterior(x0, xt, t)
+        p = self.p_mean_variance(None, xt, t, clip=False, out=out)
+        kl = mean_flat(normal_kl(true_mean, true_logvar, p["mean"], p["logvar"])) / math.log(2)
+        nll = -mean_flat(discretized_gaussian_log_likelihood(x0, p["mean"], 0.5 * p["logvar"])) / math.log(2)
+        return torch.where(t == 0, nll, kl)
+
+    def hybrid_loss(self, model, x0, y=None, lam=LAMBDA_VLB):
+        """IDDPM eq. 16: L_simple + lambda L_vlb at one uniform t per example, where L_vlb ~ T L_t (bits/dim),
+        computed with the mean's output detached (the frozen [eps.detach(), v]), so L_vlb trains only v.
+        Fixed variances: L_simple alone (DDPM eq. 14)."""
+        t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)
+        noise = torch.randn_like(x0)
+        xt = self.q_sample(x0, t, noise)
+        out = self.model_output(model, xt, t, y)
+        eps, v = out.chunk(2, dim=1) if self.var == "learned" else (out, None)
+        loss = mean_flat((noise - eps) ** 2)                                                  # L_simple
+        if v is not None:
+            frozen = torch.cat([eps.detach(), v], dim=1)
+            loss = loss + lam * self.T * self.vb_terms(frozen, x0, xt, t)
+        return loss.mean()
+
+    def p_sample(self, model, x, t, y=None, clip=True, guide=None):
+        """ADM Algorithm 1, one step: x_{t-1} ~ N(mu + s Sigma grad log p(y | x_t), Sigma); no noise at t = 0."""
+        p = self.p_mean_variance(model, x, t, y, clip)
+        mean = p["mean"]
+        if guide is not None:
+            mean = condition_mean(mean, p["logvar"], guide(x, self.timestep_map.to(t.device)[t]))
+        nonzero = (t > 0).float().view(-1, *([1] * (x.ndim - 1)))
+        return mean + nonzero * (0.5 * p["logvar"]).exp() * torch.randn_like(x)
+
+    def ddim_step(self, model, x, t, y=None, clip=True, guide=None, eta=0.0):
+        """ADM Algorithm 2, one step: eps^ = eps(x0_hat) - s sqrt(1 - abar_t) grad log p(y | x_t), with eps
+        re-derived from the (clipped) x0_hat and x0_hat recomputed from eps^ (not clipped again), as in the
+        official code; then the DDIM step (Song et al. 2021, eq. 12) with sigma(eta), eta = 0 by default."""
+        p = self.p_mean_variance(model, x, t, y, clip)
+        eps = self.eps_from_x0(x, t, p["x0"])
+        x0 = p["x0"]
+        if guide is not None:
+            eps = condition_score(eps, common.extract(self.abar, t, x.shape),
+                                  guide(x, self.timestep_map.to(t.device)[t]))
+            x0 = self.x0_from_eps(x, t, eps)
+        a, a_prev = common.extract(self.abar, t, x.shape), common.extract(self.abar_prev, t, x.shape)
+        sigma = eta * ((1 - a_prev) / (1 - a)).sqrt() * (1 - a / a_prev).sqrt()
+        return a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps + sigma * torch.randn_like(x)
+
+    @torch.no_grad()  # not inference_mode: the classifier's gradient is taken inside
+    def sample(self, model, shape, device, y=None, clip=True, guide=None, sampler="ancestral", eta=0.0,
+               frames=0, progress=False, x=None):
+        """From x_T ~ N(0, I) over this diffusion's T steps (respaced or not) with Algorithm 1 (ancestral) or 2
+        (ddim). guide(x, t) -> s grad log p(y | x_t) or None. Returns x_0 and `frames` snapshots of x_t."""
+        x = torch.randn(shape, device=device) if x is None else x
+        keep = set(torch.linspace(self.T - 1, 0, frames).round().long().tolist()) if frames else set()
+        traj = []
+        for i in tqdm(reversed(range(self.T)), total=self.T, desc=f"{sampler} {self.T} steps", leave=False,
+                      disable=not progress):
+            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+            if sampler == "ddim":
+                x = self.ddim_step(model, x, t, y, clip, guide, eta)
+            else:
+                x = self.p_sample(model, x, t, y, clip, guide)
+            if i in keep:
+                traj.append(x.float().cpu())
+        return x, traj
+
+
+def diffusion_from(cfg, var=None):
+    return Diffusion(common.beta_schedule(cfg["schedule"], cfg["timesteps"]), var or cfg["var"])
+
+
+def space_timesteps(T, steps):
+    """`steps` timesteps evenly spaced over 0..T-1, both ends included (rounded), as the official respacing
+    does for one section: round(i (T - 1) / (steps - 1)). UserError unless 1 <= steps <= T."""
+    if not 1 <= steps <= T:
+        raise common.UserError(f"--steps {steps}: use 1..{T}, the model's number of timesteps T")
+    if steps == 1:
+        return [T - 1]
+    return sorted({round(i * (T - 1) / (steps - 1)) for i in range(steps)})
+
+
+def respace(diff, steps):
+    """IDDPM Sec. 4: keep abar on the timesteps S of space_timesteps and set beta'_i = 1 - abar_{S_i} /
+    abar_{S_{i-1}} (abar before the first is 1): a shorter process with the same q(x_t | x_0) on the kept
+    steps. Its beta~' follow from beta', so the learned v interpolates between the respaced bounds."""
+    kept = torch.as_tensor(space_timesteps(diff.T, steps))
+    abar = diff.abar[kept]
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    return Diffusion(1 - abar / prev, diff.var, timestep_map=diff.timestep_map[kept])
+
+
+# ---------------------------------------------------------------------------------------------
+# Classifier guidance
+# ---------------------------------------------------------------------------------------------
+
+def cond_fn(classifier, x, t, y, scale):
+    """s grad_{x_t} log p_phi(y | x_t, t), taken at x_t (ADM Sec. 4.1): the scale sits here, as in the
+    official code. classifier(x, t) -> logits (B, classes); y (B,) long."""
+    with torch.enable_grad():
+        x = x.detach().float().requires_grad_(True)
+        logp = F.log_softmax(classifier(x, t).float(), dim=-1)
+        picked = logp[torch.arange(len(y), device=y.device), y].sum()
+        return scale * torch.autograd.grad(picked, x)[0]
+
+
+def condition_mean(mean, logvar, grad):
+    """ADM Algorithm 1: mu + Sigma g, with g = s grad log p(y | x_t) from cond_fn."""
+    return mean + logvar.exp() * grad
+
+
+def condition_score(eps, abar_t, grad):
+    """ADM Algorithm 2 (Sec. 4.2): eps^ = eps - sqrt(1 - abar_t) g, with g = s grad log p(y | x_t)."""
+    return eps - (1 - abar_t).sqrt() * grad
+
+
+def make_guide(classifier, y, scale):
+    """guide(x, t) for the samplers, or None when nothing is guided."""
+    if classifier is None or scale == 0:
+        return None
+    return lambda x, t: cond_fn(classifier, x, t, y, scale)
+
+
+class AttentionPool(nn.Module):
+    """ADM's attention pooling (as in CLIP): the mean of the HW tokens, prepended, plus learned position
+    embeddings; multi-head attention from that token over all HW + 1, projected to the logits."""
+
+    def __init__(self, ch, n_tokens, heads, out_dim):
+        super().__init__()
+        self.heads = heads
+        self.pos = nn.Parameter(torch.randn(n_tokens + 1, ch) / ch ** 0.5)
+        self.qkv = nn.Linear(ch, 3 * ch)
+        self.proj = nn.Linear(ch, out_dim)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        tok = x.flatten(2).transpose(1, 2)                                          # (B, HW, C)
+        tok = torch.cat([tok.mean(1, keepdim=True), tok], 1) + self.pos.to(tok.dtype)
+        q, k, v = self.qkv(tok).view(B, H * W + 1, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q[:, :, :1], k, v)                      # the pooled token's query only
+        return self.proj(h.transpose(1, 2).reshape(B, C))
+
+
+class Classifier(nn.Module):
+    """The noise-aware classifier p_phi(y | x_t, t) of ADM Sec. 4: the U-Net's downsampling half (the same
+    AdaGN residual blocks with the time embedding, attention, BigGAN downsampling) and
+    its middle block, then GroupNorm, SiLU and attention pooling at the lowest resolution."""
+
+    def __init__(self, num_classes, ch, ch_mult, depth, attn_res, head_channels, image_size, in_ch=3, dropout=0.0,
+                 skip_rescale=False):
+        super().__init__()
+        emb_dim = 4 * ch
+        self.ch = ch
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        res_kw = dict(emb_dim=emb_dim, dropout=dropout, scale_shift=True, skip_rescale=skip_rescale)
+        heads = lambda c: max(1, c // head_channels)
+        self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
+        self.blocks, c, res = nn.ModuleList(), ch, image_size
+        for level, mult in enumerate(ch_mult):
+            for _ in range(depth):
+                self.blocks.append(common.ResBlock(c, ch * mult, **res_kw))
+                c = ch * mult
+                if res in attn_res:
+                    self.blocks.append(common.AttnBlock(c, heads(c), skip_rescale=skip_rescale))
+            if level != len(ch_mult) - 1:
+                self.blocks.append(common.ResBlock(c, c, down=True, **res_kw))
+                res //= 2
+        self.blocks.extend([common.ResBlock(c, c, **res_kw), common.AttnBlock(c, heads(c), skip_rescale=skip_rescale),
+                            common.ResBlock(c, c, **res_kw)])
+        self.out_norm = common.norm(c)
+        self.pool = AttentionPool(c, res * res, heads(c), num_classes)
+
+    def forward(self, x, t):
+        e = self.time_mlp(common.timestep_embedding(t, self.ch))
+        h = self.conv_in(x)
+        for b in self.blocks:
+            h = b(h) if isinstance(b, common.AttnBlock) else b(h, e)
+        return self.pool(F.silu(self.out_norm(h)))
+
+
+def classifier_config(cfg, num_classes):
+    """The classifier's plain config, from the diffusion preset's clf_* keys."""
+    return {"num_classes": num_classes, "ch": cfg["clf_ch"], "ch_mult": list(cfg.get("clf_ch_mult", cfg["ch_mult"])),
+            "depth": cfg["clf_depth"], "attn_res": list(cfg["clf_attn_res"]), "head_channels": cfg["head_channels"],
+            "image_size": cfg["image_size"], "channels": cfg["channels"], "timesteps": cfg["timesteps"],
+            "schedule": cfg["schedule"], "steps": cfg["clf_steps"], "batch_size": cfg["clf_batch"],
+            "lr": cfg["clf_lr"], "weight_decay": cfg["clf_wd"], "skip_rescale": cfg.get("skip_rescale", False)}
+
+
+def build_classifier(c):
+    return Classifier(c["num_classes"], c["ch"], c["ch_mult"], c["depth"], c["attn_res"], c["head_channels"],
+                      c["image_size"], c["channels"], skip_rescale=c.get("skip_rescale", False))
+
+
+def classifier_loss(clf, diff, x0, y):
+    """ADM Sec. 4: cross-entropy of p_phi(y | x_t, t) on x_t = q_sample(x_0, t), t ~ U{0..T-1}."""
+    t = torch.randint(0, diff.T, (x0.shape[0],), device=x0.device)
+    return F.cross_entropy(clf(diff.q_sample(x0, t, torch.randn_like(x0)), t).float(), y)
+
+
+@torch.no_grad()
+def classifier_accuracy(clf, diff, data, device, n=256, seed=0):
+    """Held-out accuracy of the classifier on clean x_0 (t = 0) and on x_t at uniform t."""
+    g = torch.Generator().manual_seed(seed)
+    idx = list(range(n)) if data.endless else torch.randperm(len(data), generator=g)[:n].tolist()
+    x = torch.stack([data[i][0] for i in idx]).to(device)
+    y = torch.tensor([data[i][1] for i in idx], device=device)
+    t = torch.randint(0, diff.T, (len(x),), generator=g).to(device)
+    xt = diff.q_sample(x, t, torch.randn(x.shape, generator=g).to(device))
+    acc = lambda xx, tt: (clf(xx, tt).argmax(1) == y).float().mean().item()
+    return {"t0": acc(x, torch.zeros_like(t)), "t_uniform": acc(xt, t), "n": len(x)}
+
+
+def train_classifier(args, cfg, data, device):
+    """ADM's classifier training: AdamW (weight decay clf_wd), lr annealed linearly to 0, its own checkpoint
+    <out>/classifier.pt (atomic; resumed with --resume). Every random draw of step k is seeded from (seed, k)."""
+    path = os.path.join(args.out, "classifier.pt")
+    ccfg = classifier_config(cfg, data.num_classes)
+    diff = diffusion_from(cfg)
+    torch.manual_seed(args.seed + 1)
+    clf = build_classifier(ccfg).to(device)
+    opt = common.make_optimizer(clf.parameters(), ccfg["lr"], ccfg["weight_decay"], device=device)
+    step = 0
+    if args.resume and os.path.exists(path):
+        ck = load_classifier_checkpoint(path)
+        clf.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+
+    def save(step, acc=None):
+        common.save_checkpoint({"script": "guided", "kind": "classifier", "config": ccfg, "model": clf.state_dict(),
+                                "opt": opt.state_dict(), "step": step, "seed": args.seed,
+                                **({"accuracy": acc} if acc else {})}, path)
+
+    print(f"guided: classifier {common.count_params(clf) / 1e6:.2f}M parameters, steps {step} -> {ccfg['steps']}")
+    it = common.batches(data, ccfg["batch_size"], args.seed + 1, step, flip=cfg.get("flip", False) and not data.endless)
+    amp = common.autocast(device, args.dtype)
+    clf.train()
+    bar = tqdm(total=ccfg["steps"], initial=step, desc="classifier", dynamic_ncols=True)
+    ckpt_every = cfg.get("ckpt_every", 1000)
+    while step < ccfg["steps"]:
+        torch.manual_seed(args.seed * 1_000_003 + 500_009 + step)
+        x, y, _ = next(it)
+        for g in opt.param_groups:
+            g["lr"] = ccfg["lr"] * (1 - step / ccfg["steps"])
+        with amp:
+            loss = classifier_loss(clf, diff, x.to(device), y.to(device))
+        if not torch.isfinite(loss):
+            raise common.UserError(f"classifier loss became {loss.item()} at step {step}; the last good checkpoint "
+                                   f"{path} is kept; try a lower clf_lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % ckpt_every == 0 and step < ccfg["steps"]:
+            save(step)
+    bar.close()
+    clf.eval()
+    held = common.load_data(args.data, cfg["image_size"], cfg["channels"], seed=args.seed, train=False)
+    acc = classifier_accuracy(clf, diff, held, device)
+    save(step, acc)
+    print(f"classifier: held-out accuracy {acc['t0']:.3f} on x_0, {acc['t_uniform']:.3f} on x_t at uniform t; {path}")
+    return clf
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, and sampling with the CLI's options
+# ---------------------------------------------------------------------------------------------
+
+def load(path, device):
+    """EMA network, diffusion and checkpoint of a guided.py diffusion model."""
+    ck = common.load_checkpoint(path, ["guided"])
+    if ck.get("kind") != "diffusion":
+        raise common.UserError(f"{path} is guided.py's {ck.get('kind', 'unknown')} checkpoint, not the diffusion "
+                               "model; pass the model's ckpt.pt with --ckpt")
+    model = common.build_unet(ck["config"])
+    model.load_state_dict(ck["ema"])
+    return model.to(device, memory_format=torch.channels_last).eval(), diffusion_from(ck["config"]), ck
+
+
+def load_classifier_checkpoint(path):
+    ck = common.load_checkpoint(path, ["guided"])
+    if ck.get("kind") != "classifier":
+        raise common.UserError(f"{path} is guided.py's {ck.get('kind', 'unknown')} checkpoint, not the classifier; "
+                               "pass classifier.pt with --classifier")
+    return ck
+
+
+def load_classifier(path, device, T):
+    ck = load_classifier_checkpoint(path)
+    if ck["config"]["timesteps"] != T:
+        raise common.UserError(f"{path} was trained for T = {ck['config']['timesteps']} timesteps, the diffusion "
+                               f"model has T = {T}; train them together with `python guided.py --train`")
+    clf = build_classifier(ck["config"])
+    clf.load_state_dict(ck["model"])
+    return clf.to(device, memory_format=torch.channels_last).eval(), ck
+
+
+def check_args(args):
+    if args.scale is not None and args.scale < 0:
+        raise common.UserError(f"--scale {args.scale}: use a guidance scale >= 0 (0: no guidance)")
+    if args.cls is not None and args.cls < 0:
+        raise common.UserError(f"--class {args.cls}: use a class index >= 0")
+    if args.cls is not None and not args.sample:
+        raise common.UserError("--class goes with --sample (--eval asks for the held-out images' labels)")
+    if args.eta is not None and not 0 <= args.eta <= 1:
+        raise common.UserError(f"--eta {args.eta}: use a value in [0, 1]")
+    if args.eta is not None and args.sampler != "ddim":
+        raise common.UserError("--eta goes with --sampler ddim")
+    if args.steps is not None and args.steps < 1:
+        raise common.UserError(f"--steps {args.steps}: use at least 1")
+    if args.sweep and not args.eval:
+        raise common.UserError("--sweep goes with --eval")
+    if args.sweep and (args.scale is not None or args.steps is not None):
+        raise common.UserError(f"--sweep runs the scales {SWEEP_SCALES} and the steps {SWEEP_STEPS} itself; "
+                               "drop --scale/--steps")
+    if args.baseline and not args.sweep:
+        raise common.UserError("--baseline goes with --eval --sweep")
+    if args.sweep and args.var:
+        raise common.UserError("--sweep samples the model with its learned variance and --baseline with both fixed "
+                               "ones; drop --var")
+    for flag, given in (("--class-cond", args.class_cond), ("--schedule", args.schedule),
+                        ("--clf-steps", args.clf_steps is not None)):
+        if given and not args.train:
+            raise common.UserError(f"{flag} goes with --train (the checkpoint holds it)")
+    if args.clf_steps is not None and args.clf_steps < 0:
+        raise common.UserError(f"--clf-steps {args.clf_steps}: use 0 (no classifier) or more")
+
+
+class Sampler:
+    """The diffusion model, its classifier (when guidance needs one), and the CLI's sampling options."""
+
+    def __init__(self, args, device, ckpt=None, var=None, need_classifier=None):
+        path = ckpt or args.ckpt or os.path.join(args.out, "ckpt.pt")
+        self.model, self.diff, self.ck = load(path, device)
+        self.cfg, self.device, self.args = self.ck["config"], device, args
+        var = var or args.var
+        if var:
+            if var == "learned" and self.cfg["var"] != "learned":
+                raise common.UserError(f"{path} was trained with fixed variances; --var learned needs a model "
+                                       "trained with it (the default)")
+            self.diff = Diffusion(self.diff.betas, var)
+        self.classifier, self.clf_ck = None, None
+        scale = DEFAULT_SCALE if args.scale is None else args.scale
+        if need_classifier if need_classifier is not None else scale > 0:
+            cpath = args.classifier or os.path.join(os.path.dirname(os.path.abspath(path)), "classifier.pt")
+            if not os.path.exists(cpath):
+                raise common.UserError(f"--scale {scale:g} needs the classifier, and {cpath} does not exist; train it "
+                                       "with `python guided.py --train`, pass --classifier, or use --scale 0")
+            self.classifier, self.clf_ck = load_classifier(cpath, device, self.diff.T)
+        self.num_classes = self.clf_ck["config"]["num_classes"] if self.clf_ck else self.cfg.get("num_classes")
+
+    def check_class(self, k):
+        if self.num_classes is None:
+            raise common.UserError(f"--class {k}: this model is unconditional and there is no guidance "
+                                   "(--scale 0); give --scale > 0 to steer it with the classifier")
+        if not 0 <= k < self.num_classes:
+            raise common.UserError(f"--class {k}: use 0..{self.num_classes - 1} (the classes this model knows)")
+
+    def steps_diffusion(self, steps):
+        return respace(self.diff, steps) if steps != self.diff.T else self.diff
+
+    def sample(self, n, labels, scale, steps, frames=0, progress=False):
+        """n images for class labels (n,) (or None: unconditional), guided with `scale`, on `steps` respaced steps."""
+        c, a = self.cfg, self.args
+        diff = self.steps_diffusion(steps)
+        y = None if labels is None else torch.as_tensor(labels, device=self.device).long()
+        guide = make_guide(self.classifier, y, scale) if y is not None else None
+        with common.autocast(self.device, a.dtype):
+            return diff.sample(self.model, (n, c["channels"], c["image_size"], c["image_size"]), self.device,
+                               y=y if c.get("num_classes") else None, clip=not a.no_clip, guide=guide,
+                               sampler=a.sampler, eta=a.eta or 0.0, frames=frames, progress=progress)
+
+
+def sample_images(args, device):
+    """--sample: a grid of --n-samples images of --class K (or of every class, one per column)."""
+    s = Sampler(args, device)
+    scale = DEFAULT_SCALE if args.scale is None else args.scale
+    steps = args.steps or min(DEFAULT_STEPS, s.diff.T)
+    space_timesteps(s.diff.T, steps)
+    n = args.n_samples or 64
+    if args.cls is not None:
+        s.check_class(args.cls)
+        labels, nrow, what = [args.cls] * n, None, f"class {args.cls}"
+    elif s.num_classes and (scale > 0 or s.cfg.get("num_classes")):
+        labels, nrow, what = [i % s.num_classes for i in range(n)], s.num_classes, "one class per column"
+    else:
+        labels, nrow, what = None, None, "unconditional"
+    torch.manual_seed(args.seed)
+    x, traj = s.sample(n, labels, scale, steps, frames=min(steps, 50), progress=True)
+    paths = [os.path.join(args.out, "samples.png"), os.path.join(args.out, "reverse.gif")]
+    common.save_grid(x, paths[0], nrow)
+    common.save_gif(traj, paths[1], nrow)
+    print(f"{what}, scale {scale:g}, {steps} {args.sampler} steps, {s.diff.var} variance, step-{s.ck['step']} "
+          f"checkpoint: wrote {', '.join(paths)}")
+
+
+def held_out_images(args, c, n):
+    """The n held-out images common.evaluate compares the samples with (the same order)."""
+    held = common.load_data(args.data, c["image_size"], c["channels"], train=False)
+    order = range(n) if held.endless else \
+        torch.randperm(len(held), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    return torch.stack([held[i][0] for i in order])
+
+
+def precision_recall(real, fake, k=3):
+    """Improved precision and recall (Kynkaanniemi et al. 2019) on features (N, D): each set's manifold is the
+    union of balls reaching each point's k-th nearest neighbour in its own set. Precision: the fraction of fake
+    points inside the real manifold (fidelity); recall: of real points inside the fake one (diversity)."""
+    real, fake = real.double(), fake.double()
+    radius = lambda f: torch.cdist(f, f).kthvalue(min(k, len(f) - 1) + 1, dim=1).values  # + 1: itself at 0
+    d = torch.cdist(fake, real)                                            # (N_fake, N_real)
+    return {"precision": (d <= radius(real)[None]).any(1).double().mean().item(),
+            "recall": (d.T <= radius(fake)[None]).any(1).double().mean().item()}
+
+
+def evaluate_one(args, device, s, scale, steps, keep=None, info=None):
+    """common.evaluate for one setting: samples asked for the held-out images' labels."""
+    space_timesteps(s.diff.T, steps)
+    conditioned = s.num_classes is not None  # accuracy too where nothing steers the class (chance level)
+
+    def sample_fn(n, wanted):
+        if wanted is not None and max(wanted) >= s.num_classes:
+            raise common.UserError(f"--data {args.data} has label {max(wanted)}, the model knows "
+                                   f"{s.num_classes} classes")
+        x = s.sample(n, wanted, scale, steps)[0]
+        if keep is not None:
+            keep.append(x.float().cpu())
+        return x
+
+    info = {"scale": scale, "steps": steps, "sampler": args.sampler, "var": s.diff.var, "ckpt_step": s.ck["step"],
+            "class_cond": bool(s.cfg.get("num_classes")), **(info or {})}
+    return common.evaluate("guided", args, s.cfg, sample_fn, nfe=steps, device=device,
+                           cond="label" if conditioned else None, info=info)
+
+
+def evaluate(args, device):
+    """--eval: FID/KID and accuracy at one --scale; --sweep: the scales and respaced steps of the paper's trade-offs."""
+    if not args.sweep:
+        s = Sampler(args, device)
+        scale = DEFAULT_SCALE if args.scale is None else args.scale
+        return evaluate_one(args, device, s, scale, args.steps or min(DEFAULT_STEPS, s.diff.T))
+    s = Sampler(args, device, need_classifier=True)
+    out, n = args.out, args.n_samples or 1000
+    judge = common.get_judge(args.data, s.cfg["image_size"], s.cfg["channels"], device,
+                             steps=s.cfg.get("judge_steps", common.JUDGE_STEPS))
+    real = common.features(judge, held_out_images(args, s.cfg, n))
+    steps = min(DEFAULT_STEPS, s.diff.T)
+    rows = []
+    for scale in SWEEP_SCALES:  # ADM Table 4 / Fig. 4: scale vs fidelity (accuracy, precision) and diversity
+        keep = []
+        args.out = os.path.join(out, f"sweep_scale{scale:g}")
+        res = evaluate_one(args, device, s, scale, steps, keep)
+        fake = common.features(judge, common.quantize(torch.cat(keep)))
+        rows.append({"table": "scale", **res, **precision_recall(real, fake)})
+    models = [("learned", s)]
+    if args.baseline:  # IDDPM Fig. 8: the learned sigmas hold up with fewer steps, fixed ones do not
+        models += [(f"fixed {v}", Sampler(args, device, ckpt=args.baseline, var=v, need_classifier=False))
+                   for v in ("large", "small")]
+    for name, m in models:
+        for S in [S for S in SWEEP_STEPS if S <= m.diff.T]:
+            args.out = os.path.join(out, f"sweep_{name.replace(' ', '_')}_S{S}")
+            rows.append({"table": "steps", "model": name, **evaluate_one(args, device, m, 0.0, S)})
+    args.out = out
+    print_tables(rows)
+    print(json.dumps({"script": "guided", "mode": "sweep", "n_samples": n, "rows": rows}))
+    return rows
+
+
+def print_tables(rows):
+    sc = [r for r in rows if r["table"] == "scale"]
+    print(f"\nClassifier guidance at small scale ({sc[0]['n_samples']} samples per row, {sc[0]['steps']} "
+          f"{sc[0]['sampler']} steps, judge FID; real-vs-real floor {sc[0].get('fid_floor', float('nan')):.2f}):\n")
+    print("| scale | FID | KID | accuracy | precision | recall |\n|---|---|---|---|---|---|")
+    for r in sc:
+        print(f"| {r['scale']:g} | {r['fid']:.2f} | {r['kid']:.4f} | {r.get('acc', float('nan')):.3f} | "
+              f"{r['precision']:.3f} | {r['recall']:.3f} |")
+    st = [r for r in rows if r["table"] == "steps"]
+    steps = sorted({r["steps"] for r in st})
+    print("\nRespaced sampling, no guidance (judge FID):\n\n| model | " + " | ".join(f"S={S}" for S in steps)
+          + " |\n" + "|---" * (len(steps) + 1) + "|")
+    for name in dict.fromkeys(r["model"] for r in st):
+        cells = {r["steps"]: r["fid"] for r in st if r["model"] == name}
+        print(f"| {name} | " + " | ".join(f"{cells[S]:.2f}" if S in cells else "-" for S in steps) + " |")
+    print()
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    p = common.make_parser("guided", __doc__, PRESETS)
+    p.add_argument("--class", dest="cls", type=int, help="--sample: the class to draw (shapes: 0 circle, "
+                   "1 square, 2 triangle, 3 cross); default: every class, one per column")
+    p.add_argument("--scale", type=float, help=f"classifier guidance scale s >= 0 (default {DEFAULT_SCALE:g}; 0: none)")
+    p.add_argument("--sampler", default="ancestral", choices=["ancestral", "ddim"],
+                   help="ancestral (ADM Algorithm 1, default) or ddim (Algorithm 2)")
+    p.add_argument("--eta", type=float, help="--sampler ddim: the DDIM noise eta in [0, 1] (default 0)")
+    p.add_argument("--var", choices=["learned", "large", "small"], help="--train: learned sigmas with the hybrid "
+                   "loss (default) or a fixed sigma^2 = beta_t (large) / beta~_t (small) with L_simple; "
+                   "--sample/--eval: sample a learned model with a fixed variance instead")
+    p.add_argument("--schedule", choices=["cosine", "linear"], help="--train: beta schedule (default cosine)")
+    p.add_argument("--class-cond", action="store_true", help="--train: a class-conditional diffusion model "
+                   "(class embedding added to the time embedding), as ADM's ImageNet models")
+    p.add_argument("--clf-steps", type=int, help="--train: classifier training steps (default: the preset's; 0: none)")
+    p.add_argument("--classifier", help="classifier checkpoint (default: classifier.pt beside --ckpt)")
+    p.add_argument("--no-clip", action="store_true", help="do not clip x0_hat to [-1, 1] when sampling")
+    p.add_argument("--sweep", action="store_true", help=f"with --eval: scales {SWEEP_SCALES} (FID, KID, accuracy, "
+                   f"precision, recall), then no guidance at {SWEEP_STEPS} respaced steps; --n-samples per row")
+    p.add_argument("--baseline", metavar="CKPT", help="with --sweep: a fixed-variance guided.py model (--train "
+                   "--var large) to compare at the same respaced steps, with beta_t and beta~_t")
+    args = p.parse_args(argv)
+    check_args(args)
+    cfg = common.make_config(args, PRESETS)
+    if args.var:
+        cfg["var"] = args.var
+    if args.schedule:
+        cfg["schedule"] = args.schedule
+    if args.class_cond:
+        cfg["class_cond"] = True
+    if args.clf_steps is not None:
+        cfg["clf_steps"] = args.clf_steps
+    if not args.train:
+        device = common.get_device(args.device)
+        return evaluate(args, device) if args.eval else sample_images(args, device)
+    train(args, cfg)
+
+
+def labelled_data(args, cfg):
+    data = common.load_data(args.data, cfg["image_size"], cfg["channels"], seed=args.seed)
+    if not (data.num_classes or 0) >= 2:
+        raise common.UserError(f"--data {args.data} has no class labels (put the images in one subfolder per class); "
+                               "the classifier and --class-cond need them, or use --clf-steps 0")
+    return data
+
+
+def train(args, cfg):
+    """--train: the diffusion model (common.train with the hybrid loss), then, on rank 0, the classifier."""
+    cfg["out_ch"] = 2 * cfg["channels"] if cfg["var"] == "learned" else cfg["channels"]
+    data = labelled_data(args, cfg) if cfg["class_cond"] or cfg["clf_steps"] > 0 else None
+    if cfg["class_cond"]:
+        cfg["num_classes"] = "data"
+    diff = diffusion_from(cfg)
+
+    def loss_fn(net, x, y, caps):
+        return diff.hybrid_loss(net, x, y if cfg["class_cond"] else None)
+
+    def sample_fn(ema, n):  # the training loop's sample grids: no guidance, respaced
+        k = common.unwrap(ema).num_classes
+        y = torch.arange(n, device=next(ema.parameters()).device) % k if k else None
+        d = respace(diff, min(DEFAULT_STEPS, diff.T))
+        return d.sample(ema, (n, cfg["channels"], cfg["image_size"], cfg["image_size"]),
+                        next(ema.parameters()).device, y=y)[0]
+
+    ema, cfg = common.train("guided", args, cfg, common.build_unet, loss_fn, sample_fn,
+                            extra_state=lambda: {"kind": "diffusion"})
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    if args.clf_steps is not None:
+        cfg["clf_steps"] = args.clf_steps
+    device = next(ema.parameters()).device
+    clf = None
+    if cfg["clf_steps"] > 0:
+        data = data or labelled_data(args, cfg)
+        clf = train_classifier(args, cfg, data, device)
+    # a grid from the trained pair: one class per column, guided at --scale (default 1) if there is a classifier
+    k = data.num_classes if clf is not None else cfg.get("num_classes")
+    scale = (DEFAULT_SCALE if args.scale is None else args.scale) if clf is not None else 0.0
+    n = args.n_samples or 36
+    y = torch.arange(n, device=device) % k if k else None
+    d = respace(diffusion_from(cfg), args.steps or min(DEFAULT_STEPS, cfg["timesteps"]))
+    torch.manual_seed(args.seed)
+    with common.autocast(device, args.dtype):
+        x = d.sample(ema.eval(), (n, cfg["channels"], cfg["image_size"], cfg["image_size"]), device,
+                     y=y if cfg.get("num_classes") else None, guide=make_guide(clf, y, scale))[0]
+    path = os.path.join(args.out, "samples.png")
+    common.save_grid(x, path, nrow=k)
+    print(f"samples ({d.T} respaced ancestral steps, guidance scale {scale:g}"
+          f"{', one class per column' if k else ''}): {path}")
+
+
+if __name__ == "__main__":
+    common.main_guard(main)

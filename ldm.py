@@ -1,0 +1,831 @@
+"""
+High-Resolution Image Synthesis with Latent Diffusion Models (Rombach et al., 2022), https://arxiv.org/abs/2112.10752
+with Classifier-Free Diffusion Guidance (Ho & Salimans, 2022), https://arxiv.org/abs/2207.12598
+
+    python ldm.py --train-ae                       # stage 1 only: the KL autoencoder, <out>/ae.pt
+    python ldm.py --train                          # both stages (the autoencoder first if <out>/ae.pt is missing)
+    python ldm.py --sample --prompt "a large blue triangle on the right" --scale 3
+    python ldm.py --eval --scale 3                 # FID/KID and caption accuracy; JSON last line
+    python ldm.py --eval --sweep                   # the same for s in {1, 2, 3, 5, 7.5}
+    python ldm.py --eval --recon                   # the autoencoder: reconstruction PSNR and rFID
+    python ldm.py --train --cond class             # class labels as the context instead of captions
+
+Stage 1, perceptual compression (Sec. 3.1). x (H, W, 3) -> E -> z (H/f, W/f, z_ch) -> D -> x~, with
+    q(z | x) = N(mu, diag sigma^2), log sigma^2 clamped to [-30, 20],  z = mu + sigma eps
+    L_AE = sum |x - x~| / e^s + s  +  kl_weight KL(q(z|x) || N(0, I))  +  lambda_adapt L_GAN(D, psi)
+    KL(N(mu, sigma^2) || N(0, 1)) = 1/2 sum (mu^2 + sigma^2 - 1 - log sigma^2),  kl_weight = 1e-6
+    L_GAN: hinge loss of a patch discriminator, switched on after a warm-up, with the generator's weight
+    lambda_adapt = ||grad_L L_rec|| / (||grad_L L_GAN|| + 1e-4) at the decoder's last layer L (the adaptive
+    weight of Esser et al. 2021, Taming Transformers), times 0.5. No perceptual (LPIPS) term: its weights
+    cannot be had offline; s is the learned log-scale of the reconstruction loss, as in the official code.
+Latent scale: z <- z / std(z), the std measured on training data (the role of SD's 0.18215), stored
+    in the checkpoint; decoding divides it out again.
+Stage 2, diffusion in latent space (Sec. 3.2-3.3), the DDPM objective on z:
+    L_LDM = E_{E(x), eps ~ N(0,1), t} || eps - eps_theta(z_t, t) ||^2                           (eq. 2)
+    L_LDM = E_{E(x), y, eps ~ N(0,1), t} || eps - eps_theta(z_t, t, tau_theta(y)) ||^2      (eq. 3)
+    z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps, 'linear' schedule = linspace(sqrt b0, sqrt b1)^2
+Cross-attention (Sec. 3.3): Attention(Q, K, V) = softmax(Q K^T / sqrt(d)) V with Q = W_Q phi(z_t),
+    K = W_K tau(y), V = W_V tau(y); tau = a small transformer over a word-level tokenizer built from
+    the training captions, trained jointly from scratch (Sec. 4.3), or a class embedding (cin).
+Classifier-free guidance: the condition is replaced by the null condition (the empty caption, or the
+    null class) 10% of the time in training; sampling uses
+    eps~ = eps(z, empty) + s (eps(z, c) - eps(z, empty))         (Ho & Salimans eq. 6, s = 1 + w)
+    with DDIM (eta = 0, Song et al. eq. 12) or DDPM ancestral steps (eta = 1) in latent space.
+"""
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+
+AE_KEYS = ["image_size", "channels", "f", "z_ch", "ae_ch", "ae_mult", "ae_res_blocks", "ae_steps", "ae_batch",
+           "ae_lr", "kl_weight", "l2_weight", "disc", "disc_start", "disc_weight", "disc_ch"]
+PRESETS = {
+    # seconds, for tests
+    "tiny": dict(image_size=16, channels=3, f=4, z_ch=4, ae_ch=16, ae_mult=[1, 2, 2, 2], ae_res_blocks=1,
+                 ae_steps=10, ae_batch=8, ae_lr=1e-3, kl_weight=1e-6, l2_weight=0.0, disc=True, disc_start=5,
+                 disc_weight=0.5, disc_ch=16,
+                 cond="text", context_dim=32, text_layers=1, text_heads=2, max_len=12, p_uncond=0.1, scale_n=32,
+                 ch=16, ch_mult=[1, 2], num_res_blocks=1, attn_res=[4, 2], heads=2, dropout=0.0,
+                 timesteps=1000, schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195,
+                 batch_size=8, max_steps=10, lr=1e-3, warmup=0, grad_clip=1.0, ema=0.99,
+                 log_every=5, sample_every=0, ckpt_every=10, judge_steps=30),
+    # the default: minutes on a 2-core CPU; f=4 turns 32x32x3 into 8x8x4
+    "cpu": dict(image_size=32, channels=3, f=4, z_ch=4, ae_ch=32, ae_mult=[1, 2, 4, 4], ae_res_blocks=1,
+                ae_steps=1500, ae_batch=32, ae_lr=5e-4, kl_weight=1e-6, l2_weight=0.0, disc=True, disc_start=1000,
+                disc_weight=0.5, disc_ch=32,
+                cond="text", context_dim=64, text_layers=2, text_heads=4, max_len=16, p_uncond=0.1, scale_n=512,
+                ch=64, ch_mult=[1, 2], num_res_blocks=2, attn_res=[8, 4], heads=4, dropout=0.0,
+                timesteps=1000, schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195,
+                batch_size=32, max_steps=2400, lr=1e-3, warmup=100, grad_clip=1.0, ema=0.995,
+                log_every=25, sample_every=0, ckpt_every=500),
+    # The closest small published configs: the KL-f4 autoencoder (kl_64x64x3: ch 128, ch_mult 1,2,4, 2 res blocks,
+    # z 3; --f 8 gives kl_32x32x4's 1,2,4,4) with the LPIPS-less loss, kl_weight 1e-6, discriminator from step
+    # 50001 with weight 0.5, Adam(0.5, 0.9) at 4.5e-6 x batch 12; the U-Net of cin256-v2 (ch 192, ch_mult
+    # 1,2,3,5, attention at latent 32/16/8 = ds 2,4,8, 1 head, context 512, lr 1e-4) on 256x256 images; 'linear'
+    # = scaled_linear 0.0015 .. 0.0195, T = 1000. The text encoder is small (LDM's own is a 32-layer, 1280-wide
+    # transformer trained on LAION-400M, far beyond this data).
+    "paper": dict(image_size=256, channels=3, f=4, z_ch=3, ae_ch=128, ae_mult=[1, 2, 4, 4], ae_res_blocks=2,
+                  ae_steps=200_000, ae_batch=12, ae_lr=5.4e-5, kl_weight=1e-6, l2_weight=0.0, disc=True,
+                  disc_start=50_001, disc_weight=0.5, disc_ch=64,
+                  cond="text", context_dim=512, text_layers=6, text_heads=8, max_len=77, p_uncond=0.1, scale_n=1024,
+                  ch=192, ch_mult=[1, 2, 3, 5], num_res_blocks=2, attn_res=[32, 16, 8], heads=1, dropout=0.0,
+                  timesteps=1000, schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195,
+                  batch_size=64, max_steps=400_000, lr=1e-4, warmup=10_000, grad_clip=1.0, ema=0.9999,
+                  log_every=100, sample_every=10_000, ckpt_every=5000),
+}
+DEFAULT_STEPS = 50
+DEFAULT_SCALE = 3.0
+SWEEP_SCALES = [1.0, 2.0, 3.0, 5.0, 7.5]
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: the KL-regularized autoencoder
+# ---------------------------------------------------------------------------------------------
+
+def kl_loss(mean, logvar):
+    """KL(N(mean, e^logvar) || N(0, I)) = 1/2 sum (mean^2 + e^logvar - 1 - logvar), summed over all but
+    the batch dimension -> (B,)."""
+    return 0.5 * (mean.square() + logvar.exp() - 1 - logvar).flatten(1).sum(1)
+
+
+class DiagonalGaussian:
+    """q(z | x) = N(mean, diag e^logvar) from the encoder's 2 z_ch moments; log-variance clamped to
+    [-30, 20] as in the official code (keeps e^logvar finite in both directions)."""
+
+    def __init__(self, moments):
+        self.mean, logvar = moments.chunk(2, dim=1)
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = (0.5 * self.logvar).exp()
+
+    def sample(self, generator=None):
+        """The reparameterization z = mean + sigma eps."""
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps
+
+    def mode(self):
+        return self.mean
+
+    def kl(self):
+        return kl_loss(self.mean.float(), self.logvar.float())
+
+
+class AEResBlock(nn.Module):
+    """GN -> SiLU -> conv -> GN -> SiLU -> conv, plus a (1x1) skip; no time embedding."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.n1, self.c1 = common.norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.n2, self.c2 = common.norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        return self.skip(x) + self.c2(F.silu(self.n2(self.c1(F.silu(self.n1(x))))))
+
+
+def ae_levels(acfg):
+    """The channel multipliers of the autoencoder's resolution levels: log2(f) downsamplings."""
+    f = acfg["f"]
+    if f not in (4, 8):
+        raise common.UserError(f"--f {f}: use 4 or 8")
+    return acfg["ae_mult"][:int(math.log2(f)) + 1]
+
+
+class AutoencoderKL(nn.Module):
+    """Encoder (conv, res blocks, stride-2 convs, mid blocks) -> 2 z_ch moments -> quant_conv (1x1); the
+    decoder mirrors it from post_quant_conv. No attention: the kl_32x32x4 config has none in its levels.
+    logvar is the learned log-scale s of the reconstruction loss."""
+
+    def __init__(self, acfg):
+        super().__init__()
+        ch, mult, nb, z = acfg["ae_ch"], ae_levels(acfg), acfg["ae_res_blocks"], acfg["z_ch"]
+        enc, c = [nn.Conv2d(acfg["channels"], ch, 3, padding=1)], ch
+        for i, m in enumerate(mult):
+            for _ in range(nb):
+                enc.append(AEResBlock(c, ch * m))
+                c = ch * m
+            if i < len(mult) - 1:
+                enc.append(common.Downsample(c))
+        enc += [AEResBlock(c, c), AEResBlock(c, c), common.norm(c), nn.SiLU(), nn.Conv2d(c, 2 * z, 3, padding=1)]
+        self.encoder = nn.Sequential(*enc)
+        self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1)
+        self.post_quant_conv = nn.Conv2d(z, z, 1)
+        dec = [nn.Conv2d(z, c, 3, padding=1), AEResBlock(c, c), AEResBlock(c, c)]
+        for i, m in reversed(list(enumerate(mult))):
+            for _ in range(nb + 1):
+                dec.append(AEResBlock(c, ch * m))
+                c = ch * m
+            if i > 0:
+                dec.append(common.Upsample(c))
+        self.conv_out = nn.Conv2d(c, acfg["channels"], 3, padding=1)
+        self.decoder = nn.Sequential(*dec, common.norm(c), nn.SiLU(), self.conv_out)
+        self.logvar = nn.Parameter(torch.zeros(()))
+
+    def encode(self, x):
+        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z):
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, x, sample=True):
+        post = self.encode(x)
+        return self.decode(post.sample() if sample else post.mode()), post
+
+
+class PatchDiscriminator(nn.Module):
+    """pix2pix's 3-layer PatchGAN (GroupNorm in place of BatchNorm): one real/fake logit per patch."""
+
+    def __init__(self, channels=3, ch=64):
+        super().__init__()
+        lrelu = lambda: nn.LeakyReLU(0.2)
+        self.net = nn.Sequential(nn.Conv2d(channels, ch, 4, 2, 1), lrelu(),
+                                 nn.Conv2d(ch, 2 * ch, 4, 2, 1), common.norm(2 * ch), lrelu(),
+                                 nn.Conv2d(2 * ch, 4 * ch, 4, 1, 1), common.norm(4 * ch), lrelu(),
+                                 nn.Conv2d(4 * ch, 1, 4, 1, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    """The discriminator's hinge loss: 1/2 (E relu(1 - D(x)) + E relu(1 + D(x~)))."""
+    return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+
+
+def adaptive_weight(nll, g_loss, last_layer, disc_weight):
+    """lambda = ||grad_L nll|| / (||grad_L g_loss|| + 1e-4), clamped to [0, 1e4], detached, times
+    disc_weight: the GAN gradient at the decoder's last layer is scaled to the reconstruction's."""
+    g1 = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    g2 = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (g1.norm() / (g2.norm() + 1e-4)).clamp(0.0, 1e4).detach() * disc_weight
+
+
+def ae_losses(ae, x, acfg, disc=None, use_gan=False):
+    """The generator side of stage 1: nll = sum(|x - x~| (+ l2 (x - x~)^2)) / e^s + s per pixel, summed over
+    pixels and averaged over the batch; + kl_weight KL; + lambda g with g = -E D(x~) once the GAN is on."""
+    rec, post = ae(x)
+    r = (x - rec).abs().float()
+    if acfg["l2_weight"]:
+        r = r + acfg["l2_weight"] * (x - rec).float().square()
+    B = x.shape[0]
+    nll = (r / ae.logvar.exp() + ae.logvar).sum() / B
+    kl = post.kl().sum() / B
+    loss = nll + acfg["kl_weight"] * kl
+    logs = {"rec": r.mean().item(), "kl": kl.item()}
+    if use_gan:
+        g = -disc(rec).float().mean()
+        w = adaptive_weight(nll, g, ae.conv_out.weight, acfg["disc_weight"])
+        loss = loss + w * g
+        logs.update(g=g.item(), w=w.item())
+    return loss, rec, logs
+
+
+def psnr(x, rec):
+    """Per-image PSNR in dB on [0, 1] pixels, averaged: x, rec (N, C, H, W) in [-1, 1]."""
+    mse = ((rec.float().clamp(-1, 1) - x.float()) / 2).square().flatten(1).mean(1).clamp(min=1e-10)
+    return (10 * torch.log10(1 / mse)).mean().item()
+
+
+def ae_config(cfg):
+    return {k: cfg[k] for k in AE_KEYS}
+
+
+def load_ae(path):
+    """The autoencoder of an ae.pt (or of an LDM checkpoint, which carries its own copy)."""
+    if not os.path.exists(path):
+        raise common.UserError(f"autoencoder {path} not found; train it with `python ldm.py --train-ae` "
+                               "(or --train, which trains it first)")
+    ck = common.load_checkpoint(path, ["ldm"])
+    if ck.get("kind") == "ldm":
+        acfg, sd = ck["ae_config"], ck["ae"]
+    elif ck.get("kind") == "autoencoder":
+        acfg, sd = ck["config"], ck["model"]
+    else:
+        raise common.UserError(f"{path} is not an ldm.py autoencoder checkpoint")
+    ae = AutoencoderKL(acfg)
+    ae.load_state_dict(sd)
+    return ae.eval().requires_grad_(False), acfg, ck
+
+
+def train_autoencoder(args, cfg, device, path):
+    """Stage 1: Adam(0.5, 0.9) on the autoencoder, another on the discriminator (hinge loss) once
+    step >= disc_start. Atomic checkpoint <path>; --resume continues it; a non-finite loss stops
+    training and keeps the last good checkpoint. Returns the autoencoder (eval mode)."""
+    acfg = ae_config(cfg)
+    ae_levels(acfg)
+    if acfg["image_size"] % acfg["f"]:
+        raise common.UserError(f"--image-size {acfg['image_size']} must be divisible by --f {acfg['f']}")
+    data = common.load_data(args.data, acfg["image_size"], acfg["channels"], seed=args.seed)
+    torch.manual_seed(args.seed + 2)
+    ae = AutoencoderKL(acfg).to(device)
+    disc = PatchDiscriminator(acfg["channels"], acfg["disc_ch"]).to(device)
+    opt = torch.optim.Adam(ae.parameters(), lr=acfg["ae_lr"], betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=acfg["ae_lr"], betas=(0.5, 0.9))
+    step = 0
+    if args.resume and os.path.exists(path):
+        ck = common.load_checkpoint(path, ["ldm"])
+        if ck.get("kind") != "autoencoder":
+            raise common.UserError(f"{path} is not an ldm.py autoencoder checkpoint")
+        acfg = {**ck["config"], "ae_steps": acfg["ae_steps"]}
+        ae.load_state_dict(ck["model"])
+        disc.load_state_dict(ck["disc"])
+        opt.load_state_dict(ck["opt"])
+        opt_d.load_state_dict(ck["opt_d"])
+        step = ck["step"]
+
+    def save(step, extra=None):
+        if not common.all_finite(ae):
+            raise common.UserError(f"autoencoder weights are not finite at step {step}; kept {path}")
+        common.save_checkpoint({"script": "ldm", "kind": "autoencoder", "config": acfg, "model": ae.state_dict(),
+                                "disc": disc.state_dict(), "opt": opt.state_dict(), "opt_d": opt_d.state_dict(),
+                                "step": step, "seed": args.seed, **(extra or {})}, path)
+
+    print(f"ldm: autoencoder f={acfg['f']} ({acfg['image_size']}x{acfg['image_size']}x{acfg['channels']} -> "
+          f"{acfg['image_size'] // acfg['f']}x{acfg['image_size'] // acfg['f']}x{acfg['z_ch']}), "
+          f"{common.count_params(ae) / 1e6:.2f}M parameters, steps {step} -> {acfg['ae_steps']}, {path}")
+    it = common.batches(data, acfg["ae_batch"], args.seed + 2, step)
+    amp = common.autocast(device, args.dtype)
+    ae.train()
+    bar = tqdm(total=acfg["ae_steps"], initial=step, desc="autoencoder", dynamic_ncols=True)
+    ckpt_every = cfg.get("ckpt_every", 1000)
+    while step < acfg["ae_steps"]:
+        torch.manual_seed(args.seed * 1_000_003 + 700_001 + step)
+        x = next(it)[0].to(device)
+        use_gan = acfg["disc"] and step >= acfg["disc_start"]
+        with amp:
+            loss, rec, logs = ae_losses(ae, x, acfg, disc, use_gan)
+        if not torch.isfinite(loss):
+            raise common.UserError(f"autoencoder loss became {loss.item()} at step {step}; stopped, the last good "
+                                   f"checkpoint {path} is kept; try a lower ae_lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if use_gan:
+            with amp:
+                d_loss = hinge_d_loss(disc(x).float(), disc(rec.detach()).float())
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+            logs["d"] = d_loss.item()
+        step += 1
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
+        if step % ckpt_every == 0 and step < acfg["ae_steps"]:
+            save(step)
+    bar.close()
+    ae.eval()
+    held = common.load_data(args.data, acfg["image_size"], acfg["channels"], seed=args.seed, train=False)
+    n = min(64, len(held)) if not held.endless else 64
+    x = torch.stack([held[i][0] for i in range(n)]).to(device)
+    with torch.no_grad():
+        rec = ae(x, sample=False)[0].float()
+    score = psnr(x, rec)
+    save(step, {"psnr": score})
+    grid = os.path.join(os.path.dirname(os.path.abspath(path)), "recon.png")
+    common.save_grid(torch.stack([x.cpu(), rec.cpu().clamp(-1, 1)], 1).flatten(0, 1)[:64], grid, nrow=8)
+    print(f"autoencoder: held-out reconstruction PSNR {score:.2f} dB on {n} images; pairs real | reconstruction "
+          f"in {grid}")
+    return ae.requires_grad_(False)
+
+
+@torch.no_grad()
+def measure_scale(ae, data, device, n, batch=64, seed=0):
+    """1 / std of posterior samples z ~ q(z | x) over the first n training images (LDM's scale_by_std,
+    over more than one batch). Scaled latents z / std have unit variance, as the diffusion's prior."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    zs = []
+    for s in range(0, n, batch):
+        idx = range(s, min(n, s + batch)) if data.endless else [i % len(data) for i in range(s, min(n, s + batch))]
+        x = torch.stack([data[i][0] for i in idx]).to(device)
+        zs.append(ae.encode(x).sample(generator=g).float().cpu())
+    return 1.0 / torch.cat(zs).std().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditioning: tokenizer, text encoder, class embedding
+# ---------------------------------------------------------------------------------------------
+
+class Tokenizer:
+    """Word-level: lower-cased runs of letters and digits. Ids 0 <pad>, 1 <bos> (always first, so the
+    empty caption is one real token), 2 <unk> (every word not seen in the training captions), then the
+    vocabulary in sorted order. Sequences are padded (or cut) to max_len."""
+    SPECIALS = ["<pad>", "<bos>", "<unk>"]
+    PAD, BOS, UNK = 0, 1, 2
+
+    def __init__(self, vocab, max_len):
+        words = [w for w in vocab if w not in self.SPECIALS]
+        self.vocab = self.SPECIALS + sorted(set(words))
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+        self.max_len = max_len
+
+    @staticmethod
+    def words(text):
+        return re.findall(r"[a-z0-9]+", text.lower())
+
+    @classmethod
+    def build(cls, captions, max_len):
+        return cls({w for c in captions for w in cls.words(c)}, max_len)
+
+    def encode(self, text):
+        return [self.BOS] + [self.index.get(w, self.UNK) for w in self.words(text)][:self.max_len - 1]
+
+    def decode(self, ids):
+        return " ".join(self.vocab[i] for i in ids if i not in (self.PAD, self.BOS))
+
+    def unknown(self, text):
+        return [w for w in self.words(text) if w not in self.index]
+
+    def __call__(self, texts):
+        """A batch of captions -> token ids (B, max_len), 0-padded."""
+        out = torch.zeros(len(texts), self.max_len, dtype=torch.long)
+        for i, t in enumerate(texts):
+            ids = self.encode(t)
+            out[i, :len(ids)] = torch.tensor(ids)
+        return out
+
+
+def training_captions(data, n=20_000):
+    """The captions the vocabulary is built from: the first n of the training data (shapes: from the
+    attributes alone, without drawing)."""
+    if isinstance(data, common.ShapesData):
+        return [common.shape_caption(data.attributes(i)) for i in range(n)]
+    return [data[i][2] for i in range(min(n, len(data)))]
+
+
+class TextBlock(nn.Module):
+    """Pre-LN transformer block: x += SelfAttn(LN x) over the real tokens; x += FF(LN x)."""
+
+    def __init__(self, d, heads):
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(d), common.Attention(d, heads)
+        self.ln2 = nn.LayerNorm(d)
+        self.ff = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x, mask):
+        x = x + self.attn(self.ln1(x), mask=mask)
+        return x + self.ff(self.ln2(x))
+
+
+class TextEncoder(nn.Module):
+    """tau_theta for text: token + learned position embeddings, a few transformer blocks, a final LayerNorm.
+    tokens (B, L) -> context (B, L, D) and the padding mask (B, L), True = real token."""
+
+    def __init__(self, vocab_size, d, layers, heads, max_len):
+        super().__init__()
+        self.tok = nn.Embedding(vocab_size, d)
+        self.pos = nn.Parameter(torch.randn(max_len, d) * 0.02)
+        self.blocks = nn.ModuleList([TextBlock(d, heads) for _ in range(layers)])
+        self.ln = nn.LayerNorm(d)
+
+    def forward(self, tokens):
+        mask = tokens != Tokenizer.PAD
+        x = self.tok(tokens) + self.pos[:tokens.shape[1]]
+        for b in self.blocks:
+            x = b(x, mask)
+        return self.ln(x), mask
+
+
+class LDM(nn.Module):
+    """The latent U-Net (common.UNet with cross-attention blocks) and tau_theta in one module, so that the
+    optimizer, EMA and checkpoints of common.train cover both. forward(z_t, t, c): c are token ids (B, L)
+    (cond='text') or class labels (B,) with num_classes the null class (cond='class')."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cond, d = cfg["cond"], cfg["context_dim"]
+        self.unet = common.UNet(ch=cfg["ch"], ch_mult=cfg["ch_mult"], num_res_blocks=cfg["num_res_blocks"],
+                                attn_res=cfg["attn_res"], heads=cfg["heads"], dropout=cfg.get("dropout", 0.0),
+                                in_ch=cfg["z_ch"], out_ch=cfg["z_ch"], image_size=cfg["image_size"] // cfg["f"],
+                                context_dim=d)
+        if self.cond == "text":
+            self.text = TextEncoder(len(cfg["vocab"]), d, cfg["text_layers"], cfg["text_heads"], cfg["max_len"])
+        else:
+            self.num_classes = cfg["num_classes"]
+            self.class_emb = nn.Embedding(cfg["num_classes"] + 1, d)  # index num_classes: the null class
+
+    def context(self, c):
+        """tau_theta(y) -> (context (B, L, D), mask (B, L) or None)."""
+        if self.cond == "text":
+            return self.text(c)
+        return self.class_emb(c)[:, None], None
+
+    def forward(self, z, t, c):
+        ctx, mask = self.context(c)
+        return self.unet(z, t, context=ctx, mask=mask)
+
+
+class Conditioner:
+    """Turns captions or labels into the model's condition c, the null condition, and the 10% drop."""
+
+    def __init__(self, cfg):
+        self.cond = cfg["cond"]
+        self.tok = Tokenizer(cfg["vocab"], cfg["max_len"]) if self.cond == "text" else None
+        self.num_classes = cfg.get("num_classes")
+
+    def __call__(self, captions=None, labels=None):
+        if self.cond == "text":
+            return self.tok(list(captions))
+        return torch.as_tensor(labels, dtype=torch.long)
+
+    def null(self, n):
+        """The empty caption ([<bos>]) or the null class."""
+        return self.tok([""] * n) if self.cond == "text" else torch.full((n,), self.num_classes, dtype=torch.long)
+
+    def drop(self, c, p):
+        """Replace each condition by the null one with probability p (classifier-free guidance training)."""
+        m = torch.rand(c.shape[0]) < p
+        c = c.clone()
+        c[m] = self.null(int(m.sum()))
+        return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: diffusion in latent space, guidance, sampling
+# ---------------------------------------------------------------------------------------------
+
+def alphas_cumprod(cfg):
+    b = common.beta_schedule(cfg["schedule"], cfg["timesteps"], cfg["beta_start"], cfg["beta_end"])
+    return torch.cumprod(1 - torch.as_tensor(b, dtype=torch.float64), 0)
+
+
+def q_sample(z0, t, eps, abar):
+    """z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps (DDPM eq. 4, on latents)."""
+    a = common.extract(abar, t, z0.shape)
+    return a.sqrt() * z0 + (1 - a).sqrt() * eps
+
+
+def ldm_loss(net, z0, c, abar):
+    """eq. 3, L_LDM = E || eps - eps_theta(z_t, t, tau_theta(y)) ||^2, t ~ U{0..T-1}."""
+    t = torch.randint(0, len(abar), (z0.shape[0],), device=z0.device)
+    eps = torch.randn_like(z0)
+    return F.mse_loss(net(q_sample(z0, t, eps, abar), t, c).float(), eps)
+
+
+def cfg_eps(eps_cond, eps_uncond, s):
+    """Classifier-free guidance: eps~ = eps(z, empty) + s (eps(z, c) - eps(z, empty)); s = 1: the
+    conditional model, s = 0: the unconditional one, s > 1: guided (s = 1 + w of Ho & Salimans)."""
+    return eps_uncond + s * (eps_cond - eps_uncond)
+
+
+def guided_eps_fn(model, c, c_null, s):
+    """eps_fn(z, t) for an int t with guidance scale s; the context is encoded once, the conditional and
+    unconditional predictions come from one batched U-Net call (one evaluation when s is 0 or 1)."""
+    ctx, mask = model.context(c)
+    nctx, nmask = model.context(c_null)
+    both = (torch.cat([ctx, nctx]), None if mask is None else torch.cat([mask, nmask]))
+
+    def eps_fn(z, t):
+        tt = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
+        if s == 1:
+            return model.unet(z, tt, context=ctx, mask=mask).float()
+        if s == 0:
+            return model.unet(z, tt, context=nctx, mask=nmask).float()
+        e = model.unet(torch.cat([z, z]), torch.cat([tt, tt]), context=both[0], mask=both[1]).float()
+        e_c, e_u = e.chunk(2)
+        return cfg_eps(e_c, e_u, s)
+    return eps_fn
+
+
+def ddim_step(z, eps, a, a_prev, eta=0.0):
+    """DDIM (Song et al. eq. 12) with sigma(eta) of eq. 16; eta = 1 is DDPM's ancestral step with the
+    posterior variance. z0_hat is not clipped: latents are not bounded like pixels."""
+    z0 = (z - (1 - a) ** 0.5 * eps) / a ** 0.5
+    sigma = eta * ((1 - a_prev) / (1 - a)) ** 0.5 * (1 - a / a_prev) ** 0.5
+    z = a_prev ** 0.5 * z0 + max(0.0, 1 - a_prev - sigma ** 2) ** 0.5 * eps
+    return z + sigma * torch.randn_like(z) if sigma > 0 else z
+
+
+@torch.no_grad()
+def sample_latents(eps_fn, z, abar, steps, eta=0.0, progress=False):
+    """From z_T over the timesteps i T / S, i = S-1 .. 0, ending at abar = 1 (not abar_0: pitfall 5)."""
+    T = len(abar)
+    if not 1 <= steps <= T:
+        raise common.UserError(f"--steps {steps}: use 1..{T}, the model's number of timesteps T")
+    ts = [i * T // steps for i in range(steps)]
+    for i in tqdm(reversed(range(steps)), total=steps, desc="sampling", leave=False, disable=not progress):
+        a, a_prev = abar[ts[i]].item(), abar[ts[i - 1]].item() if i > 0 else 1.0
+        z = ddim_step(z, eps_fn(z, ts[i]), a, a_prev, eta)
+    return z
+
+
+class Sampler:
+    """The EMA model, its autoencoder and conditioner from an LDM checkpoint: c -> images."""
+
+    def __init__(self, path, device):
+        ck = common.load_checkpoint(path, ["ldm"])
+        if ck.get("kind") != "ldm":
+            raise common.UserError(f"{path} is ldm.py's {ck.get('kind', 'unknown')} checkpoint, not the latent "
+                                   "diffusion model; pass --ckpt <out>/ckpt.pt")
+        if "ae" not in ck:
+            raise common.UserError(f"{path} holds no autoencoder; retrain with `python ldm.py --train`")
+        self.cfg, self.ck, self.device = ck["config"], ck, device
+        self.model = LDM(self.cfg)
+        self.model.load_state_dict(ck["ema"])
+        self.model = self.model.to(device).eval()
+        self.ae = AutoencoderKL(ck["ae_config"])
+        self.ae.load_state_dict(ck["ae"])
+        self.ae = self.ae.to(device).eval()
+        self.cond, self.abar = Conditioner(self.cfg), alphas_cumprod(self.cfg)
+
+    @torch.no_grad()
+    def sample(self, captions=None, labels=None, scale=DEFAULT_SCALE, steps=DEFAULT_STEPS, eta=0.0, progress=False):
+        c = self.cond(captions, labels).to(self.device)
+        n, r = c.shape[0], self.cfg["image_size"] // self.cfg["f"]
+        eps_fn = guided_eps_fn(self.model, c, self.cond.null(n).to(self.device), scale)
+        z = torch.randn(n, self.cfg["z_ch"], r, r, device=self.device)
+        z = sample_latents(eps_fn, z, self.abar, steps, eta, progress)
+        return self.ae.decode(z / self.cfg["scale_factor"]).float().clamp(-1, 1)
+
+
+def build_model(cfg):
+    return LDM(cfg)
+
+
+def train(args, cfg):
+    """--train: the autoencoder first (if <ae> is missing), then stage 2 through common.train."""
+    device, rank, world = common.setup_distributed(args.device)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    if args.resume:
+        cfg = {**common.load_checkpoint(ckpt_path, ["ldm"])["config"], "max_steps": cfg["max_steps"]}
+    ae_path = args.ae or os.path.join(args.out, "ae.pt")
+    if not args.resume and not os.path.exists(ae_path):
+        if world > 1:
+            raise common.UserError(f"{ae_path} not found: train the autoencoder first with `python ldm.py --train-ae`"
+                                   " in one process")
+        train_autoencoder(args, cfg, device, ae_path)
+    ae, acfg, _ = load_ae(ckpt_path if args.resume else ae_path)  # resuming: the checkpoint's own copy
+    for k in ("image_size", "channels", "f"):
+        if acfg[k] != cfg[k] and not args.resume:
+            raise common.UserError(f"{ae_path} has {k} {acfg[k]} but {cfg[k]} was asked; pass --ae with a matching "
+                                   "autoencoder or delete it to train a new one")
+    cfg.update(ae_config(acfg) if not args.resume else {})
+    r = cfg["image_size"] // cfg["f"]
+    if r % 2 ** (len(cfg["ch_mult"]) - 1):
+        raise common.UserError(f"latents are {r}x{r} (--image-size {cfg['image_size']} / --f {cfg['f']}), not divisible"
+                               f" by {2 ** (len(cfg['ch_mult']) - 1)} for this preset's latent U-Net")
+    ae = ae.to(device)
+    if not args.resume:
+        data = common.load_data(args.data, cfg["image_size"], cfg["channels"], seed=args.seed)
+        if cfg["cond"] == "text":
+            caps = training_captions(data)
+            cfg["vocab"] = Tokenizer.build(caps, cfg["max_len"]).vocab
+            if len(cfg["vocab"]) == len(Tokenizer.SPECIALS):
+                raise common.UserError(f"--data {args.data} has no captions; use --cond class")
+        else:
+            if not data.num_classes or data.num_classes < 2:
+                raise common.UserError(f"--data {args.data} has no class labels; use --cond text with captions")
+            cfg["num_classes"] = data.num_classes
+        cfg["scale_factor"] = measure_scale(ae, data, device, cfg["scale_n"], seed=args.seed)
+        print(f"ldm: latent scale 1/std(z) = {cfg['scale_factor']:.5f} (measured on {cfg['scale_n']} images)")
+    cond, abar = Conditioner(cfg), alphas_cumprod(cfg)
+    ae_state = {k: v.cpu() for k, v in ae.state_dict().items()}
+    held = common.load_data(args.data, cfg["image_size"], cfg["channels"], seed=args.seed, train=False)
+
+    def loss_fn(net, x, y, caps):
+        with torch.no_grad():
+            z0 = ae.encode(x).sample() * cfg["scale_factor"]
+        c = cond.drop(cond(caps, y.cpu()), cfg["p_uncond"]).to(x.device)
+        return ldm_loss(net, z0.float(), c, abar)
+
+    def held_cond(n):
+        items = [held[i % len(held)] if not held.endless else held[i] for i in range(n)]
+        return [it[2] for it in items], [it[1] for it in items]
+
+    def sample_fn(ema, n, steps=DEFAULT_STEPS):
+        caps, labels = held_cond(n)
+        dev = next(ema.parameters()).device
+        c = cond(caps, labels).to(dev)
+        z = torch.randn(n, cfg["z_ch"], r, r, device=dev)
+        z = sample_latents(guided_eps_fn(ema, c, cond.null(n).to(dev), DEFAULT_SCALE), z, abar, steps)
+        return ae.decode(z / cfg["scale_factor"]).float().clamp(-1, 1)
+
+    ema, cfg = common.train("ldm", args, cfg, build_model, loss_fn, sample_fn,
+                            extra_state=lambda: {"kind": "ldm", "ae": ae_state, "ae_config": ae_config(acfg)})
+    if rank == 0:
+        torch.manual_seed(args.seed)
+        n = args.n_samples or 36
+        x = sample_fn(ema.eval(), n, min(args.steps or DEFAULT_STEPS, cfg["timesteps"]))
+        path = os.path.join(args.out, "samples.png")
+        common.save_grid(x, path)
+        caps, labels = held_cond(n)
+        with open(os.path.join(args.out, "samples.txt"), "w") as f:
+            f.write("\n".join(caps if cfg["cond"] == "text" else map(str, labels)) + "\n")
+        print(f"samples (scale {DEFAULT_SCALE:g}, held-out {'captions' if cfg['cond'] == 'text' else 'labels'}, "
+              f"see samples.txt): {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------
+
+def check_args(args):
+    if args.scale is not None and args.scale < 0:
+        raise common.UserError(f"--scale {args.scale}: use s >= 0 (0 unconditional, 1 conditional, > 1 guided)")
+    if args.eta is not None and not 0 <= args.eta <= 1:
+        raise common.UserError(f"--eta {args.eta}: use a value in [0, 1] (0: DDIM, 1: DDPM)")
+    if args.steps is not None and args.steps < 1:
+        raise common.UserError(f"--steps {args.steps}: use at least 1")
+    if (args.prompt is not None or args.label is not None) and not args.sample:
+        raise common.UserError(f"{'--prompt' if args.prompt is not None else '--class'} goes with --sample")
+    if args.prompt is not None and args.label is not None:
+        raise common.UserError("give --prompt (text model) or --class (class model), not both")
+    if (args.sweep or args.recon) and not args.eval:
+        raise common.UserError(f"{'--sweep' if args.sweep else '--recon'} goes with --eval")
+    if args.sweep and args.scale is not None:
+        raise common.UserError("--sweep runs every s in {1, 2, 3, 5, 7.5} itself; drop --scale")
+
+
+def eta_steps(args, T):
+    eta = args.eta if args.eta is not None else (1.0 if args.sampler == "ddpm" else 0.0)
+    steps = args.steps or (T if args.sampler == "ddpm" else DEFAULT_STEPS)
+    if not 1 <= steps <= T:
+        raise common.UserError(f"--steps {steps}: use 1..{T}, the model's number of timesteps T")
+    return eta, steps
+
+
+def sample_images(args, device):
+    """--sample: --n-samples images for --prompt (text) or --class, else for held-out captions/labels."""
+    smp = Sampler(args.ckpt or os.path.join(args.out, "ckpt.pt"), device)
+    c = smp.cfg
+    eta, steps = eta_steps(args, c["timesteps"])
+    n = args.n_samples or (16 if args.prompt is not None or args.label is not None else 36)
+    captions = labels = None
+    if c["cond"] == "text":
+        if args.label is not None:
+            raise common.UserError("this checkpoint is text-conditional: give --prompt, not --class")
+        if args.prompt is not None:
+            unk = smp.cond.tok.unknown(args.prompt)
+            if len(unk) == len(Tokenizer.words(args.prompt)) and args.prompt.strip():
+                raise common.UserError(f"--prompt '{args.prompt}': no word the model knows; its vocabulary: "
+                                       f"{', '.join(smp.cond.tok.vocab[3:])}")
+            if unk:
+                print(f"warning: unknown word(s) {', '.join(unk)} in --prompt become <unk>", file=sys.stderr)
+            captions = [args.prompt] * n
+    else:
+        if args.prompt is not None:
+            raise common.UserError("this checkpoint is class-conditional: give --class, not --prompt")
+        if args.label is not None:
+            if not 0 <= args.label < c["num_classes"]:
+                raise common.UserError(f"--class {args.label}: use 0..{c['num_classes'] - 1}")
+            labels = [args.label] * n
+    if captions is None and labels is None:
+        held = common.load_data(args.data, c["image_size"], c["channels"], seed=args.seed, train=False)
+        items = [held[i if held.endless else i % len(held)] for i in range(n)]
+        captions, labels = [it[2] for it in items], [it[1] for it in items]
+    scale = DEFAULT_SCALE if args.scale is None else args.scale
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    with common.autocast(device, args.dtype):
+        x = smp.sample(captions, labels, scale, steps, eta, progress=True)
+    path = os.path.join(args.out, "samples.png")
+    common.save_grid(x, path)
+    what = f"'{args.prompt}'" if args.prompt is not None else (f"class {args.label}" if args.label is not None
+                                                                else "held-out conditions")
+    print(f"{n} samples for {what}, scale {scale:g}, {steps} steps (eta {eta:g}), {time.time() - t0:.2f}s: {path}")
+
+
+def evaluate(args, device):
+    """--eval: FID/KID and caption (or class) accuracy at one scale, or with --sweep for every s."""
+    smp = Sampler(args.ckpt or os.path.join(args.out, "ckpt.pt"), device)
+    c = smp.cfg
+    eta, steps = eta_steps(args, c["timesteps"])
+
+    def run(scale):
+        def sample_fn(n, wanted):
+            with common.autocast(device, args.dtype):
+                if c["cond"] == "text":
+                    return smp.sample(captions=wanted, scale=scale, steps=steps, eta=eta)
+                return smp.sample(labels=wanted, scale=scale, steps=steps, eta=eta)
+        nfe = steps * (1 if scale in (0, 1) else 2)
+        info = {"scale": scale, "steps": steps, "eta": eta, "cond": c["cond"], "f": c["f"],
+                "ckpt_step": smp.ck["step"]}
+        return common.evaluate("ldm", args, c, sample_fn, nfe=nfe, device=device,
+                               cond="caption" if c["cond"] == "text" else "label", info=info)
+
+    if not args.sweep:
+        return run(DEFAULT_SCALE if args.scale is None else args.scale)
+    rows, out = [], args.out
+    for s in SWEEP_SCALES:
+        args.out = os.path.join(out, f"sweep_s{s:g}")
+        rows.append(run(s))
+    args.out = out
+    print("\n| s | FID | KID | accuracy | sec/image |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['scale']:g} | {r['fid']:.2f} | {r['kid']:.4f} | {r['acc']:.3f} | {r['sec_per_image']:.4f} |")
+    print(json.dumps({"script": "ldm", "mode": "sweep", "rows": rows}))
+    return rows
+
+
+@torch.no_grad()
+def evaluate_ae(args, device):
+    """--eval --recon: reconstruction PSNR and rFID (judge features; Inception with --fid-weights) of the
+    autoencoder on --n-samples held-out images, with the posterior mean as z."""
+    path = args.ae or (args.ckpt if args.ckpt else os.path.join(args.out, "ae.pt"))
+    ae, acfg, ck = load_ae(path)
+    ae = ae.to(device)
+    n = args.n_samples or 1000
+    held = common.load_data(args.data, acfg["image_size"], acfg["channels"], train=False)
+    idx = range(n) if held.endless else range(min(n, len(held)))
+    x = torch.stack([held[i][0] for i in idx])
+    bs = args.batch_size or 100
+    rec = torch.cat([ae(x[i:i + bs].to(device), sample=False)[0].float().cpu() for i in range(0, len(x), bs)])
+    rec = common.quantize(rec)
+    judge = common.get_judge(args.data, acfg["image_size"], acfg["channels"], device,
+                             steps=PRESETS[args.preset].get("judge_steps", common.JUDGE_STEPS))
+    res = {"script": "ldm", "mode": "recon", "f": acfg["f"], "z_ch": acfg["z_ch"], "n": len(x),
+           "psnr": psnr(x, rec), "rfid": common.fid_kid(judge, rec, x)["fid"]}
+    if args.fid_weights:
+        res["rfid_inception"] = common.fid_kid(common.InceptionFID.load(args.fid_weights).to(device), rec, x)["fid"]
+    print(f"autoencoder {path}: PSNR {res['psnr']:.2f} dB, rFID (judge) {res['rfid']:.4f} on {len(x)} held-out images")
+    print(json.dumps(res))
+    return res
+
+
+def main(argv=None):
+    p = common.make_parser("ldm", __doc__, PRESETS,
+                           modes=[("--train-ae", "train only stage 1, the KL autoencoder (<out>/ae.pt)")])
+    p.add_argument("--cond", choices=["text", "class"], help="condition on captions (default) or class labels")
+    p.add_argument("--f", type=int, choices=[4, 8], help="the autoencoder's downsampling factor (default 4)")
+    p.add_argument("--ae", metavar="PATH", help="the autoencoder checkpoint (default <out>/ae.pt)")
+    p.add_argument("--ae-steps", type=int, help="autoencoder training steps (default: from the preset)")
+    p.add_argument("--prompt", help="--sample: the caption to draw (text models)")
+    p.add_argument("--class", dest="label", type=int, help="--sample: the class to draw (class models)")
+    p.add_argument("--scale", type=float, help=f"classifier-free guidance scale s (default {DEFAULT_SCALE:g}; "
+                   "1: conditional, 0: unconditional)")
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"],
+                   help=f"ddim (eta 0, {DEFAULT_STEPS} steps, default) or ddpm (ancestral, eta 1, all T steps)")
+    p.add_argument("--eta", type=float, help="DDIM's eta in [0, 1] (overrides --sampler's)")
+    p.add_argument("--sweep", action="store_true", help="--eval: every s in {1, 2, 3, 5, 7.5}")
+    p.add_argument("--recon", action="store_true", help="--eval: the autoencoder's reconstruction PSNR and rFID")
+    args = p.parse_args(argv)
+    check_args(args)
+    cfg = common.make_config(args, PRESETS)
+    for k in ("cond", "f", "ae_steps"):
+        if getattr(args, k) is not None:
+            cfg[k] = getattr(args, k)
+    if cfg["ae_steps"] < 0:
+        raise common.UserError(f"--ae-steps {cfg['ae_steps']}: use 0 or more")
+    if args.train_ae:
+        train_autoencoder(args, cfg, common.get_device(args.device), args.ae or os.path.join(args.out, "ae.pt"))
+    elif args.train:
+        train(args, cfg)
+    else:
+        device = common.get_device(args.device)
+        if args.eval and args.recon:
+            evaluate_ae(args, device)
+        elif args.eval:
+            evaluate(args, device)
+        else:
+            sample_images(args, device)
+
+
+if __name__ == "__main__":
+    common.main_guard(main)
