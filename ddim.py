@@ -360,7 +360,8 @@ def print_table(rows, steps):
 
 def main(argv=None):
     p = common.make_parser("ddim", __doc__, PRESETS)
-    p.add_argument("--eta", type=float, help="sigma(eta) of eq. 16 in [0, 1]: 0 deterministic DDIM (default), 1 DDPM-like")
+    p.add_argument("--eta", type=float, help="sigma(eta) of eq. 16 in [0, 1]: 0 deterministic DDIM (default), "
+                   "1 DDPM-like")
     p.add_argument("--skip", default="uniform", choices=["uniform", "quad"],
                    help="timestep subsequence: uniform (default) or quad (the paper's CIFAR-10 choice)")
     p.add_argument("--sigma-hat", action="store_true", help="the larger noise sigma^ = sqrt(1 - abar_t / abar_s) "
