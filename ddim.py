@@ -47,8 +47,8 @@ PRESETS = {  # the same keys and values as ddpm.py, so either script's checkpoin
     # the default: minutes on a 2-core CPU
     "cpu": dict(image_size=32, channels=3, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_res=[8], heads=4,
                 dropout=0.0, timesteps=1000, schedule="linear", objective="eps", var="large",
-                batch_size=32, max_steps=2400, lr=1e-3, warmup=100, grad_clip=1.0, ema=0.995,
-                log_every=25, sample_every=0, ckpt_every=500),
+                batch_size=32, max_steps=2400, lr=2e-3, warmup=200, grad_clip=1.0, ema=0.995,
+                log_every=25, sample_every=1200, ckpt_every=500),
     # Song et al. 2021 use the DDPM CIFAR-10 network and training as they are (Ho et al. 2020, App. B)
     "paper": dict(image_size=32, channels=3, ch=128, ch_mult=[1, 2, 2, 2], num_res_blocks=2, attn_res=[16], heads=1,
                   dropout=0.1, timesteps=1000, schedule="linear", objective="eps", var="large",

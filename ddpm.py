@@ -29,7 +29,7 @@ PRESETS = {
     "cpu": dict(image_size=32, channels=3, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_res=[8], heads=4,
                 dropout=0.0, timesteps=1000, schedule="linear", objective="eps", var="large",
                 batch_size=32, max_steps=2400, lr=2e-3, warmup=200, grad_clip=1.0, ema=0.995,
-                log_every=25, sample_every=0, ckpt_every=500),
+                log_every=25, sample_every=1200, ckpt_every=500),
     # Ho et al. 2020, CIFAR-10 (Appendix B): 35.7M parameters, lr 2e-4, batch 128, 800K steps
     "paper": dict(image_size=32, channels=3, ch=128, ch_mult=[1, 2, 2, 2], num_res_blocks=2, attn_res=[16], heads=1,
                   dropout=0.1, timesteps=1000, schedule="linear", objective="eps", var="large",

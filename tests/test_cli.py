@@ -85,7 +85,7 @@ def test_missing_or_foreign_checkpoint_gives_one_line_error(tmp_path):
 
 def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path):
     out = str(tmp_path / "o")
-    args = ddpm.main.__globals__["common"].make_parser("ddpm", "", ddpm.PRESETS).parse_args(
+    args = common.make_parser("ddpm", "", ddpm.PRESETS).parse_args(
         ["--train", "--preset", "tiny", "--out", out, "--max-steps", "30"])
     cfg = common.make_config(args, ddpm.PRESETS)
     diff = ddpm.diffusion_from(cfg)
@@ -102,6 +102,22 @@ def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path):
     assert ck["step"] == 10  # the checkpoint of step 10 (ckpt_every=10) survives; 20 was never written
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
     assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+
+def test_training_writes_periodic_sample_grids(tmp_path):
+    out = str(tmp_path / "o")
+    args = common.make_parser("ddpm", "", ddpm.PRESETS).parse_args(
+        ["--train", "--preset", "tiny", "--out", out, "--max-steps", "10"])
+    cfg = {**common.make_config(args, ddpm.PRESETS), "sample_every": 4}
+    diff = ddpm.diffusion_from(cfg)
+    sizes = []
+
+    def sample_fn(ema, n):
+        sizes.append(n)
+        return diff.sample(ema, (n, 3, 16, 16), "cpu")[0]
+    common.train("ddpm", args, cfg, common.build_unet, lambda net, x, y, caps: diff.loss(net, x), sample_fn)
+    assert sorted(f for f in os.listdir(out) if f.startswith("samples_")) == ["samples_000004.png", "samples_000008.png"]
+    assert sizes == [16, 16] and Image.open(os.path.join(out, "samples_000004.png")).size == (4 * 16 + 5 * 2,) * 2
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

@@ -162,3 +162,14 @@ def test_batches_resume_and_shard():
     a = common.batches(t, 5, seed=1, flip=True)
     b = common.batches(t, 5, seed=1, step=0, flip=True)
     assert torch.equal(next(a)[0], next(b)[0])
+
+
+def test_real_mnist_from_shared_folder_when_present():
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
+    if not os.path.isdir(root):
+        pytest.skip("../shared/data/mnist is not here")
+    d = common.load_data(root, image_size=32, channels=1)
+    assert len(d) == 10_000 and d.num_classes == 10
+    x, y, cap = d[0]
+    assert x.shape == (1, 32, 32) and 0 <= y < 10 and cap == str(y)
+    assert x.min() == pytest.approx(-1, abs=0.01) and x.max() > 0.9  # white digit on black

@@ -142,3 +142,10 @@ def test_loss_is_zero_for_the_true_noise_and_positive_otherwise():
         dd = ddpm.Diffusion(d.betas, objective=obj)
         pred = (lambda xt, t: x0) if obj == "x0" else (lambda xt, t: dd.v_target(x0, t, dd.eps_from_x0(xt, t, x0)))
         assert dd.loss(pred, x0).item() < 1e-6
+
+
+def test_paper_preset_is_the_papers_35_7m_cifar10_model():
+    cfg = ddpm.PRESETS["paper"]
+    assert (cfg["ch"], cfg["ch_mult"], cfg["num_res_blocks"], cfg["attn_res"], cfg["dropout"]) == \
+        (128, [1, 2, 2, 2], 2, [16], 0.1)
+    assert common.count_params(common.build_unet(cfg)) == pytest.approx(35.7e6, abs=0.1e6)
