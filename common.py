@@ -552,6 +552,12 @@ def batches(data, batch_size, seed, step=0, rank=0, world=1, flip=False):
 # Training plumbing
 # ---------------------------------------------------------------------------------------------
 
+def step_seed(seed, step, rank=0, stream=0):
+    """The seed of every random draw of training step `step`: a pure function of (seed, rank, step),
+    so --resume continues exactly. `stream` keeps apart loops that share --seed (e.g. a classifier's)."""
+    return seed * 1_000_003 + rank * 7919 + stream + step
+
+
 def get_device(name="auto"):
     if name == "auto":
         if torch.cuda.is_available():
@@ -821,7 +827,7 @@ def train(script, args, cfg, build_model, loss_fn, sample_fn, extra_state=None):
     t0, loss_sum = time.time(), torch.zeros((), device=device)
     model.train()
     while step < cfg["max_steps"]:
-        torch.manual_seed(args.seed * 1_000_003 + rank * 7919 + step)  # per-rank, per-step: exact resume
+        torch.manual_seed(step_seed(args.seed, step, rank))  # per-rank, per-step: exact resume
         x, y, caps = next(it)
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)

@@ -388,7 +388,7 @@ def train(args, cfg):
     t0, sums, n = time.time(), torch.zeros(3, device=device), 0
     G.train(), D.train()
     while step < cfg["max_steps"]:
-        torch.manual_seed(args.seed * 1_000_003 + rank * 7919 + step)  # per-rank, per-step: exact resume
+        torch.manual_seed(common.step_seed(args.seed, step, rank))  # per-rank, per-step: exact resume
         x = next(it)[0].to(device, non_blocking=True)
         for o, lr in ((opt_g, cfg["lr"]), (opt_d, cfg["lr_d"])):
             for g in o.param_groups:

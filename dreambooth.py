@@ -359,7 +359,7 @@ def train(args, dcfg):
     amp = common.autocast(device, args.dtype)
     bar, logs = tqdm(range(dcfg["max_steps"]), desc="dreambooth", dynamic_ncols=True), {}
     for step in bar:
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        g = torch.Generator().manual_seed(common.step_seed(args.seed, step))
         i = torch.randint(len(x_inst), (bs,), generator=g)
         mean, std = inst_post[0][i], inst_post[1][i]
         toks = [t_inst.expand(bs, -1)]
@@ -367,7 +367,7 @@ def train(args, dcfg):
             j = torch.randint(len(x_cls), (bs,), generator=g)
             mean, std = torch.cat([mean, cls_post[0][j]]), torch.cat([std, cls_post[1][j]])
             toks.append(t_cls.expand(bs, -1))
-        torch.manual_seed(args.seed * 1_000_003 + step)
+        torch.manual_seed(common.step_seed(args.seed, step))
         z0 = (mean + std * torch.randn_like(mean)) * sf
         with amp:
             loss, logs = dreambooth_loss(model, z0.float(), torch.cat(toks).to(device), bs, abar, args.prior_weight)

@@ -423,7 +423,7 @@ def train_classifier(args, cfg, data, device):
     bar = tqdm(total=ccfg["steps"], initial=step, desc="classifier", dynamic_ncols=True)
     ckpt_every = cfg.get("ckpt_every", 1000)
     while step < ccfg["steps"]:
-        torch.manual_seed(args.seed * 1_000_003 + 500_009 + step)
+        torch.manual_seed(common.step_seed(args.seed, step, stream=500_009))
         x, y, _ = next(it)
         for g in opt.param_groups:
             g["lr"] = ccfg["lr"] * (1 - step / ccfg["steps"])

@@ -297,7 +297,7 @@ def train_autoencoder(args, cfg, device, path):
     bar = tqdm(total=acfg["ae_steps"], initial=step, desc="autoencoder", dynamic_ncols=True)
     ckpt_every = cfg.get("ckpt_every", 1000)
     while step < acfg["ae_steps"]:
-        torch.manual_seed(args.seed * 1_000_003 + 700_001 + step)
+        torch.manual_seed(common.step_seed(args.seed, step, stream=700_001))
         x = next(it)[0].to(device)
         use_gan = acfg["disc"] and step >= acfg["disc_start"]
         with amp:
