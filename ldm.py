@@ -31,8 +31,8 @@ Classifier-free guidance: the condition is replaced by the null condition (the e
     null class) 10% of the time in training; sampling uses
     eps~ = eps(z, empty) + s (eps(z, c) - eps(z, empty))         (Ho & Salimans eq. 6, s = 1 + w)
     with DDIM (eta = 0, Song et al. eq. 12) or DDPM ancestral steps (eta = 1) in latent space.
-Caption augmentation (ours): the size, color and position phrases of a shapes caption are each left out
-    with probability p_attr_drop (0.4), so that prompts naming fewer attributes ('a circle') are in-distribution.
+Caption augmentation (ours): p_partial = 20% of the shapes captions lose each of their size, color and position
+    phrases with probability 1/2, so that prompts naming fewer attributes ('a circle') are in-distribution.
 """
 import json
 import math
@@ -55,7 +55,7 @@ PRESETS = {
     "tiny": dict(image_size=16, channels=3, f=4, z_ch=4, ae_ch=16, ae_mult=[1, 2, 2, 2], ae_res_blocks=1,
                  ae_steps=10, ae_batch=8, ae_lr=1e-3, kl_weight=1e-6, l2_weight=0.0, disc=True, disc_start=5,
                  disc_weight=0.5, disc_ch=16,
-                 cond="text", context_dim=32, text_layers=1, text_heads=2, max_len=12, p_uncond=0.1, p_attr_drop=0.4,
+                 cond="text", context_dim=32, text_layers=1, text_heads=2, max_len=12, p_uncond=0.1, p_partial=0.2,
                  scale_n=32,
                  ch=16, ch_mult=[1, 2], num_res_blocks=1, attn_res=[4, 2], heads=2, dropout=0.0,
                  timesteps=1000, schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195,
@@ -65,7 +65,7 @@ PRESETS = {
     "cpu": dict(image_size=32, channels=3, f=4, z_ch=4, ae_ch=32, ae_mult=[1, 2, 4, 4], ae_res_blocks=1,
                 ae_steps=1500, ae_batch=32, ae_lr=5e-4, kl_weight=1e-6, l2_weight=0.0, disc=True, disc_start=1000,
                 disc_weight=0.5, disc_ch=32,
-                cond="text", context_dim=64, text_layers=2, text_heads=4, max_len=16, p_uncond=0.1, p_attr_drop=0.4,
+                cond="text", context_dim=64, text_layers=2, text_heads=4, max_len=16, p_uncond=0.1, p_partial=0.2,
                 scale_n=512,
                 ch=64, ch_mult=[1, 2], num_res_blocks=2, attn_res=[8, 4], heads=4, dropout=0.0,
                 timesteps=1000, schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195,
@@ -80,7 +80,7 @@ PRESETS = {
     "paper": dict(image_size=256, channels=3, f=4, z_ch=3, ae_ch=128, ae_mult=[1, 2, 4, 4], ae_res_blocks=2,
                   ae_steps=200_000, ae_batch=12, ae_lr=5.4e-5, kl_weight=1e-6, l2_weight=0.0, disc=True,
                   disc_start=50_001, disc_weight=0.5, disc_ch=64,
-                  cond="text", context_dim=512, text_layers=6, text_heads=8, max_len=77, p_uncond=0.1, p_attr_drop=0.0,
+                  cond="text", context_dim=512, text_layers=6, text_heads=8, max_len=77, p_uncond=0.1, p_partial=0.0,
                   scale_n=1024,
                   ch=192, ch_mult=[1, 2, 3, 5], num_res_blocks=2, attn_res=[32, 16, 8], heads=1, dropout=0.0,
                   timesteps=1000, schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195,
@@ -405,16 +405,16 @@ def training_captions(data, n=20_000):
     return [data[i][2] for i in range(min(n, len(data)))]
 
 
-def partial_caption(caption, u, p):
+def partial_caption(caption, keep):
     """Caption augmentation (ours, not the paper's): shapes captions always name all four attributes, so a
-    model trained on them alone has never seen 'a circle' or 'a red square'. With u (3,) uniform draws, the
-    size, color and position phrases are each left out where u < p, keeping the shape. Captions that are not
-    shapes captions come back unchanged. 'a small red circle on the left' -> e.g. 'a red circle'."""
+    model trained on them alone has never seen 'a circle' or 'a red square'. keep = 3 booleans for the size,
+    color and position phrases; the shape always stays. Captions that are not shapes captions come back
+    unchanged. 'a small red circle on the left', (False, True, False) -> 'a red circle'."""
     a = common.parse_caption(caption)
     if len(a) != 4 or common.shape_caption(a) != caption:
         return caption
-    words = ["a"] + [a[k] for k, v in zip(("size", "color"), u[:2]) if v >= p] + [a["shape"]]
-    return " ".join(words + ([common.POSITION_WORDS[a["position"]]] if u[2] >= p else []))
+    words = ["a"] + [a[k] for k, kept in zip(("size", "color"), keep[:2]) if kept] + [a["shape"]]
+    return " ".join(words + ([common.POSITION_WORDS[a["position"]]] if keep[2] else []))
 
 
 class TextBlock(nn.Module):
@@ -649,8 +649,10 @@ def train(args, cfg):
     def loss_fn(net, x, y, caps):
         with torch.no_grad():
             z0 = ae.encode(x).sample() * cfg["scale_factor"]
-        if cfg["cond"] == "text" and cfg.get("p_attr_drop", 0) > 0:
-            caps = [partial_caption(c, u, cfg["p_attr_drop"]) for c, u in zip(caps, torch.rand(len(caps), 3).tolist())]
+        if cfg["cond"] == "text" and cfg.get("p_partial", 0) > 0:  # a fraction p_partial of the captions made
+            u = torch.rand(len(caps), 4).tolist()                    # partial, each phrase kept with prob. 1/2
+            caps = [partial_caption(c, [v >= 0.5 for v in r[1:]]) if r[0] < cfg["p_partial"] else c
+                    for c, r in zip(caps, u)]
         c = cond.drop(cond(caps, y.cpu()), cfg["p_uncond"]).to(x.device)
         return ldm_loss(net, z0.float(), c, abar)
 
