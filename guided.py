@@ -499,7 +499,11 @@ def check_args(args):
         raise common.UserError("--sweep goes with --eval")
     if args.sweep and (args.scale is not None or args.steps is not None):
         raise common.UserError(f"--sweep runs the scales {SWEEP_SCALES} and the steps {SWEEP_STEPS} itself; "
-                               "drop --scale/--steps")
+                               "(choose them with --scales/--sweep-steps); drop --scale/--steps")
+    if (args.scales or args.sweep_steps) and not args.sweep:
+        raise common.UserError("--scales/--sweep-steps go with --eval --sweep")
+    if any(x < 0 for x in args.scales or []) or any(n < 1 for n in args.sweep_steps or []):
+        raise common.UserError("--scales must be >= 0 and --sweep-steps >= 1")
     if args.baseline and not args.sweep:
         raise common.UserError("--baseline goes with --eval --sweep")
     if args.sweep and args.var:
@@ -633,7 +637,7 @@ def evaluate(args, device):
     real = common.features(judge, held_out_images(args, s.cfg, n))
     steps = min(DEFAULT_STEPS, s.diff.T)
     rows = []
-    for scale in SWEEP_SCALES:  # ADM Table 4 / Fig. 4: scale vs fidelity (accuracy, precision) and diversity
+    for scale in args.scales or SWEEP_SCALES:  # ADM Table 4 / Fig. 4: scale vs fidelity (accuracy, precision) and diversity
         keep = []
         args.out = os.path.join(out, f"sweep_scale{scale:g}")
         res = evaluate_one(args, device, s, scale, steps, keep)
@@ -644,7 +648,7 @@ def evaluate(args, device):
         models += [(f"fixed {v}", Sampler(args, device, ckpt=args.baseline, var=v, need_classifier=False))
                    for v in ("large", "small")]
     for name, m in models:
-        for S in [S for S in SWEEP_STEPS if S <= m.diff.T]:
+        for S in [S for S in (args.sweep_steps or SWEEP_STEPS) if S <= m.diff.T]:
             args.out = os.path.join(out, f"sweep_{name.replace(' ', '_')}_S{S}")
             rows.append({"table": "steps", "model": name, **evaluate_one(args, device, m, 0.0, S)})
     args.out = out
@@ -694,6 +698,10 @@ def main(argv=None):
     p.add_argument("--no-clip", action="store_true", help="do not clip x0_hat to [-1, 1] when sampling")
     p.add_argument("--sweep", action="store_true", help=f"with --eval: scales {SWEEP_SCALES} (FID, KID, accuracy, "
                    f"precision, recall), then no guidance at {SWEEP_STEPS} respaced steps; --n-samples per row")
+    p.add_argument("--scales", type=float, nargs="+", metavar="S", help=f"with --sweep: the guidance scales "
+                   f"(default {' '.join(f'{x:g}' for x in SWEEP_SCALES)})")
+    p.add_argument("--sweep-steps", type=int, nargs="+", metavar="N", help=f"with --sweep: the respaced steps "
+                   f"(default {' '.join(map(str, SWEEP_STEPS))})")
     p.add_argument("--baseline", metavar="CKPT", help="with --sweep: a fixed-variance guided.py model (--train "
                    "--var large) to compare at the same respaced steps, with beta_t and beta~_t")
     args = p.parse_args(argv)
