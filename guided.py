@@ -497,9 +497,9 @@ def check_args(args):
         raise common.UserError(f"--steps {args.steps}: use at least 1")
     if args.sweep and not args.eval:
         raise common.UserError("--sweep goes with --eval")
-    if args.sweep and (args.scale is not None or args.steps is not None):
-        raise common.UserError(f"--sweep runs the scales {SWEEP_SCALES} and the steps {SWEEP_STEPS} itself; "
-                               "(choose them with --scales/--sweep-steps); drop --scale/--steps")
+    if args.sweep and args.scale is not None:
+        raise common.UserError(f"--sweep runs the scales {SWEEP_SCALES} itself (choose them with --scales); "
+                               "drop --scale")
     if (args.scales or args.sweep_steps) and not args.sweep:
         raise common.UserError("--scales/--sweep-steps go with --eval --sweep")
     if any(x < 0 for x in args.scales or []) or any(n < 1 for n in args.sweep_steps or []):
@@ -635,7 +635,7 @@ def evaluate(args, device):
     judge = common.get_judge(args.data, s.cfg["image_size"], s.cfg["channels"], device,
                              steps=s.cfg.get("judge_steps", common.JUDGE_STEPS))
     real = common.features(judge, held_out_images(args, s.cfg, n))
-    steps = min(DEFAULT_STEPS, s.diff.T)
+    steps = args.steps or min(DEFAULT_STEPS, s.diff.T)  # the scale rows' respaced steps
     rows = []
     for scale in args.scales or SWEEP_SCALES:  # ADM Table 4 / Fig. 4: scale vs fidelity (accuracy, precision) and diversity
         keep = []
@@ -697,7 +697,8 @@ def main(argv=None):
     p.add_argument("--classifier", help="classifier checkpoint (default: classifier.pt beside --ckpt)")
     p.add_argument("--no-clip", action="store_true", help="do not clip x0_hat to [-1, 1] when sampling")
     p.add_argument("--sweep", action="store_true", help=f"with --eval: scales {SWEEP_SCALES} (FID, KID, accuracy, "
-                   f"precision, recall), then no guidance at {SWEEP_STEPS} respaced steps; --n-samples per row")
+                   f"precision, recall) at --steps (default {DEFAULT_STEPS}), then no guidance at {SWEEP_STEPS} "
+                   "respaced steps; --n-samples per row")
     p.add_argument("--scales", type=float, nargs="+", metavar="S", help=f"with --sweep: the guidance scales "
                    f"(default {' '.join(f'{x:g}' for x in SWEEP_SCALES)})")
     p.add_argument("--sweep-steps", type=int, nargs="+", metavar="N", help=f"with --sweep: the respaced steps "
