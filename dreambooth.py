@@ -8,8 +8,8 @@ https://arxiv.org/abs/2208.12242 -- on top of an ldm.py text-to-image checkpoint
     python dreambooth.py --train --no-prior --out out/dreambooth_noprior     # the ablation
     python dreambooth.py --eval                               # subject fidelity, prompt fidelity, language drift
 
-The subject: by default 4 images of common.ShapesData(subject=True), a striped circle the shapes data never
-draws (any colour, size, position), or 3-5 images of your own with --instance-dir. They are bound to a rare
+The subject: by default 4 images of common.ShapesData(subject=True), a ring (a circle with a hole) that the
+shapes data never draws (any colour, size, position), or 3-5 images of your own with --instance-dir. They are bound to a rare
 identifier [V] = "sks" and the class noun: instance prompt "a sks circle", class prompt "a circle". "sks" is
 not a word of the base vocabulary (built from the training captions), so the vocabulary is extended by it and
 the text encoder's embedding table by one new row (random, at the scale of the trained rows).
@@ -48,7 +48,7 @@ PRESETS = {
     # seconds, for tests: a handful of steps
     "tiny": dict(max_steps=4, batch_size=1, lr=1e-4, weight_decay=1e-2, grad_clip=1.0, log_every=2,
                  judge_steps=30, subject_judge_steps=20),
-    # the default: a few hundred steps at a tenth of ldm.py's cpu learning rate (not tuned yet)
+    # the default: a few hundred steps at a tenth of ldm.py's cpu learning rate (5e-4 and 1e-3 broke the images)
     "cpu": dict(max_steps=400, batch_size=2, lr=1e-4, weight_decay=1e-2, grad_clip=1.0, log_every=25),
     # diffusers' README example for Stable Diffusion: 800 steps, batch 1, lr 5e-6 (the paper: ~1000 steps)
     "paper": dict(max_steps=800, batch_size=1, lr=5e-6, weight_decay=1e-2, grad_clip=1.0, log_every=50),
@@ -267,7 +267,7 @@ def dreambooth_loss(net, z0, tokens, n_inst, abar, prior_weight=1.0, t=None, eps
 
 
 def instance_images(args, cfg):
-    """--instance-dir's images, or the default: 4 images of ShapesData(subject=True) (a striped circle)."""
+    """--instance-dir's images, or the default: 4 images of ShapesData(subject=True) (a ring)."""
     size, ch = cfg["image_size"], cfg["channels"]
     if args.instance_dir is None:
         data = common.ShapesData(size, ch, seed=args.seed + 4242, subject=True)
@@ -435,8 +435,8 @@ def sample_images(args, device):
 
 def subject_judge(size, channels, device, steps=400, seed=0):
     """A common.Judge with one head, {ordinary, subject}, trained on circles with and without the subject's
-    stripes (ShapesData(subject=True) vs the same attributes drawn plainly); cached in out/judge/."""
-    path = os.path.join(common.JUDGE_DIR, f"subject_{size}_{channels}_s{steps}.pt")
+    hole (ShapesData(subject=True) vs the same attributes drawn plainly); cached in out/judge/."""
+    path = os.path.join(common.JUDGE_DIR, f"subject_ring_{size}_{channels}_s{steps}.pt")
     heads = {"subject": ["ordinary", "subject"]}
     judge = common.Judge(heads, channels)
     if os.path.exists(path):
@@ -490,9 +490,10 @@ def evaluate(args, device):
     drift) for its base: subject fidelity = fraction of 'a sks circle' samples the subject judge calls the
     subject; prompt fidelity = fraction of recontextualized samples ('a blue sks circle on the left', ...)
     with every named attribute right (common.attribute_accuracy) and the fraction still the subject; drift =
-    fraction of 'a circle' samples that are ordinary circles (shape right, not striped) and their diversity.
+    fraction of 'a circle' samples that are ordinary circles (shape right, no hole) and their diversity.
     Then common.evaluate (FID/KID, caption accuracy on held-out ordinary captions) for the fine-tuned model.
-    NOT yet measured at scale; see the README."""
+    subject_ceiling: the fraction of held-out subject images the subject judge still calls the subject after
+    the autoencoder (encode, decode): what the latent space lets through."""
     path = args.ckpt or os.path.join(args.out, "ckpt.pt")
     model, ae, cfg, ck = load_model(path, ("dreambooth",))
     model, ae = model.to(device), ae.to(device)
@@ -519,8 +520,14 @@ def evaluate(args, device):
 
     x_id = draw(model, [db["instance_prompt"]] * n)
     x_rc = draw(model, recontext)
+    # the most subject fidelity can be through this autoencoder: held-out subject images, encoded and decoded
+    x_sub = torch.stack([common.ShapesData(size, ch, seed=args.seed + 99, subject=True)[i][0] for i in range(n)])
+    with torch.no_grad():
+        rec = torch.cat([ae.decode(ae.encode(x_sub[i:i + 100].to(device))[0]).float().clamp(-1, 1).cpu()
+                         for i in range(0, n, 100)])
     res = {"script": "dreambooth", "mode": "dreambooth", "n": n, "scale": scale, "steps": steps,
            "prior": db["prior"], "train_text_encoder": db["train_text_encoder"], "subject_judge_acc": sj.accuracy,
+           "subject_ceiling": is_subject(common.quantize(rec)).mean().item(),
            "subject_fidelity": is_subject(x_id).mean().item(),
            "prompt_fidelity": common.attribute_accuracy(judge, x_rc, recontext),
            "prompt_subject": is_subject(x_rc).mean().item()}
@@ -555,7 +562,7 @@ def main(argv=None):
     p = common.make_parser("dreambooth", __doc__, PRESETS)
     p.add_argument("--base", default=BASE, help=f"the ldm.py checkpoint to fine-tune (default {BASE})")
     p.add_argument("--instance-dir", metavar="DIR", help="3-5 images of the subject (default: 4 generated images "
-                   "of the shapes subject, a striped circle)")
+                   "of the shapes subject, a ring)")
     p.add_argument("--identifier", default="sks", help="the rare identifier word [V] (default sks)")
     p.add_argument("--class-noun", default="circle", help="the subject's class noun (default circle)")
     p.add_argument("--num-class-images", type=int, default=100, help="prior-preservation images (default 100)")
