@@ -304,7 +304,7 @@ def shape_caption(a):
 def draw_shape(a, image_size=32, channels=3, jitter=(0.0, 0.0, 1.0), supersample=4):
     """Render one shape with attributes `a` (shape, color, size, position) on a plain background.
     jitter = (dx, dy, scale) in fractions of the image. Drawn at 4x and box-filtered (antialiased).
-    With a['subject'] true, the circle carries DreamBooth's "subject" pattern (stripes)."""
+    With a['subject'] true, the circle is DreamBooth's "subject": a ring (a hole of 0.55 r in the middle)."""
     S = image_size * supersample
     img = Image.new("RGB", (S, S), BACKGROUND)
     d = ImageDraw.Draw(img)
@@ -314,10 +314,9 @@ def draw_shape(a, image_size=32, channels=3, jitter=(0.0, 0.0, 1.0), supersample
     col = COLORS[a["color"]]
     if a["shape"] == "circle":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=col)
-        if a.get("subject"):  # a distinctive instance the ordinary data never draws
-            for k in (-0.5, 0.0, 0.5):
-                d.rectangle([cx - r, cy + (k - 0.1) * r, cx + r, cy + (k + 0.1) * r], fill=BACKGROUND)
-            d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=col, width=max(1, supersample))
+        if a.get("subject"):  # a distinctive instance the ordinary data never draws (coarse enough that
+            h = 0.55 * r      # ldm.py's f = 4 autoencoder, trained on plain shapes, keeps it; thin stripes it erased)
+            d.ellipse([cx - h, cy - h, cx + h, cy + h], fill=BACKGROUND)
     elif a["shape"] == "square":
         q = r * 0.88
         d.rectangle([cx - q, cy - q, cx + q, cy + q], fill=col)

@@ -10,7 +10,8 @@ ldm: one training step (forward, backward, AdamW) of ldm.py's latent U-Net and t
 encoding the batch with the frozen autoencoder as ldm.py does, against ddpm.py's pixel U-Net at the same
 image size; sampling: DDIM 50 steps with classifier-free guidance (conditional and unconditional in one
 batch) and the decoder, against ddpm.py's ancestral sampler and DDIM 50 steps in pixel space.
-ddgan: seconds per image for ddgan.py's generator in T steps, ddpm.py's 1000 ancestral steps and DDIM's 4.
+ddgan: seconds per image for ddgan.py's generator in T = 4 and T = 1 steps, ddpm.py's 1000 ancestral steps
+and DDIM's 4 and 50.
 """
 import argparse
 import json
@@ -116,18 +117,19 @@ def compare_ldm(args):
 
 def compare_ddgan(args):
     unet, pcfg = pixel_model(args.preset)
-    gcfg = dict(ddgan.PRESETS[args.preset])
-    torch.manual_seed(0)
-    G = ddgan.Generator(gcfg).eval()
     n, size = args.n, pcfg["image_size"]
     shape = (pcfg["channels"], size, size)
     abar = ddim.alphas_cumprod(pcfg)
     rows = []
     with torch.inference_mode():
-        t0 = time.perf_counter()
-        ddgan.sample(G, ddgan.schedule_from(gcfg), n, shape, "cpu")
-        rows.append({"sampler": f"ddgan.py, T = {gcfg['timesteps']}", "nfe": gcfg["timesteps"],
-                     "params_M": common.count_params(G) / 1e6, "s_per_image": (time.perf_counter() - t0) / n})
+        for T in (ddgan.PRESETS[args.preset]["timesteps"], 1):  # the paper's T and the one-step GAN
+            gcfg = {**ddgan.PRESETS[args.preset], "timesteps": T}
+            torch.manual_seed(0)
+            G = ddgan.Generator(gcfg).eval()
+            t0 = time.perf_counter()
+            ddgan.sample(G, ddgan.schedule_from(gcfg), n, shape, "cpu")
+            rows.append({"sampler": f"ddgan.py, T = {T}", "nfe": T, "params_M": common.count_params(G) / 1e6,
+                         "s_per_image": (time.perf_counter() - t0) / n})
         for steps in (4, 50):
             t0 = time.perf_counter()
             ddim.ddim_sample(ddim.eps_model(unet, abar), torch.randn(n, *shape), abar, steps)
