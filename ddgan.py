@@ -60,7 +60,7 @@ PRESETS = {
                  beta_min=0.1, beta_max=20.0, r1_gamma=0.02, lazy_reg=3, batch_size=8, max_steps=20,
                  lr=1e-3, lr_d=1e-3, cosine=False, ema=0.99, log_every=5, sample_every=0, ckpt_every=10,
                  judge_steps=30),
-    # the default: minutes on a 2-core CPU (two networks per step: 1200 steps cost about what ddpm.py's 2400 do)
+    # the default: minutes on a 2-core CPU (a step is 2.5x ddpm.py's: 1200 steps ~ 1.25x ddpm.py's 2400)
     "cpu": dict(image_size=32, channels=3, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_res=[8], heads=4,
                 dropout=0.0, **G_NET, nz=100, n_mlp=3, d_ch=32, d_mult=[1, 2, 4, 4], timesteps=4,
                 beta_min=0.1, beta_max=20.0, r1_gamma=0.02, lazy_reg=15, batch_size=32, max_steps=1200,
