@@ -1070,6 +1070,18 @@ def kid(f1, f2, subsets=100, subset_size=1000, seed=0):
     return float(np.mean(vals))
 
 
+def precision_recall(real, fake, k=3):
+    """Improved precision and recall (Kynkaanniemi et al. 2019) on features (N, D): each set's manifold is the
+    union of balls reaching each point's k-th nearest neighbour in its own set. Precision: the fraction of fake
+    points inside the real manifold (fidelity); recall: of real points inside the fake one (diversity, mode
+    coverage)."""
+    real, fake = real.double(), fake.double()
+    radius = lambda f: torch.cdist(f, f).kthvalue(min(k, len(f) - 1) + 1, dim=1).values  # + 1: itself at 0
+    d = torch.cdist(fake, real)                                            # (N_fake, N_real)
+    return {"precision": (d <= radius(real)[None]).any(1).double().mean().item(),
+            "recall": (d.T <= radius(fake)[None]).any(1).double().mean().item()}
+
+
 def fid_kid(net, fake, real):
     """FID and KID between two image sets (N, C, H, W) on net.features (the judge, or InceptionFID)."""
     f1, f2 = features(net, fake), features(net, real)

@@ -425,20 +425,6 @@ def train(args, cfg):
 # Evaluation extras: mode coverage
 # ---------------------------------------------------------------------------------------------
 
-def precision_recall(real, fake, k=3):
-    """Improved precision/recall (Kynkaanniemi et al. 2019) on features (N, D): a set's manifold is the union of
-    balls around its points out to their k-th nearest neighbour. precision = fakes inside the real manifold,
-    recall = reals inside the fake manifold (mode coverage)."""
-    real, fake = real.double(), fake.double()
-
-    def radii(f):
-        return torch.cdist(f, f).kthvalue(min(k, len(f) - 1) + 1, dim=1).values  # +1: the point itself
-
-    d = torch.cdist(fake, real)
-    return {"precision": (d <= radii(real)[None]).any(1).double().mean().item(),
-            "recall": (d <= radii(fake)[:, None]).any(0).double().mean().item()}
-
-
 def mode_coverage(args, cfg, fake, device):
     """recall/precision on the judge's features against the held-out images evaluate() used, and on shapes the
     coverage of the 4 x 6 shape x color combinations (a combination counts when the judge finds it in at least
@@ -449,7 +435,7 @@ def mode_coverage(args, cfg, fake, device):
     order = list(range(n)) if held.endless else \
         torch.randperm(len(held), generator=torch.Generator().manual_seed(0)).tolist()[:n]
     real = torch.stack([held[i][0] for i in order])
-    res = precision_recall(common.features(judge, real), common.features(judge, fake))
+    res = common.precision_recall(common.features(judge, real), common.features(judge, fake))
     if {"shape", "color"} <= set(judge.classes):
         p = common.judge_predict(judge, fake)
         combos = p["shape"] * len(judge.classes["color"]) + p["color"]

@@ -593,17 +593,6 @@ def held_out_images(args, c, n):
     return torch.stack([held[i][0] for i in order])
 
 
-def precision_recall(real, fake, k=3):
-    """Improved precision and recall (Kynkaanniemi et al. 2019) on features (N, D): each set's manifold is the
-    union of balls reaching each point's k-th nearest neighbour in its own set. Precision: the fraction of fake
-    points inside the real manifold (fidelity); recall: of real points inside the fake one (diversity)."""
-    real, fake = real.double(), fake.double()
-    radius = lambda f: torch.cdist(f, f).kthvalue(min(k, len(f) - 1) + 1, dim=1).values  # + 1: itself at 0
-    d = torch.cdist(fake, real)                                            # (N_fake, N_real)
-    return {"precision": (d <= radius(real)[None]).any(1).double().mean().item(),
-            "recall": (d.T <= radius(fake)[None]).any(1).double().mean().item()}
-
-
 def evaluate_one(args, device, s, scale, steps, keep=None, info=None):
     """common.evaluate for one setting: samples asked for the held-out images' labels."""
     space_timesteps(s.diff.T, steps)
@@ -642,7 +631,7 @@ def evaluate(args, device):
         args.out = os.path.join(out, f"sweep_scale{scale:g}")
         res = evaluate_one(args, device, s, scale, steps, keep)
         fake = common.features(judge, common.quantize(torch.cat(keep)))
-        rows.append({"table": "scale", **res, **precision_recall(real, fake)})
+        rows.append({"table": "scale", **res, **common.precision_recall(real, fake)})
     models = [("learned", s)]
     if args.baseline:  # IDDPM Fig. 8: the learned sigmas hold up with fewer steps, fixed ones do not
         models += [(f"fixed {v}", Sampler(args, device, ckpt=args.baseline, var=v, need_classifier=False))

@@ -338,3 +338,13 @@ def test_cli_eval_prints_json_last_and_caches_the_judge(tmp_path):
                      (["--n-samples", "1"], "--n-samples 1")):
         p = run(script, "--eval", "--preset", "tiny", "--out", "run", *bad, cwd=tmp_path)
         assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith(f"error: {msg}"), p.stderr
+
+
+def test_precision_recall_on_clear_cases():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(300, 8, generator=g, dtype=torch.float64)
+    assert common.precision_recall(real, real) == {"precision": 1.0, "recall": 1.0}
+    assert common.precision_recall(real, real + 100) == {"precision": 0.0, "recall": 0.0}
+    collapsed = real[:1] + 0.01 * torch.randn(300, 8, generator=g, dtype=torch.float64)  # high fidelity, no diversity
+    pr = common.precision_recall(real, collapsed)
+    assert pr["precision"] == 1.0 and pr["recall"] < 0.05

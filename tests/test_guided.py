@@ -246,16 +246,6 @@ def test_adm_unet_options_and_classifier():
     assert 295e6 < common.count_params(big) < 297e6
 
 
-def test_precision_recall():
-    g = torch.Generator().manual_seed(0)
-    real = torch.randn(300, 8, generator=g, **f64)
-    assert guided.precision_recall(real, real) == {"precision": 1.0, "recall": 1.0}
-    assert guided.precision_recall(real, real + 100) == {"precision": 0.0, "recall": 0.0}
-    collapsed = real[:1] + 0.01 * torch.randn(300, 8, generator=g, **f64)  # high fidelity, no diversity
-    pr = guided.precision_recall(real, collapsed)
-    assert pr["precision"] == 1.0 and pr["recall"] < 0.05
-
-
 # --- the command line --------------------------------------------------------------------------------
 
 def test_cli_train_resume_sample_and_eval(tmp_path, monkeypatch, capsys):
