@@ -20,7 +20,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
@@ -78,11 +77,10 @@ def compare_ldm(args):
     unet.train()
     net.train()
 
-    def pixel_loss():
-        t = torch.randint(0, len(abar_pix), (b,))
-        eps = torch.randn_like(x)
-        a = common.extract(abar_pix, t, x.shape)
-        return F.mse_loss(unet(a.sqrt() * x + (1 - a).sqrt() * eps, t), eps)
+    diff = ddpm.diffusion_from(pcfg)
+
+    def pixel_loss():  # ddpm.py's L_simple
+        return diff.loss(unet, x)
 
     def latent_loss():  # ldm.py's loss_fn: encode with the frozen autoencoder, then eq. 3
         with torch.no_grad():
@@ -101,7 +99,7 @@ def compare_ldm(args):
     shape = (n, pcfg["channels"], size, size)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        ddpm.diffusion_from(pcfg).sample(unet, shape, "cpu")
+        diff.sample(unet, shape, "cpu")
         rows[0][f"sample_s_per_image_ddpm{pcfg['timesteps']}"] = (time.perf_counter() - t0) / n
         t0 = time.perf_counter()
         ddim.ddim_sample(ddim.eps_model(unet, abar_pix), torch.randn(shape), abar_pix, 50)
