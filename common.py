@@ -14,10 +14,12 @@ import math
 import os
 import pickle
 import re
+import signal
 import struct
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -30,6 +32,10 @@ from tqdm import tqdm
 
 class UserError(Exception):
     """Bad input from the user: printed as one line `error: ...` and exit status 2."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C in a training loop, after the checkpoint of the current step was saved: exit status 130."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,9 +60,19 @@ def beta_schedule(name, T, beta_start=1e-4, beta_end=0.02):
     raise UserError(f"unknown beta schedule '{name}': use linear, cosine, sigmoid or scaled_linear")
 
 
+def on_device(device):
+    """The cast for a schedule computed in float64: a float32 copy on `device`, made once (MPS has no
+    float64, and a copy per step would stall a GPU); device None keeps float64 on the CPU (the tests of
+    the math). Cast on the CPU first, then moved: a float64 tensor never reaches the device."""
+    return (lambda a: a) if device is None else (lambda a: a.float().to(device))
+
+
 def extract(a, t, shape):
-    """Gather a[t] for a batch of timesteps t (B,) and reshape to broadcast over x of `shape`."""
-    return a.to(t.device)[t].float().reshape(-1, *([1] * (len(shape) - 1)))
+    """Gather a[t] for a batch of timesteps t (B,) and reshape to broadcast over x of `shape`. The
+    schedule `a` must already live on t's device as float32 (the scripts compute schedules in float64
+    and keep float32 copies on the network's device: MPS has no float64, and a copy per call would
+    stall a GPU); float64 on the CPU is for the tests of the math."""
+    return a[t].reshape(-1, *([1] * (len(shape) - 1)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -635,18 +651,49 @@ def save_checkpoint(obj, path):
     os.replace(tmp, path)
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def describe_unreadable(path, err):
+    """What a file that torch.load could not read is, in words, for a one-line error."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(64)
+    msg = ANSI.sub("", str(err))
+    if size == 0:
+        return "is empty (0 bytes)"
+    if head.startswith(b"PK\x03\x04"):
+        return (f"is a damaged or truncated checkpoint ({size} bytes; its zip archive does not read: "
+                f"{msg.splitlines()[0] if msg else type(err).__name__})")
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
+        return "is a .safetensors weights file, not a checkpoint of this repository; pass it with --weights"
+    if head[:1] == b"\x80":
+        return f"is a pickle that torch.load cannot read as a checkpoint ({size} bytes)"
+    try:
+        text = head.decode("utf-8")
+        return f"is a text file, not a checkpoint (it starts with {text.split(chr(10))[0][:40]!r})"
+    except UnicodeDecodeError:
+        return f"is not a PyTorch checkpoint (neither a zip archive nor a pickle: it starts with {head[:4].hex()})"
+
+
 def load_checkpoint(path, scripts):
     """torch.load(weights_only=True): tensors and plain data only, never code. `scripts` lists the
     scripts whose checkpoints this caller accepts."""
     if not os.path.exists(path):
         raise UserError(f"checkpoint {path} not found; train one first with `python {scripts[0]}.py --train`")
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path} is a folder; pass the checkpoint file (e.g. {path}/ckpt.pt)")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        msg = ANSI.sub("", str(e))
+        what = [line for line in msg.splitlines() if "GLOBAL" in line]
+        if not what:
+            raise UserError(f"{path} {describe_unreadable(path, e)}")
         raise UserError(f"{path} holds more than tensors and plain data; refused to load it "
-                        f"(weights_only=True): {str(e).splitlines()[0]}")
+                        f"(weights_only=True): {what[0].strip()}")
     except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint: {str(e).splitlines()[0]}")
+        raise UserError(f"{path} {describe_unreadable(path, e)}")
     if not isinstance(ck, dict) or ck.get("script") not in scripts:
         what = ck.get("script") if isinstance(ck, dict) else None
         raise UserError(f"{path} is {'a ' + what + '.py' if what else 'not a'} checkpoint, not one of "
@@ -704,68 +751,225 @@ def save_gif(frames, path, nrow=None, duration=60):
 # CLI contract shared by all six scripts
 # ---------------------------------------------------------------------------------------------
 
-def make_parser(script, description, presets, modes=()):
+def _checked(kind, ok, what):
+    """An argparse type: kind(text), refused unless ok(value), with 'use <what>' as the message."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not {'an integer' if kind is int else 'a number'}")
+        if not (math.isfinite(v) and ok(v)):
+            raise argparse.ArgumentTypeError(f"{text}: use {what}")
+        return v
+    return parse
+
+
+positive_int = _checked(int, lambda v: v >= 1, "an integer >= 1")
+nonneg_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _checked(float, lambda v: v > 0, "a number > 0")
+nonneg_float = _checked(float, lambda v: v >= 0, "a number >= 0")
+unit_float = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+image_size = _checked(int, lambda v: v >= 8, "at least 8 (pixels)")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the contract's errors (one line `error: ...`, exit status 2, through UserError), which
+    applies --threads as soon as the flags are read, before any tensor work."""
+
+    def error(self, message):
+        message = re.sub(r"^argument (\S+): (\S+): use", r"\1 \2: use", message)  # '--lr -1: use a number > 0'
+        raise UserError(f"{message} (python {self.prog} --help lists the flags)")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        if getattr(parsed, "threads", None):
+            torch.set_num_threads(parsed.threads)
+        return parsed
+
+
+def make_parser(script, description, presets, modes=(), gifs=False):
     """The flags every script shares. `modes`: extra (flag, help) pairs exclusive with --train,
-    --sample and --eval (e.g. ldm.py's --train-ae)."""
-    p = argparse.ArgumentParser(f"{script}.py", description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    --sample and --eval (e.g. ldm.py's --train-ae). gifs: the script's --sample writes GIFs (--no-gif)."""
+    p = Parser(f"{script}.py", description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group(required=True)
     for flag, text in modes:
         mode.add_argument(flag, action="store_true", help=text)
     mode.add_argument("--train", action="store_true", help="train (resumable; checkpoints in --out)")
     mode.add_argument("--sample", action="store_true", help="write a PNG grid (and GIF) of samples from --ckpt")
     mode.add_argument("--eval", action="store_true", help="sample and score; the last line printed is one JSON object")
-    p.add_argument("--preset", default="cpu", choices=list(presets),
+    p.add_argument("--preset", choices=list(presets),
                    help="tiny: seconds, for tests; cpu: the default, minutes on a laptop CPU; "
                         "paper: the paper's configuration, for a GPU")
     p.add_argument("--data", default="shapes",
                    help="'shapes' (generated, default), or a folder of images (subfolders = classes, "
                         ".txt beside an image = caption), a CIFAR-10 cifar-10-batches-py folder, or an MNIST IDX folder")
-    p.add_argument("--image-size", type=int, help="image side in pixels (default: from the preset)")
+    p.add_argument("--image-size", type=image_size, help="image side in pixels (default: from the preset)")
     p.add_argument("--channels", type=int, choices=[1, 3], help="1 (grayscale) or 3 (RGB; default)")
     p.add_argument("--out", default=f"out/{script}", help=f"output folder (default out/{script}/)")
     p.add_argument("--ckpt", help="checkpoint to sample/eval from (default <out>/ckpt.pt)")
-    p.add_argument("--resume", action="store_true", help="continue training from <out>/ckpt.pt exactly")
-    p.add_argument("--max-steps", type=int, help="total training steps (default: from the preset)")
-    p.add_argument("--batch-size", type=int, help="per-process batch size (default: from the preset); "
+    p.add_argument("--resume", action="store_true", help="continue training from <out>/ckpt.pt exactly, with its "
+                   "config (only --max-steps may change; default: the checkpoint's own)")
+    p.add_argument("--max-steps", type=positive_int, help="total training steps (default: from the preset)")
+    p.add_argument("--batch-size", type=positive_int, help="per-process batch size (default: from the preset); "
                    "--eval: the sampling batch (default 100; 500 on CUDA)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: from the preset)")
-    p.add_argument("--n-samples", type=int, help="images to sample (--sample: 64; --eval: 1000)")
-    p.add_argument("--steps", type=int, help="sampling steps for --eval (default: the script's own; ddpm.py: all T)")
+    p.add_argument("--lr", type=positive_float, help="peak learning rate (default: from the preset)")
+    p.add_argument("--n-samples", type=positive_int, help="images to sample (--sample: 64; --eval: 1000)")
+    p.add_argument("--steps", type=positive_int, help="sampling steps, for --sample and --eval alike (default: "
+                   "the script's own; ddpm.py: all T)")
     p.add_argument("--fid-weights", metavar="PATH", help="--eval: also the standard Inception FID, from this "
                    "pt_inception-2015-12-05 weights file (never downloaded)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 autocast on CUDA, float32 elsewhere), float32, bfloat16")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (slow to start; off by default)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for PyTorch (default: PyTorch's choice); "
+                   "--threads 1 is much faster on a CPU that other programs keep busy")
+    if gifs:
+        p.add_argument("--no-gif", action="store_true", help="--sample: write only the PNG grid, not the GIF(s)")
     return p
 
 
-def make_config(args, presets):
-    """The preset's plain dict, overridden by the flags the user gave."""
-    cfg = dict(presets[args.preset])
-    for k in ("image_size", "channels", "max_steps", "batch_size", "lr"):
-        v = getattr(args, k, None)
-        if v is not None:
-            cfg[k] = v
-    for k in ("image_size", "batch_size", "max_steps"):
-        if cfg[k] <= 0:
-            raise UserError(f"--{k.replace('_', '-')} must be positive, got {cfg[k]}")
-    if cfg["image_size"] % (2 ** (len(cfg["ch_mult"]) - 1)):
-        raise UserError(f"--image-size {cfg['image_size']} must be divisible by {2 ** (len(cfg['ch_mult']) - 1)} "
-                        f"for this preset's U-Net")
+def make_config(args, presets, keys=()):
+    """The preset's plain dict, overridden by the flags the user gave: the contract's and the script's own
+    `keys` (flag --a-b sets cfg['a_b']). args.given keeps those overrides, for --resume's warnings."""
+    args.given = {k: getattr(args, k) for k in ("preset", "image_size", "channels", "max_steps", "batch_size",
+                                                "lr", *keys) if getattr(args, k, None) not in (None, False)}
+    args.preset = args.preset or "cpu"
+    cfg = {**presets[args.preset], "preset": args.preset, **args.given}
+    check_unet_size(cfg)
     return cfg
 
 
+def check_unet_size(cfg):
+    """The U-Net halves its input len(ch_mult) - 1 times (ldm.py: its latent, image_size / f); say so before
+    any work when --image-size does not allow it."""
+    if "ch_mult" not in cfg:
+        return
+    f, down = cfg.get("f", 1), 2 ** (len(cfg["ch_mult"]) - 1)
+    if cfg["image_size"] % (f * down):
+        what = f"its {cfg['image_size'] // f}px latents (--image-size / {f}) are" if f > 1 else "it is"
+        raise UserError(f"--image-size {cfg['image_size']}: {what} not divisible by {down}, which this preset's "
+                        f"U-Net needs; use a multiple of {f * down}")
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+_HELD = {}  # --out folder -> its open, locked .lock file, while this process runs there
+
+
+@contextmanager
+def claim_out(out):
+    """--out for the whole run: created and proved writable at start-up (not after the work is done), and
+    locked so that a second run writing there at the same time stops with an error. The lock is the OS's
+    lock on <out>/.lock (flock; msvcrt on Windows), which ends with the process however it ends, so a
+    crashed run leaves no stale lock. Under torchrun only rank 0 writes, so only rank 0 claims."""
+    if int(os.environ.get("RANK", 0)) != 0 or os.path.abspath(out) in _HELD:
+        yield
+        return
+    try:
+        os.makedirs(out, exist_ok=True)
+        f = open(os.path.join(out, ".lock"), "a+")
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write there ({e.strerror or e}); give a folder you can write to")
+    try:
+        if os.name == "nt":
+            import msvcrt
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        who = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"--out {out} is in use by another run ({who}); wait for it to end or give another --out")
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}: {' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:])}"[:300])
+    f.flush()
+    _HELD[os.path.abspath(out)] = f
+    try:
+        yield
+    finally:
+        del _HELD[os.path.abspath(out)]
+        f.close()  # closing the file releases the lock
+
+
+class Progress:
+    """A training loop's progress: tqdm's bar on a terminal; in a log file (stderr redirected) a plain line
+    each time the loop reports numbers, instead of tqdm's carriage returns. update(**numbers) per step."""
+
+    def __init__(self, total, initial=0, desc="", disable=False):
+        self.tty, self.quiet = sys.stderr.isatty(), disable
+        self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
+                        disable=disable or not self.tty)
+        self.total, self.n, self.n0, self.desc, self.t0 = total, initial, initial, desc, time.time()
+
+    def update(self, **numbers):
+        self.n += 1
+        self.bar.update(1)
+        if numbers:
+            self.bar.set_postfix(numbers)
+            if not (self.tty or self.quiet):
+                rate = (self.n - self.n0) / max(time.time() - self.t0, 1e-9)
+                print(f"{self.desc}: step {self.n}/{self.total}, " + ", ".join(f"{k} {v}" for k, v in numbers.items())
+                      + f", {rate:.2f} steps/s, {(self.total - self.n) / rate / 60:.1f} min left",
+                      file=sys.stderr, flush=True)
+
+    def close(self):
+        self.bar.close()
+
+
+def steps_bar(iterable, total, desc, show=True):
+    """tqdm over a sampler's steps, shown only on a terminal (disable=None) and only when `show`."""
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None if show else True)
+
+
+class GracefulStop:
+    """Ctrl-C in a training loop: the loop finishes its step, saves a checkpoint of it (atomically, as
+    always) and stops; a second Ctrl-C stops at once, and the atomic save keeps the previous checkpoint.
+    Single-process runs only: under torchrun the ranks would have to agree on the step, so there Ctrl-C
+    stops at once and the last periodic checkpoint is what remains."""
+
+    def __init__(self, enabled=True):
+        self.requested, self.enabled, self.previous = False, enabled, None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def check(self, step, total, path):
+        """After the save of `step`: raise Interrupted if Ctrl-C was pressed."""
+        if self.requested:
+            raise Interrupted(f"stopped at step {step} of {total}; saved {path}; continue with --train --resume")
+
+
 def main_guard(fn):
-    """Run a script's main(): UserError -> one line on stderr and exit status 2."""
+    """Run a script's main(): UserError -> one line on stderr and exit status 2; Ctrl-C -> status 130."""
     try:
         fn()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {ANSI.sub('', str(e))}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(130)
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is intact", file=sys.stderr)
+        print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
 
 
@@ -773,20 +977,47 @@ def main_guard(fn):
 # The training loop shared by the diffusion scripts
 # ---------------------------------------------------------------------------------------------
 
-def train(script, args, cfg, build_model, loss_fn, sample_fn, extra_state=None):
-    """Train `build_model(cfg)` on --data with loss_fn(model, x, y, captions) -> scalar.
+def resume_config(script, args, path=None, changeable=("max_steps",)):
+    """--train --resume continues the checkpoint's run with its own config: only the `changeable` keys
+    (--max-steps) may be given anew; without them the checkpoint's hold. A flag given with a value other
+    than the checkpoint's is named in a warning, not dropped silently. Returns (config, checkpoint)."""
+    path = path or os.path.join(args.out, "ckpt.pt")
+    ck = load_checkpoint(path, [script])
+    cfg, given = dict(ck["config"]), getattr(args, "given", {})
+    for k, v in given.items():
+        if k in changeable:
+            cfg[k] = v
+        elif k in cfg and cfg[k] != v:
+            flag = "--" + k.replace("_", "-")
+            warn(f"--resume continues with the checkpoint's {flag} {cfg[k]}; {flag} {v} is ignored")
+    return cfg, ck
 
-    Resumes exactly (--resume): the model, EMA, optimizer and step are restored, and every random
-    draw of step k is seeded from (seed, rank, k), as is the data. Checkpoints (atomic) and sample
-    grids sample_fn(ema_model, n) -> (n, C, H, W) go to --out on rank 0 only. A non-finite loss
-    stops training with a message and never overwrites the last good checkpoint."""
+
+def already_done(script, step, max_steps):
+    """True, with a message, when --resume finds the run at its --max-steps already."""
+    if step < max_steps:
+        return False
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"{script}: already at step {step} (--max-steps {max_steps}); nothing to train; give a larger "
+              f"--max-steps to continue")
+    return True
+
+
+def train(script, args, cfg, build_model, objective, ck=None, data=None, extra_state=None, final_grid=True):
+    """Train `build_model(cfg)` on --data (or `data`). objective(cfg, device) -> (loss_fn, sample_fn), called
+    once the config and device are final: loss_fn(net, x, y, captions) -> scalar; sample_fn(ema, n) ->
+    (n, C, H, W) in [-1, 1] for the periodic grids and, with final_grid, --n-samples (36) at the end.
+
+    Resumes exactly (--resume, or the checkpoint `ck` of resume_config): the model, EMA, optimizer and step
+    are restored, and every random draw of step k is seeded from (seed, rank, k), as is the data.
+    Checkpoints (atomic) and grids go to --out on rank 0 only. A non-finite loss stops training with a
+    message and never overwrites the last good checkpoint; Ctrl-C saves the current step (GracefulStop)."""
     device, rank, world = setup_distributed(args.device)
     out = args.out
     ckpt_path = os.path.join(out, "ckpt.pt")
-    if args.resume:
-        ck = load_checkpoint(ckpt_path, [script])
-        cfg = {**ck["config"], **{k: cfg[k] for k in ("max_steps",)}}
-    data = load_data(args.data, cfg["image_size"], cfg["channels"], seed=args.seed)
+    if args.resume and ck is None:
+        cfg, ck = resume_config(script, args)
+    data = data or load_data(args.data, cfg["image_size"], cfg["channels"], seed=args.seed)
     if cfg.get("num_classes") == "data":
         cfg["num_classes"] = data.num_classes
     torch.manual_seed(args.seed)
@@ -794,11 +1025,14 @@ def train(script, args, cfg, build_model, loss_fn, sample_fn, extra_state=None):
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = make_optimizer(model.parameters(), cfg["lr"], cfg.get("weight_decay", 0.0), device=device)
     step = 0
-    if args.resume:
+    if ck is not None:
         model.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
         step = ck["step"]
+    if already_done(script, step, cfg["max_steps"]):
+        return ema, cfg
+    loss_fn, sample_fn = objective(cfg, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     model = model.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
@@ -818,47 +1052,55 @@ def train(script, args, cfg, build_model, loss_fn, sample_fn, extra_state=None):
                              **(extra_state() if extra_state else {})}, ckpt_path)
 
     if rank == 0:
-        os.makedirs(out, exist_ok=True)
         print(f"{script}: {count_params(model) / 1e6:.2f}M parameters, device {device}, world size {world}, "
               f"global batch {cfg['batch_size'] * world} = {cfg['batch_size']} x {world}, "
-              f"steps {step} -> {cfg['max_steps']}, out {out}")
-    bar = tqdm(total=cfg["max_steps"], initial=step, disable=rank != 0, dynamic_ncols=True, desc=script)
+              f"steps {step} -> {cfg['max_steps']}, out {out}", flush=True)
+    bar = Progress(cfg["max_steps"], step, script, disable=rank != 0)
     t0, loss_sum = time.time(), torch.zeros((), device=device)
     model.train()
-    while step < cfg["max_steps"]:
-        torch.manual_seed(step_seed(args.seed, step, rank))  # per-rank, per-step: exact resume
-        x, y, caps = next(it)
-        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        y = y.to(device, non_blocking=True)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg["lr"], cfg.get("warmup", 0))
-        with amp:
-            loss = loss_fn(net, x, y, caps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.get("grad_clip"):
-            nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"], foreach=True)
-        opt.step()
-        ema_update(ema, model, ema_decay(step, cfg["ema"]))
-        step += 1
-        loss_sum += loss.detach()
-        if step % log_every == 0 or step == cfg["max_steps"]:
-            n = (step - 1) % log_every + 1
-            avg = loss_sum.item() / n  # the only host sync, every log_every steps
-            loss_sum.zero_()
-            if not math.isfinite(avg):
-                raise UserError(f"loss became {avg} by step {step}; stopped without saving, the last good "
-                                f"checkpoint {ckpt_path} is kept; try a lower --lr")
-            bar.set_postfix(loss=f"{avg:.4f}")
-        bar.update(1)
-        if rank == 0 and sample_every and step % sample_every == 0 and step < cfg["max_steps"]:
-            with torch.no_grad(), amp:
-                save_grid(sample_fn(ema, 16), os.path.join(out, f"samples_{step:06d}.png"))
-        if step % ckpt_every == 0 or step == cfg["max_steps"]:
-            save(step)
+    with GracefulStop(enabled=world == 1) as stop:
+        while step < cfg["max_steps"]:
+            torch.manual_seed(step_seed(args.seed, step, rank))  # per-rank, per-step: exact resume
+            x, y, caps = next(it)
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            y = y.to(device, non_blocking=True)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg["lr"], cfg.get("warmup", 0))
+            with amp:
+                loss = loss_fn(net, x, y, caps)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.get("grad_clip"):
+                nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"], foreach=True)
+            opt.step()
+            ema_update(ema, model, ema_decay(step, cfg["ema"]))
+            step += 1
+            loss_sum += loss.detach()
+            numbers = {}
+            if step % log_every == 0 or step == cfg["max_steps"]:
+                n = (step - 1) % log_every + 1
+                avg = loss_sum.item() / n  # the only host sync, every log_every steps
+                loss_sum.zero_()
+                if not math.isfinite(avg):
+                    raise UserError(f"loss became {avg} by step {step}; stopped without saving, the last good "
+                                    f"checkpoint {ckpt_path} is kept; try a lower --lr")
+                numbers = {"loss": f"{avg:.4f}"}
+            bar.update(**numbers)
+            if rank == 0 and sample_every and step % sample_every == 0 and step < cfg["max_steps"]:
+                with torch.no_grad(), amp:
+                    save_grid(sample_fn(ema, 16), os.path.join(out, f"samples_{step:06d}.png"))
+            if step % ckpt_every == 0 or step == cfg["max_steps"] or stop.requested:
+                save(step)
+            stop.check(step, cfg["max_steps"], ckpt_path)
     bar.close()
     if rank == 0:
         print(f"trained to step {step} in {time.time() - t0:.1f}s; checkpoint {ckpt_path}")
+        if final_grid:
+            torch.manual_seed(args.seed)
+            path = os.path.join(out, "samples.png")
+            with torch.no_grad(), amp:
+                save_grid(sample_fn(ema, args.n_samples or 36), path)
+            print(f"samples: {path}")
     if world > 1:
         dist.barrier()
     return ema, cfg
@@ -915,9 +1157,9 @@ def _float_images(x):
 @torch.no_grad()
 def features(net, x, batch=250):
     """net.features over images x (N, C, H, W) (uint8, or float in [-1, 1]) in batches on the net's
-    device -> (N, D) float64 on the CPU."""
+    device -> (N, D) float32 on the CPU (the statistics cast to float64 there: MPS has no float64)."""
     dev = next(net.parameters()).device
-    return torch.cat([net.features(_float_images(x[i:i + batch]).to(dev)).double().cpu()
+    return torch.cat([net.features(_float_images(x[i:i + batch]).to(dev)).float().cpu()
                       for i in range(0, len(x), batch)])
 
 
@@ -973,7 +1215,7 @@ def train_judge(data_spec, image_size, channels, device, steps=JUDGE_STEPS, batc
     judge = Judge(heads, channels).to(device)
     opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
-    for step in tqdm(range(steps), desc="training the judge", leave=False, dynamic_ncols=True):
+    for step in steps_bar(range(steps), steps, "training the judge"):
         i = torch.randint(len(xtr), (batch_size,), generator=g)
         for group in opt.param_groups:  # cosine decay to 0
             group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -1015,7 +1257,10 @@ def get_judge(data_spec, image_size, channels, device, steps=JUDGE_STEPS, cache_
             print(f"note: --data {data_spec} has no class labels; FID/KID use the shapes judge's features",
                   file=sys.stderr)
             return get_judge("shapes", image_size, channels, device, steps, cache_dir)
-        save_checkpoint(ck, path)
+        try:
+            save_checkpoint(ck, path)
+        except OSError as e:
+            warn(f"could not cache the judge in {path} ({e.strerror or e}); it is trained again next time")
         print(f"trained the judge in {ck['train_seconds']:.0f}s")
     judge = Judge(ck["heads"], channels)
     try:
@@ -1295,7 +1540,7 @@ def evaluate(script, args, cfg, sample_fn, nfe, device, cond=None, info=None):
     bs = args.batch_size or (500 if device.type == "cuda" else 100)
     torch.manual_seed(args.seed)
     fake, t0 = [], time.time()
-    for s in tqdm(range(0, n, bs), desc=f"{script} --eval: sampling", dynamic_ncols=True):
+    for s in steps_bar(range(0, n, bs), math.ceil(n / bs), f"{script} --eval: sampling"):
         fake.append(sample_fn(min(bs, n - s), None if wanted is None else wanted[s:s + bs]).float().cpu())
     sec = (time.time() - t0) / n
     fake = quantize(torch.cat(fake))                                         # (n, C, H, W)

@@ -9,7 +9,7 @@ https://arxiv.org/abs/2112.07804 -- a diffusion model whose few, large denoising
 
 Schedule      the VP SDE discretised at t_i = i/T (1 - 1e-3) + 1e-3, i = 0..T: abar(t) = exp(-t^2 (b_max -
               b_min)/2 - t b_min), b_min 0.1, b_max 20; beta_i = 1 - abar(t_i)/abar(t_{i-1}), with 1e-8 in front
-              (Sec. 4 / appendix; official code)                                           [PAPERS.md sec. 4]
+              (Sec. 4 / appendix; official code)
 Forward       q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)                     (Sec. 2, eq. 1)
 Generator     p_theta(x_{t-1} | x_t) = int p_theta(x_0 | x_t) q(x_{t-1} | x_t, x_0) dx_0, with the implicit
               x_0' = G_theta(x_t, z, t), z ~ N(0, I_100): sample x_0', then x_{t-1} ~ q(x_{t-1} | x_t, x_0')
@@ -21,7 +21,7 @@ Losses        non-saturating: L_D = softplus(-D(real pair)) + softplus(D(fake pa
               L_G = softplus(-D(fake pair)); real pairs (x_{t-1}, x_t) ~ q(x_{t-1}, x_t | x_0),
               fake pairs x_{t-1} ~ p_theta(. | x_t) for the same x_t                        (Sec. 3.2)
 R1            gamma/2 E ||grad_{x_{t-1}} D(x_{t-1}, x_t, t)||^2 on real pairs, lazily every k steps and, as in
-              the official code, NOT multiplied by k (PAPERS.md pitfall 9)         (Sec. 3.2 / appendix)
+              the official code, NOT multiplied by k (StyleGAN2's lazy R1 is)       (Sec. 3.2 / appendix)
 Optimisation  Adam (0.5, 0.9), lr_G 1.6e-4, lr_D 1.25e-4, EMA 0.9999 of G; one D step then one G step, each
               with freshly drawn t, noise and z (appendix, official README/code)
 
@@ -48,7 +48,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import common
 
@@ -82,29 +81,31 @@ ETA_MIN = 1e-5   # the cosine decay's floor (official code)
 # ---------------------------------------------------------------------------------------------
 
 class Schedule:
-    """The T-step discretisation of the VP SDE that DDGAN uses (official code, PAPERS.md sec. 4),
-    in float64, cast on use. Index 0 of `betas` is the 1e-8 step in front of the T real ones."""
+    """The T-step discretisation of the VP SDE that DDGAN uses (official code), computed in float64 and kept
+    as float32 on `device` (common.on_device; None keeps float64 for the tests of the math). Index 0 of
+    `betas` is the 1e-8 step in front of the T real ones."""
 
-    def __init__(self, T=4, beta_min=0.1, beta_max=20.0, eps=1e-3):
+    def __init__(self, T=4, beta_min=0.1, beta_max=20.0, eps=1e-3, device=None):
         if T < 1:
             raise common.UserError(f"--timesteps {T}: use 1 or more (the paper: 4 on CIFAR-10, 2 on CelebA-HQ)")
+        keep = common.on_device(device)
         self.T = T
         i = torch.arange(T + 1, dtype=torch.float64)
         self.tc = i / T * (1 - eps) + eps                                          # t_i in [1e-3, 1]
         abar_c = torch.exp(-0.5 * self.tc ** 2 * (beta_max - beta_min) - self.tc * beta_min)  # VP SDE marginal
         self.betas = torch.cat([torch.full((1,), 1e-8, dtype=torch.float64), 1 - abar_c[1:] / abar_c[:-1]])
-        self.a = (1 - self.betas).sqrt()                   # one step: x_{t+1} = a x_t + sigma eps   (eq. 1)
-        self.sigma = self.betas.sqrt()
-        self.a_cum = torch.cumprod(self.a, 0)              # q(x_t | x_0) = N(a_cum x_0, sigma_cum^2 I)
-        self.sigma_cum = (1 - self.a_cum ** 2).sqrt()
+        a = (1 - self.betas).sqrt()                      # one step: x_{t+1} = a x_t + sigma eps   (eq. 1)
+        a_cum = torch.cumprod(a, 0)                      # q(x_t | x_0) = N(a_cum x_0, sigma_cum^2 I)
+        self.a, self.sigma = keep(a), keep(self.betas.sqrt())
+        self.a_cum, self.sigma_cum = keep(a_cum), keep((1 - a_cum ** 2).sqrt())
         # q(x_t | x_{t+1}, x_0) over the T real steps (betas[1:]), DDPM eqs. 6-7 (Sec. 3.3)
         b = self.betas[1:]
         abar = torch.cumprod(1 - b, 0)
         abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-        self.post_var = b * (1 - abar_prev) / (1 - abar)                           # beta~ (0 at t = 0)
-        self.post_logvar = self.post_var.clamp(min=1e-20).log()
-        self.post_c0 = b * abar_prev.sqrt() / (1 - abar)
-        self.post_ct = (1 - abar_prev) * (1 - b).sqrt() / (1 - abar)
+        post_var = b * (1 - abar_prev) / (1 - abar)                                # beta~ (0 at t = 0)
+        self.post_var, self.post_logvar = keep(post_var), keep(post_var.clamp(min=1e-20).log())
+        self.post_c0 = keep(b * abar_prev.sqrt() / (1 - abar))
+        self.post_ct = keep((1 - abar_prev) * (1 - b).sqrt() / (1 - abar))
 
     def q_sample(self, x0, t, noise=None):
         """x_t ~ q(x_t | x_0) = N(a_cum_t x_0, sigma_cum_t^2 I) for pair indices t (B,) in 0..T-1."""
@@ -130,8 +131,8 @@ class Schedule:
         return mean + nonzero * (0.5 * logvar).exp() * torch.randn_like(x0)
 
 
-def schedule_from(cfg):
-    return Schedule(cfg["timesteps"], cfg.get("beta_min", 0.1), cfg.get("beta_max", 20.0))
+def schedule_from(cfg, device=None):
+    return Schedule(cfg["timesteps"], cfg.get("beta_min", 0.1), cfg.get("beta_max", 20.0), device=device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +165,7 @@ class Generator(nn.Module):
 
 
 def blur_down(x):
-    """[1,3,3,1] FIR low-pass then stride 2, in plain torch (PAPERS.md pitfall 9: no custom CUDA ops)."""
+    """[1,3,3,1] FIR low-pass then stride 2, in plain torch (the official code compiles a CUDA op for it)."""
     k = torch.tensor([1.0, 3.0, 3.0, 1.0], device=x.device, dtype=x.dtype)
     k = (k[:, None] * k[None, :]) / 64
     C = x.shape[1]
@@ -339,15 +340,15 @@ def lr_at(step, lr, cfg):
 def train(args, cfg):
     """Train G and D on --data. Exact resume (--resume): G, D, EMA, both optimizers and the step are restored;
     every random draw of step k is seeded from (seed, rank, k) and the data batch is a function of k. Rank 0
-    writes atomic checkpoints; a non-finite loss stops with a message and the last good checkpoint is kept."""
+    writes atomic checkpoints; a non-finite loss stops with a message and the last good checkpoint is kept;
+    Ctrl-C saves the current step (common.GracefulStop)."""
     device, rank, world = common.setup_distributed(args.device)
     out = args.out
     ckpt_path = os.path.join(out, "ckpt.pt")
     if args.resume:
-        ck = common.load_checkpoint(ckpt_path, ["ddgan"])
-        cfg = {**ck["config"], "max_steps": cfg["max_steps"]}
+        cfg, ck = common.resume_config("ddgan", args)
     data = common.load_data(args.data, cfg["image_size"], cfg["channels"], seed=args.seed)
-    sched = schedule_from(cfg)
+    sched = schedule_from(cfg, device)
     torch.manual_seed(args.seed)
     G, D = Generator(cfg).to(device), Discriminator(cfg).to(device)
     ema = copy.deepcopy(G).eval().requires_grad_(False)
@@ -361,6 +362,8 @@ def train(args, cfg):
         opt_g.load_state_dict(ck["opt_g"])
         opt_d.load_state_dict(ck["opt_d"])
         step = ck["step"]
+    if common.already_done("ddgan", step, cfg["max_steps"]):
+        return None, cfg
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     amp = common.autocast(device, args.dtype)
@@ -380,39 +383,41 @@ def train(args, cfg):
                                     "opt_d": opt_d.state_dict(), "step": step, "seed": args.seed}, ckpt_path)
 
     if rank == 0:
-        os.makedirs(out, exist_ok=True)
         print(f"ddgan: G {common.count_params(G) / 1e6:.2f}M + D {common.count_params(D) / 1e6:.2f}M parameters, "
               f"T = {sched.T}, device {device}, world size {world}, global batch {cfg['batch_size'] * world} = "
-              f"{cfg['batch_size']} x {world}, steps {step} -> {cfg['max_steps']}, out {out}")
-    bar = tqdm(total=cfg["max_steps"], initial=step, disable=rank != 0, dynamic_ncols=True, desc="ddgan")
+              f"{cfg['batch_size']} x {world}, steps {step} -> {cfg['max_steps']}, out {out}", flush=True)
+    bar = common.Progress(cfg["max_steps"], step, "ddgan", disable=rank != 0)
     t0, sums, n = time.time(), torch.zeros(3, device=device), 0
     G.train(), D.train()
-    while step < cfg["max_steps"]:
-        torch.manual_seed(common.step_seed(args.seed, step, rank))  # per-rank, per-step: exact resume
-        x = next(it)[0].to(device, non_blocking=True)
-        for o, lr in ((opt_g, cfg["lr"]), (opt_d, cfg["lr_d"])):
-            for g in o.param_groups:
-                g["lr"] = lr_at(step, lr, cfg)
-        losses = train_step(G, D, opt_g, opt_d, sched, x, cfg, step, amp, world)
-        common.ema_update(ema, G, common.ema_decay(step, cfg["ema"]))
-        step += 1
-        sums += torch.stack(losses)
-        n += 1
-        bar.update(1)
-        if step % log_every == 0 or step % ckpt_every == 0 or step == cfg["max_steps"]:
-            avg = (sums / n).tolist()  # the only host sync
-            sums.zero_()
-            n = 0
-            if not all(map(math.isfinite, avg)):
-                raise common.UserError(f"training diverged: losses D {avg[0]}, G {avg[1]}, R1 {avg[2]} by step {step}; "
-                                       f"stopped without saving, the last good checkpoint {ckpt_path} is kept; "
-                                       f"try a lower --lr/--lr-d or a larger --r1-gamma")
-            bar.set_postfix(d=f"{avg[0]:.3f}", g=f"{avg[1]:.3f}")
-        if rank == 0 and sample_every and step % sample_every == 0 and step < cfg["max_steps"]:
-            save_path = os.path.join(out, f"samples_{step:06d}.png")
-            common.save_grid(sample(ema, sched, 16, shape, device, amp)[0], save_path)
-        if step % ckpt_every == 0 or step == cfg["max_steps"]:
-            save(step)
+    with common.GracefulStop(enabled=world == 1) as stop:
+        while step < cfg["max_steps"]:
+            torch.manual_seed(common.step_seed(args.seed, step, rank))  # per-rank, per-step: exact resume
+            x = next(it)[0].to(device, non_blocking=True)
+            for o, lr in ((opt_g, cfg["lr"]), (opt_d, cfg["lr_d"])):
+                for g in o.param_groups:
+                    g["lr"] = lr_at(step, lr, cfg)
+            losses = train_step(G, D, opt_g, opt_d, sched, x, cfg, step, amp, world)
+            common.ema_update(ema, G, common.ema_decay(step, cfg["ema"]))
+            step += 1
+            sums += torch.stack(losses)
+            n += 1
+            numbers = {}
+            if step % log_every == 0 or step % ckpt_every == 0 or step == cfg["max_steps"] or stop.requested:
+                avg = (sums / n).tolist()  # the only host sync
+                sums.zero_()
+                n = 0
+                if not all(map(math.isfinite, avg)):
+                    raise common.UserError(f"training diverged: losses D {avg[0]}, G {avg[1]}, R1 {avg[2]} by step "
+                                           f"{step}; stopped without saving, the last good checkpoint {ckpt_path} is "
+                                           f"kept; try a lower --lr/--lr-d or a larger --r1-gamma")
+                numbers = {"d": f"{avg[0]:.3f}", "g": f"{avg[1]:.3f}"}
+            bar.update(**numbers)
+            if rank == 0 and sample_every and step % sample_every == 0 and step < cfg["max_steps"]:
+                save_path = os.path.join(out, f"samples_{step:06d}.png")
+                common.save_grid(sample(ema, sched, 16, shape, device, amp)[0], save_path)
+            if step % ckpt_every == 0 or step == cfg["max_steps"] or stop.requested:
+                save(step)
+            stop.check(step, cfg["max_steps"], ckpt_path)
     bar.close()
     if rank == 0:
         print(f"trained to step {step} in {time.time() - t0:.1f}s; checkpoint {ckpt_path}")
@@ -453,43 +458,40 @@ def load(path, device):
     ck = common.load_checkpoint(path, ["ddgan"])
     G = Generator(ck["config"])
     G.load_state_dict(ck["ema"])
-    return G.to(device).eval(), schedule_from(ck["config"]), ck
+    return G.to(device).eval(), schedule_from(ck["config"], device), ck
 
 
 def main(argv=None):
-    p = common.make_parser("ddgan", __doc__, PRESETS)
-    p.add_argument("--timesteps", type=int, help="denoising steps T (default 4; 1 = a one-step GAN); --train only")
-    p.add_argument("--nz", type=int, help="latent z size (default 100)")
-    p.add_argument("--r1-gamma", type=float, help="R1 weight gamma on real pairs (default 0.02; 0 = off)")
-    p.add_argument("--lazy-reg", type=int, help="apply R1 every k steps (default 15; tiny 3)")
-    p.add_argument("--lr-d", type=float, help="discriminator learning rate (--lr is the generator's)")
+    p = common.make_parser("ddgan", __doc__, PRESETS, gifs=True)
+    p.add_argument("--timesteps", type=common.positive_int, help="denoising steps T (default 4; 1 = a one-step "
+                   "GAN); --train only")
+    p.add_argument("--nz", type=common.positive_int, help="latent z size (default 100)")
+    p.add_argument("--r1-gamma", type=common.nonneg_float, help="R1 weight gamma on real pairs (default 0.02; "
+                   "0 = off)")
+    p.add_argument("--lazy-reg", type=common.positive_int, help="apply R1 every k steps (default 15; tiny 3)")
+    p.add_argument("--lr-d", type=common.positive_float, help="discriminator learning rate (--lr is the "
+                   "generator's)")
     args = p.parse_args(argv)
-    cfg = common.make_config(args, PRESETS)
-    for k in ("timesteps", "nz", "r1_gamma", "lazy_reg", "lr_d"):
-        v = getattr(args, k)
-        if v is not None:
-            cfg[k] = v
-    if cfg["timesteps"] < 1:
-        raise common.UserError(f"--timesteps {cfg['timesteps']}: use 1 or more (4 is the paper's CIFAR-10 choice)")
-    if cfg["nz"] < 1:
-        raise common.UserError(f"--nz {cfg['nz']}: the latent needs at least 1 dimension")
-    if cfg["r1_gamma"] < 0 or not math.isfinite(cfg["r1_gamma"]):
-        raise common.UserError(f"--r1-gamma {cfg['r1_gamma']}: use a finite value >= 0")
-    if cfg["lazy_reg"] < 1:
-        raise common.UserError(f"--lazy-reg {cfg['lazy_reg']}: use 1 (every step) or more")
-    for k in ("lr", "lr_d"):
-        if not cfg[k] > 0:
-            raise common.UserError(f"--{k.replace('_', '-')} {cfg[k]}: use a positive learning rate")
-    if args.train:
-        ema, cfg = train(args, cfg)
-        if int(os.environ.get("RANK", 0)) == 0:
-            dev = next(ema.parameters()).device
-            torch.manual_seed(args.seed)
-            x = sample(ema, schedule_from(cfg), args.n_samples or 36,
-                       (cfg["channels"], cfg["image_size"], cfg["image_size"]), dev)[0]
-            common.save_grid(x, os.path.join(args.out, "samples.png"))
-            print(f"samples: {os.path.join(args.out, 'samples.png')}")
-        return
+    cfg = common.make_config(args, PRESETS, keys=("timesteps", "nz", "r1_gamma", "lazy_reg", "lr_d"))
+    with common.claim_out(args.out):
+        if args.train:
+            if args.steps is not None and args.steps != cfg["timesteps"]:
+                raise common.UserError(f"--steps {args.steps}: DDGAN samples in exactly its T = {cfg['timesteps']} "
+                                       "steps; set T with --timesteps")
+            ema, cfg = train(args, cfg)
+            if ema is not None and int(os.environ.get("RANK", 0)) == 0:
+                dev = next(ema.parameters()).device
+                torch.manual_seed(args.seed)
+                x = sample(ema, schedule_from(cfg, dev), args.n_samples or 36,
+                           (cfg["channels"], cfg["image_size"], cfg["image_size"]), dev)[0]
+                common.save_grid(x, os.path.join(args.out, "samples.png"))
+                print(f"samples: {os.path.join(args.out, 'samples.png')}")
+            return
+        return sample_or_evaluate(args)
+
+
+def sample_or_evaluate(args):
+    """--sample (grid + GIF of the T steps) or --eval (FID/KID, recall, coverage) of a trained generator."""
     device = common.get_device(args.device)
     G, sched, ck = load(args.ckpt or os.path.join(args.out, "ckpt.pt"), device)
     c = ck["config"]
@@ -503,10 +505,12 @@ def main(argv=None):
     if args.sample:
         torch.manual_seed(args.seed)
         x, traj = sample(G, sched, args.n_samples or 64, shape, device, amp)
-        common.save_grid(x, os.path.join(args.out, "samples.png"))
-        common.save_gif(traj, os.path.join(args.out, "reverse.gif"), duration=400)
-        print(f"wrote {os.path.join(args.out, 'samples.png')} and {os.path.join(args.out, 'reverse.gif')} "
-              f"({sched.T} network evaluations per image)")
+        paths = [os.path.join(args.out, "samples.png")]
+        common.save_grid(x, paths[0])
+        if not args.no_gif:
+            paths.append(os.path.join(args.out, "reverse.gif"))
+            common.save_gif(traj, paths[1], duration=400)
+        print(f"wrote {' and '.join(paths)} ({sched.T} network evaluations per image)")
         return
     kept = []
 

@@ -34,8 +34,6 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
-
 import common
 
 PRESETS = {  # the same keys and values as ddpm.py, so either script's checkpoint builds the same network
@@ -56,6 +54,7 @@ PRESETS = {  # the same keys and values as ddpm.py, so either script's checkpoin
                   flip=True, log_every=100, sample_every=10_000, ckpt_every=5000),
 }
 DEFAULT_STEPS = 50
+GIF_FRAMES = 20   # snapshots of x_t and of the x_0 predictions in the GIFs
 SWEEP_STEPS = [10, 20, 50, 100, 1000]
 SWEEP_SAMPLERS = [("eta=0", 0.0, False), ("eta=0.5", 0.5, False), ("eta=1", 1.0, False), ("sigma-hat", 1.0, True)]
 
@@ -65,7 +64,8 @@ SWEEP_SAMPLERS = [("eta=0", 0.0, False), ("eta=0.5", 0.5, False), ("eta=1", 1.0,
 # ---------------------------------------------------------------------------------------------
 
 def alphas_cumprod(cfg):
-    """abar_t for t = 0..T-1 (float64), from the checkpoint's beta schedule: the paper's alpha_t."""
+    """abar_t for t = 0..T-1 (float64 on the CPU), from the checkpoint's beta schedule: the paper's alpha_t.
+    The samplers read it as Python floats (abar.tolist()); the loss as float32 on the device."""
     return torch.cumprod(1 - torch.as_tensor(common.beta_schedule(cfg["schedule"], cfg["timesteps"])), 0)
 
 
@@ -143,9 +143,9 @@ def ddim_sample(eps_fn, x, abar, S, eta=0.0, skip="uniform", use_sigma_hat=False
     ts = timestep_subsequence(len(abar), S, skip)
     keep = set(np.linspace(0, S - 1, frames).round().astype(int).tolist()) if frames else set()
     traj = []
-    for i in tqdm(reversed(range(S)), total=S, desc=f"DDIM {S} steps", leave=False, disable=not progress):
+    for i in common.steps_bar(reversed(range(S)), S, f"DDIM {S} steps", progress):
         t = ts[i]
-        a, a_prev = abar[t].item(), abar[ts[i - 1]].item() if i > 0 else 1.0
+        a, a_prev = float(abar[t]), float(abar[ts[i - 1]]) if i > 0 else 1.0
         sigma = ddim_sigma(a, a_prev, 1.0 if use_sigma_hat else eta)
         std = sigma_hat(a, a_prev) if use_sigma_hat and i > 0 else None  # no noise into x_0
         x, x0 = ddim_step(x, eps_fn(x, t), a, a_prev, sigma, std, clip or use_sigma_hat)
@@ -161,9 +161,9 @@ def ddim_invert(eps_fn, x0, abar, S, skip="uniform", progress=False):
     (abar = 1) the network is asked at tau_1, the nearest timestep it knows."""
     ts = timestep_subsequence(len(abar), S, skip)
     x = x0
-    for i in tqdm(range(S), desc=f"DDIM inversion {S} steps", leave=False, disable=not progress):
-        a, t = (abar[ts[i - 1]].item(), ts[i - 1]) if i > 0 else (1.0, ts[0])
-        x, _ = ddim_step(x, eps_fn(x, t), a, abar[ts[i]].item(), 0.0)
+    for i in common.steps_bar(range(S), S, f"DDIM inversion {S} steps", progress):
+        a, t = (float(abar[ts[i - 1]]), ts[i - 1]) if i > 0 else (1.0, ts[0])
+        x, _ = ddim_step(x, eps_fn(x, t), a, float(abar[ts[i]]), 0.0)
     return x
 
 
@@ -188,7 +188,7 @@ def eps_model(net, abar, objective="eps"):
 
     def eps_fn(x, t):
         out = net(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).float()
-        a = abar[t].item()
+        a = float(abar[t])
         if objective == "x0":
             return (x - a ** 0.5 * out) / (1 - a) ** 0.5
         return (1 - a) ** 0.5 * x + a ** 0.5 * out if objective == "v" else out
@@ -196,12 +196,12 @@ def eps_model(net, abar, objective="eps"):
 
 
 def load(path, device):
-    """The EMA network of a ddim.py or ddpm.py checkpoint, its abar (T,) and the checkpoint."""
+    """The EMA network of a ddim.py or ddpm.py checkpoint, its abar (T Python floats) and the checkpoint."""
     ck = common.load_checkpoint(path, ["ddim", "ddpm"])
     model = common.build_unet(ck["config"])
     model.load_state_dict(ck["ema"])
     model = model.to(device, memory_format=torch.channels_last)  # faster convolutions, on CPU too
-    return model.eval(), alphas_cumprod(ck["config"]), ck
+    return model.eval(), alphas_cumprod(ck["config"]).tolist(), ck
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,8 +209,6 @@ def load(path, device):
 # ---------------------------------------------------------------------------------------------
 
 def check_args(args):
-    if args.eta is not None and not 0 <= args.eta <= 1:
-        raise common.UserError(f"--eta {args.eta}: use a value in [0, 1] (0: DDIM, 1: DDPM-like)")
     if args.sigma_hat and args.eta is not None:
         raise common.UserError("--sigma-hat sets the noise itself; give it without --eta")
     if args.sweep and not args.eval:
@@ -222,8 +220,6 @@ def check_args(args):
         raise common.UserError(f"{'--invert' if args.invert else '--interpolate'} goes with --sample")
     if args.invert and args.interpolate:
         raise common.UserError("give --invert or --interpolate, not both")
-    if args.steps is not None and args.steps < 1:
-        raise common.UserError(f"--steps {args.steps}: use at least 1")
 
 
 def sample_images(args, device):
@@ -236,11 +232,14 @@ def sample_images(args, device):
     x_T = torch.randn(args.n_samples or 64, c["channels"], c["image_size"], c["image_size"], device=device)
     with common.autocast(device, args.dtype):
         x, traj = ddim_sample(eps_fn, x_T, abar, S, args.eta or 0.0, args.skip, args.sigma_hat, not args.no_clip,
-                              frames=min(S, 50), progress=True)
+                              frames=0 if args.no_gif else min(S, GIF_FRAMES), progress=True)
     paths = [os.path.join(args.out, f) for f in ("samples.png", "reverse.gif", "x0_pred.gif")]
     common.save_grid(x, paths[0])
-    common.save_gif([xt for xt, _ in traj], paths[1])
-    common.save_gif([x0 for _, x0 in traj], paths[2])
+    if args.no_gif:
+        paths = paths[:1]
+    else:
+        common.save_gif([xt for xt, _ in traj], paths[1])
+        common.save_gif([x0 for _, x0 in traj], paths[2])
     print(f"{S} steps ({args.skip}), {'sigma-hat' if args.sigma_hat else f'eta {args.eta or 0.0:g}'}"
           f"{', unclipped' if args.no_clip and not args.sigma_hat else ''}, "
           f"{ck['script']}.py checkpoint at step {ck['step']}: wrote {', '.join(paths)}")
@@ -291,7 +290,8 @@ def interpolate_images(args, device):
     x = x.float().cpu().view(rows, cols, *shape[1:])
     grid, gif = os.path.join(args.out, "interpolate.png"), os.path.join(args.out, "interpolate.gif")
     common.save_grid(x.flatten(0, 1), grid, nrow=cols)
-    common.save_gif([x[:, k] for k in list(range(cols)) + list(range(cols - 2, 0, -1))], gif, duration=120)
+    if not args.no_gif:
+        common.save_gif([x[:, k] for k in list(range(cols)) + list(range(cols - 2, 0, -1))], gif, duration=120)
     step = (x[:, 1:] - x[:, :-1]).square().flatten(2).mean(2).sqrt()  # RMS change between neighbours
     print(f"slerp between {rows} pairs of noises, {cols} points each, {S} DDIM steps: RMS change between "
           f"neighbours mean {step.mean():.4f}, max {step.max():.4f}; wrote {grid} and {gif}")
@@ -358,10 +358,22 @@ def print_table(rows, steps):
           + ", ".join(f"S={S}: {cells[S]:.4f}" for S in steps) + "\n")
 
 
+def objective(cfg, device):
+    """common.train's objective: L_1 (eq. 5) and the grids' sampler (eq. 12, eta = 0)."""
+    abar = alphas_cumprod(cfg)
+    abar_dev, abar_list = common.on_device(device)(abar), abar.tolist()
+    S = min(DEFAULT_STEPS, len(abar_list))
+
+    def sample_fn(ema, n):
+        x_T = torch.randn(n, cfg["channels"], cfg["image_size"], cfg["image_size"], device=device)
+        return ddim_sample(eps_model(ema, abar_list), x_T, abar_list, S, clip=True)[0]
+    return (lambda net, x, y, caps: loss_simple(net, x, abar_dev)), sample_fn
+
+
 def main(argv=None):
-    p = common.make_parser("ddim", __doc__, PRESETS)
-    p.add_argument("--eta", type=float, help="sigma(eta) of eq. 16 in [0, 1]: 0 deterministic DDIM (default), "
-                   "1 DDPM-like")
+    p = common.make_parser("ddim", __doc__, PRESETS, gifs=True)
+    p.add_argument("--eta", type=common.unit_float, help="sigma(eta) of eq. 16 in [0, 1]: 0 deterministic DDIM "
+                   "(default), 1 DDPM-like")
     p.add_argument("--skip", default="uniform", choices=["uniform", "quad"],
                    help="timestep subsequence: uniform (default) or quad (the paper's CIFAR-10 choice)")
     p.add_argument("--sigma-hat", action="store_true", help="the larger noise sigma^ = sqrt(1 - abar_t / abar_s) "
@@ -377,24 +389,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     check_args(args)
     cfg = common.make_config(args, PRESETS)
-    if args.train:
-        abar = alphas_cumprod(cfg)
-
-        def loss_fn(net, x, y, caps):
-            return loss_simple(net, x, abar)
-
-        def sample_fn(ema, n):
-            dev = next(ema.parameters()).device
-            x_T = torch.randn(n, cfg["channels"], cfg["image_size"], cfg["image_size"], device=dev)
-            return ddim_sample(eps_model(ema, abar), x_T, abar, min(DEFAULT_STEPS, len(abar)), clip=True)[0]
-
-        ema, cfg = common.train("ddim", args, cfg, common.build_unet, loss_fn, sample_fn)
-        if int(os.environ.get("RANK", 0)) == 0:
-            torch.manual_seed(args.seed)
-            path = os.path.join(args.out, "samples.png")
-            common.save_grid(sample_fn(ema.eval(), args.n_samples or 36), path)
-            print(f"samples ({min(DEFAULT_STEPS, cfg['timesteps'])} DDIM steps, eta 0): {path}")
-    else:
+    with common.claim_out(args.out):
+        if args.train:
+            return common.train("ddim", args, cfg, common.build_unet, objective)
         device = common.get_device(args.device)
         if args.eval:
             evaluate(args, device)

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 import common
-from tqdm import tqdm
 
 PRESETS = {
     # seconds, for tests
@@ -36,25 +35,27 @@ PRESETS = {
                   batch_size=128, max_steps=800_000, lr=2e-4, warmup=5000, grad_clip=1.0, ema=0.9999,
                   flip=True, log_every=100, sample_every=10_000, ckpt_every=5000),
 }
+GIF_FRAMES = 20   # snapshots of the reverse process in reverse.gif
 
 
 class Diffusion:
-    """The fixed forward process and everything derived from its betas (float64, then cast)."""
+    """The fixed forward process and everything derived from its betas, computed in float64 and kept as
+    float32 on `device` (common.on_device; device None keeps float64 for the tests of the math)."""
 
-    def __init__(self, betas, objective="eps", var="large"):
-        b = torch.as_tensor(betas, dtype=torch.float64)
-        self.T, self.objective, self.var = len(b), objective, var
-        self.betas = b
-        self.alphas = 1 - b
-        self.abar = torch.cumprod(self.alphas, 0)                           # abar_t = prod_{s<=t} alpha_s
-        self.abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.abar[:-1]])
-        # eq. 7: beta~_t = (1 - abar_{t-1}) / (1 - abar_t) * beta_t ; mu~_t = c0 x_0 + ct x_t
-        self.post_var = b * (1 - self.abar_prev) / (1 - self.abar)
-        self.post_c0 = b * self.abar_prev.sqrt() / (1 - self.abar)
-        self.post_ct = (1 - self.abar_prev) * self.alphas.sqrt() / (1 - self.abar)
+    def __init__(self, betas, objective="eps", var="large", device=None):
+        b = torch.as_tensor(betas, dtype=torch.float64)   # stays float64 on the CPU: respace derives from it
+        keep = common.on_device(device)
+        self.T, self.objective, self.var, self.device, self.betas = len(b), objective, var, device, b
+        alphas = 1 - b
+        abar = torch.cumprod(alphas, 0)                                       # abar_t = prod_{s<=t} alpha_s
+        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        post_var = b * (1 - abar_prev) / (1 - abar)       # eq. 7: beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t
+        self.alphas, self.abar, self.abar_prev, self.post_var = map(keep, (alphas, abar, abar_prev, post_var))
+        self.post_c0 = keep(b * abar_prev.sqrt() / (1 - abar))               # eq. 7: mu~_t = c0 x_0 + ct x_t
+        self.post_ct = keep((1 - abar_prev) * alphas.sqrt() / (1 - abar))
         # beta~_0 = 0: use beta~_1 in its place for the log (and as "large" variance at t=0)
-        self.post_logvar = torch.log(torch.cat([self.post_var[1:2], self.post_var[1:]]))
-        self.large_logvar = torch.log(torch.cat([self.post_var[1:2], b[1:]]))
+        self.post_logvar = keep(torch.log(torch.cat([post_var[1:2], post_var[1:]])))
+        self.large_logvar = keep(torch.log(torch.cat([post_var[1:2], b[1:]])))
 
     def q_sample(self, x0, t, noise):
         """eq. 4: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
@@ -119,7 +120,7 @@ class Diffusion:
         x = torch.randn(shape, device=device)
         keep = set(torch.linspace(self.T - 1, 0, frames).round().long().tolist()) if frames else set()
         traj = []
-        for i in tqdm(reversed(range(self.T)), total=self.T, desc="sampling", leave=False):
+        for i in common.steps_bar(reversed(range(self.T)), self.T, "sampling"):
             t = torch.full((shape[0],), i, device=device, dtype=torch.long)
             x = self.p_sample(model, x, t, clip, **cond)
             if i in keep:
@@ -127,9 +128,10 @@ class Diffusion:
         return x, traj
 
 
-def diffusion_from(cfg):
+def diffusion_from(cfg, device=None):
+    """The config's diffusion; with a device, its schedule as float32 there (Diffusion)."""
     betas = common.beta_schedule(cfg["schedule"], cfg["timesteps"])
-    return Diffusion(betas, cfg["objective"], cfg["var"])
+    return Diffusion(betas, cfg["objective"], cfg["var"], device)
 
 
 def respace(diff, steps):
@@ -138,9 +140,21 @@ def respace(diff, steps):
     forward process with the same marginals q(x_t | x_0). Returns its Diffusion and the t_i (S,) that
     the network, trained on the original timesteps, must be called with."""
     ts = torch.linspace(diff.T - 1, 0, steps, dtype=torch.float64).round().long().flip(0)
-    abar = diff.abar[ts]
+    abar = torch.cumprod(1 - diff.betas, 0)[ts]                  # from the float64 betas, not the float32 copy
     prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-    return Diffusion(1 - abar / prev, diff.objective, diff.var), ts
+    return Diffusion(1 - abar / prev, diff.objective, diff.var, diff.device), ts
+
+
+def with_steps(diff, model, steps):
+    """(diffusion, network) that sample in `steps` steps: the model as it is for all T, else respaced, with
+    the network called at the original timesteps. UserError unless 1 <= steps <= T."""
+    if not 1 <= steps <= diff.T:
+        raise common.UserError(f"--steps {steps}: use 1..{diff.T}, the model's number of timesteps T")
+    if steps == diff.T:
+        return diff, model
+    short, ts = respace(diff, steps)
+    ts = ts.to(diff.device)
+    return short, lambda x, t, **kw: model(x, ts[t], **kw)  # respaced index -> original t
 
 
 def load(path, device):
@@ -148,67 +162,71 @@ def load(path, device):
     ck = common.load_checkpoint(path, ["ddpm"])
     model = common.build_unet(ck["config"])
     model.load_state_dict(ck["ema"])
-    return model.to(device).eval(), diffusion_from(ck["config"]), ck
+    return model.to(device).eval(), diffusion_from(ck["config"], device), ck
+
+
+def objective(args):
+    """common.train's objective: L_simple (eq. 14) and the grids' sampler (Algorithm 2, --steps respaced)."""
+    def make(cfg, device):
+        diff = diffusion_from(cfg, device)
+        shape = (cfg["channels"], cfg["image_size"], cfg["image_size"])
+        with_steps(diff, None, args.steps or diff.T)              # a bad --steps fails before training
+
+        def sample_fn(ema, n):
+            d, net = with_steps(diff, ema, args.steps or diff.T)
+            return d.sample(net, (n, *shape), device, clip=not args.no_clip)[0]
+        return (lambda net, x, y, caps: diff.loss(net, x)), sample_fn
+    return make
+
+
+def sample_images(args):
+    """--sample: a grid of --n-samples (64) and a GIF of the reverse process, in --steps (all T) steps."""
+    device = common.get_device(args.device)
+    model, diff, ck = load(args.ckpt or os.path.join(args.out, "ckpt.pt"), device)
+    c = ck["config"]
+    d, net = with_steps(diff, model, args.steps or diff.T)
+    torch.manual_seed(args.seed)
+    with common.autocast(device, args.dtype):
+        x, traj = d.sample(net, (args.n_samples or 64, c["channels"], c["image_size"], c["image_size"]), device,
+                           clip=not args.no_clip, frames=0 if args.no_gif else GIF_FRAMES)
+    paths = [os.path.join(args.out, "samples.png")] + ([] if args.no_gif else [os.path.join(args.out, "reverse.gif")])
+    common.save_grid(x, paths[0])
+    if not args.no_gif:
+        common.save_gif(traj, paths[1])
+    print(f"{d.T} steps: wrote {' and '.join(paths)}")
+
+
+def evaluate(args):
+    """--eval: FID/KID on common.py's judge; --steps S < T samples on S respaced timesteps."""
+    device = common.get_device(args.device)
+    model, diff, ck = load(args.ckpt or os.path.join(args.out, "ckpt.pt"), device)
+    c = ck["config"]
+    steps = args.steps or diff.T
+    d, net = with_steps(diff, model, steps)
+
+    def sample_fn(n, wanted):
+        with common.autocast(device, args.dtype):
+            return d.sample(net, (n, c["channels"], c["image_size"], c["image_size"]), device,
+                            clip=not args.no_clip)[0]
+
+    common.evaluate("ddpm", args, c, sample_fn, nfe=steps, device=device, info={"steps": steps})
 
 
 def main(argv=None):
-    p = common.make_parser("ddpm", __doc__, PRESETS)
+    p = common.make_parser("ddpm", __doc__, PRESETS, gifs=True)
     p.add_argument("--objective", choices=["eps", "x0", "v"], help="what the network predicts (default eps, eq. 14)")
     p.add_argument("--var", choices=["large", "small"], help="sigma_t^2 = beta_t (large, default) or beta~_t (small)")
     p.add_argument("--schedule", choices=["linear", "cosine", "sigmoid"], help="beta schedule (default linear)")
     p.add_argument("--no-clip", action="store_true", help="do not clip x0_hat to [-1, 1] when sampling")
     args = p.parse_args(argv)
-    cfg = common.make_config(args, PRESETS)
-    for k in ("objective", "var", "schedule"):
-        if getattr(args, k):
-            cfg[k] = getattr(args, k)
-    if args.train:
-        diff = diffusion_from(cfg)
-
-        def loss_fn(net, x, y, caps):
-            return diff.loss(net, x)
-
-        def sample_fn(ema, n):
-            return diff.sample(ema, (n, cfg["channels"], cfg["image_size"], cfg["image_size"]),
-                               next(ema.parameters()).device)[0]
-
-        ema, cfg = common.train("ddpm", args, cfg, common.build_unet, loss_fn, sample_fn)
-        if int(os.environ.get("RANK", 0)) == 0:
-            diff = diffusion_from(cfg)
-            dev = next(ema.parameters()).device
-            torch.manual_seed(args.seed)
-            x = diff.sample(ema, (args.n_samples or 36, cfg["channels"], cfg["image_size"], cfg["image_size"]), dev)[0]
-            common.save_grid(x, os.path.join(args.out, "samples.png"))
-            print(f"samples: {os.path.join(args.out, 'samples.png')}")
-    elif args.sample:
-        device = common.get_device(args.device)
-        model, diff, ck = load(args.ckpt or os.path.join(args.out, "ckpt.pt"), device)
-        c = ck["config"]
-        torch.manual_seed(args.seed)
-        with common.autocast(device, args.dtype):
-            x, traj = diff.sample(model, (args.n_samples or 64, c["channels"], c["image_size"], c["image_size"]),
-                                  device, clip=not args.no_clip, frames=50)
-        common.save_grid(x, os.path.join(args.out, "samples.png"))
-        common.save_gif(traj, os.path.join(args.out, "reverse.gif"))
-        print(f"wrote {os.path.join(args.out, 'samples.png')} and {os.path.join(args.out, 'reverse.gif')}")
-    else:  # --eval: FID/KID on common.py's judge; --steps S < T samples on S respaced timesteps
-        device = common.get_device(args.device)
-        model, diff, ck = load(args.ckpt or os.path.join(args.out, "ckpt.pt"), device)
-        c = ck["config"]
-        steps = args.steps or diff.T
-        if not 1 <= steps <= diff.T:
-            raise common.UserError(f"--steps {steps}: use 1..{diff.T}, the model's number of timesteps T")
-        net = model
-        if steps < diff.T:
-            diff, ts = respace(diff, steps)
-            net = lambda x, t, **kw: model(x, ts.to(t.device)[t], **kw)  # respaced index -> original t
-
-        def sample_fn(n, wanted):
-            with common.autocast(device, args.dtype):
-                return diff.sample(net, (n, c["channels"], c["image_size"], c["image_size"]), device,
-                                   clip=not args.no_clip)[0]
-
-        common.evaluate("ddpm", args, c, sample_fn, nfe=steps, device=device, info={"steps": steps})
+    cfg = common.make_config(args, PRESETS, keys=("objective", "var", "schedule"))
+    with common.claim_out(args.out):
+        if args.train:
+            common.train("ddpm", args, cfg, common.build_unet, objective(args))
+        elif args.sample:
+            sample_images(args)
+        else:
+            evaluate(args)
 
 
 if __name__ == "__main__":

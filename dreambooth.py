@@ -20,7 +20,7 @@ generated). Fine-tuning minimizes (eq. 2, in the eps-parameterization of the bas
     E || eps - eps_theta(z_t, t, c_id) ||^2  +  lambda E || eps' - eps_theta(z'_t', t', c_pr) ||^2,   lambda = 1
 with z = E(x) the latent of an instance image and z' = E(x_pr) that of a class image. As in diffusers'
 train_dreambooth.py, one batch holds [instances..., class images...], one U-Net call predicts both and the
-prediction is split at the number of instances (the order must match the split: pitfall 10). --no-prior
+prediction is split at the number of instances (the order must match the split). --no-prior
 drops the second term (the paper's ablation). The U-Net is fine-tuned (and the text encoder with
 --train-text-encoder), AdamW (0.9, 0.999), weight decay 1e-2, gradient clipping 1, constant low lr, no EMA.
 
@@ -40,7 +40,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
 import common
 
@@ -199,11 +198,11 @@ def sample(model, ae, cfg, tokens, scale=DEFAULT_SCALE, steps=DEFAULT_STEPS, pro
         raise common.UserError(f"--steps {steps}: use 1..{T}, the model's number of timesteps T")
     tok = Tokenizer(cfg["vocab"], cfg["max_len"])
     ctx, mask = model.text(torch.cat([tokens, tok([""] * n)]).to(dev))         # [cond..., null...]
-    abar, r = alphas_cumprod(cfg), cfg["image_size"] // cfg["f"]
+    abar, r = alphas_cumprod(cfg).tolist(), cfg["image_size"] // cfg["f"]
     z = torch.randn(n, cfg["z_ch"], r, r, device=dev)
     ts = [i * T // steps for i in range(steps)]
-    for i in tqdm(reversed(range(steps)), total=steps, desc="sampling", leave=False, disable=not progress):
-        a, a_prev = abar[ts[i]].item(), abar[ts[i - 1]].item() if i > 0 else 1.0
+    for i in common.steps_bar(reversed(range(steps)), steps, "sampling", progress):
+        a, a_prev = abar[ts[i]], abar[ts[i - 1]] if i > 0 else 1.0
         tt = torch.full((2 * n,), ts[i], device=dev, dtype=torch.long)
         e_c, e_u = model.unet(torch.cat([z, z]), tt, context=ctx, mask=mask).float().chunk(2)
         eps = e_u + scale * (e_c - e_u)
@@ -295,7 +294,7 @@ def class_images(base, ae, cfg, prompt, n, folder, device, scale, steps, seed, b
         print(f"dreambooth: generating {n - len(have)} class images for '{prompt}' with the frozen base -> {folder}")
         tok = Tokenizer(cfg["vocab"], cfg["max_len"])
         torch.manual_seed(seed + 1234 + len(have))
-        for s in tqdm(range(len(have), n, batch), desc="class images", dynamic_ncols=True):
+        for s in common.steps_bar(range(len(have), n, batch), math.ceil((n - len(have)) / batch), "class images"):
             k = min(batch, n - s)
             x = sample(base, ae, cfg, tok([prompt] * k), scale, steps)
             for j, im in enumerate(common.to_uint8(x)):
@@ -310,8 +309,27 @@ def class_images(base, ae, cfg, prompt, n, folder, device, scale, steps, seed, b
     return x.float() / 127.5 - 1
 
 
+SETTINGS = ("base", "instance_dir", "identifier", "class_noun", "num_class_images", "prior_weight", "no_prior",
+            "train_text_encoder")  # the flags a --resume takes from the checkpoint
+
+
 def train(args, dcfg):
+    """Fine-tune the base (eq. 2). Checkpoint <out>/ckpt.pt at the end, or of the current step on Ctrl-C, with
+    the optimizer: --resume continues it exactly (every draw of step k is seeded from (seed, k))."""
     device = common.get_device(args.device)
+    path = os.path.join(args.out, "ckpt.pt")
+    ck = None
+    if args.resume:
+        ck = common.load_checkpoint(path, ["dreambooth"])
+        db = ck["dreambooth"]
+        for k in SETTINGS:
+            setattr(args, k, db[k])
+        dcfg = {**dcfg, **{k: db[k] for k in ("batch_size", "lr", "weight_decay", "grad_clip")},
+                "max_steps": args.max_steps or db["max_steps"]}
+        print(f"dreambooth: resuming {path} at step {ck['step']} with its settings ("
+              + ", ".join(f"{k} {db[k]}" for k in SETTINGS if db[k] not in (None, False)) + ")")
+        if common.already_done("dreambooth", ck["step"], dcfg["max_steps"]):
+            return None, None
     base, ae, cfg, bck = load_model(args.base, ("ldm",))
     base, ae = base.to(device), ae.to(device)
     words = Tokenizer.words(args.class_noun)
@@ -322,9 +340,8 @@ def train(args, dcfg):
     if len(ident) != 1:
         raise common.UserError(f"--identifier '{args.identifier}': use one word of letters and digits, e.g. sks")
     ident = ident[0]
-    if ident in cfg["vocab"]:
-        print(f"warning: the identifier '{ident}' is a word the base already knows; DreamBooth wants a rare one",
-              file=sys.stderr)
+    if ident in cfg["vocab"] and ck is None:
+        common.warn(f"the identifier '{ident}' is a word the base already knows; DreamBooth wants a rare one")
     inst_prompt, class_prompt = f"a {ident} {words[0]}", f"a {words[0]}"
     x_inst = instance_images(args, cfg)
     steps = args.steps or DEFAULT_STEPS
@@ -339,7 +356,13 @@ def train(args, dcfg):
         model.text.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=dcfg["lr"], betas=(0.9, 0.999), weight_decay=dcfg["weight_decay"])
-    tok, abar = Tokenizer(cfg["vocab"], cfg["max_len"]), alphas_cumprod(cfg).to(device)
+    step = 0
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+    tok = Tokenizer(cfg["vocab"], cfg["max_len"])
+    abar = common.on_device(device)(alphas_cumprod(cfg))
 
     @torch.no_grad()
     def posterior(x):
@@ -353,51 +376,61 @@ def train(args, dcfg):
     print(f"dreambooth: {len(x_inst)} instance images '{inst_prompt}', "
           f"{'no prior preservation' if x_cls is None else f'{len(x_cls)} class images {class_prompt!r}, lambda {args.prior_weight:g}'}"
           f"; training the U-Net{' and the text encoder' if args.train_text_encoder else ''} "
-          f"({sum(p.numel() for p in params) / 1e6:.2f}M parameters), {dcfg['max_steps']} steps, batch {bs}"
-          f"{'' if x_cls is None else f' + {bs}'}, lr {dcfg['lr']:g}, device {device}")
+          f"({sum(p.numel() for p in params) / 1e6:.2f}M parameters), steps {step} -> {dcfg['max_steps']}, "
+          f"batch {bs}{'' if x_cls is None else f' + {bs}'}, lr {dcfg['lr']:g}, device {device}", flush=True)
+    db = {"identifier": ident, "class_noun": words[0], "instance_prompt": inst_prompt, "class_prompt": class_prompt,
+          "prior": x_cls is not None, "num_instance_images": len(x_inst), **{k: getattr(args, k) for k in SETTINGS},
+          "base": os.path.abspath(args.base), **dcfg}
+
+    def save(step, logs):
+        if not common.all_finite(model):
+            raise common.UserError("fine-tuned weights are not finite; nothing saved; try a lower --lr")
+        common.save_checkpoint({"script": "dreambooth", "kind": "dreambooth", "config": cfg,
+                                "dreambooth": {**db, "last_losses": logs},
+                                "model": {k: v.cpu() for k, v in model.state_dict().items()},
+                                "ae": {k: v.cpu() for k, v in ae.state_dict().items()}, "ae_config": bck["ae_config"],
+                                "opt": opt.state_dict(), "step": step, "seed": args.seed}, path)
+
     model.train()
     amp = common.autocast(device, args.dtype)
-    bar, logs = tqdm(range(dcfg["max_steps"]), desc="dreambooth", dynamic_ncols=True), {}
-    for step in bar:
-        g = torch.Generator().manual_seed(common.step_seed(args.seed, step))
-        i = torch.randint(len(x_inst), (bs,), generator=g)
-        mean, std = inst_post[0][i], inst_post[1][i]
-        toks = [t_inst.expand(bs, -1)]
-        if cls_post is not None:                      # the batch: [instance..., class...]
-            j = torch.randint(len(x_cls), (bs,), generator=g)
-            mean, std = torch.cat([mean, cls_post[0][j]]), torch.cat([std, cls_post[1][j]])
-            toks.append(t_cls.expand(bs, -1))
-        torch.manual_seed(common.step_seed(args.seed, step))
-        z0 = (mean + std * torch.randn_like(mean)) * sf
-        with amp:
-            loss, logs = dreambooth_loss(model, z0.float(), torch.cat(toks).to(device), bs, abar, args.prior_weight)
-        if not torch.isfinite(loss):
-            raise common.UserError(f"loss became {loss.item()} at step {step}; stopped without saving; try a lower --lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, dcfg["grad_clip"])
-        opt.step()
-        if (step + 1) % dcfg["log_every"] == 0:
-            bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
+    bar, logs = common.Progress(dcfg["max_steps"], step, "dreambooth"), {}
+    with common.GracefulStop() as stop:
+        while step < dcfg["max_steps"]:
+            g = torch.Generator().manual_seed(common.step_seed(args.seed, step))
+            i = torch.randint(len(x_inst), (bs,), generator=g)
+            mean, std = inst_post[0][i], inst_post[1][i]
+            toks = [t_inst.expand(bs, -1)]
+            if cls_post is not None:                      # the batch: [instance..., class...]
+                j = torch.randint(len(x_cls), (bs,), generator=g)
+                mean, std = torch.cat([mean, cls_post[0][j]]), torch.cat([std, cls_post[1][j]])
+                toks.append(t_cls.expand(bs, -1))
+            torch.manual_seed(common.step_seed(args.seed, step))
+            z0 = (mean + std * torch.randn_like(mean)) * sf
+            with amp:
+                loss, logs = dreambooth_loss(model, z0.float(), torch.cat(toks).to(device), bs, abar,
+                                             args.prior_weight)
+            if not torch.isfinite(loss):
+                raise common.UserError(f"loss became {loss.item()} at step {step}; stopped without saving; try a "
+                                       "lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, dcfg["grad_clip"])
+            opt.step()
+            step += 1
+            bar.update(**({k: f"{v:.4f}" for k, v in logs.items()} if step % dcfg["log_every"] == 0 else {}))
+            if stop.requested:
+                save(step, logs)
+            stop.check(step, dcfg["max_steps"], path)
+    bar.close()
     model.eval()
-    db = {"identifier": ident, "class_noun": words[0], "instance_prompt": inst_prompt, "class_prompt": class_prompt,
-          "prior": x_cls is not None, "prior_weight": args.prior_weight, "num_class_images": 0 if x_cls is None
-          else len(x_cls), "num_instance_images": len(x_inst), "train_text_encoder": args.train_text_encoder,
-          "base": os.path.abspath(args.base), **dcfg, "last_losses": logs}
-    path = os.path.join(args.out, "ckpt.pt")
-    if not common.all_finite(model):
-        raise common.UserError("fine-tuned weights are not finite; nothing saved; try a lower --lr")
-    common.save_checkpoint({"script": "dreambooth", "kind": "dreambooth", "config": cfg, "dreambooth": db,
-                            "model": {k: v.cpu() for k, v in model.state_dict().items()},
-                            "ae": {k: v.cpu() for k, v in ae.state_dict().items()}, "ae_config": bck["ae_config"],
-                            "step": dcfg["max_steps"], "seed": args.seed}, path)
+    save(step, logs)
     common.save_grid(x_inst, os.path.join(args.out, "instance_images.png"))
     torch.manual_seed(args.seed)
     n = args.n_samples or 8
     x = sample(model, ae, cfg, tok([inst_prompt] * n + [class_prompt] * n), DEFAULT_SCALE if args.scale is None
                else args.scale, steps)
     common.save_grid(x, os.path.join(args.out, "samples.png"), nrow=n)
-    print(f"fine-tuned in {dcfg['max_steps']} steps; checkpoint {path}; samples.png: row 1 '{inst_prompt}', "
+    print(f"fine-tuned to step {step}; checkpoint {path}; samples.png: row 1 '{inst_prompt}', "
           f"row 2 '{class_prompt}'")
     return model, base
 
@@ -565,38 +598,27 @@ def main(argv=None):
                    "of the shapes subject, a ring)")
     p.add_argument("--identifier", default="sks", help="the rare identifier word [V] (default sks)")
     p.add_argument("--class-noun", default="circle", help="the subject's class noun (default circle)")
-    p.add_argument("--num-class-images", type=int, default=100, help="prior-preservation images (default 100)")
-    p.add_argument("--prior-weight", type=float, default=1.0, help="lambda of the prior loss (default 1)")
+    p.add_argument("--num-class-images", type=common.positive_int, default=100, help="prior-preservation images "
+                   "(default 100)")
+    p.add_argument("--prior-weight", type=common.nonneg_float, default=1.0, help="lambda of the prior loss "
+                   "(default 1)")
     p.add_argument("--no-prior", action="store_true", help="no prior preservation (the ablation)")
     p.add_argument("--train-text-encoder", action="store_true", help="fine-tune the text encoder too")
     p.add_argument("--prompt", help="--sample: the prompt (default the instance prompt, 'a sks circle')")
-    p.add_argument("--scale", type=float, help=f"classifier-free guidance scale (default {DEFAULT_SCALE:g})")
+    p.add_argument("--scale", type=common.nonneg_float, help=f"classifier-free guidance scale (default "
+                   f"{DEFAULT_SCALE:g})")
     args = p.parse_args(argv)
     for k in ("image_size", "channels"):
         if getattr(args, k) is not None:
             raise common.UserError(f"--{k.replace('_', '-')}: set by the base checkpoint; drop it")
-    if args.resume:
-        raise common.UserError("--resume: DreamBooth runs are short; start again with --train")
     if args.prompt is not None and not args.sample:
         raise common.UserError("--prompt goes with --sample")
-    if args.num_class_images < 1 and not args.no_prior:
-        raise common.UserError(f"--num-class-images {args.num_class_images}: use at least 1 (or --no-prior)")
-    if args.prior_weight < 0:
-        raise common.UserError(f"--prior-weight {args.prior_weight}: use lambda >= 0")
-    if args.scale is not None and args.scale < 0:
-        raise common.UserError(f"--scale {args.scale}: use s >= 0")
-    if args.steps is not None and args.steps < 1:
-        raise common.UserError(f"--steps {args.steps}: use at least 1")
-    dcfg = dict(PRESETS[args.preset])
-    for k in ("max_steps", "batch_size", "lr"):
-        if getattr(args, k) is not None:
-            dcfg[k] = getattr(args, k)
-        if dcfg[k] <= 0:
-            raise common.UserError(f"--{k.replace('_', '-')} must be positive, got {dcfg[k]}")
-    if args.train:
-        return train(args, dcfg)
-    device = common.get_device(args.device)
-    return evaluate(args, device) if args.eval else sample_images(args, device)
+    dcfg = common.make_config(args, PRESETS)
+    with common.claim_out(args.out):
+        if args.train:
+            return train(args, dcfg)
+        device = common.get_device(args.device)
+        return evaluate(args, device) if args.eval else sample_images(args, device)
 
 
 if __name__ == "__main__":

@@ -44,8 +44,6 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
-
 import common
 
 # ADM Sec. 3: AdaGN and BigGAN up/down blocks. Residuals scaled by 1/sqrt(2) are one of the options ADM's Table 1
@@ -77,11 +75,13 @@ PRESETS = {
                   clf_ch=128, clf_ch_mult=[1, 2, 3, 4], clf_depth=4, clf_attn_res=[32, 16, 8], clf_steps=300_000,
                   clf_batch=256, clf_lr=3e-4, clf_wd=0.05),
 }
+GIF_FRAMES = 20             # snapshots of the reverse process in reverse.gif
 DEFAULT_STEPS = 100          # respaced sampling steps (IDDPM Sec. 4: learned sigmas hold up at 100; ADM used 250)
 DEFAULT_SCALE = 1.0          # ADM's guidance scale for ImageNet 64
 LAMBDA_VLB = 0.001           # IDDPM eq. 16
 SWEEP_SCALES = [0.0, 0.5, 1.0, 2.0, 5.0, 10.0]
 SWEEP_STEPS = [25, 50, 100]
+CLASSIFIER_STREAM = 500_009  # common.step_seed's stream for the classifier, apart from the diffusion model's
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,23 +117,27 @@ def mean_flat(x):
 # ---------------------------------------------------------------------------------------------
 
 class Diffusion:
-    """Everything derived from the betas (float64, cast at use). var: 'learned' (IDDPM eq. 15), 'large'
-    (sigma^2 = beta_t) or 'small' (beta~_t). timestep_map[i] is the original timestep of step i, which the
-    network and the classifier are called with (the identity unless respaced)."""
+    """Everything derived from the betas, computed in float64 and kept as float32 on `device`
+    (common.on_device; device None keeps float64 for the tests of the math). var: 'learned' (IDDPM eq. 15),
+    'large' (sigma^2 = beta_t) or 'small' (beta~_t). timestep_map[i] is the original timestep of step i,
+    which the network and the classifier are called with (the identity unless respaced)."""
 
-    def __init__(self, betas, var="learned", timestep_map=None):
-        b = torch.as_tensor(betas, dtype=torch.float64)
-        self.T, self.var, self.betas = len(b), var, b
-        self.abar = torch.cumprod(1 - b, 0)
-        self.abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.abar[:-1]])
-        self.post_var = b * (1 - self.abar_prev) / (1 - self.abar)                        # beta~_t
-        self.post_c0 = b * self.abar_prev.sqrt() / (1 - self.abar)                         # mu~_t = c0 x_0 + ct x_t
-        self.post_ct = (1 - self.abar_prev) * (1 - b).sqrt() / (1 - self.abar)
+    def __init__(self, betas, var="learned", timestep_map=None, device=None):
+        b = torch.as_tensor(betas, dtype=torch.float64)   # stays float64 on the CPU: respace derives from it
+        keep = common.on_device(device)
+        self.T, self.var, self.betas, self.device = len(b), var, b, device
+        abar = torch.cumprod(1 - b, 0)
+        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        post_var = b * (1 - abar_prev) / (1 - abar)                                           # beta~_t
         # beta~_0 = 0: its log is clipped to log beta~_1, as in the official code (with one step, log beta_0)
-        self.post_logvar = torch.log(torch.cat([self.post_var[1:2], self.post_var[1:]])) if self.T > 1 else b.log()
-        self.log_betas = b.log()
-        self.large_logvar = torch.cat([self.post_logvar[:1], self.log_betas[1:]])           # DDPM's fixedlarge
-        self.timestep_map = torch.arange(self.T) if timestep_map is None else torch.as_tensor(timestep_map)
+        post_logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]])) if self.T > 1 else b.log()
+        self.abar, self.abar_prev, self.post_var, self.post_logvar = map(keep, (abar, abar_prev, post_var, post_logvar))
+        self.post_c0 = keep(b * abar_prev.sqrt() / (1 - abar))                                # mu~_t = c0 x_0 + ct x_t
+        self.post_ct = keep((1 - abar_prev) * (1 - b).sqrt() / (1 - abar))
+        self.log_betas = keep(b.log())
+        self.large_logvar = keep(torch.cat([post_logvar[:1], b.log()[1:]]))                   # DDPM's fixedlarge
+        tmap = torch.arange(self.T) if timestep_map is None else torch.as_tensor(timestep_map)
+        self.timestep_map = tmap if device is None else tmap.to(device)
 
     def q_sample(self, x0, t, noise):
         """DDPM eq. 4: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
@@ -162,7 +166,7 @@ class Diffusion:
 
     def model_output(self, model, xt, t, y=None):
         """The network at the original timestep of step t (respacing), in float32."""
-        return model(xt, self.timestep_map.to(t.device)[t], y).float()
+        return model(xt, self.timestep_map[t], y).float()
 
     def p_mean_variance(self, model, xt, t, y=None, clip=True, out=None):
         """p_theta(x_{t-1} | x_t) = N(mu~_t(x_t, x0_hat), Sigma): x0_hat from eps (clipped to [-1, 1] when
@@ -211,7 +215,7 @@ class Diffusion:
         p = self.p_mean_variance(model, x, t, y, clip)
         mean = p["mean"]
         if guide is not None:
-            mean = condition_mean(mean, p["logvar"], guide(x, self.timestep_map.to(t.device)[t]))
+            mean = condition_mean(mean, p["logvar"], guide(x, self.timestep_map[t]))
         nonzero = (t > 0).float().view(-1, *([1] * (x.ndim - 1)))
         return mean + nonzero * (0.5 * p["logvar"]).exp() * torch.randn_like(x)
 
@@ -224,7 +228,7 @@ class Diffusion:
         x0 = p["x0"]
         if guide is not None:
             eps = condition_score(eps, common.extract(self.abar, t, x.shape),
-                                  guide(x, self.timestep_map.to(t.device)[t]))
+                                  guide(x, self.timestep_map[t]))
             x0 = self.x0_from_eps(x, t, eps)
         a, a_prev = common.extract(self.abar, t, x.shape), common.extract(self.abar_prev, t, x.shape)
         sigma = eta * ((1 - a_prev) / (1 - a)).sqrt() * (1 - a / a_prev).sqrt()
@@ -238,8 +242,7 @@ class Diffusion:
         x = torch.randn(shape, device=device) if x is None else x
         keep = set(torch.linspace(self.T - 1, 0, frames).round().long().tolist()) if frames else set()
         traj = []
-        for i in tqdm(reversed(range(self.T)), total=self.T, desc=f"{sampler} {self.T} steps", leave=False,
-                      disable=not progress):
+        for i in common.steps_bar(reversed(range(self.T)), self.T, f"{sampler} {self.T} steps", progress):
             t = torch.full((shape[0],), i, device=device, dtype=torch.long)
             if sampler == "ddim":
                 x = self.ddim_step(model, x, t, y, clip, guide, eta)
@@ -250,8 +253,8 @@ class Diffusion:
         return x, traj
 
 
-def diffusion_from(cfg, var=None):
-    return Diffusion(common.beta_schedule(cfg["schedule"], cfg["timesteps"]), var or cfg["var"])
+def diffusion_from(cfg, var=None, device=None):
+    return Diffusion(common.beta_schedule(cfg["schedule"], cfg["timesteps"]), var or cfg["var"], device=device)
 
 
 def space_timesteps(T, steps):
@@ -269,9 +272,9 @@ def respace(diff, steps):
     abar_{S_{i-1}} (abar before the first is 1): a shorter process with the same q(x_t | x_0) on the kept
     steps. Its beta~' follow from beta', so the learned v interpolates between the respaced bounds."""
     kept = torch.as_tensor(space_timesteps(diff.T, steps))
-    abar = diff.abar[kept]
+    abar = torch.cumprod(1 - diff.betas, 0)[kept]                # from the float64 betas, not the float32 copy
     prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-    return Diffusion(1 - abar / prev, diff.var, timestep_map=diff.timestep_map[kept])
+    return Diffusion(1 - abar / prev, diff.var, diff.timestep_map.cpu()[kept], diff.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,10 +400,11 @@ def classifier_accuracy(clf, diff, data, device, n=256, seed=0):
 
 def train_classifier(args, cfg, data, device):
     """ADM's classifier training: AdamW (weight decay clf_wd), lr annealed linearly to 0, its own checkpoint
-    <out>/classifier.pt (atomic; resumed with --resume). Every random draw of step k is seeded from (seed, k)."""
+    <out>/classifier.pt (atomic; resumed with --resume; Ctrl-C saves the current step). Every random draw of
+    step k is seeded from (seed, k)."""
     path = os.path.join(args.out, "classifier.pt")
     ccfg = classifier_config(cfg, data.num_classes)
-    diff = diffusion_from(cfg)
+    diff = diffusion_from(cfg, device=device)
     torch.manual_seed(args.seed + 1)
     clf = build_classifier(ccfg).to(device)
     opt = common.make_optimizer(clf.parameters(), ccfg["lr"], ccfg["weight_decay"], device=device)
@@ -410,6 +414,8 @@ def train_classifier(args, cfg, data, device):
         clf.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         step = ck["step"]
+    if common.already_done("guided: the classifier", step, ccfg["steps"]):
+        return clf.eval()
 
     def save(step, acc=None):
         common.save_checkpoint({"script": "guided", "kind": "classifier", "config": ccfg, "model": clf.state_dict(),
@@ -420,26 +426,27 @@ def train_classifier(args, cfg, data, device):
     it = common.batches(data, ccfg["batch_size"], args.seed + 1, step, flip=cfg.get("flip", False) and not data.endless)
     amp = common.autocast(device, args.dtype)
     clf.train()
-    bar = tqdm(total=ccfg["steps"], initial=step, desc="classifier", dynamic_ncols=True)
-    ckpt_every = cfg.get("ckpt_every", 1000)
-    while step < ccfg["steps"]:
-        torch.manual_seed(common.step_seed(args.seed, step, stream=500_009))
-        x, y, _ = next(it)
-        for g in opt.param_groups:
-            g["lr"] = ccfg["lr"] * (1 - step / ccfg["steps"])
-        with amp:
-            loss = classifier_loss(clf, diff, x.to(device), y.to(device))
-        if not torch.isfinite(loss):
-            raise common.UserError(f"classifier loss became {loss.item()} at step {step}; the last good checkpoint "
-                                   f"{path} is kept; try a lower clf_lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % ckpt_every == 0 and step < ccfg["steps"]:
-            save(step)
+    bar = common.Progress(ccfg["steps"], step, "classifier")
+    ckpt_every, log_every = cfg.get("ckpt_every", 1000), cfg.get("log_every", 50)
+    with common.GracefulStop() as stop:
+        while step < ccfg["steps"]:
+            torch.manual_seed(common.step_seed(args.seed, step, stream=CLASSIFIER_STREAM))
+            x, y, _ = next(it)
+            for g in opt.param_groups:
+                g["lr"] = ccfg["lr"] * (1 - step / ccfg["steps"])
+            with amp:
+                loss = classifier_loss(clf, diff, x.to(device), y.to(device))
+            if not torch.isfinite(loss):
+                raise common.UserError(f"classifier loss became {loss.item()} at step {step}; the last good "
+                                       f"checkpoint {path} is kept; try a lower clf_lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            bar.update(**({"loss": f"{loss.item():.4f}"} if step % log_every == 0 else {}))
+            if (step % ckpt_every == 0 and step < ccfg["steps"]) or stop.requested:
+                save(step)
+            stop.check(step, ccfg["steps"], path)
     bar.close()
     clf.eval()
     held = common.load_data(args.data, cfg["image_size"], cfg["channels"], seed=args.seed, train=False)
@@ -461,7 +468,7 @@ def load(path, device):
                                "model; pass the model's ckpt.pt with --ckpt")
     model = common.build_unet(ck["config"])
     model.load_state_dict(ck["ema"])
-    return model.to(device, memory_format=torch.channels_last).eval(), diffusion_from(ck["config"]), ck
+    return model.to(device, memory_format=torch.channels_last).eval(), diffusion_from(ck["config"], device=device), ck
 
 
 def load_classifier_checkpoint(path):
@@ -483,18 +490,10 @@ def load_classifier(path, device, T):
 
 
 def check_args(args):
-    if args.scale is not None and args.scale < 0:
-        raise common.UserError(f"--scale {args.scale}: use a guidance scale >= 0 (0: no guidance)")
-    if args.cls is not None and args.cls < 0:
-        raise common.UserError(f"--class {args.cls}: use a class index >= 0")
     if args.cls is not None and not args.sample:
         raise common.UserError("--class goes with --sample (--eval asks for the held-out images' labels)")
-    if args.eta is not None and not 0 <= args.eta <= 1:
-        raise common.UserError(f"--eta {args.eta}: use a value in [0, 1]")
     if args.eta is not None and args.sampler != "ddim":
         raise common.UserError("--eta goes with --sampler ddim")
-    if args.steps is not None and args.steps < 1:
-        raise common.UserError(f"--steps {args.steps}: use at least 1")
     if args.sweep and not args.eval:
         raise common.UserError("--sweep goes with --eval")
     if args.sweep and args.scale is not None:
@@ -502,8 +501,6 @@ def check_args(args):
                                "drop --scale")
     if (args.scales or args.sweep_steps) and not args.sweep:
         raise common.UserError("--scales/--sweep-steps go with --eval --sweep")
-    if any(x < 0 for x in args.scales or []) or any(n < 1 for n in args.sweep_steps or []):
-        raise common.UserError("--scales must be >= 0 and --sweep-steps >= 1")
     if args.baseline and not args.sweep:
         raise common.UserError("--baseline goes with --eval --sweep")
     if args.sweep and args.var:
@@ -513,8 +510,6 @@ def check_args(args):
                         ("--clf-steps", args.clf_steps is not None)):
         if given and not args.train:
             raise common.UserError(f"{flag} goes with --train (the checkpoint holds it)")
-    if args.clf_steps is not None and args.clf_steps < 0:
-        raise common.UserError(f"--clf-steps {args.clf_steps}: use 0 (no classifier) or more")
 
 
 class Sampler:
@@ -529,7 +524,7 @@ class Sampler:
             if var == "learned" and self.cfg["var"] != "learned":
                 raise common.UserError(f"{path} was trained with fixed variances; --var learned needs a model "
                                        "trained with it (the default)")
-            self.diff = Diffusion(self.diff.betas, var)
+            self.diff = Diffusion(self.diff.betas, var, device=device)
         self.classifier, self.clf_ck = None, None
         scale = DEFAULT_SCALE if args.scale is None else args.scale
         if need_classifier if need_classifier is not None else scale > 0:
@@ -577,10 +572,11 @@ def sample_images(args, device):
     else:
         labels, nrow, what = None, None, "unconditional"
     torch.manual_seed(args.seed)
-    x, traj = s.sample(n, labels, scale, steps, frames=min(steps, 50), progress=True)
-    paths = [os.path.join(args.out, "samples.png"), os.path.join(args.out, "reverse.gif")]
+    x, traj = s.sample(n, labels, scale, steps, frames=0 if args.no_gif else min(steps, GIF_FRAMES), progress=True)
+    paths = [os.path.join(args.out, "samples.png")] + ([] if args.no_gif else [os.path.join(args.out, "reverse.gif")])
     common.save_grid(x, paths[0], nrow)
-    common.save_gif(traj, paths[1], nrow)
+    if not args.no_gif:
+        common.save_gif(traj, paths[1], nrow)
     print(f"{what}, scale {scale:g}, {steps} {args.sampler} steps, {s.diff.var} variance, step-{s.ck['step']} "
           f"checkpoint: wrote {', '.join(paths)}")
 
@@ -669,46 +665,41 @@ def print_tables(rows):
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    p = common.make_parser("guided", __doc__, PRESETS)
-    p.add_argument("--class", dest="cls", type=int, help="--sample: the class to draw (shapes: 0 circle, "
-                   "1 square, 2 triangle, 3 cross); default: every class, one per column")
-    p.add_argument("--scale", type=float, help=f"classifier guidance scale s >= 0 (default {DEFAULT_SCALE:g}; 0: none)")
+    p = common.make_parser("guided", __doc__, PRESETS, gifs=True)
+    p.add_argument("--class", dest="cls", type=common.nonneg_int, help="--sample: the class to draw (shapes: "
+                   "0 circle, 1 square, 2 triangle, 3 cross); default: every class, one per column")
+    p.add_argument("--scale", type=common.nonneg_float, help=f"classifier guidance scale s >= 0 (default "
+                   f"{DEFAULT_SCALE:g}; 0: none)")
     p.add_argument("--sampler", default="ancestral", choices=["ancestral", "ddim"],
                    help="ancestral (ADM Algorithm 1, default) or ddim (Algorithm 2)")
-    p.add_argument("--eta", type=float, help="--sampler ddim: the DDIM noise eta in [0, 1] (default 0)")
+    p.add_argument("--eta", type=common.unit_float, help="--sampler ddim: the DDIM noise eta in [0, 1] (default 0)")
     p.add_argument("--var", choices=["learned", "large", "small"], help="--train: learned sigmas with the hybrid "
                    "loss (default) or a fixed sigma^2 = beta_t (large) / beta~_t (small) with L_simple; "
                    "--sample/--eval: sample a learned model with a fixed variance instead")
     p.add_argument("--schedule", choices=["cosine", "linear"], help="--train: beta schedule (default cosine)")
     p.add_argument("--class-cond", action="store_true", help="--train: a class-conditional diffusion model "
                    "(class embedding added to the time embedding), as ADM's ImageNet models")
-    p.add_argument("--clf-steps", type=int, help="--train: classifier training steps (default: the preset's; 0: none)")
+    p.add_argument("--clf-steps", type=common.nonneg_int, help="--train: classifier training steps (default: the "
+                   "preset's; 0: none)")
     p.add_argument("--classifier", help="classifier checkpoint (default: classifier.pt beside --ckpt)")
     p.add_argument("--no-clip", action="store_true", help="do not clip x0_hat to [-1, 1] when sampling")
     p.add_argument("--sweep", action="store_true", help=f"with --eval: scales {SWEEP_SCALES} (FID, KID, accuracy, "
                    f"precision, recall) at --steps (default {DEFAULT_STEPS}), then no guidance at {SWEEP_STEPS} "
                    "respaced steps; --n-samples per row")
-    p.add_argument("--scales", type=float, nargs="+", metavar="S", help=f"with --sweep: the guidance scales "
-                   f"(default {' '.join(f'{x:g}' for x in SWEEP_SCALES)})")
-    p.add_argument("--sweep-steps", type=int, nargs="+", metavar="N", help=f"with --sweep: the respaced steps "
-                   f"(default {' '.join(map(str, SWEEP_STEPS))})")
+    p.add_argument("--scales", type=common.nonneg_float, nargs="+", metavar="S", help=f"with --sweep: the "
+                   f"guidance scales (default {' '.join(f'{x:g}' for x in SWEEP_SCALES)})")
+    p.add_argument("--sweep-steps", type=common.positive_int, nargs="+", metavar="N", help=f"with --sweep: the "
+                   f"respaced steps (default {' '.join(map(str, SWEEP_STEPS))})")
     p.add_argument("--baseline", metavar="CKPT", help="with --sweep: a fixed-variance guided.py model (--train "
                    "--var large) to compare at the same respaced steps, with beta_t and beta~_t")
     args = p.parse_args(argv)
     check_args(args)
-    cfg = common.make_config(args, PRESETS)
-    if args.var:
-        cfg["var"] = args.var
-    if args.schedule:
-        cfg["schedule"] = args.schedule
-    if args.class_cond:
-        cfg["class_cond"] = True
-    if args.clf_steps is not None:
-        cfg["clf_steps"] = args.clf_steps
-    if not args.train:
+    cfg = common.make_config(args, PRESETS, keys=("var", "schedule", "class_cond", "clf_steps"))
+    with common.claim_out(args.out):
+        if args.train:
+            return train(args, cfg)
         device = common.get_device(args.device)
         return evaluate(args, device) if args.eval else sample_images(args, device)
-    train(args, cfg)
 
 
 def labelled_data(args, cfg):
@@ -719,41 +710,45 @@ def labelled_data(args, cfg):
     return data
 
 
-def train(args, cfg):
-    """--train: the diffusion model (common.train with the hybrid loss), then, on rank 0, the classifier."""
-    cfg["out_ch"] = 2 * cfg["channels"] if cfg["var"] == "learned" else cfg["channels"]
-    data = labelled_data(args, cfg) if cfg["class_cond"] or cfg["clf_steps"] > 0 else None
-    if cfg["class_cond"]:
-        cfg["num_classes"] = "data"
-    diff = diffusion_from(cfg)
+def objective(cfg, device):
+    """common.train's objective: the hybrid loss (IDDPM eq. 16) and unguided, respaced grids."""
+    diff = diffusion_from(cfg, device=device)
+    grid_steps = respace(diff, min(DEFAULT_STEPS, diff.T))
 
     def loss_fn(net, x, y, caps):
         return diff.hybrid_loss(net, x, y if cfg["class_cond"] else None)
 
-    def sample_fn(ema, n):  # the training loop's sample grids: no guidance, respaced
+    def sample_fn(ema, n):
         k = common.unwrap(ema).num_classes
-        y = torch.arange(n, device=next(ema.parameters()).device) % k if k else None
-        d = respace(diff, min(DEFAULT_STEPS, diff.T))
-        return d.sample(ema, (n, cfg["channels"], cfg["image_size"], cfg["image_size"]),
-                        next(ema.parameters()).device, y=y)[0]
+        y = torch.arange(n, device=device) % k if k else None
+        return grid_steps.sample(ema, (n, cfg["channels"], cfg["image_size"], cfg["image_size"]), device, y=y)[0]
+    return loss_fn, sample_fn
 
-    ema, cfg = common.train("guided", args, cfg, common.build_unet, loss_fn, sample_fn,
-                            extra_state=lambda: {"kind": "diffusion"})
+
+def train(args, cfg):
+    """--train: the diffusion model (common.train with the hybrid loss), then, on rank 0, the classifier and a
+    grid from the pair."""
+    ck = None
+    if args.resume:
+        cfg, ck = common.resume_config("guided", args, changeable=("max_steps", "clf_steps"))
+    else:
+        cfg["out_ch"] = 2 * cfg["channels"] if cfg["var"] == "learned" else cfg["channels"]
+        cfg["num_classes"] = "data" if cfg["class_cond"] else None
+    steps = args.steps or min(DEFAULT_STEPS, cfg["timesteps"])
+    space_timesteps(cfg["timesteps"], steps)                      # a bad --steps fails before training
+    data = labelled_data(args, cfg) if cfg["class_cond"] or cfg["clf_steps"] > 0 else None
+    ema, cfg = common.train("guided", args, cfg, common.build_unet, objective, ck=ck, data=data,
+                            extra_state=lambda: {"kind": "diffusion"}, final_grid=False)
     if int(os.environ.get("RANK", 0)) != 0:
         return
-    if args.clf_steps is not None:
-        cfg["clf_steps"] = args.clf_steps
     device = next(ema.parameters()).device
-    clf = None
-    if cfg["clf_steps"] > 0:
-        data = data or labelled_data(args, cfg)
-        clf = train_classifier(args, cfg, data, device)
+    clf = train_classifier(args, cfg, data, device) if cfg["clf_steps"] > 0 else None
     # a grid from the trained pair: one class per column, guided at --scale (default 1) if there is a classifier
     k = data.num_classes if clf is not None else cfg.get("num_classes")
     scale = (DEFAULT_SCALE if args.scale is None else args.scale) if clf is not None else 0.0
     n = args.n_samples or 36
     y = torch.arange(n, device=device) % k if k else None
-    d = respace(diffusion_from(cfg), args.steps or min(DEFAULT_STEPS, cfg["timesteps"]))
+    d = respace(diffusion_from(cfg, device=device), steps)
     torch.manual_seed(args.seed)
     with common.autocast(device, args.dtype):
         x = d.sample(ema.eval(), (n, cfg["channels"], cfg["image_size"], cfg["image_size"]), device,

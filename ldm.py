@@ -44,7 +44,6 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import common
 
@@ -90,6 +89,7 @@ PRESETS = {
 DEFAULT_STEPS = 50
 DEFAULT_SCALE = 3.0
 SWEEP_SCALES = [1.0, 2.0, 3.0, 5.0, 7.5]
+AE_STREAM = 700_001   # common.step_seed's stream for the autoencoder, apart from the diffusion model's
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,31 +260,32 @@ def load_ae(path):
     return ae.eval().requires_grad_(False), acfg, ck
 
 
-def train_autoencoder(args, cfg, device, path):
+def train_autoencoder(args, cfg, device, path, data=None):
     """Stage 1: Adam(0.5, 0.9) on the autoencoder, another on the discriminator (hinge loss) once
-    step >= disc_start. Atomic checkpoint <path>; --resume continues it; a non-finite loss stops
-    training and keeps the last good checkpoint. Returns the autoencoder (eval mode)."""
+    step >= disc_start. Atomic checkpoint <path>; --resume continues it (only --ae-steps may change); a
+    non-finite loss stops training and keeps the last good checkpoint; Ctrl-C saves the current step.
+    Returns the autoencoder (eval mode)."""
     acfg = ae_config(cfg)
-    ae_levels(acfg)
-    if acfg["image_size"] % acfg["f"]:
-        raise common.UserError(f"--image-size {acfg['image_size']} must be divisible by --f {acfg['f']}")
-    data = common.load_data(args.data, acfg["image_size"], acfg["channels"], seed=args.seed)
+    ck = None
+    if args.resume and os.path.exists(path):
+        acfg, ck = common.resume_config("ldm", args, path=path, changeable=("ae_steps",))
+        if ck.get("kind") != "autoencoder":
+            raise common.UserError(f"{path} is not an ldm.py autoencoder checkpoint")
+    data = data or common.load_data(args.data, acfg["image_size"], acfg["channels"], seed=args.seed)
     torch.manual_seed(args.seed + 2)
     ae = AutoencoderKL(acfg).to(device)
     disc = PatchDiscriminator(acfg["channels"], acfg["disc_ch"]).to(device)
     opt = torch.optim.Adam(ae.parameters(), lr=acfg["ae_lr"], betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=acfg["ae_lr"], betas=(0.5, 0.9))
     step = 0
-    if args.resume and os.path.exists(path):
-        ck = common.load_checkpoint(path, ["ldm"])
-        if ck.get("kind") != "autoencoder":
-            raise common.UserError(f"{path} is not an ldm.py autoencoder checkpoint")
-        acfg = {**ck["config"], "ae_steps": acfg["ae_steps"]}
+    if ck is not None:
         ae.load_state_dict(ck["model"])
         disc.load_state_dict(ck["disc"])
         opt.load_state_dict(ck["opt"])
         opt_d.load_state_dict(ck["opt_d"])
         step = ck["step"]
+    if common.already_done("ldm: the autoencoder", step, acfg["ae_steps"]):
+        return ae.eval().requires_grad_(False)
 
     def save(step, extra=None):
         if not common.all_finite(ae):
@@ -295,36 +296,37 @@ def train_autoencoder(args, cfg, device, path):
 
     print(f"ldm: autoencoder f={acfg['f']} ({acfg['image_size']}x{acfg['image_size']}x{acfg['channels']} -> "
           f"{acfg['image_size'] // acfg['f']}x{acfg['image_size'] // acfg['f']}x{acfg['z_ch']}), "
-          f"{common.count_params(ae) / 1e6:.2f}M parameters, steps {step} -> {acfg['ae_steps']}, {path}")
+          f"{common.count_params(ae) / 1e6:.2f}M parameters, steps {step} -> {acfg['ae_steps']}, {path}", flush=True)
     it = common.batches(data, acfg["ae_batch"], args.seed + 2, step)
     amp = common.autocast(device, args.dtype)
     ae.train()
-    bar = tqdm(total=acfg["ae_steps"], initial=step, desc="autoencoder", dynamic_ncols=True)
-    ckpt_every = cfg.get("ckpt_every", 1000)
-    while step < acfg["ae_steps"]:
-        torch.manual_seed(common.step_seed(args.seed, step, stream=700_001))
-        x = next(it)[0].to(device)
-        use_gan = acfg["disc"] and step >= acfg["disc_start"]
-        with amp:
-            loss, rec, logs = ae_losses(ae, x, acfg, disc, use_gan)
-        if not torch.isfinite(loss):
-            raise common.UserError(f"autoencoder loss became {loss.item()} at step {step}; stopped, the last good "
-                                   f"checkpoint {path} is kept; try a lower ae_lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if use_gan:
+    bar = common.Progress(acfg["ae_steps"], step, "autoencoder")
+    ckpt_every, log_every = cfg.get("ckpt_every", 1000), cfg.get("log_every", 50)
+    with common.GracefulStop() as stop:
+        while step < acfg["ae_steps"]:
+            torch.manual_seed(common.step_seed(args.seed, step, stream=AE_STREAM))
+            x = next(it)[0].to(device)
+            use_gan = acfg["disc"] and step >= acfg["disc_start"]
             with amp:
-                d_loss = hinge_d_loss(disc(x).float(), disc(rec.detach()).float())
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
-            logs["d"] = d_loss.item()
-        step += 1
-        bar.update(1)
-        bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
-        if step % ckpt_every == 0 and step < acfg["ae_steps"]:
-            save(step)
+                loss, rec, logs = ae_losses(ae, x, acfg, disc, use_gan)
+            if not torch.isfinite(loss):
+                raise common.UserError(f"autoencoder loss became {loss.item()} at step {step}; stopped, the last "
+                                       f"good checkpoint {path} is kept; try a lower ae_lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if use_gan:
+                with amp:
+                    d_loss = hinge_d_loss(disc(x).float(), disc(rec.detach()).float())
+                opt_d.zero_grad(set_to_none=True)
+                d_loss.backward()
+                opt_d.step()
+                logs["d"] = d_loss.item()
+            step += 1
+            bar.update(**({k: f"{v:.3g}" for k, v in logs.items()} if step % log_every == 0 else {}))
+            if (step % ckpt_every == 0 and step < acfg["ae_steps"]) or stop.requested:
+                save(step)
+            stop.check(step, acfg["ae_steps"], path)
     bar.close()
     ae.eval()
     held = common.load_data(args.data, acfg["image_size"], acfg["channels"], seed=args.seed, train=False)
@@ -509,6 +511,7 @@ class Conditioner:
 # ---------------------------------------------------------------------------------------------
 
 def alphas_cumprod(cfg):
+    """abar_t, t = 0..T-1, float64 on the CPU: the samplers read Python floats, the loss a float32 copy."""
     b = common.beta_schedule(cfg["schedule"], cfg["timesteps"], cfg["beta_start"], cfg["beta_end"])
     return torch.cumprod(1 - torch.as_tensor(b, dtype=torch.float64), 0)
 
@@ -562,13 +565,14 @@ def ddim_step(z, eps, a, a_prev, eta=0.0):
 
 @torch.no_grad()
 def sample_latents(eps_fn, z, abar, steps, eta=0.0, progress=False):
-    """From z_T over the timesteps i T / S, i = S-1 .. 0, ending at abar = 1 (not abar_0: pitfall 5)."""
+    """From z_T over the timesteps i T / S, i = S-1 .. 0, ending at abar = 1 (not abar_0), so that the last step
+    returns the predicted z_0 itself (Song et al. 2021, eq. 12 with alpha_0 = 1)."""
     T = len(abar)
     if not 1 <= steps <= T:
         raise common.UserError(f"--steps {steps}: use 1..{T}, the model's number of timesteps T")
     ts = [i * T // steps for i in range(steps)]
-    for i in tqdm(reversed(range(steps)), total=steps, desc="sampling", leave=False, disable=not progress):
-        a, a_prev = abar[ts[i]].item(), abar[ts[i - 1]].item() if i > 0 else 1.0
+    for i in common.steps_bar(reversed(range(steps)), steps, "sampling", progress):
+        a, a_prev = float(abar[ts[i]]), float(abar[ts[i - 1]]) if i > 0 else 1.0
         z = ddim_step(z, eps_fn(z, ts[i]), a, a_prev, eta)
     return z
 
@@ -590,7 +594,7 @@ class Sampler:
         self.ae = AutoencoderKL(ck["ae_config"])
         self.ae.load_state_dict(ck["ae"])
         self.ae = self.ae.to(device).eval()
-        self.cond, self.abar = Conditioner(self.cfg), alphas_cumprod(self.cfg)
+        self.cond, self.abar = Conditioner(self.cfg), alphas_cumprod(self.cfg).tolist()
 
     @torch.no_grad()
     def sample(self, captions=None, labels=None, scale=DEFAULT_SCALE, steps=DEFAULT_STEPS, eta=0.0, progress=False):
@@ -607,80 +611,97 @@ def build_model(cfg):
 
 
 def train(args, cfg):
-    """--train: the autoencoder first (if <ae> is missing), then stage 2 through common.train."""
+    """--train: the autoencoder first (if <ae> is missing, or unfinished with --resume), then stage 2 through
+    common.train."""
     device, rank, world = common.setup_distributed(args.device)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    if args.resume:
-        cfg = {**common.load_checkpoint(ckpt_path, ["ldm"])["config"], "max_steps": cfg["max_steps"]}
     ae_path = args.ae or os.path.join(args.out, "ae.pt")
-    if not args.resume and not os.path.exists(ae_path):
-        if world > 1:
-            raise common.UserError(f"{ae_path} not found: train the autoencoder first with `python ldm.py --train-ae`"
-                                   " in one process")
-        train_autoencoder(args, cfg, device, ae_path)
-    ae, acfg, _ = load_ae(ckpt_path if args.resume else ae_path)  # resuming: the checkpoint's own copy
-    for k in ("image_size", "channels", "f"):
-        if acfg[k] != cfg[k] and not args.resume:
-            raise common.UserError(f"{ae_path} has {k} {acfg[k]} but {cfg[k]} was asked; pass --ae with a matching "
-                                   "autoencoder or delete it to train a new one")
-    cfg.update(ae_config(acfg) if not args.resume else {})
-    r = cfg["image_size"] // cfg["f"]
-    if r % 2 ** (len(cfg["ch_mult"]) - 1):
-        raise common.UserError(f"latents are {r}x{r} (--image-size {cfg['image_size']} / --f {cfg['f']}), not divisible"
-                               f" by {2 ** (len(cfg['ch_mult']) - 1)} for this preset's latent U-Net")
-    ae = ae.to(device)
-    if not args.resume:
-        data = common.load_data(args.data, cfg["image_size"], cfg["channels"], seed=args.seed)
-        if cfg["cond"] == "text":
-            caps = training_captions(data)
-            cfg["vocab"] = Tokenizer.build(caps, cfg["max_len"]).vocab
-            if len(cfg["vocab"]) == len(Tokenizer.SPECIALS):
-                raise common.UserError(f"--data {args.data} has no captions; use --cond class")
-        else:
-            if not data.num_classes or data.num_classes < 2:
-                raise common.UserError(f"--data {args.data} has no class labels; use --cond text with captions")
-            cfg["num_classes"] = data.num_classes
-        cfg["scale_factor"] = measure_scale(ae, data, device, cfg["scale_n"], seed=args.seed)
+    ck = None
+    if args.resume and (os.path.exists(ckpt_path) or not os.path.exists(ae_path)):
+        cfg, ck = common.resume_config("ldm", args)   # stage 2 under way: its checkpoint holds its autoencoder
+    data = common.load_data(args.data, cfg["image_size"], cfg["channels"], seed=args.seed)
+    if ck is None:
+        stage2_conditions(args, cfg, data)           # no captions / labels: say so before stage 1
+        if not os.path.exists(ae_path) or args.resume:
+            if world > 1:
+                raise common.UserError(f"{ae_path} not found: train the autoencoder first with `python ldm.py "
+                                       "--train-ae` in one process")
+            train_autoencoder(args, cfg, device, ae_path, data)
+    ae, acfg, ae_ck = load_ae(ckpt_path if ck is not None else ae_path)  # resuming: the checkpoint's own copy
+    if ck is None:
+        if ae_ck.get("step", acfg["ae_steps"]) < acfg["ae_steps"]:
+            common.warn(f"{ae_path} stopped at step {ae_ck['step']} of {acfg['ae_steps']}; using it as it is "
+                        "(--train --resume would finish it first)")
+        for k in ("image_size", "channels", "f"):
+            if acfg[k] != cfg[k]:
+                raise common.UserError(f"{ae_path} has {k} {acfg[k]} but {cfg[k]} was asked; pass --ae with a "
+                                       "matching autoencoder or delete it to train a new one")
+        cfg.update(ae_config(acfg))
+        cfg["scale_factor"] = measure_scale(ae.to(device), data, device, cfg["scale_n"], seed=args.seed)
         print(f"ldm: latent scale 1/std(z) = {cfg['scale_factor']:.5f} (measured on {cfg['scale_n']} images)")
-    cond, abar = Conditioner(cfg), alphas_cumprod(cfg)
+    ae = ae.to(device)
+    r = cfg["image_size"] // cfg["f"]
+    cond, abar = Conditioner(cfg), alphas_cumprod(cfg).tolist()
     ae_state = {k: v.cpu() for k, v in ae.state_dict().items()}
     held = common.load_data(args.data, cfg["image_size"], cfg["channels"], seed=args.seed, train=False)
-
-    def loss_fn(net, x, y, caps):
-        with torch.no_grad():
-            z0 = ae.encode(x).sample() * cfg["scale_factor"]
-        if cfg["cond"] == "text" and cfg.get("p_partial", 0) > 0:  # a fraction p_partial of the captions made
-            u = torch.rand(len(caps), 4).tolist()                    # partial, each phrase kept with prob. 1/2
-            caps = [partial_caption(c, [v >= 0.5 for v in r[1:]]) if r[0] < cfg["p_partial"] else c
-                    for c, r in zip(caps, u)]
-        c = cond.drop(cond(caps, y.cpu()), cfg["p_uncond"]).to(x.device)
-        return ldm_loss(net, z0.float(), c, abar)
 
     def held_cond(n):
         items = [held[i % len(held)] if not held.endless else held[i] for i in range(n)]
         return [it[2] for it in items], [it[1] for it in items]
 
-    def sample_fn(ema, n, steps=DEFAULT_STEPS):
+    def grid(ema, n, steps=DEFAULT_STEPS):
         caps, labels = held_cond(n)
-        dev = next(ema.parameters()).device
-        c = cond(caps, labels).to(dev)
-        z = torch.randn(n, cfg["z_ch"], r, r, device=dev)
-        z = sample_latents(guided_eps_fn(ema, c, cond.null(n).to(dev), DEFAULT_SCALE), z, abar, steps)
+        c = cond(caps, labels).to(device)
+        z = torch.randn(n, cfg["z_ch"], r, r, device=device)
+        z = sample_latents(guided_eps_fn(ema, c, cond.null(n).to(device), DEFAULT_SCALE), z, abar, steps)
         return ae.decode(z / cfg["scale_factor"]).float().clamp(-1, 1)
 
-    ema, cfg = common.train("ldm", args, cfg, build_model, loss_fn, sample_fn,
+    def objective(cfg, device):
+        abar_dev = common.on_device(device)(alphas_cumprod(cfg))
+
+        def loss_fn(net, x, y, caps):
+            with torch.no_grad():
+                z0 = ae.encode(x).sample() * cfg["scale_factor"]
+            if cfg["cond"] == "text" and cfg.get("p_partial", 0) > 0:  # a fraction p_partial of the captions
+                u = torch.rand(len(caps), 4).tolist()                    # made partial, each phrase kept w.p. 1/2
+                caps = [partial_caption(c, [v >= 0.5 for v in r[1:]]) if r[0] < cfg["p_partial"] else c
+                        for c, r in zip(caps, u)]
+            c = cond.drop(cond(caps, y.cpu()), cfg["p_uncond"]).to(x.device)
+            return ldm_loss(net, z0.float(), c, abar_dev)
+        return loss_fn, grid
+
+    steps = min(args.steps or DEFAULT_STEPS, cfg["timesteps"])
+    ema, cfg = common.train("ldm", args, cfg, build_model, objective, ck=ck, data=data, final_grid=False,
                             extra_state=lambda: {"kind": "ldm", "ae": ae_state, "ae_config": ae_config(acfg)})
-    if rank == 0:
+    if rank == 0 and not (ck is not None and ck["step"] >= cfg["max_steps"]):
         torch.manual_seed(args.seed)
         n = args.n_samples or 36
-        x = sample_fn(ema.eval(), n, min(args.steps or DEFAULT_STEPS, cfg["timesteps"]))
-        path = os.path.join(args.out, "samples.png")
-        common.save_grid(x, path)
+        with torch.no_grad():
+            x = grid(ema.eval(), n, steps)
         caps, labels = held_cond(n)
-        with open(os.path.join(args.out, "samples.txt"), "w") as f:
-            f.write("\n".join(caps if cfg["cond"] == "text" else map(str, labels)) + "\n")
+        write_grid(x, caps if cfg["cond"] == "text" else labels, args.out)
         print(f"samples (scale {DEFAULT_SCALE:g}, held-out {'captions' if cfg['cond'] == 'text' else 'labels'}, "
-              f"see samples.txt): {path}")
+              f"see samples.txt): {os.path.join(args.out, 'samples.png')}")
+
+
+def stage2_conditions(args, cfg, data):
+    """The vocabulary (text) or the classes (class) of stage 2, from the data: UserError where there are none."""
+    if cfg["cond"] == "text":
+        caps = training_captions(data)
+        cfg["vocab"] = Tokenizer.build(caps, cfg["max_len"]).vocab
+        if len(cfg["vocab"]) == len(Tokenizer.SPECIALS):
+            raise common.UserError(f"--data {args.data} has no captions; use --cond class")
+    else:
+        if not data.num_classes or data.num_classes < 2:
+            raise common.UserError(f"--data {args.data} has no class labels; use --cond text with captions")
+        cfg["num_classes"] = data.num_classes
+
+
+def write_grid(x, conditions, out):
+    """samples.png and, beside it, samples.txt: the caption or class of each image, row by row."""
+    common.save_grid(x, os.path.join(out, "samples.png"))
+    with open(os.path.join(out, "samples.txt"), "w") as f:
+        f.write("\n".join(map(str, conditions)) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -688,12 +709,6 @@ def train(args, cfg):
 # ---------------------------------------------------------------------------------------------
 
 def check_args(args):
-    if args.scale is not None and args.scale < 0:
-        raise common.UserError(f"--scale {args.scale}: use s >= 0 (0 unconditional, 1 conditional, > 1 guided)")
-    if args.eta is not None and not 0 <= args.eta <= 1:
-        raise common.UserError(f"--eta {args.eta}: use a value in [0, 1] (0: DDIM, 1: DDPM)")
-    if args.steps is not None and args.steps < 1:
-        raise common.UserError(f"--steps {args.steps}: use at least 1")
     if (args.prompt is not None or args.label is not None) and not args.sample:
         raise common.UserError(f"{'--prompt' if args.prompt is not None else '--class'} goes with --sample")
     if args.prompt is not None and args.label is not None:
@@ -747,10 +762,11 @@ def sample_images(args, device):
     with common.autocast(device, args.dtype):
         x = smp.sample(captions, labels, scale, steps, eta, progress=True)
     path = os.path.join(args.out, "samples.png")
-    common.save_grid(x, path)
+    write_grid(x, captions if c["cond"] == "text" else labels, args.out)
     what = f"'{args.prompt}'" if args.prompt is not None else (f"class {args.label}" if args.label is not None
                                                                 else "held-out conditions")
-    print(f"{n} samples for {what}, scale {scale:g}, {steps} steps (eta {eta:g}), {time.time() - t0:.2f}s: {path}")
+    print(f"{n} samples for {what}, scale {scale:g}, {steps} steps (eta {eta:g}), {time.time() - t0:.2f}s: {path} "
+          "(conditions in samples.txt)")
 
 
 def evaluate(args, device):
@@ -816,36 +832,32 @@ def main(argv=None):
     p.add_argument("--cond", choices=["text", "class"], help="condition on captions (default) or class labels")
     p.add_argument("--f", type=int, choices=[4, 8], help="the autoencoder's downsampling factor (default 4)")
     p.add_argument("--ae", metavar="PATH", help="the autoencoder checkpoint (default <out>/ae.pt)")
-    p.add_argument("--ae-steps", type=int, help="autoencoder training steps (default: from the preset)")
+    p.add_argument("--ae-steps", type=common.nonneg_int, help="autoencoder training steps (default: from the preset)")
     p.add_argument("--prompt", help="--sample: the caption to draw (text models)")
-    p.add_argument("--class", dest="label", type=int, help="--sample: the class to draw (class models)")
-    p.add_argument("--scale", type=float, help=f"classifier-free guidance scale s (default {DEFAULT_SCALE:g}; "
-                   "1: conditional, 0: unconditional)")
+    p.add_argument("--class", dest="label", type=common.nonneg_int, help="--sample: the class to draw (class models)")
+    p.add_argument("--scale", type=common.nonneg_float, help=f"classifier-free guidance scale s (default "
+                   f"{DEFAULT_SCALE:g}; 1: conditional, 0: unconditional)")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"],
                    help=f"ddim (eta 0, {DEFAULT_STEPS} steps, default) or ddpm (ancestral, eta 1, all T steps)")
-    p.add_argument("--eta", type=float, help="DDIM's eta in [0, 1] (overrides --sampler's)")
+    p.add_argument("--eta", type=common.unit_float, help="DDIM's eta in [0, 1] (overrides --sampler's)")
     p.add_argument("--sweep", action="store_true", help="--eval: every s in {1, 2, 3, 5, 7.5}")
     p.add_argument("--recon", action="store_true", help="--eval: the autoencoder's reconstruction PSNR and rFID")
     args = p.parse_args(argv)
     check_args(args)
-    cfg = common.make_config(args, PRESETS)
-    for k in ("cond", "f", "ae_steps"):
-        if getattr(args, k) is not None:
-            cfg[k] = getattr(args, k)
-    if cfg["ae_steps"] < 0:
-        raise common.UserError(f"--ae-steps {cfg['ae_steps']}: use 0 or more")
-    if args.train_ae:
-        train_autoencoder(args, cfg, common.get_device(args.device), args.ae or os.path.join(args.out, "ae.pt"))
-    elif args.train:
-        train(args, cfg)
-    else:
-        device = common.get_device(args.device)
-        if args.eval and args.recon:
-            evaluate_ae(args, device)
-        elif args.eval:
-            evaluate(args, device)
+    cfg = common.make_config(args, PRESETS, keys=("cond", "f", "ae_steps"))
+    with common.claim_out(args.out):
+        if args.train_ae:
+            train_autoencoder(args, cfg, common.get_device(args.device), args.ae or os.path.join(args.out, "ae.pt"))
+        elif args.train:
+            train(args, cfg)
         else:
-            sample_images(args, device)
+            device = common.get_device(args.device)
+            if args.eval and args.recon:
+                evaluate_ae(args, device)
+            elif args.eval:
+                evaluate(args, device)
+            else:
+                sample_images(args, device)
 
 
 if __name__ == "__main__":

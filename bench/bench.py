@@ -113,14 +113,14 @@ def bench_sampling(cfg, device, amp, n=16):
     steps, both under torch.inference_mode, for a network of this config."""
     torch.manual_seed(0)
     model = common.build_unet(cfg).to(device).eval()
-    diff = ddpm.diffusion_from(cfg)
+    diff = ddpm.diffusion_from(cfg, device)
     shape = (n, cfg["channels"], cfg["image_size"], cfg["image_size"])
     with amp:
         t0 = time.perf_counter()
         diff.sample(model, shape, device)
         sync(device)
         ddpm_s = time.perf_counter() - t0
-        abar = ddim.alphas_cumprod(cfg)
+        abar = ddim.alphas_cumprod(cfg).tolist()
         t0 = time.perf_counter()
         ddim.ddim_sample(ddim.eps_model(model, abar), torch.randn(shape, device=device), abar, 50)
         sync(device)

@@ -72,12 +72,12 @@ def compare_ldm(args):
     b, size = args.batch, cfg["image_size"]
     x = torch.stack([data[i][0] for i in range(b)])
     caps = [data[i][2] for i in range(b)]
-    cond, abar = ldm.Conditioner(cfg), ldm.alphas_cumprod(cfg)
-    abar_pix = ddim.alphas_cumprod(pcfg)
+    cond, abar = ldm.Conditioner(cfg), ldm.alphas_cumprod(cfg).float()   # float32 on the CPU, as ldm.py trains
+    abar_pix = ddim.alphas_cumprod(pcfg).tolist()
     unet.train()
     net.train()
 
-    diff = ddpm.diffusion_from(pcfg)
+    diff = ddpm.diffusion_from(pcfg, "cpu")
 
     def pixel_loss():  # ddpm.py's L_simple
         return diff.loss(unet, x)
@@ -117,7 +117,7 @@ def compare_ddgan(args):
     unet, pcfg = pixel_model(args.preset)
     n, size = args.n, pcfg["image_size"]
     shape = (pcfg["channels"], size, size)
-    abar = ddim.alphas_cumprod(pcfg)
+    abar = ddim.alphas_cumprod(pcfg).tolist()
     rows = []
     with torch.inference_mode():
         for T in (ddgan.PRESETS[args.preset]["timesteps"], 1):  # the paper's T and the one-step GAN
@@ -125,7 +125,7 @@ def compare_ddgan(args):
             torch.manual_seed(0)
             G = ddgan.Generator(gcfg).eval()
             t0 = time.perf_counter()
-            ddgan.sample(G, ddgan.schedule_from(gcfg), n, shape, "cpu")
+            ddgan.sample(G, ddgan.schedule_from(gcfg, "cpu"), n, shape, "cpu")
             rows.append({"sampler": f"ddgan.py, T = {T}", "nfe": T, "params_M": common.count_params(G) / 1e6,
                          "s_per_image": (time.perf_counter() - t0) / n})
         for steps in (4, 50):
@@ -134,7 +134,7 @@ def compare_ddgan(args):
             rows.append({"sampler": f"ddim.py, {steps} steps", "nfe": steps, "params_M": common.count_params(unet) / 1e6,
                          "s_per_image": (time.perf_counter() - t0) / n})
         t0 = time.perf_counter()
-        ddpm.diffusion_from(pcfg).sample(unet, (n, *shape), "cpu")
+        ddpm.diffusion_from(pcfg, "cpu").sample(unet, (n, *shape), "cpu")
         rows.append({"sampler": f"ddpm.py, {pcfg['timesteps']} steps", "nfe": pcfg["timesteps"],
                      "params_M": common.count_params(unet) / 1e6, "s_per_image": (time.perf_counter() - t0) / n})
     return rows

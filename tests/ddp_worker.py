@@ -12,7 +12,7 @@ out, ranks = sys.argv[1], sys.argv[2]
 args = common.make_parser("ddpm", "", ddpm.PRESETS).parse_args(
     ["--train", "--preset", "tiny", "--max-steps", "4", "--batch-size", "4", "--out", out, "--device", "cpu"])
 cfg = common.make_config(args, ddpm.PRESETS)
-diff = ddpm.diffusion_from(cfg)
+diff = ddpm.diffusion_from(cfg, "cpu")
 model_box = {}
 rank = int(os.environ["RANK"])
 os.makedirs(ranks, exist_ok=True)
@@ -32,6 +32,7 @@ def build(c):
     return model_box["m"]
 
 
-common.train("ddpm", args, cfg, build, lambda net, x, y, caps: diff.loss(net, x), None)
+common.train("ddpm", args, cfg, build, lambda c, dev: (lambda net, x, y, caps: diff.loss(net, x), None),
+             final_grid=False)
 torch.save(model_box["m"].state_dict(), os.path.join(ranks, f"rank{rank}.pt"))
 torch.distributed.destroy_process_group()

@@ -88,7 +88,7 @@ def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path):
     args = common.make_parser("ddpm", "", ddpm.PRESETS).parse_args(
         ["--train", "--preset", "tiny", "--out", out, "--max-steps", "30"])
     cfg = common.make_config(args, ddpm.PRESETS)
-    diff = ddpm.diffusion_from(cfg)
+    diff = ddpm.diffusion_from(cfg, "cpu")
     calls = {"n": 0}
 
     def loss_fn(net, x, y, caps):
@@ -97,7 +97,7 @@ def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path):
         return loss * float("nan") if calls["n"] > 12 else loss
 
     with pytest.raises(common.UserError, match="kept"):
-        common.train("ddpm", args, cfg, common.build_unet, loss_fn, None)
+        common.train("ddpm", args, cfg, common.build_unet, lambda c, dev: (loss_fn, None), final_grid=False)
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ck["step"] == 10  # the checkpoint of step 10 (ckpt_every=10) survives; 20 was never written
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
@@ -109,13 +109,14 @@ def test_training_writes_periodic_sample_grids(tmp_path):
     args = common.make_parser("ddpm", "", ddpm.PRESETS).parse_args(
         ["--train", "--preset", "tiny", "--out", out, "--max-steps", "10"])
     cfg = {**common.make_config(args, ddpm.PRESETS), "sample_every": 4}
-    diff = ddpm.diffusion_from(cfg)
+    diff = ddpm.diffusion_from(cfg, "cpu")
     sizes = []
 
     def sample_fn(ema, n):
         sizes.append(n)
         return diff.sample(ema, (n, 3, 16, 16), "cpu")[0]
-    common.train("ddpm", args, cfg, common.build_unet, lambda net, x, y, caps: diff.loss(net, x), sample_fn)
+    common.train("ddpm", args, cfg, common.build_unet, lambda c, dev: (lambda net, x, y, caps: diff.loss(net, x),
+                                                                       sample_fn), final_grid=False)
     assert sorted(f for f in os.listdir(out) if f.startswith("samples_")) == ["samples_000004.png", "samples_000008.png"]
     assert sizes == [16, 16] and Image.open(os.path.join(out, "samples_000004.png")).size == (4 * 16 + 5 * 2,) * 2
 

@@ -45,7 +45,7 @@ def test_posterior_sampling_matches_closed_forms():
     N = 200_000
     for i in range(4):
         t = torch.full((N,), i)
-        x0, xt1 = torch.full((N, 1), 0.3), torch.full((N, 1), -0.7)
+        x0, xt1 = torch.full((N, 1), 0.3, dtype=torch.float64), torch.full((N, 1), -0.7, dtype=torch.float64)
         x = s.sample_posterior(x0, xt1, t)
         b = s.betas[1:]
         abar = torch.cumprod(1 - b, 0)
@@ -139,7 +139,7 @@ def test_train_steps_change_both_networks_and_stay_finite():
     opt_g = common.make_optimizer(G.parameters(), cfg["lr"], betas=(0.5, 0.9))
     opt_d = common.make_optimizer(D.parameters(), cfg["lr_d"], betas=(0.5, 0.9))
     g0, d0 = {k: v.clone() for k, v in G.state_dict().items()}, {k: v.clone() for k, v in D.state_dict().items()}
-    sched = ddgan.schedule_from(cfg)
+    sched = ddgan.schedule_from(cfg, "cpu")
     data = common.load_data("shapes", 16, 3)
     x, _, _ = next(common.batches(data, 8, 0))
     r1s = []
@@ -166,7 +166,7 @@ def test_sampler_makes_exactly_T_generator_calls():
     G = ddgan.Generator(cfg)
     calls = []
     G.register_forward_hook(lambda m, a, o: calls.append(a[1].tolist()))
-    ddgan.sample(G, ddgan.schedule_from(cfg), 2, (3, 16, 16), "cpu")
+    ddgan.sample(G, ddgan.schedule_from(cfg, "cpu"), 2, (3, 16, 16), "cpu")
     assert calls == [[2, 2], [1, 1], [0, 0]]
 
 

@@ -98,7 +98,7 @@ def test_eta1_step_is_the_ddpm_posterior_mean_and_variance(sched, t):
 def test_clipped_eta1_step_is_ddpm_clipped_posterior_and_eta0_has_no_noise(sched):
     betas, abar = sched
     torch.manual_seed(0)
-    t, x, eps = 50, 3 * torch.randn(64, 2), torch.randn(64, 2)
+    t, x, eps = 50, 3 * torch.randn(64, 2, dtype=torch.float64), torch.randn(64, 2, dtype=torch.float64)
     a, ap = abar[t].item(), abar[t - 1].item()
     mean, x0 = ddim.ddim_step(x, eps, a, ap, ddim.ddim_sigma(a, ap, 1.0), clip=True, noise=torch.zeros_like(x))
     assert x0.abs().max() <= 1 and (ddim.predict_x0(x, eps, a).abs() > 1).any()  # clipping did something
@@ -156,7 +156,7 @@ def test_eta1_every_step_is_ddpm_ancestral_sampling_and_sigma_hat_is_ddpm_large(
     mu, s = 0.3, 0.5
     eps_fn = gaussian_eps(abar, mu, s)
     for var, kw in [("small", dict(eta=1.0)), ("large", dict(use_sigma_hat=True))]:
-        d = ddpm.Diffusion(betas, var=var)
+        d = ddpm.Diffusion(betas, var=var, device="cpu")  # float32, as the scripts sample
         torch.manual_seed(0)
         ref, _ = d.sample(lambda x, t: eps_fn(x, t[0].item()), (500, 1), "cpu", clip=var == "large")
         torch.manual_seed(0)

@@ -69,13 +69,13 @@ def test_q_sample_empirical_moments(diff):
 @pytest.mark.parametrize("t", [1, 5, 100, 999])
 def test_posterior_matches_bayes_rule(diff, t):
     # prior x_{t-1} | x_0 ~ N(sqrt(abar_{t-1}) x0, 1 - abar_{t-1}); likelihood x_t | x_{t-1} ~ N(sqrt(alpha_t) x_{t-1}, beta_t)
-    x0, xt = torch.tensor([[0.3], [-0.9]]), torch.tensor([[1.2], [0.1]])
+    x0, xt = torch.tensor([[0.3], [-0.9]], dtype=torch.float64), torch.tensor([[1.2], [0.1]], dtype=torch.float64)
     ap, al, be = diff.abar[t - 1].item(), diff.alphas[t].item(), diff.betas[t].item()
     prec = 1 / (1 - ap) + al / be
     var = 1 / prec
     mean = var * (math.sqrt(ap) * x0 / (1 - ap) + math.sqrt(al) * xt / be)
     m, logvar = diff.q_posterior(x0, xt, torch.tensor([t, t]))
-    torch.testing.assert_close(m, mean.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m, mean, rtol=1e-12, atol=1e-12)  # the float64 schedule: exact
     assert logvar.exp()[0].item() == pytest.approx(var, rel=1e-5)
 
 
@@ -88,7 +88,7 @@ def test_posterior_variance_at_zero_is_clipped_not_minus_inf(diff):
 
 def test_eps_x0_v_conversions_round_trip(diff):
     torch.manual_seed(0)
-    x0, eps = torch.randn(6, 3, 4, 4), torch.randn(6, 3, 4, 4)
+    x0, eps = torch.randn(6, 3, 4, 4, dtype=torch.float64), torch.randn(6, 3, 4, 4, dtype=torch.float64)
     t = torch.tensor([0, 1, 10, 400, 800, 999])
     xt = diff.q_sample(x0, t, eps)
     torch.testing.assert_close(diff.x0_from_eps(xt, t, eps), x0, atol=2e-3, rtol=1e-4)

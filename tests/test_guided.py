@@ -68,15 +68,15 @@ def test_learned_variance_interpolates_between_beta_tilde_and_beta(cosine):
     d = cosine
     t = torch.arange(1, d.T)
     shape = (len(t), 1)
-    b, bt = d.betas[1:].float()[:, None], d.post_var[1:].float()[:, None]
-    torch.testing.assert_close(d.learned_logvar(torch.ones(shape), t).exp(), b, rtol=1e-5, atol=0)
-    torch.testing.assert_close(d.learned_logvar(-torch.ones(shape), t).exp(), bt, rtol=1e-5, atol=0)
-    torch.testing.assert_close(d.learned_logvar(torch.zeros(shape), t).exp(), (b * bt).sqrt(), rtol=1e-5, atol=0)
+    b, bt = d.betas[1:][:, None], d.post_var[1:][:, None]                  # the float64 schedule
+    torch.testing.assert_close(d.learned_logvar(torch.ones(shape, **f64), t).exp(), b, rtol=1e-5, atol=0)
+    torch.testing.assert_close(d.learned_logvar(-torch.ones(shape, **f64), t).exp(), bt, rtol=1e-5, atol=0)
+    torch.testing.assert_close(d.learned_logvar(torch.zeros(shape, **f64), t).exp(), (b * bt).sqrt(), rtol=1e-5, atol=0)
     t0 = torch.zeros(1, dtype=torch.long)  # beta~_0 = 0: clipped to beta~_1
     assert d.learned_logvar(-torch.ones(1, 1), t0).exp().item() == pytest.approx(d.post_var[1].item(), rel=1e-5)
     assert d.learned_logvar(torch.ones(1, 1), t0).exp().item() == pytest.approx(d.betas[0].item(), rel=1e-5)
     # through p_mean_variance: a network output [eps, v] with v = +1 / -1 channels
-    x = torch.randn(len(t), 3, 2, 2)
+    x = torch.randn(len(t), 3, 2, 2, **f64)
     for v, want in ((1.0, b), (-1.0, bt)):
         out = torch.cat([torch.randn_like(x), torch.full_like(x, v)], 1)
         p = d.p_mean_variance(None, x, t, clip=False, out=out)
@@ -84,9 +84,9 @@ def test_learned_variance_interpolates_between_beta_tilde_and_beta(cosine):
     # respaced: the same endpoints, now the respaced process's beta' and beta~'
     r = guided.respace(d, 50)
     tr = torch.arange(1, r.T)
-    ones = torch.ones(r.T - 1, 1)
-    torch.testing.assert_close(r.learned_logvar(ones, tr).exp()[:, 0], r.betas[1:].float(), rtol=1e-5, atol=0)
-    torch.testing.assert_close(r.learned_logvar(-ones, tr).exp()[:, 0], r.post_var[1:].float(), rtol=1e-5, atol=0)
+    ones = torch.ones(r.T - 1, 1, **f64)
+    torch.testing.assert_close(r.learned_logvar(ones, tr).exp()[:, 0], r.betas[1:], rtol=1e-5, atol=0)
+    torch.testing.assert_close(r.learned_logvar(-ones, tr).exp()[:, 0], r.post_var[1:], rtol=1e-5, atol=0)
     assert (r.betas[1:] > d.betas[r.timestep_map[1:]]).all()  # a respaced step covers several original ones
 
 
@@ -200,7 +200,7 @@ def test_cond_fn_is_the_analytic_gradient_and_the_conditioned_mean_and_score(cos
 
 @pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
 def test_guidance_moves_samples_toward_the_class(cosine, sampler):
-    r = guided.respace(cosine, 50)
+    r = guided.respace(guided.Diffusion(cosine.betas, device="cpu"), 50)  # float32, as the scripts sample
     clf, model = noisy_class_logits(cosine.abar), exact_eps(cosine.abar)  # both at the ORIGINAL timesteps
     n = 2000
     y = torch.ones(n, dtype=torch.long)
@@ -297,7 +297,7 @@ def test_cli_train_resume_sample_and_eval(tmp_path, monkeypatch, capsys):
     (["--eval", "--class", "1"], "--class goes with --sample"),
     (["--sample", "--sweep"], "--sweep goes with --eval"),
     (["--eval", "--scales", "1", "2"], "go with --eval --sweep"),
-    (["--eval", "--sweep", "--scales", "-1"], "--scales must be >= 0"),
+    (["--eval", "--sweep", "--scales", "-1"], "--scales -1: use a number >= 0"),
     (["--sample", "--var", "learned", "--ckpt", "{fixed}"], "fixed variances"),
     (["--sample", "--ckpt", "{run}/classifier.pt"], "not the diffusion model"),
     (["--sample", "--classifier", "{run}/ckpt.pt"], "not the classifier"),

@@ -190,7 +190,7 @@ def test_condition_is_dropped_to_the_null_condition():
 def test_ddim_step_recovers_z0_with_the_true_noise():
     abar = ldm.alphas_cumprod(ldm.PRESETS["tiny"])
     assert abar[-1] < 1e-3 and abar[0] > 0.998                           # scaled_linear 0.0015 .. 0.0195
-    z0, eps = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)      # common.extract works in float32
+    z0, eps = torch.randn(2, 4, 4, 4, dtype=torch.float64), torch.randn(2, 4, 4, 4, dtype=torch.float64)
     t = torch.tensor([700, 700])
     zt = ldm.q_sample(z0, t, eps, abar)
     torch.testing.assert_close(ldm.ddim_step(zt, eps, abar[700].item(), 1.0), z0, rtol=1e-5, atol=1e-5)
