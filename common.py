@@ -669,11 +669,10 @@ def describe_unreadable(path, err):
         return "is a .safetensors weights file, not a checkpoint of this repository; pass it with --weights"
     if head[:1] == b"\x80":
         return f"is a pickle that torch.load cannot read as a checkpoint ({size} bytes)"
-    try:
-        text = head.decode("utf-8")
-        return f"is a text file, not a checkpoint (it starts with {text.split(chr(10))[0][:40]!r})"
-    except UnicodeDecodeError:
-        return f"is not a PyTorch checkpoint (neither a zip archive nor a pickle: it starts with {head[:4].hex()})"
+    text = head.decode("utf-8", errors="replace")
+    if all(c.isprintable() or c.isspace() for c in text):
+        return f"is a text file, not a checkpoint (it starts with {text.splitlines()[0][:40]!r})"
+    return f"is not a PyTorch checkpoint (neither a zip archive nor a pickle: it starts with {head[:4].hex()})"
 
 
 def load_checkpoint(path, scripts):

@@ -40,12 +40,16 @@ GIF_FRAMES = 20   # snapshots of the reverse process in reverse.gif
 
 class Diffusion:
     """The fixed forward process and everything derived from its betas, computed in float64 and kept as
-    float32 on `device` (common.on_device; device None keeps float64 for the tests of the math)."""
+    float32 on `device` (common.on_device; device None keeps float64 for the tests of the math).
+    timestep_map[i] is the original timestep of step i, which the network is called with when sampling
+    (the identity unless respaced)."""
 
-    def __init__(self, betas, objective="eps", var="large", device=None):
+    def __init__(self, betas, objective="eps", var="large", device=None, timestep_map=None):
         b = torch.as_tensor(betas, dtype=torch.float64)   # stays float64 on the CPU: respace derives from it
         keep = common.on_device(device)
         self.T, self.objective, self.var, self.device, self.betas = len(b), objective, var, device, b
+        tmap = torch.arange(self.T) if timestep_map is None else torch.as_tensor(timestep_map)
+        self.timestep_map = tmap if device is None else tmap.to(device)
         alphas = 1 - b
         abar = torch.cumprod(alphas, 0)                                       # abar_t = prod_{s<=t} alpha_s
         abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
@@ -101,7 +105,7 @@ class Diffusion:
         """p_theta(x_{t-1} | x_t) = N(mu~_t(x_t, x0_hat), sigma_t^2): x0_hat from the network, clipped
         to [-1, 1] (the official sampler), then the posterior mean of eq. 7 (equal to Algorithm 2's
         1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps) when nothing is clipped)."""
-        x0 = self.predict_x0(model(xt, t, **cond).float(), xt, t)
+        x0 = self.predict_x0(model(xt, self.timestep_map[t], **cond).float(), xt, t)
         if clip:
             x0 = x0.clamp(-1, 1)
         mean, logvar_small = self.q_posterior(x0, xt, t)
@@ -137,24 +141,16 @@ def diffusion_from(cfg, device=None):
 def respace(diff, steps):
     """Ancestral sampling on `steps` evenly spaced timesteps t_1 < ... < t_S of the T (Nichol & Dhariwal
     2021, sec. 4): keep abar at those t and set beta'_i = 1 - abar_{t_i} / abar_{t_{i-1}}, a shorter
-    forward process with the same marginals q(x_t | x_0). Returns its Diffusion and the t_i (S,) that
-    the network, trained on the original timesteps, must be called with."""
-    ts = torch.linspace(diff.T - 1, 0, steps, dtype=torch.float64).round().long().flip(0)
-    abar = torch.cumprod(1 - diff.betas, 0)[ts]                  # from the float64 betas, not the float32 copy
-    prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-    return Diffusion(1 - abar / prev, diff.objective, diff.var, diff.device), ts
-
-
-def with_steps(diff, model, steps):
-    """(diffusion, network) that sample in `steps` steps: the model as it is for all T, else respaced, with
-    the network called at the original timesteps. UserError unless 1 <= steps <= T."""
+    forward process with the same marginals q(x_t | x_0). Its timestep_map holds the t_i (S,) that the
+    network, trained on the original timesteps, is called with. All T steps: the diffusion itself."""
     if not 1 <= steps <= diff.T:
         raise common.UserError(f"--steps {steps}: use 1..{diff.T}, the model's number of timesteps T")
     if steps == diff.T:
-        return diff, model
-    short, ts = respace(diff, steps)
-    ts = ts.to(diff.device)
-    return short, lambda x, t, **kw: model(x, ts[t], **kw)  # respaced index -> original t
+        return diff
+    ts = torch.linspace(diff.T - 1, 0, steps, dtype=torch.float64).round().long().flip(0)
+    abar = torch.cumprod(1 - diff.betas, 0)[ts]                  # from the float64 betas, not the float32 copy
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    return Diffusion(1 - abar / prev, diff.objective, diff.var, diff.device, timestep_map=ts)
 
 
 def load(path, device):
@@ -169,12 +165,11 @@ def objective(args):
     """common.train's objective: L_simple (eq. 14) and the grids' sampler (Algorithm 2, --steps respaced)."""
     def make(cfg, device):
         diff = diffusion_from(cfg, device)
+        grids = respace(diff, args.steps or diff.T)              # a bad --steps fails before training
         shape = (cfg["channels"], cfg["image_size"], cfg["image_size"])
-        with_steps(diff, None, args.steps or diff.T)              # a bad --steps fails before training
 
         def sample_fn(ema, n):
-            d, net = with_steps(diff, ema, args.steps or diff.T)
-            return d.sample(net, (n, *shape), device, clip=not args.no_clip)[0]
+            return grids.sample(ema, (n, *shape), device, clip=not args.no_clip)[0]
         return (lambda net, x, y, caps: diff.loss(net, x)), sample_fn
     return make
 
@@ -184,10 +179,10 @@ def sample_images(args):
     device = common.get_device(args.device)
     model, diff, ck = load(args.ckpt or os.path.join(args.out, "ckpt.pt"), device)
     c = ck["config"]
-    d, net = with_steps(diff, model, args.steps or diff.T)
+    d = respace(diff, args.steps or diff.T)
     torch.manual_seed(args.seed)
     with common.autocast(device, args.dtype):
-        x, traj = d.sample(net, (args.n_samples or 64, c["channels"], c["image_size"], c["image_size"]), device,
+        x, traj = d.sample(model, (args.n_samples or 64, c["channels"], c["image_size"], c["image_size"]), device,
                            clip=not args.no_clip, frames=0 if args.no_gif else GIF_FRAMES)
     paths = [os.path.join(args.out, "samples.png")] + ([] if args.no_gif else [os.path.join(args.out, "reverse.gif")])
     common.save_grid(x, paths[0])
@@ -202,11 +197,11 @@ def evaluate(args):
     model, diff, ck = load(args.ckpt or os.path.join(args.out, "ckpt.pt"), device)
     c = ck["config"]
     steps = args.steps or diff.T
-    d, net = with_steps(diff, model, steps)
+    d = respace(diff, steps)
 
     def sample_fn(n, wanted):
         with common.autocast(device, args.dtype):
-            return d.sample(net, (n, c["channels"], c["image_size"], c["image_size"]), device,
+            return d.sample(model, (n, c["channels"], c["image_size"], c["image_size"]), device,
                             clip=not args.no_clip)[0]
 
     common.evaluate("ddpm", args, c, sample_fn, nfe=steps, device=device, info={"steps": steps})

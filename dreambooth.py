@@ -190,15 +190,16 @@ def q_sample(z0, t, eps, abar):
 
 
 @torch.no_grad()
-def sample(model, ae, cfg, tokens, scale=DEFAULT_SCALE, steps=DEFAULT_STEPS, progress=False):
+def sample(model, ae, cfg, tokens, scale=DEFAULT_SCALE, steps=DEFAULT_STEPS, progress=False, abar=None):
     """Text tokens (n, L) -> images (n, C, H, W) in [-1, 1]: deterministic DDIM (eta 0) in latent space with
-    classifier-free guidance eps~ = eps(z, empty) + s (eps(z, c) - eps(z, empty)), as ldm.py samples."""
+    classifier-free guidance eps~ = eps(z, empty) + s (eps(z, c) - eps(z, empty)), as ldm.py samples.
+    abar: the schedule as Python floats, when the caller has it already."""
     dev, n, T = next(model.parameters()).device, tokens.shape[0], cfg["timesteps"]
     if not 1 <= steps <= T:
         raise common.UserError(f"--steps {steps}: use 1..{T}, the model's number of timesteps T")
     tok = Tokenizer(cfg["vocab"], cfg["max_len"])
     ctx, mask = model.text(torch.cat([tokens, tok([""] * n)]).to(dev))         # [cond..., null...]
-    abar, r = alphas_cumprod(cfg).tolist(), cfg["image_size"] // cfg["f"]
+    abar, r = abar or alphas_cumprod(cfg).tolist(), cfg["image_size"] // cfg["f"]
     z = torch.randn(n, cfg["z_ch"], r, r, device=dev)
     ts = [i * T // steps for i in range(steps)]
     for i in common.steps_bar(reversed(range(steps)), steps, "sampling", progress):

@@ -168,3 +168,20 @@ def test_eval_runs_on_tiny(base_ckpt, tmp_path, monkeypatch):
               "class_ordinary_base", "class_diversity_finetuned", "class_diversity_base", "ordinary_fid"):
         assert k in res and res[k] == res[k], k
     assert 0 <= res["subject_fidelity"] <= 1 and 0 <= res["class_ordinary_base"] <= 1
+
+
+def test_resume_continues_exactly_with_the_checkpoints_settings(base_ckpt, tmp_path, capsys):
+    common_args = ["--train", "--preset", "tiny", "--base", base_ckpt, "--num-class-images", "2", "--steps", "2",
+                   "--n-samples", "1", "--device", "cpu", "--identifier", "zqx"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    dreambooth.main(common_args + ["--max-steps", "4", "--out", full])
+    dreambooth.main(common_args + ["--max-steps", "2", "--out", part])
+    assert torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)["step"] == 2
+    # --resume takes the identifier (and every other setting) from the checkpoint, not from the defaults
+    dreambooth.main(["--train", "--resume", "--max-steps", "4", "--out", part, "--steps", "2", "--n-samples", "1"])
+    a = torch.load(os.path.join(full, "ckpt.pt"), weights_only=True)
+    b = torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)
+    assert a["step"] == b["step"] == 4 and b["dreambooth"]["identifier"] == "zqx"
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert dreambooth.main(["--train", "--resume", "--out", part]) == (None, None)
+    assert "already at step 4" in capsys.readouterr().out

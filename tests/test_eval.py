@@ -299,13 +299,20 @@ def test_inception_fid_layout_loads_random_weights_and_gives_2048_features(tmp_p
 
 def test_respace_keeps_marginals_and_full_length_is_identity():
     diff = ddpm.Diffusion(common.beta_schedule("linear", 1000))
-    same, ts = ddpm.respace(diff, 1000)
-    assert torch.equal(ts, torch.arange(1000)) and torch.allclose(same.betas, diff.betas, rtol=1e-10)
-    short, ts = ddpm.respace(diff, 50)
+    same = ddpm.respace(diff, 1000)
+    assert same is diff and torch.equal(same.timestep_map, torch.arange(1000))
+    short = ddpm.respace(diff, 50)
+    ts = short.timestep_map
     assert ts[0] == 0 and ts[-1] == 999 and len(ts.unique()) == 50 and short.T == 50
     assert torch.allclose(short.abar, diff.abar[ts], rtol=1e-10)
-    one, ts = ddpm.respace(diff, 1)
-    assert ts.tolist() == [999] and torch.allclose(one.abar, diff.abar[-1:])
+    one = ddpm.respace(diff, 1)
+    assert one.timestep_map.tolist() == [999] and torch.allclose(one.abar, diff.abar[-1:])
+    with pytest.raises(common.UserError, match="--steps 1001: use 1..1000"):
+        ddpm.respace(diff, 1001)
+    # the respaced sampler calls the network at the original timesteps
+    seen = []
+    short.sample(lambda x, t: seen.append(t[0].item()) or torch.zeros_like(x), (1, 1), "cpu")
+    assert seen == ts.flip(0).tolist()
 
 
 def run(*args, cwd):

@@ -241,6 +241,8 @@ def test_cli_train_both_stages_then_sample_and_eval(tmp_path, monkeypatch, capsy
     ldm.main(["--sample", "--out", run, "--prompt", "a large blue triangle on the right", "--scale", "3",
               "--steps", "3", "--n-samples", "4"])
     assert Image.open(os.path.join(run, "samples.png")).size == (2 * 18 + 2, 2 * 18 + 2)
+    # samples.txt beside the grid names this grid's prompts, not the training run's held-out captions
+    assert open(os.path.join(run, "samples.txt")).read().splitlines() == ["a large blue triangle on the right"] * 4
     ldm.main(["--sample", "--out", run, "--prompt", "a blue zebra", "--sampler", "ddpm", "--steps", "4",
               "--n-samples", "2"])
     assert "zebra" in capsys.readouterr().err                             # unknown words: a warning
