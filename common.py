@@ -7,6 +7,7 @@ script next to the equation it implements. Copy a script together with this file
 """
 import argparse
 import copy
+import functools
 import gzip
 import hashlib
 import json
@@ -377,9 +378,12 @@ class ShapesData:
         img = draw_shape(a, self.image_size, self.channels, a["jitter"])
         return to_tensor(img), SHAPES.index(a["shape"]), shape_caption(a)
 
+    def label(self, i):
+        return SHAPES.index(self.attributes(i)["shape"])  # without drawing
+
 
 class TensorData:
-    """Images held in memory as uint8 (N, C, H, W) with labels; CIFAR-10 and MNIST load to this."""
+    """Images held in memory as uint8 (N, C, H, W) with labels; folders, CIFAR-10 and MNIST load to this."""
     endless = False
 
     def __init__(self, images, labels, class_names, captions=None):
@@ -393,12 +397,41 @@ class TensorData:
         cap = self.captions[i] if self.captions else (self.class_names[self.labels[i]] if self.class_names else "")
         return self.images[i].float() / 127.5 - 1, int(self.labels[i]), cap
 
+    def label(self, i):
+        return int(self.labels[i])
+
+    def subset(self, idx):
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return TensorData(self.images[idx], self.labels[idx], self.class_names,
+                          [self.captions[i] for i in idx.tolist()] if self.captions else None)
+
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MIN_SIDE = 8                    # smaller images are refused rather than upscaled
+HELD_OUT = 0.2                  # data with no test split of its own keeps this fraction of each class apart ...
+HELD_OUT_MAX = 2000             # ... and at most this many images in all
+
+
+def held_out_split(labels, fraction=HELD_OUT, cap=HELD_OUT_MAX):
+    """(train, held-out) indices of a dataset without a test split of its own, stratified: the same fraction
+    of every class (at least one image of a class with two or more), chosen by a fixed permutation, so every
+    run and every script holds out the same images. The held-out part is never trained on: it is the FID
+    reference and the data of every held-out figure."""
+    labels = torch.as_tensor(labels)
+    f = min(fraction, cap / len(labels))
+    g = torch.Generator().manual_seed(0)
+    train, held = [], []
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero()[:, 0]
+        idx = idx[torch.randperm(len(idx), generator=g)].tolist()
+        k = max(int(len(idx) * f), 1 if len(idx) > 1 else 0)
+        held += idx[:k]
+        train += idx[k:]
+    return sorted(train), sorted(held)
 
 
 def resize_crop(img, size):
-    """Resize the short side to `size` (bicubic), then center-crop to size x size."""
+    """Resize the short side to `size` (bicubic; up or down), then center-crop to size x size."""
     w, h = img.size
     s = size / min(w, h)
     img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
@@ -409,7 +442,8 @@ def resize_crop(img, size):
 
 def load_folder(root, image_size, channels):
     """A folder of images, searched recursively. The first-level subfolder is the class label
-    (only when every image sits in a subfolder); a .txt beside an image is its caption."""
+    (only when every image sits in a subfolder); a .txt beside an image is its caption. Images are
+    resized to image_size (upscaled when smaller, as torchvision's Resize does; one note says how many)."""
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
                    if f.lower().endswith(IMAGE_EXTS))
     if not files:
@@ -417,14 +451,16 @@ def load_folder(root, image_size, channels):
     rel = [os.path.relpath(f, root) for f in files]
     labelled = all(os.sep in r for r in rel)
     class_names = sorted({r.split(os.sep)[0] for r in rel}) if labelled else None
-    images, labels, captions, bad = [], [], [], 0
+    images, labels, captions, bad, small = [], [], [], 0, []
     for f, r in zip(files, rel):
         try:
             with Image.open(f) as im:
                 im.load()
+                if min(im.size) < MIN_SIDE:
+                    raise UserError(f"--data {root}: image {r} is {im.size[0]}x{im.size[1]}, below {MIN_SIDE} "
+                                    "pixels; remove it")
                 if min(im.size) < image_size:
-                    raise UserError(f"--data {root}: image {r} is {im.size[0]}x{im.size[1]}, smaller than "
-                                    f"--image-size {image_size}; use a smaller --image-size or remove it")
+                    small.append(im.size)
                 im = resize_crop(im.convert("L" if channels == 1 else "RGB"), image_size)
         except UserError:
             raise
@@ -439,7 +475,11 @@ def load_folder(root, image_size, channels):
     if not images:
         raise UserError(f"--data {root}: none of the {len(files)} image files could be read")
     if bad:
-        print(f"warning: skipped {bad} unreadable image file(s) in {root}", file=sys.stderr)
+        warn(f"skipped {bad} unreadable image file(s) in {root}")
+    if small:
+        w, h = min(small, key=min)
+        print(f"note: upscaled {len(small)} of {len(images)} images in {root} to {image_size}x{image_size} "
+              f"(the smallest is {w}x{h})", file=sys.stderr)
     return TensorData(torch.stack(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels),
                       class_names, captions)
 
@@ -459,21 +499,17 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def load_cifar10(root, image_size, channels, train=True):
-    """CIFAR-10 python format (the cifar-10-batches-py folder): data_batch_1..5 or test_batch."""
-    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
-    found = [os.path.join(root, n) for n in names if os.path.exists(os.path.join(root, n))]
-    if not found:
-        raise UserError(f"--data {root}: no CIFAR-10 batch files ({names[0]}...) found")
+def load_cifar10(root, image_size, channels, names):
+    """CIFAR-10 python format (the cifar-10-batches-py folder): the batch files `names`."""
     xs, ys = [], []
-    for f in found:
+    for n in names:
         try:
-            with open(f, "rb") as fh:
+            with open(os.path.join(root, n), "rb") as fh:
                 d = _NumpyOnlyUnpickler(fh, encoding="bytes").load()
             xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             ys.append(np.asarray(d[b"labels"]))
         except Exception as e:
-            raise UserError(f"--data {root}: {os.path.basename(f)} is not a CIFAR-10 python batch ({e})")
+            raise UserError(f"--data {root}: {n} is not a CIFAR-10 python batch ({e})")
     x = torch.from_numpy(np.concatenate(xs))
     return TensorData(_fit(x, image_size, channels), torch.from_numpy(np.concatenate(ys)).long(), CIFAR_CLASSES)
 
@@ -503,25 +539,51 @@ def _read_idx(path):
     return arr.reshape(shape)
 
 
-def load_mnist(root, image_size, channels, train=True):
-    """MNIST IDX files (gzipped or not): train-* by default, t10k-* when no train files exist."""
-    for prefix in (["train", "t10k"] if train else ["t10k"]):
-        for ext in ("", ".gz"):
-            img = os.path.join(root, f"{prefix}-images-idx3-ubyte{ext}")
-            lab = os.path.join(root, f"{prefix}-labels-idx1-ubyte{ext}")
-            if os.path.exists(img) and os.path.exists(lab):
-                x, y = _read_idx(img), _read_idx(lab)
-                if len(x) != len(y):
-                    raise UserError(f"--data {root}: {len(x)} images but {len(y)} labels")
-                x = torch.from_numpy(x.copy())[:, None]
-                return TensorData(_fit(x, image_size, channels), torch.from_numpy(y.astype(np.int64)),
-                                  [str(i) for i in range(10)])
-    raise UserError(f"--data {root}: no MNIST IDX pair (train-images-idx3-ubyte[.gz] + labels) found")
+def load_mnist(root, image_size, channels, prefix):
+    """MNIST IDX files (gzipped or not) <prefix>-images-idx3-ubyte[.gz] and the labels beside them."""
+    for ext in ("", ".gz"):
+        img = os.path.join(root, f"{prefix}-images-idx3-ubyte{ext}")
+        lab = os.path.join(root, f"{prefix}-labels-idx1-ubyte{ext}")
+        if os.path.exists(img) and os.path.exists(lab):
+            x, y = _read_idx(img), _read_idx(lab)
+            if len(x) != len(y):
+                raise UserError(f"--data {root}: {len(x)} images but {len(y)} labels")
+            x = torch.from_numpy(x.copy())[:, None]
+            return TensorData(_fit(x, image_size, channels), torch.from_numpy(y.astype(np.int64)),
+                              [str(i) for i in range(10)])
+    return None
+
+
+@functools.lru_cache(maxsize=2)
+def _load_splits(spec, image_size, channels, signature):
+    """(training part, held-out part) of a dataset on disk. CIFAR-10 and MNIST use their own test split when
+    both are there; anything else is split by held_out_split. Cached: every script asks several times."""
+    sub = os.path.join(spec, "cifar-10-batches-py")
+    root = sub if os.path.isdir(sub) else spec
+    files = os.listdir(root)
+    if any(f.startswith("data_batch_") for f in files) or "test_batch" in files:
+        train = sorted(f for f in files if re.fullmatch(r"data_batch_\d+", f))
+        parts = [load_cifar10(root, image_size, channels, names) for names in (train, ["test_batch"])
+                 if names and all(n in files for n in names)]
+    elif any("idx3-ubyte" in f for f in files):
+        parts = [d for d in (load_mnist(spec, image_size, channels, p) for p in ("train", "t10k")) if d is not None]
+        if not parts:
+            raise UserError(f"--data {spec}: no MNIST IDX pair (train-images-idx3-ubyte[.gz] + labels) found")
+    else:
+        parts = [load_folder(spec, image_size, channels)]
+    if len(parts) == 2:
+        return parts[0], parts[1]
+    data = parts[0]
+    if len(data) < 2:
+        raise UserError(f"--data {spec}: one image is not a dataset (nothing to hold out); give at least two")
+    train, held = held_out_split(data.labels)
+    return data.subset(train), data.subset(held)
 
 
 def load_data(spec, image_size=32, channels=3, seed=0, train=True):
     """--data: 'shapes' (default, generated), a CIFAR-10 python folder, an MNIST IDX folder, or a
-    folder of images. train=False gives held-out data (another seed, or the test split)."""
+    folder of images. train=False gives the held-out part (shapes: another seed; CIFAR-10 and MNIST: their
+    test split; a folder, or a dataset with one split only: held_out_split's part, never trained on)."""
     if spec == "shapes":
         return ShapesData(image_size, channels, seed=seed if train else seed + 10_000_019)
     if not os.path.exists(spec):
@@ -529,14 +591,36 @@ def load_data(spec, image_size=32, channels=3, seed=0, train=True):
                         "CIFAR-10 (cifar-10-batches-py) or MNIST IDX files")
     if not os.path.isdir(spec):
         raise UserError(f"--data {spec}: is a file; give the folder that holds the images or dataset files")
-    sub = os.path.join(spec, "cifar-10-batches-py")
-    root = sub if os.path.isdir(sub) else spec
-    files = os.listdir(root)
-    if "data_batch_1" in files or "test_batch" in files:
-        return load_cifar10(root, image_size, channels, train=train or "test_batch" not in files)
-    if any("idx3-ubyte" in f for f in files):
-        return load_mnist(spec, image_size, channels, train=train or not any(f.startswith("t10k") for f in files))
-    return load_folder(spec, image_size, channels)
+    signature = [(d, e.name, e.stat().st_mtime_ns, e.stat().st_size) for d in (spec, os.path.join(spec, "cifar-10-batches-py"))
+                 if os.path.isdir(d) for e in os.scandir(d)]    # the cache sees files added or changed
+    return _load_splits(os.path.abspath(spec), image_size, channels, tuple(signature))[0 if train else 1]
+
+
+def check_batch(data, batch_size, world=1, flag="--batch-size"):
+    """Before any training: a finite dataset must fill one batch on every rank."""
+    if not data.endless and len(data) < batch_size * world:
+        raise UserError(f"{flag} {batch_size}{f' x {world} processes' if world > 1 else ''} is more than the "
+                        f"{len(data)} training images; use {flag} {max(1, len(data) // world)} or less")
+
+
+def grid_items(data, n, max_classes=16):
+    """n items of `data` (the held-out part) for a conditional model's grid, spread evenly over the classes:
+    with 2..max_classes classes, one row per class of ceil(n / classes) items each (so the grid may hold a
+    few more than n; a class with fewer held-out items repeats them); otherwise the first n items.
+    Returns (items, images per row or None)."""
+    k = data.num_classes or 0
+    if not 2 <= k <= max_classes:
+        return [data[i if data.endless else i % len(data)] for i in range(n)], None
+    per = math.ceil(n / k)
+    rows = {c: [] for c in range(k)}
+    for i in range(100 * k * per if data.endless else len(data)):
+        c = data.label(i)
+        if len(rows[c]) < per:
+            rows[c].append(i)
+        if all(len(r) == per for r in rows.values()):
+            break
+    idx = [r[j % len(r)] for r in rows.values() if r for j in range(per)]
+    return [data[i] for i in idx], per
 
 
 def batches(data, batch_size, seed, step=0, rank=0, world=1, flip=False):
@@ -835,20 +919,29 @@ def make_config(args, presets, keys=()):
                                                 "lr", *keys) if getattr(args, k, None) not in (None, False)}
     args.preset = args.preset or "cpu"
     cfg = {**presets[args.preset], "preset": args.preset, **args.given}
-    check_unet_size(cfg)
+    check_unet_size(cfg, presets[args.preset])
+    check_unet_size(cfg, presets[args.preset], "clf_")
     return cfg
 
 
-def check_unet_size(cfg):
-    """The U-Net halves its input len(ch_mult) - 1 times (ldm.py: its latent, image_size / f); say so before
-    any work when --image-size does not allow it."""
-    if "ch_mult" not in cfg:
+def check_unet_size(cfg, preset, prefix=""):
+    """The U-Net halves its input len(ch_mult) - 1 times (ldm.py: its latent, image_size / f), and attends at
+    the attn_res resolutions among those it visits: say so before any work when --image-size (or --f) does
+    not allow it. prefix: another network's keys in the same config (guided.py's classifier: clf_)."""
+    if prefix + "ch_mult" not in cfg:
         return
-    f, down = cfg.get("f", 1), 2 ** (len(cfg["ch_mult"]) - 1)
-    if cfg["image_size"] % (f * down):
-        what = f"its {cfg['image_size'] // f}px latents (--image-size / {f}) are" if f > 1 else "it is"
-        raise UserError(f"--image-size {cfg['image_size']}: {what} not divisible by {down}, which this preset's "
-                        f"U-Net needs; use a multiple of {f * down}")
+    f, size, levels = cfg.get("f", 1), cfg["image_size"], len(cfg[prefix + "ch_mult"])
+    down, what = 2 ** (levels - 1), f"--image-size {size}" + (f" with --f {f}" if f > 1 else "")
+    if size % (f * down):
+        raise UserError(f"{what}: the input of this preset's U-Net ({size // f}px) must be divisible by {down}; "
+                        f"use a multiple of {f * down}")
+    seen = [size // f // 2 ** k for k in range(levels)]
+    missing = [r for r in cfg.get(prefix + "attn_res", []) if r not in seen]
+    if missing:
+        fix = [f"--{k.replace('_', '-')} {preset[k]}" for k in ("image_size", "f") if k in preset and cfg[k] != preset[k]]
+        raise UserError(f"{what}: the preset's attention at {missing[0]}px never occurs (the "
+                        f"{'classifier' if prefix else 'U-Net'} works at {', '.join(map(str, seen))}px); "
+                        f"use {' and '.join(fix) or 'another --image-size'}")
 
 
 def warn(message):
@@ -1017,6 +1110,7 @@ def train(script, args, cfg, build_model, objective, ck=None, data=None, extra_s
     if args.resume and ck is None:
         cfg, ck = resume_config(script, args)
     data = data or load_data(args.data, cfg["image_size"], cfg["channels"], seed=args.seed)
+    check_batch(data, cfg["batch_size"], world)
     if cfg.get("num_classes") == "data":
         cfg["num_classes"] = data.num_classes
     torch.manual_seed(args.seed)
@@ -1171,6 +1265,16 @@ def judge_predict(judge, x, batch=250):
     return {k: torch.cat([o[k] for o in out]) for k in judge.classes}
 
 
+@torch.no_grad()
+def judge_confident(judge, x, threshold=0.9, batch=250):
+    """The fraction of images x that the judge puts in one class with probability > threshold on every head:
+    samples that look like some class rather than in between (for an unconditional model: readable ones)."""
+    dev = next(judge.parameters()).device
+    sure = [torch.stack([v.softmax(1).amax(1) for v in judge(_float_images(x[i:i + batch]).to(dev)).values()])
+            .amin(0).cpu() > threshold for i in range(0, len(x), batch)]
+    return torch.cat(sure).float().mean().item()
+
+
 def _judge_set(data, idx):
     """Items idx of `data` -> images uint8 (N, C, H, W) and targets {head: (N,) long}."""
     if isinstance(data, ShapesData):
@@ -1194,22 +1298,21 @@ def judge_accuracy(judge, x, y):
 
 def train_judge(data_spec, image_size, channels, device, steps=JUDGE_STEPS, batch_size=64, seed=0):
     """Train a Judge deterministically (fixed seed and data order). shapes: up to 5000 generated images,
-    accuracy on 1000 of the held-out split; labelled data: 90% of the training split, accuracy on the
-    other 10%. Returns the checkpoint dict, or None for data without class labels."""
+    accuracy on 1000 of the held-out split; labelled data: the training part, accuracy on the held-out
+    part (load_data). Returns the checkpoint dict, or None for data without class labels."""
     t0, c0 = time.time(), time.process_time()
     data = load_data(data_spec, image_size, channels, seed=0, train=True)
+    held = load_data(data_spec, image_size, channels, seed=0, train=False)
     if isinstance(data, ShapesData):
         heads = SHAPE_HEADS
         xtr, ytr = _judge_set(data, range(min(5000, steps * batch_size)))
-        xte, yte = _judge_set(load_data(data_spec, image_size, channels, seed=0, train=False), range(1000))
+        xte, yte = _judge_set(held, range(1000))
     else:
         if not data.class_names or len(data.class_names) < 2:
             return None
         heads = {"label": data.class_names}
-        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
-        n_test = max(1, len(data) // 10)
-        xte, yte = _judge_set(data, perm[:n_test])
-        xtr, ytr = _judge_set(data, perm[n_test:])
+        xtr, ytr = _judge_set(data, range(len(data)))
+        xte, yte = _judge_set(held, range(len(held)))
     torch.manual_seed(seed)
     judge = Judge(heads, channels).to(device)
     opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
@@ -1548,6 +1651,7 @@ def evaluate(script, args, cfg, sample_fn, nfe, device, cond=None, info=None):
     if len(order) >= 2 * n:
         real2 = torch.stack([held[i][0] for i in order[n:2 * n]])
         res["fid_floor"] = fid_kid(judge, real2, real)["fid"]
+    res["confident"] = judge_confident(judge, fake)
     if cond is not None:
         res["acc"] = attribute_accuracy(judge, fake, wanted)
     res["judge_acc"] = judge.accuracy.get("all", judge.accuracy.get("label"))
@@ -1556,6 +1660,7 @@ def evaluate(script, args, cfg, sample_fn, nfe, device, cond=None, info=None):
     grid = os.path.join(args.out, "eval_samples.png")
     save_grid(fake[:64], grid)
     print(f"{script} --eval: FID {res['fid']:.4f} (real-vs-real floor {res.get('fid_floor', float('nan')):.4f}), "
-          f"KID {res['kid']:.5f}, {sec:.4f} s/image at {nfe} NFE; samples: {grid}")
+          f"KID {res['kid']:.5f}, judged with confidence > 0.9: {res['confident']:.3f}"
+          + (f", accuracy {res['acc']:.3f}" if "acc" in res else "") + f"; {sec:.4f} s/image at {nfe} NFE; {grid}")
     print(json.dumps(res))
     return res

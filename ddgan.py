@@ -348,6 +348,7 @@ def train(args, cfg):
     if args.resume:
         cfg, ck = common.resume_config("ddgan", args)
     data = common.load_data(args.data, cfg["image_size"], cfg["channels"], seed=args.seed)
+    common.check_batch(data, cfg["batch_size"], world)
     sched = schedule_from(cfg, device)
     torch.manual_seed(args.seed)
     G, D = Generator(cfg).to(device), Discriminator(cfg).to(device)

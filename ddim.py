@@ -394,13 +394,10 @@ def main(argv=None):
             return common.train("ddim", args, cfg, common.build_unet, objective)
         device = common.get_device(args.device)
         if args.eval:
-            evaluate(args, device)
-        elif args.invert:
-            invert_images(args, device)
-        elif args.interpolate:
-            interpolate_images(args, device)
-        else:
-            sample_images(args, device)
+            return evaluate(args, device)
+        if args.invert:
+            return invert_images(args, device)
+        return interpolate_images(args, device) if args.interpolate else sample_images(args, device)
 
 
 if __name__ == "__main__":

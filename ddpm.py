@@ -204,7 +204,7 @@ def evaluate(args):
             return d.sample(model, (n, c["channels"], c["image_size"], c["image_size"]), device,
                             clip=not args.no_clip)[0]
 
-    common.evaluate("ddpm", args, c, sample_fn, nfe=steps, device=device, info={"steps": steps})
+    return common.evaluate("ddpm", args, c, sample_fn, nfe=steps, device=device, info={"steps": steps})
 
 
 def main(argv=None):
@@ -217,11 +217,8 @@ def main(argv=None):
     cfg = common.make_config(args, PRESETS, keys=("objective", "var", "schedule"))
     with common.claim_out(args.out):
         if args.train:
-            common.train("ddpm", args, cfg, common.build_unet, objective(args))
-        elif args.sample:
-            sample_images(args)
-        else:
-            evaluate(args)
+            return common.train("ddpm", args, cfg, common.build_unet, objective(args))
+        return sample_images(args) if args.sample else evaluate(args)
 
 
 if __name__ == "__main__":

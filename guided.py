@@ -737,6 +737,8 @@ def train(args, cfg):
     steps = args.steps or min(DEFAULT_STEPS, cfg["timesteps"])
     space_timesteps(cfg["timesteps"], steps)                      # a bad --steps fails before training
     data = labelled_data(args, cfg) if cfg["class_cond"] or cfg["clf_steps"] > 0 else None
+    if cfg["clf_steps"] > 0:
+        common.check_batch(data, cfg["clf_batch"], flag="the preset's clf_batch")
     ema, cfg = common.train("guided", args, cfg, common.build_unet, objective, ck=ck, data=data,
                             extra_state=lambda: {"kind": "diffusion"}, final_grid=False)
     if int(os.environ.get("RANK", 0)) != 0:

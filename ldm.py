@@ -272,6 +272,7 @@ def train_autoencoder(args, cfg, device, path, data=None):
         if ck.get("kind") != "autoencoder":
             raise common.UserError(f"{path} is not an ldm.py autoencoder checkpoint")
     data = data or common.load_data(args.data, acfg["image_size"], acfg["channels"], seed=args.seed)
+    common.check_batch(data, acfg["ae_batch"], flag="the preset's ae_batch")
     torch.manual_seed(args.seed + 2)
     ae = AutoencoderKL(acfg).to(device)
     disc = PatchDiscriminator(acfg["channels"], acfg["disc_ch"]).to(device)
@@ -620,7 +621,9 @@ def train(args, cfg):
     if args.resume and (os.path.exists(ckpt_path) or not os.path.exists(ae_path)):
         cfg, ck = common.resume_config("ldm", args)   # stage 2 under way: its checkpoint holds its autoencoder
     data = common.load_data(args.data, cfg["image_size"], cfg["channels"], seed=args.seed)
+    common.check_batch(data, cfg["batch_size"], world)
     if ck is None:
+        common.check_batch(data, cfg["ae_batch"], flag="the preset's ae_batch")
         stage2_conditions(args, cfg, data)           # no captions / labels: say so before stage 1
         if not os.path.exists(ae_path) or args.resume:
             if world > 1:
@@ -645,12 +648,9 @@ def train(args, cfg):
     ae_state = {k: v.cpu() for k, v in ae.state_dict().items()}
     held = common.load_data(args.data, cfg["image_size"], cfg["channels"], seed=args.seed, train=False)
 
-    def held_cond(n):
-        items = [held[i % len(held)] if not held.endless else held[i] for i in range(n)]
-        return [it[2] for it in items], [it[1] for it in items]
-
-    def grid(ema, n, steps=DEFAULT_STEPS):
-        caps, labels = held_cond(n)
+    def grid(ema, n, steps=DEFAULT_STEPS, items=None):
+        items = items or common.grid_items(held, n)[0]
+        n, caps, labels = len(items), [it[2] for it in items], [it[1] for it in items]
         c = cond(caps, labels).to(device)
         z = torch.randn(n, cfg["z_ch"], r, r, device=device)
         z = sample_latents(guided_eps_fn(ema, c, cond.null(n).to(device), DEFAULT_SCALE), z, abar, steps)
@@ -675,11 +675,10 @@ def train(args, cfg):
                             extra_state=lambda: {"kind": "ldm", "ae": ae_state, "ae_config": ae_config(acfg)})
     if rank == 0 and not (ck is not None and ck["step"] >= cfg["max_steps"]):
         torch.manual_seed(args.seed)
-        n = args.n_samples or 36
+        items, nrow = common.grid_items(held, args.n_samples or 36)   # evenly over the classes
         with torch.no_grad():
-            x = grid(ema.eval(), n, steps)
-        caps, labels = held_cond(n)
-        write_grid(x, caps if cfg["cond"] == "text" else labels, args.out)
+            x = grid(ema.eval(), len(items), steps, items)
+        write_grid(x, [it[2 if cfg["cond"] == "text" else 1] for it in items], args.out, nrow)
         print(f"samples (scale {DEFAULT_SCALE:g}, held-out {'captions' if cfg['cond'] == 'text' else 'labels'}, "
               f"see samples.txt): {os.path.join(args.out, 'samples.png')}")
 
@@ -697,9 +696,9 @@ def stage2_conditions(args, cfg, data):
         cfg["num_classes"] = data.num_classes
 
 
-def write_grid(x, conditions, out):
+def write_grid(x, conditions, out, nrow=None):
     """samples.png and, beside it, samples.txt: the caption or class of each image, row by row."""
-    common.save_grid(x, os.path.join(out, "samples.png"))
+    common.save_grid(x, os.path.join(out, "samples.png"), nrow)
     with open(os.path.join(out, "samples.txt"), "w") as f:
         f.write("\n".join(map(str, conditions)) + "\n")
 
@@ -752,17 +751,18 @@ def sample_images(args, device):
             if not 0 <= args.label < c["num_classes"]:
                 raise common.UserError(f"--class {args.label}: use 0..{c['num_classes'] - 1}")
             labels = [args.label] * n
-    if captions is None and labels is None:
+    nrow = None
+    if captions is None and labels is None:                              # held-out conditions, evenly over classes
         held = common.load_data(args.data, c["image_size"], c["channels"], seed=args.seed, train=False)
-        items = [held[i if held.endless else i % len(held)] for i in range(n)]
-        captions, labels = [it[2] for it in items], [it[1] for it in items]
+        items, nrow = common.grid_items(held, n)
+        n, captions, labels = len(items), [it[2] for it in items], [it[1] for it in items]
     scale = DEFAULT_SCALE if args.scale is None else args.scale
     torch.manual_seed(args.seed)
     t0 = time.time()
     with common.autocast(device, args.dtype):
         x = smp.sample(captions, labels, scale, steps, eta, progress=True)
     path = os.path.join(args.out, "samples.png")
-    write_grid(x, captions if c["cond"] == "text" else labels, args.out)
+    write_grid(x, captions if c["cond"] == "text" else labels, args.out, nrow)
     what = f"'{args.prompt}'" if args.prompt is not None else (f"class {args.label}" if args.label is not None
                                                                 else "held-out conditions")
     print(f"{n} samples for {what}, scale {scale:g}, {steps} steps (eta {eta:g}), {time.time() - t0:.2f}s: {path} "
@@ -847,17 +847,13 @@ def main(argv=None):
     cfg = common.make_config(args, PRESETS, keys=("cond", "f", "ae_steps"))
     with common.claim_out(args.out):
         if args.train_ae:
-            train_autoencoder(args, cfg, common.get_device(args.device), args.ae or os.path.join(args.out, "ae.pt"))
-        elif args.train:
-            train(args, cfg)
-        else:
-            device = common.get_device(args.device)
-            if args.eval and args.recon:
-                evaluate_ae(args, device)
-            elif args.eval:
-                evaluate(args, device)
-            else:
-                sample_images(args, device)
+            return train_autoencoder(args, cfg, common.get_device(args.device), args.ae or os.path.join(args.out, "ae.pt"))
+        if args.train:
+            return train(args, cfg)
+        device = common.get_device(args.device)
+        if args.eval:
+            return evaluate_ae(args, device) if args.recon else evaluate(args, device)
+        return sample_images(args, device)
 
 
 if __name__ == "__main__":

@@ -58,9 +58,12 @@ def test_folder_with_classes_captions_modes_and_unreadable_files(tmp_path, capsy
     save_img(str(tmp_path / "dogs" / "d.bmp"), mode="L")
     (tmp_path / "dogs" / "d.txt").write_text("a gray dog\n")
     (tmp_path / "dogs" / "broken.png").write_bytes(b"not an image")
-    d = common.load_data(str(tmp_path), image_size=32, channels=3)
+    d = common.load_folder(str(tmp_path), image_size=32, channels=3)
     assert len(d) == 4 and d.class_names == ["cats", "dogs"] and d.num_classes == 2
     assert "skipped 1 unreadable" in capsys.readouterr().err
+    # --data holds one image of each class out (held_out_split), and trains on the others
+    train, held = (common.load_data(str(tmp_path), 32, 3, train=t) for t in (True, False))
+    assert len(train) == len(held) == 2 and sorted(held.labels.tolist()) == [0, 1]
     xs = [d[i] for i in range(4)]
     assert all(x.shape == (3, 32, 32) for x, _, _ in xs)
     assert [y for _, y, _ in xs] == [0, 0, 0, 1] or sorted(y for _, y, _ in xs) == [0, 0, 1, 1]
@@ -68,7 +71,7 @@ def test_folder_with_classes_captions_modes_and_unreadable_files(tmp_path, capsy
     assert "a gray dog" in caps and "cats" in caps
     red = [x for x, y, c in xs if c == "cats"][0]
     assert red[0].mean() > 0.5 and red[1].mean() < -0.8  # red stays red after resize/crop
-    g = common.load_data(str(tmp_path), image_size=16, channels=1)
+    g = common.load_folder(str(tmp_path), image_size=16, channels=1)
     assert g[0][0].shape == (1, 16, 16)
 
 
@@ -82,9 +85,28 @@ def test_folder_errors(tmp_path):
     (tmp_path / "bad" / "x.png").write_bytes(b"garbage")
     with pytest.raises(common.UserError, match="could be read"):
         common.load_data(str(tmp_path / "bad"))
-    save_img(str(tmp_path / "small" / "s.png"), size=(20, 30))
-    with pytest.raises(common.UserError, match="smaller than --image-size 32"):
-        common.load_data(str(tmp_path / "small"), image_size=32)
+    save_img(str(tmp_path / "tiny" / "s.png"), size=(7, 30))
+    with pytest.raises(common.UserError, match="s.png is 7x30, below 8 pixels"):
+        common.load_data(str(tmp_path / "tiny"), image_size=32)
+    save_img(str(tmp_path / "one" / "s.png"))
+    with pytest.raises(common.UserError, match="one image is not a dataset"):
+        common.load_data(str(tmp_path / "one"), image_size=32)
+
+
+def test_small_images_are_upscaled_and_said_once(tmp_path, capsys):
+    for k in range(3):
+        img = Image.new("L", (28, 28), 0)
+        img.paste(255, (10, 10, 18, 18))                            # a white square in the middle
+        os.makedirs(tmp_path / str(k), exist_ok=True)
+        img.save(tmp_path / str(k) / "a.png")
+        img.save(tmp_path / str(k) / "b.png")
+    d = common.load_folder(str(tmp_path), image_size=32, channels=1)
+    err = capsys.readouterr().err
+    assert err.count("upscaled 6 of 6 images") == 1 and "the smallest is 28x28" in err
+    x = d[0][0]
+    assert x.shape == (1, 32, 32) and x[0, 16, 16] > 0.9 and x[0, 1, 1] < -0.9   # the square stays in the middle
+    ones = (x[0] > 0).sum().item()
+    assert 64 * (32 / 28) ** 2 * 0.8 < ones < 64 * (32 / 28) ** 2 * 1.2       # and grows by 32/28 per side
 
 
 def write_cifar(folder, n=12):
@@ -99,12 +121,20 @@ def write_cifar(folder, n=12):
 
 def test_cifar10_python_format(tmp_path):
     data, labels = write_cifar(tmp_path / "cifar-10-batches-py")
-    d = common.load_data(str(tmp_path), image_size=32)  # the parent folder works too
+    d = common.load_cifar10(str(tmp_path / "cifar-10-batches-py"), 32, 3, ["data_batch_1"])
     assert len(d) == 12 and d.class_names[3] == "cat"
     x, y, cap = d[5]
     assert y == labels[5] and cap == common.CIFAR_CLASSES[labels[5]]
     # row-major R plane, then G, then B: pixel (row 2, col 7) of channel 1
     assert x[1, 2, 7].item() == pytest.approx(data[5, 1024 + 2 * 32 + 7] / 127.5 - 1, abs=1e-6)
+    # the parent folder works too; without test_batch, one image of each class with two is held out
+    train, held = (common.load_data(str(tmp_path), 32, train=t) for t in (True, False))
+    assert len(train) == 10 and sorted(held.labels.tolist()) == [0, 1]
+    # with test_batch, that is the held-out part and every training batch is trained on
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({b"data": data[:3], b"labels": labels[:3]}, f)
+    train, held = (common.load_data(str(tmp_path), 32, train=t) for t in (True, False))
+    assert len(train) == 12 and len(held) == 3
 
 
 def test_cifar_pickle_that_runs_code_is_refused(tmp_path):
@@ -132,10 +162,12 @@ def test_mnist_idx(tmp_path, gz):
     imgs[:, 10:18, 10:18] = 255
     write_idx(str(tmp_path / f"t10k-images-idx3-ubyte{ext}"), imgs, gz)
     write_idx(str(tmp_path / f"t10k-labels-idx1-ubyte{ext}"), np.arange(5), gz)
-    d = common.load_data(str(tmp_path), image_size=28, channels=1)
+    d = common.load_mnist(str(tmp_path), image_size=28, channels=1, prefix="t10k")
     assert len(d) == 5 and d[3][1] == 3 and d[3][0].shape == (1, 28, 28)
     assert d[0][0][0, 14, 14] == 1 and d[0][0][0, 0, 0] == -1
     assert common.load_data(str(tmp_path), image_size=32, channels=3)[0][0].shape == (3, 32, 32)
+    # one class per image: nothing to hold out of a class of one, so all five train and none is held out
+    assert len(common.load_data(str(tmp_path), 28, 1)) == 5 and len(common.load_data(str(tmp_path), 28, 1, train=False)) == 0
 
 
 def test_mnist_truncated_is_a_user_error(tmp_path):
@@ -168,8 +200,43 @@ def test_real_mnist_from_shared_folder_when_present():
     root = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
     if not os.path.isdir(root):
         pytest.skip("../shared/data/mnist is not here")
-    d = common.load_data(root, image_size=32, channels=1)
-    assert len(d) == 10_000 and d.num_classes == 10
+    d, held = (common.load_data(root, image_size=32, channels=1, train=t) for t in (True, False))
+    assert len(d) + len(held) == 10_000 and 1990 <= len(held) <= 2000 and d.num_classes == 10  # t10k only
+    assert held.labels.bincount().tolist() == [int(c * 0.2) for c in torch.cat([d.labels, held.labels]).bincount()]
+    assert not set(map(bytes, held.images.flatten(1).numpy())) & set(map(bytes, d.images.flatten(1).numpy()))
     x, y, cap = d[0]
     assert x.shape == (1, 32, 32) and 0 <= y < 10 and cap == str(y)
     assert x.min() == pytest.approx(-1, abs=0.01) and x.max() > 0.9  # white digit on black
+
+
+def test_held_out_split_is_stratified_capped_and_fixed():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20 + [3])
+    train, held = common.held_out_split(labels)
+    assert sorted(train + held) == list(range(101)) and not set(train) & set(held)
+    assert labels[held].bincount().tolist() == [10, 6, 4]               # 20% of each class; a class of one trains
+    assert common.held_out_split(labels) == (train, held)                # the same images every run
+    big = torch.arange(30_000) % 3
+    train, held = common.held_out_split(big)
+    assert len(held) == 1998 and big[held].bincount().tolist() == [666] * 3   # at most 2000 in all
+
+
+def test_a_batch_larger_than_the_data_is_refused_before_training(tmp_path):
+    for k in range(2):
+        save_img(str(tmp_path / str(k) / "a.png"))
+        save_img(str(tmp_path / str(k) / "b.png"))
+    import ddpm
+    with pytest.raises(common.UserError, match="--batch-size 8 is more than the 2 training images; use"):
+        ddpm.main(["--train", "--preset", "tiny", "--data", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o" / "ckpt.pt").exists()
+
+
+def test_grid_items_spread_over_the_classes_one_row_each():
+    labels = torch.tensor([0] * 10 + [1] * 2 + [2] * 5)                 # sorted, as a folder of class subfolders
+    t = common.TensorData(torch.zeros(17, 1, 8, 8, dtype=torch.uint8), labels, ["a", "b", "c"])
+    items, per = common.grid_items(t, 7)
+    assert per == 3 and [y for _, y, _ in items] == [0, 0, 0, 1, 1, 1, 2, 2, 2]   # class b repeats its two
+    items, per = common.grid_items(common.ShapesData(16, seed=3), 8)
+    assert per == 2 and [y for _, y, _ in items] == [0, 0, 1, 1, 2, 2, 3, 3]
+    loose = common.TensorData(torch.zeros(5, 1, 8, 8, dtype=torch.uint8), torch.zeros(5, dtype=torch.long), None)
+    items, per = common.grid_items(loose, 7)                             # no classes: the first n, wrapping
+    assert per is None and len(items) == 7

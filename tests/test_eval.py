@@ -355,3 +355,19 @@ def test_precision_recall_on_clear_cases():
     collapsed = real[:1] + 0.01 * torch.randn(300, 8, generator=g, dtype=torch.float64)  # high fidelity, no diversity
     pr = common.precision_recall(real, collapsed)
     assert pr["precision"] == 1.0 and pr["recall"] < 0.05
+
+
+def test_judge_confidence_counts_images_the_judge_is_sure_of_on_every_head():
+    judge = common.Judge({"a": ["x", "y"], "b": ["u", "v", "w"]}, channels=1).eval()
+    x = torch.rand(6, 1, 16, 16) * 2 - 1
+    for head in judge.heads.values():
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+    assert common.judge_confident(judge, x) == 0.0                      # uniform: 1/2 and 1/3 are not > 0.9
+    with torch.no_grad():
+        judge.heads["a"].bias.copy_(torch.tensor([10.0, 0.0]))
+        assert common.judge_confident(judge, x) == 0.0                  # sure on one head only
+        judge.heads["b"].bias.copy_(torch.tensor([0.0, 0.0, 10.0]))
+        assert common.judge_confident(judge, x) == 1.0
+        judge.heads["b"].bias.copy_(torch.tensor([0.0, 2.0, 2.0]))      # p = 0.47: not sure
+        assert common.judge_confident(judge, x) == 0.0

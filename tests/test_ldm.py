@@ -228,7 +228,10 @@ def test_cli_train_both_stages_then_sample_and_eval(tmp_path, monkeypatch, capsy
     ae, _, _ = ldm.load_ae(os.path.join(run, "ae.pt"))
     s = ldm.measure_scale(ae, common.load_data("shapes", 16, 3), torch.device("cpu"), ck["config"]["scale_n"])
     assert abs(ck["config"]["scale_factor"] - s) < 1e-5
-    assert Image.open(os.path.join(run, "samples.png")).size == (2 * 18 + 2, 2 * 18 + 2)
+    # the training grid: held-out captions spread over the 4 shapes, one row per shape (4 x 1 here)
+    assert Image.open(os.path.join(run, "samples.png")).size == (1 * 18 + 2, 4 * 18 + 2)
+    shapes = [common.parse_caption(c)["shape"] for c in open(os.path.join(run, "samples.txt")).read().splitlines()]
+    assert shapes == common.SHAPES
     # stage 2 resumes exactly from its checkpoint (with its own copy of the autoencoder)
     part = tmp_path / "part"
     part.mkdir()
@@ -262,7 +265,8 @@ def test_cli_train_both_stages_then_sample_and_eval(tmp_path, monkeypatch, capsy
     (["--sample", "--ckpt", "{run}/nope.pt"], "not found"),
     (["--eval", "--recon", "--ae", "{run}/nope.pt"], "not found"),
     (["--sample", "--recon"], "--recon goes with --eval"),
-    (["--train", "--preset", "tiny", "--f", "8", "--max-steps", "1"], "has f 4 but 8"),
+    (["--train", "--preset", "tiny", "--image-size", "32", "--f", "8", "--max-steps", "1"], "has image_size 16 but 32"),
+    (["--train", "--preset", "tiny", "--f", "8"], "with --f 8: the preset's attention at 4px never occurs .* use --f 4"),
 ])
 def test_bad_input_is_a_user_error(tmp_path_factory, args, msg):
     run = tmp_path_factory.getbasetemp() / "ldm_bad_input"
