@@ -55,7 +55,7 @@ PEAK_BF16_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H200 NVL", 835), ("
                     ("A100", 312)]
 
 # The issue's sizes on CUDA; the CPU runs the same code at toy sizes, to prove the stages in seconds.
-SIZES = {"cuda": dict(ddpm="paper", ldm="cpu", batch=128, sample_batch=256, steps=50, warmup=5, iters=30),
+SIZES = {"cuda": dict(ddpm="paper", ldm="cpu", batch=128, sample_batch=256, steps=50, warmup=5, iters=50),
          "cpu": dict(ddpm="tiny", ldm="tiny", batch=4, sample_batch=4, steps=3, warmup=1, iters=2)}
 SCRIPTS = ["ddpm", "ddim", "guided", "ddgan", "ldm", "dreambooth"]
 
@@ -237,7 +237,7 @@ def measure_sample(run, size, dev, peak):
     elif run["model"] == "ldm":
         cfg, model, ae, cond, data = ldm_parts(size["ldm"], dev)
         model.eval()
-        c, null = cond([data[i][2] for i in range(B)]).to(dev), cond.null(B).to(dev)
+        c, null = cond(ldm.training_captions(data, B)).to(dev), cond.null(B).to(dev)
         abar, r = ldm.alphas_cumprod(cfg).tolist(), cfg["image_size"] // cfg["f"]
 
         def sample(net, steps):
