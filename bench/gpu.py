@@ -55,8 +55,10 @@ PEAK_BF16_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H200 NVL", 835), ("
                     ("A100", 312)]
 
 # The issue's sizes on CUDA; the CPU runs the same code at toy sizes, to prove the stages in seconds.
-SIZES = {"cuda": dict(ddpm="paper", ldm="cpu", batch=128, sample_batch=256, steps=50, warmup=5, iters=50),
-         "cpu": dict(ddpm="tiny", ldm="tiny", batch=4, sample_batch=4, steps=3, warmup=1, iters=2)}
+# Training steps are timed `reps` times, `calls` steps each, after `warmup` steps (and the first).
+SIZES = {"cuda": dict(ddpm="paper", ldm="cpu", batch=128, sample_batch=256, steps=50, warmup=5, reps=5,
+                     calls=10),
+         "cpu": dict(ddpm="tiny", ldm="tiny", batch=4, sample_batch=4, steps=3, warmup=1, reps=2, calls=1)}
 SCRIPTS = ["ddpm", "ddim", "guided", "ddgan", "ldm", "dreambooth"]
 
 
@@ -88,6 +90,21 @@ def sync(dev):
         torch.cuda.synchronize(dev)
 
 
+def timed(fn, dev, reps, calls=1):
+    """Seconds per call of fn, over `reps` timings of `calls` calls each: (mean, spread = (max - min) / mean,
+    fn's last result). Two figures closer than their spread are the same figure."""
+    times = []
+    for _ in range(reps):
+        sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            out = fn()
+        sync(dev)
+        times.append((time.perf_counter() - t0) / calls)
+    mean = sum(times) / reps
+    return mean, (max(times) - min(times)) / mean, out
+
+
 def reset_peak(dev):
     gc.collect()
     if dev.type == "cuda":
@@ -111,12 +128,7 @@ def matmul_tflops(dev, dtype):
     a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
     for _ in range(3):
         a @ b
-    sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    sync(dev)
-    return 2 * n ** 3 * iters / (time.perf_counter() - t0) / 1e12
+    return 2 * n ** 3 / timed(lambda: a @ b, dev, 1, iters)[0] / 1e12
 
 
 def ldm_parts(preset, dev):
@@ -176,8 +188,9 @@ def measure_train(run, size, dev, peak):
         loss(model).backward()
     model.zero_grad(set_to_none=True)
     if run.get("compile"):
+        from torch._dynamo.utils import counters
         torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
+        counters.clear()
     net = torch.compile(model) if run.get("compile") else model
 
     def step():
@@ -196,18 +209,15 @@ def measure_train(run, size, dev, peak):
     first = time.perf_counter() - t0  # compiles forward and backward; cuBLAS and cuDNN set up
     for _ in range(size["warmup"]):
         step()
-    sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(size["iters"]):
-        last = step()
-    sync(dev)
-    step_s = (time.perf_counter() - t0) / size["iters"]
+    step_s, spread, last = timed(step, dev, size["reps"], size["calls"])
     final = last.item()
     if not math.isfinite(final):
-        raise FloatingPointError(f"loss {final} after {1 + size['warmup'] + size['iters']} steps")
+        steps = 1 + size["warmup"] + size["reps"] * size["calls"]
+        raise FloatingPointError(f"loss {final} after {steps} steps")
     flops = fc.get_total_flops()
     r = {"what": what, "params_M": common.count_params(model) / 1e6, "batch": size["batch"],
-         "img_s": size["batch"] / step_s, "step_ms": 1e3 * step_s, "gflop_per_step": flops / 1e9,
+         "img_s": size["batch"] / step_s, "step_ms": 1e3 * step_s, "spread": spread,
+         "gflop_per_step": flops / 1e9,
          "tflops": flops / step_s / 1e12, "first_step_s": first, "peak_mem_mb": peak_mb(dev), "loss": final}
     if peak:
         r["mfu"] = r["tflops"] / peak
@@ -255,13 +265,10 @@ def measure_sample(run, size, dev, peak):
         sample(net, 2)        # compiles, where asked
         sync(dev)
         first = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        x = sample(net, S)
-        sync(dev)
-        s = time.perf_counter() - t0
+        s, spread, x = timed(lambda: sample(net, S), dev, 2)
         if not torch.isfinite(x).all():
             raise FloatingPointError("non-finite samples")
-    r = {"what": what, "batch": B, "steps": S, "img_s": B / s, "s_per_batch": s,
+    r = {"what": what, "batch": B, "steps": S, "img_s": B / s, "s_per_batch": s, "spread": spread,
          "tflops": fc.get_total_flops() / s / 1e12, "peak_mem_mb": peak_mb(dev)}
     if peak:
         r["mfu"] = r["tflops"] / peak
@@ -338,14 +345,9 @@ def worker_torchrun(args):
         opt.step()
     for _ in range(size["warmup"]):
         step()
-    sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(20):
-        step()
-    sync(dev)
+    step_s = timed(step, dev, 1, 20)[0]
     res.update(ddp_what=f"ddpm.py {size['ddpm']}", ddp_dtype="bfloat16" if cuda else "float32", ddp_steps=20,
-               ddp_batch=size["batch"], ddp_img_s=20 * size["batch"] / (time.perf_counter() - t0),
-               ddp_peak_mem_mb=peak_mb(dev))
+               ddp_batch=size["batch"], ddp_img_s=size["batch"] / step_s, ddp_peak_mem_mb=peak_mb(dev))
     write_json(args.result, res)
     dist.destroy_process_group()
     return 0
@@ -362,11 +364,12 @@ def worker(args):
 # The run: the stages in order, each under a timeout, the JSON rewritten after each
 # ---------------------------------------------------------------------------------------------
 
-def tail(path, n=15):
+def log_lines(path):
+    """The non-empty lines of a log's last 64 kB, without colours or tqdm's carriage returns."""
     with open(path, errors="replace") as f:
         f.seek(max(0, os.path.getsize(path) - 64_000))
         lines = [common.ANSI.sub("", s).split("\r")[-1].rstrip() for s in f.read().splitlines()]
-    return [s[:300] for s in lines if s.strip()][-n:]
+    return [s[:300] for s in lines if s.strip()]
 
 
 def warnings_in(path):
@@ -380,8 +383,9 @@ def error_line(lines, rc, seconds):
     """The line of a failed run's log that says what went wrong."""
     if rc is None:
         return f"timed out after {seconds:.0f}s"
-    for s in reversed(lines):
-        if s.startswith("error:") or re.match(r"^[\w.]*(Error|Exception|Interrupt)\b", s):
+    for s in reversed(lines):  # torchrun ends with its own ChildFailedError, after the worker's real one
+        if (s.startswith("error:") or re.match(r"^[\w.]*(Error|Exception|Interrupt)\b", s)) \
+                and "ChildFailedError" not in s:
             return s
     return f"exit status {rc}" + (f": {lines[-1]}" if lines else "")
 
@@ -389,7 +393,7 @@ def error_line(lines, rc, seconds):
 def run_cmd(cmd, log, timeout, env=None):
     """cmd from the repository root with its output in `log`; at the timeout it is killed together with its
     children (torchrun's worker, inductor's compile workers), which share its new session. Returns (exit
-    status, None if it timed out; seconds; the log's last lines)."""
+    status, None if it timed out; seconds; the log's lines)."""
     os.makedirs(os.path.dirname(log), exist_ok=True)
     t0 = time.monotonic()
     with open(log, "w") as f:
@@ -406,7 +410,7 @@ def run_cmd(cmd, log, timeout, env=None):
             if p.poll() is None:  # timed out, or Ctrl-C here, which its own session does not receive
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
-    return rc, time.monotonic() - t0, tail(log)
+    return rc, time.monotonic() - t0, log_lines(log)
 
 
 def smoke_plan(dev, out, scripts):
@@ -454,7 +458,7 @@ def stage_smoke(ctx, deadline):
             row.update(ok=rc == 0 and wrote, seconds=round(secs, 1), log=os.path.relpath(log, ctx.out),
                        warnings=warnings_in(log))
             if rc != 0:
-                row.update(error=error_line(lines, rc, secs), tail=lines)
+                row.update(error=error_line(lines, rc, secs), tail=lines[-20:])
             elif not wrote:
                 row["error"] = f"exit status 0 but {path} was not written"
             verdict = "ok" if row["ok"] else "FAILED: " + row["error"]
@@ -495,7 +499,7 @@ def stage_worker(ctx, deadline, name, kind, spec=None, torchrun=False):
     if rc != 0:
         bad = [x for x in r.get("runs", []) if not x["ok"]]
         first = f"{bad[0]['error']} ({bad[0]['model']} {bad[0]['dtype']})" if bad and rc == 1 else None
-        r.update(error=first or error_line(lines, rc, secs), tail=lines)
+        r.update(error=first or error_line(lines, rc, secs), tail=lines[-30:])
     return r
 
 
@@ -585,22 +589,27 @@ def print_table(report):
         note = s.get("error") or s.get("reason") or ""
         print(f"{name:<18} {s['status']:<8} {f(s.get('seconds'), '7.1f', 7)}  {note}")
     runs = [r for s in st.values() for r in s.get("runs", []) if r["ok"]]
+    trains, samples = [r for r in runs if "step_ms" in r], [r for r in runs if "s_per_batch" in r]
     mm = st.get("train", {}).get("matmul_tflops", {})
     print(f"\n{st.get('env', {}).get('name', report['device'])}: bf16 peak "
           f"{f(st.get('env', {}).get('peak_bf16_tflops'), 'g', 1)} TFLOP/s; a large matrix product reached "
           + (", ".join(f"{v:.1f} ({k})" for k, v in mm.items()) or "-") + " TFLOP/s")
-    print(f"{'training step':<30} {'dtype':<9} {'compile':<7} {'batch':>5} {'img/s':>8} {'ms/step':>8} "
-          f"{'TFLOP/s':>8} {'MFU':>6} {'peak MiB':>9} {'compile s':>9}")
-    for r in (r for r in runs if "step_ms" in r):
+    if trains:
+        print(f"{'training step':<30} {'dtype':<9} {'compile':<7} {'batch':>5} {'img/s':>8} {'spread':>6} "
+              f"{'ms/step':>8} {'TFLOP/s':>8} {'MFU':>6} {'peak MiB':>9} {'compile s':>9}")
+    for r in trains:
         what = r["what"] + (" +cudnn.benchmark" if r.get("cudnn_benchmark") else "")
         print(f"{what:<30} {r['dtype']:<9} {'yes' if r.get('compile') else 'no':<7} {r['batch']:>5} "
-              f"{r['img_s']:8.1f} {r['step_ms']:8.2f} {r['tflops']:8.2f} {f(r.get('mfu'), '6.1%', 6)} "
+              f"{r['img_s']:8.1f} {r['spread']:6.1%} {r['step_ms']:8.2f} {r['tflops']:8.2f} "
+              f"{f(r.get('mfu'), '6.1%', 6)} "
               f"{r['peak_mem_mb']:9.0f} {f(r.get('compile_s'), '9.1f', 9)}")
-    print(f"{'sampling':<36} {'dtype':<9} {'compile':<7} {'batch':>5} {'steps':>5} {'img/s':>8} "
-          f"{'TFLOP/s':>8} {'MFU':>6} {'peak MiB':>9} {'compile s':>9}")
-    for r in (r for r in runs if "s_per_batch" in r):
+    if samples:
+        print(f"{'sampling':<36} {'dtype':<9} {'compile':<7} {'batch':>5} {'steps':>5} {'img/s':>8} "
+              f"{'spread':>6} {'TFLOP/s':>8} {'MFU':>6} {'peak MiB':>9} {'compile s':>9}")
+    for r in samples:
         print(f"{r['what']:<36} {r['dtype']:<9} {'yes' if r.get('compile') else 'no':<7} {r['batch']:>5} "
-              f"{r['steps']:>5} {r['img_s']:8.1f} {r['tflops']:8.2f} {f(r.get('mfu'), '6.1%', 6)} "
+              f"{r['steps']:>5} {r['img_s']:8.1f} {r['spread']:6.1%} {r['tflops']:8.2f} "
+              f"{f(r.get('mfu'), '6.1%', 6)} "
               f"{r['peak_mem_mb']:9.0f} {f(r.get('compile_s'), '9.1f', 9)}")
     t = st.get("torchrun", {})
     if "ddp_img_s" in t:
@@ -639,6 +648,8 @@ def main(argv=None):
         return 2
     ctx = argparse.Namespace(dev=dev, out=os.path.abspath(args.out), scripts=args.scripts)
     path = os.path.join(ctx.out, "gpu.json")
+    for d in ("logs", "results"):
+        os.makedirs(os.path.join(ctx.out, d), exist_ok=True)
     report = {"command": " ".join(["python bench/gpu.py", *(sys.argv[1:] if argv is None else argv)]),
               "device": dev, "sizes": SIZES[dev], "budget_s": args.budget,
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "complete": False, "seconds": 0.0, "stages": {}}

@@ -3,7 +3,9 @@ JSON promises, a failing script is named and the run goes on, a hung command is 
 import argparse
 import json
 import os
+import subprocess
 import sys
+import tarfile
 import time
 
 import torch
@@ -44,7 +46,7 @@ def test_the_cpu_run_runs_every_stage_and_writes_the_json(tmp_path, capsys):
     for r in runs:
         assert r["ok"] and r["batch"] == 4 and r["peak_mem_mb"] > 0
         assert "mfu" not in r                                                  # no peak known: no MFU
-        assert abs(r["img_s"] * r["step_ms"] / 1e3 - r["batch"]) < 1e-6
+        assert abs(r["img_s"] * r["step_ms"] / 1e3 - r["batch"]) < 1e-6 and r["spread"] >= 0
         assert abs(r["tflops"] * r["step_ms"] / 1e3 - r["gflop_per_step"] / 1e3) < 1e-9 and r["tflops"] > 0
     # the FLOPs are the network's forward and backward at this batch, counted as bench.py counts them
     model = common.build_unet(ddpm.PRESETS["tiny"])
@@ -55,7 +57,9 @@ def test_the_cpu_run_runs_every_stage_and_writes_the_json(tmp_path, capsys):
     samples = st["sample"]["runs"]
     assert [(r["model"], r["dtype"], r["steps"], r["batch"]) for r in samples] == [
         ("ddpm", "bfloat16", 3, 4), ("ddpm", "float32", 3, 4), ("ldm", "bfloat16", 3, 4)]
-    assert all(r["ok"] and r["img_s"] > 0 and r["tflops"] > 0 and r["peak_mem_mb"] > 0 for r in samples)
+    for r in samples:
+        assert r["ok"] and r["tflops"] > 0 and r["peak_mem_mb"] > 0 and r["spread"] >= 0
+        assert abs(r["img_s"] * r["s_per_batch"] - r["batch"]) < 1e-6
     assert rep["targets"]["no_script_failing"]["met"] is True
     assert rep["targets"]["mfu_ddpm_bf16_compile"]["met"] is None              # not measured on a CPU
     assert "training step" in printed and "ldm.py tiny (latent)" in printed and "wrote" in printed
@@ -114,3 +118,13 @@ def test_mfu_peaks_match_the_card_names_torch_reports():
     assert gpu.peak_tflops("NVIDIA H200") == 989
     assert gpu.peak_tflops("NVIDIA A100-SXM4-80GB") == gpu.peak_tflops("NVIDIA A100 80GB PCIe") == 312
     assert gpu.peak_tflops("NVIDIA GeForce RTX 4090") is None  # unknown: MFU left out
+
+
+def test_gpu_sh_hands_back_the_json_and_the_logs(tmp_path):
+    dest = tmp_path / "dest"
+    p = subprocess.run(["bash", "bench/gpu.sh", str(dest), "--device", "cpu", "--stages", "env"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHON": sys.executable, "GPU_OUT": str(tmp_path / "gpu")})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert json.load(open(dest / "gpu.json"))["stages"]["env"]["status"] == "ok"
+    assert tarfile.open(dest / "gpu_logs.tar.gz").getnames() == ["logs", "results"]
