@@ -415,8 +415,9 @@ def run_cmd(cmd, log, timeout, env=None):
 
 def smoke_plan(dev, out, scripts):
     """Lanes of (script, mode, argv, the file it must write): each script's --train --preset tiny, then its
-    --sample. A lane runs in order (dreambooth.py fine-tunes ldm.py's checkpoint, so it follows ldm.py); on
-    CUDA the lanes run side by side. CUDA: the tiny presets as they are; the CPU: 2 steps, 2 images."""
+    --sample, which a failed --train skips. A lane runs in order (dreambooth.py fine-tunes ldm.py's
+    checkpoint, so it follows ldm.py); on CUDA the lanes run side by side. CUDA: the tiny presets as they
+    are; the CPU: 2 steps, 2 images."""
     cpu = dev == "cpu"
     o = {s: os.path.join(out, "smoke", s) for s in SCRIPTS}
     n = ["--n-samples", "2" if cpu else "16"]
@@ -446,9 +447,12 @@ def stage_smoke(ctx, deadline):
         rows = []
         for script, mode, argv, made in lane:
             row = {"script": f"{script}.py", "mode": mode, "command": "python " + " ".join(argv)}
-            if rows and not rows[-1]["ok"]:
-                before = f"{rows[-1]['script']} --{rows[-1]['mode']}"
-                rows.append({**row, "ok": False, "error": f"not run: {before} failed"})
+            broken = [r for r in rows if r["mode"] == "train" and not r["ok"]]  # what the rest needs
+            if broken:
+                rows.append({**row, "ok": False, "error": f"not run: {broken[0]['script']} --train failed"})
+                continue
+            if deadline - time.monotonic() < 1:
+                rows.append({**row, "ok": False, "error": "not run: the stage's time was up"})
                 continue
             log = os.path.join(ctx.out, "logs", f"smoke_{script}_{mode}.log")
             t0 = time.time()
@@ -671,7 +675,8 @@ def main(argv=None):
             except Exception as e:  # a bug of this file must not cost the stages after it
                 r = {"ok": False, "error": one_line(e), "tail": traceback.format_exc().splitlines()[-8:]}
             ok = r.pop("ok")
-            entry = {"status": "ok" if ok else "failed", "seconds": round(time.monotonic() - t0, 1), **r}
+            entry = {"status": "ok" if ok else "failed", "seconds": round(time.monotonic() - t0, 1),
+                     "timeout_s": round(timeout), **r}
         report["stages"][name] = entry
         why = entry.get("error") or entry.get("reason")
         print(f"[{time.monotonic() - t_start:5.0f}s] {name}: {entry['status']}" + (f": {why}" if why else ""),
