@@ -9,7 +9,8 @@ arguments needed, under 8 minutes on one H100, one JSON file and a short table.
 Stages, the cheapest correctness checks first. Each runs in subprocesses under a timeout; a failure is
 recorded with its log's last lines and the run goes on; the JSON is rewritten after every stage.
   env          torch, CUDA, cuDNN, NCCL, the card and its bf16 dense peak (PEAK_BF16_TFLOPS)
-  smoke        every script's --train --preset tiny, then its --sample, as a user runs them
+  smoke        every script's --train --preset tiny, then its --sample, as a user runs them; on CUDA also
+               ddpm.py --train --compile (the scripts' own torch.compile path)
   torchrun     torchrun --nproc_per_node 1 (nccl on CUDA, gloo on the CPU): ddpm.py --train for 20 steps,
                an all_reduce, then 20 DistributedDataParallel steps of the paper network
   train        common.train's step (forward, backward, clipping, fused AdamW, EMA) of ddpm.py's paper
@@ -30,6 +31,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -397,7 +399,7 @@ def run_cmd(cmd, log, timeout, env=None):
     os.makedirs(os.path.dirname(log), exist_ok=True)
     t0 = time.monotonic()
     with open(log, "w") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
+        f.write("$ " + shlex.join(cmd) + "\n")
         f.flush()
         p = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                              env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
@@ -438,6 +440,10 @@ def smoke_plan(dev, out, scripts):
               train("dreambooth", *steps, "--base", os.path.join(o["ldm"], "ckpt.pt"),
                     "--num-class-images", "2" if cpu else "8"),
               sample("dreambooth", *steps, "--prompt", "a blue sks circle on the left")]]
+    if not cpu:  # the scripts' own --compile (common.train), beside the others (CPU: minutes of C++ builds)
+        argv = train("ddpm", "--compile")[2]
+        argv[argv.index("--out") + 1] = os.path.join(out, "smoke", "ddpm_compile")
+        lanes.append([("ddpm", "train --compile", argv, "ckpt.pt")])
     keep = set(scripts) | ({"ldm"} if "dreambooth" in scripts else set())
     return [kept for kept in ([c for c in lane if c[0] in keep] for lane in lanes) if kept]
 
@@ -446,7 +452,7 @@ def stage_smoke(ctx, deadline):
     def lane_rows(lane):
         rows = []
         for script, mode, argv, made in lane:
-            row = {"script": f"{script}.py", "mode": mode, "command": "python " + " ".join(argv)}
+            row = {"script": f"{script}.py", "mode": mode, "command": shlex.join(["python", *argv])}
             broken = [r for r in rows if r["mode"] == "train" and not r["ok"]]  # what the rest needs
             if broken:
                 rows.append({**row, "ok": False, "error": f"not run: {broken[0]['script']} --train failed"})
@@ -454,7 +460,7 @@ def stage_smoke(ctx, deadline):
             if deadline - time.monotonic() < 1:
                 rows.append({**row, "ok": False, "error": "not run: the stage's time was up"})
                 continue
-            log = os.path.join(ctx.out, "logs", f"smoke_{script}_{mode}.log")
+            log = os.path.join(ctx.out, "logs", f"smoke_{script}_{mode.replace(' --', '_')}.log")
             t0 = time.time()
             rc, secs, lines = run_cmd([sys.executable, *argv], log, deadline - time.monotonic())
             path = os.path.join(argv[argv.index("--out") + 1], made)
