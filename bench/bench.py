@@ -30,7 +30,9 @@ def sdpa_flops(q_shape, k_shape, *args, **kwargs):
     return 4 * b * h * n * k_shape[-2] * d  # QK^T and PV, 2 FLOPs per multiply-add
 
 
-def count_train_flops(model, x, t):
+def flop_counter():
+    """FlopCounterMode (matrix products, convolutions, attention) that also counts the CPU's fused
+    attention kernel, for which torch has no formula (its CUDA kernels have one)."""
     ops = {}
     cpu_attn = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if cpu_attn is not None:
@@ -38,7 +40,11 @@ def count_train_flops(model, x, t):
     bwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
     if bwd is not None:
         ops[bwd] = lambda grad_out, q, k, *a, **kw: 2 * sdpa_flops(q, k)
-    with FlopCounterMode(display=False, custom_mapping=ops) as fc:
+    return FlopCounterMode(display=False, custom_mapping=ops)
+
+
+def count_train_flops(model, x, t):
+    with flop_counter() as fc:
         F.mse_loss(model(x, t).float(), x).backward()
     model.zero_grad(set_to_none=True)
     return fc.get_total_flops()
