@@ -313,6 +313,12 @@ def build_unet(cfg):
                 **{k: cfg[k] for k in UNET_OPTIONS if cfg.get(k) is not None})
 
 
+def resize_unet(cfg, size):
+    """The same network's config for size x size images: attention stays at the same levels of the U-Net."""
+    levels = [round(math.log2(cfg["image_size"] / r)) for r in cfg["attn_res"]]
+    return {**cfg, "image_size": size, "attn_res": [size >> level for level in levels]}
+
+
 def count_params(model):
     return sum(p.numel() for p in model.parameters())
 
@@ -604,6 +610,14 @@ def diffusion_config_from_diffusers(sched, path):
                         "fixed_large/fixed_small and epsilon/sample/v_prediction")
     return dict(timesteps=s["num_train_timesteps"], schedule=names[s["beta_schedule"]], beta_start=s["beta_start"],
                 beta_end=s["beta_end"], var=var[s["variance_type"]], objective=objective[s["prediction_type"]])
+
+
+def check_weights_flags(args):
+    """--weights replaces --ckpt, for --sample and --eval."""
+    if args.weights and (args.train or args.resume):
+        raise UserError("--weights loads a released model to --sample or --eval; --train starts from scratch")
+    if args.weights and args.ckpt:
+        raise UserError("give --weights or --ckpt, not both")
 
 
 def load_diffusers_ddpm(path, script):
