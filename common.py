@@ -85,9 +85,10 @@ def timestep_embedding(t, dim, max_period=10000, shift=0, cos_first=False):
     t * max_period^(-i / (half - shift)), i = 0..half-1. The released models differ in two details that change
     every output: DDPM's TensorFlow code divides by half - 1 (shift=1), OpenAI's code puts cos first."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - shift))
-    args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)] if cos_first else [torch.sin(args), torch.cos(args)], dim=1)
+    i = torch.arange(half, device=t.device, dtype=torch.float32)
+    args = t.float()[:, None] * torch.exp(-math.log(max_period) * i / (half - shift))[None]
+    pair = [torch.cos(args), torch.sin(args)] if cos_first else [torch.sin(args), torch.cos(args)]
+    emb = torch.cat(pair, dim=1)
     return F.pad(emb, (0, dim % 2))
 
 
@@ -237,10 +238,12 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_emb = nn.Embedding(num_classes + null_label, emb_dim) if num_classes else None
         gn = dict(groups=norm_groups, eps=norm_eps)
-        res_kw = dict(emb_dim=emb_dim, dropout=dropout, scale_shift=scale_shift, skip_rescale=skip_rescale, **gn)
+        res_kw = dict(emb_dim=emb_dim, dropout=dropout, scale_shift=scale_shift, skip_rescale=skip_rescale,
+                      **gn)
 
         def attn(c):
-            return AttnBlock(c, c // head_channels if head_channels else heads, context_dim, skip_rescale, **gn)
+            h = c // head_channels if head_channels else heads
+            return AttnBlock(c, h, context_dim, skip_rescale, **gn)
 
         def down(c):
             return ResBlock(c, c, down=True, **res_kw) if resblock_updown else Downsample(c, tf_pad)
@@ -301,16 +304,17 @@ class UNet(nn.Module):
         return self.out(h)
 
 
-UNET_OPTIONS = ("heads", "head_channels", "dropout", "num_classes", "context_dim", "scale_shift", "resblock_updown",
-                "skip_rescale", "null_label", "norm_groups", "norm_eps", "emb_shift", "emb_cos_first", "tf_pad")
+UNET_OPTIONS = ("heads", "head_channels", "dropout", "num_classes", "context_dim", "scale_shift",
+                "resblock_updown", "skip_rescale", "null_label", "norm_groups", "norm_eps", "emb_shift",
+                "emb_cos_first", "tf_pad")
 
 
 def build_unet(cfg):
     """A UNet from a plain config dict (the keys of the scripts' presets); options it does not name keep
     their defaults, so older checkpoints build the network they were trained with."""
-    return UNet(ch=cfg["ch"], ch_mult=cfg["ch_mult"], num_res_blocks=cfg["num_res_blocks"], attn_res=cfg["attn_res"],
-                in_ch=cfg["channels"], out_ch=cfg.get("out_ch", cfg["channels"]), image_size=cfg["image_size"],
-                **{k: cfg[k] for k in UNET_OPTIONS if cfg.get(k) is not None})
+    return UNet(ch=cfg["ch"], ch_mult=cfg["ch_mult"], num_res_blocks=cfg["num_res_blocks"],
+                attn_res=cfg["attn_res"], in_ch=cfg["channels"], out_ch=cfg.get("out_ch", cfg["channels"]),
+                image_size=cfg["image_size"], **{k: cfg[k] for k in UNET_OPTIONS if cfg.get(k) is not None})
 
 
 def resize_unet(cfg, size):
@@ -329,10 +333,11 @@ def count_params(model):
 # renames tensors, splits fused ones and permutes axes; it never changes a weight. Nothing is downloaded.
 # ---------------------------------------------------------------------------------------------
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
-                      "F8_E5M2": torch.float8_e5m2, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                      "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                      "F8_E5M2": torch.float8_e5m2, "U16": torch.uint16, "U32": torch.uint32,
+                      "U64": torch.uint64}
 
 
 def read_safetensors(path, flag="--weights"):
@@ -357,11 +362,12 @@ def read_safetensors(path, flag="--weights"):
     for name, info in header.items():
         dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
         if dtype is None:
-            raise UserError(f"{flag} {path}: tensor {name} has dtype {info.get('dtype')}, which torch cannot hold")
+            raise UserError(f"{flag} {path}: tensor {name} has dtype {info.get('dtype')}, which torch "
+                            "cannot hold")
         begin, end = (8 + n + o for o in info["data_offsets"])
         if end > size:
-            raise UserError(f"{flag} {path} is truncated: tensor {name} ends at byte {end}, the file has {size} "
-                            "bytes; download it again")
+            raise UserError(f"{flag} {path} is truncated: tensor {name} ends at byte {end}, the file has "
+                            f"{size} bytes; download it again")
         count = math.prod(info["shape"])
         if end - begin != count * dtype.itemsize:
             raise UserError(f"{flag} {path}: tensor {name} has {end - begin} bytes for shape {info['shape']}")
@@ -389,7 +395,8 @@ def read_torch_weights(path, flag="--weights"):
     except Exception as e:
         raise UserError(f"{flag} {path} {describe_unreadable(path, e)}")
     if isinstance(obj, dict) and "script" in obj and "config" in obj:
-        raise UserError(f"{flag} {path} is a {obj['script']}.py checkpoint of this repository; pass it with --ckpt")
+        raise UserError(f"{flag} {path} is a {obj['script']}.py checkpoint of this repository; pass it "
+                        "with --ckpt")
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
@@ -401,12 +408,12 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
 
 
 def read_weights(path, flag="--weights"):
-    """--weights PATH -> (tensors {name: tensor}, config, folder). PATH is a .safetensors file, a .pt/.bin/.pth
-    state dict, or a diffusers model folder (config.json and diffusion_pytorch_model.safetensors or .bin, at its
-    top or in unet/). config is the config.json beside the weights file ({} if there is none)."""
+    """--weights PATH -> (tensors {name: tensor}, config, folder). PATH is a .safetensors file, a
+    .pt/.bin/.pth state dict, or a diffusers model folder (config.json and diffusion_pytorch_model.safetensors
+    or .bin, at its top or in unet/). config is the config.json beside the weights file ({} if none)."""
     if not os.path.exists(path):
-        raise UserError(f"{flag} {path}: no such file or folder (nothing is downloaded here; see the README's "
-                        "'Released weights')")
+        raise UserError(f"{flag} {path}: no such file or folder (nothing is downloaded here; see the "
+                        "README's 'Released weights')")
     file = path
     if os.path.isdir(path):
         found = [os.path.join(d, f) for d in (path, os.path.join(path, "unet")) for f in WEIGHT_FILES
@@ -434,7 +441,8 @@ def read_weights(path, flag="--weights"):
 # What a state dict is, told from its tensor names: (layout, in words, the script that loads it)
 LAYOUTS = {"diffusers-unet": ("a diffusers UNet2DModel (DDPM's U-Net)", "ddpm.py or ddim.py"),
            "openai-unet": ("an OpenAI U-Net (guided-diffusion / improved-diffusion)", "guided.py --weights"),
-           "openai-classifier": ("a guided-diffusion noise-aware classifier", "guided.py --classifier-weights"),
+           "openai-classifier": ("a guided-diffusion noise-aware classifier",
+                                 "guided.py --classifier-weights"),
            "diffusers-unet-cond": ("a diffusers UNet2DConditionModel (Stable Diffusion's U-Net)", None),
            "compvis": ("a CompVis latent-diffusion / Stable Diffusion checkpoint", None),
            "vae": ("an autoencoder (VAE)", None), "clip-text": ("a CLIP text encoder", None),
@@ -443,7 +451,8 @@ LAYOUTS = {"diffusers-unet": ("a diffusers UNet2DModel (DDPM's U-Net)", "ddpm.py
 
 
 def weights_layout(tensors):
-    """The layout of a state dict, from its tensor names (never from the file name): a LAYOUTS key or 'unknown'."""
+    """The layout of a state dict, from its tensor names (never from the file name): a LAYOUTS key or
+    'unknown'."""
     keys = set(tensors)
     has = lambda *names: all(k in keys for k in names)
     if any(k.startswith(("model.diffusion_model.", "first_stage_model.")) for k in keys):
@@ -467,8 +476,8 @@ def weights_layout(tensors):
 
 
 def check_layout(path, tensors, accepted, script, flag="--weights"):
-    """UserError, in one line, unless the tensors have one of the `accepted` layouts: what was found (and which
-    script loads it) and what `script` accepts."""
+    """UserError, in one line, unless the tensors have one of the `accepted` layouts: what was found (and
+    which script loads it) and what `script` accepts."""
     layout = weights_layout(tensors)
     if layout in accepted:
         return layout
@@ -497,60 +506,65 @@ def load_mapped(model, tensors, path, flag="--weights"):
     if missing or extra or bad:
         first = (missing + extra + bad)[0]
         raise UserError(f"{flag} {path}: its tensors do not fit the network they describe ({len(missing)} "
-                        f"missing, {len(extra)} unexpected, {len(bad)} wrongly shaped, e.g. {first}); check the "
-                        "override flags against the model's released configuration")
+                        f"missing, {len(extra)} unexpected, {len(bad)} wrongly shaped, e.g. {first}); check "
+                        "the override flags against the model's released configuration")
     model.load_state_dict(tensors)
     return model
 
 
 # DDPM (Ho et al. 2020) as ported to diffusers: the UNet2DModel layout of the google/ddpm-* folders.
 
-DDPM_RELEASED = {  # block widths -> (the google/ddpm-* model, image size), for weights without their config.json
+# block widths -> (the google/ddpm-* model, image size), for weights given without their config.json
+DDPM_RELEASED = {
     (128, 256, 256, 256): ("google/ddpm-cifar10-32", 32),
     (128, 128, 256, 256, 512, 512): ("google/ddpm-celebahq-256 / -church-256 / -bedroom-256 / -cat-256", 256),
 }
 # UNet2DModel's config: what UNet can match (key: the values it accepts, the first is diffusers' default)
-DIFFUSERS_ACCEPTS = {"act_fn": ("silu",), "time_embedding_type": ("positional",), "center_input_sample": (False,),
-                     "resnet_time_scale_shift": ("default",), "add_attention": (True,), "class_embed_type": (None,),
-                     "num_class_embeds": (None,), "mid_block_scale_factor": (1,), "time_embedding_dim": (None,),
-                     "mid_block_type": ("UNetMidBlock2D",), "downsample_type": ("conv",), "upsample_type": ("conv",),
-                     "attn_norm_num_groups": (None,), "downsample_padding": (1, 0)}
+DIFFUSERS_ACCEPTS = {"act_fn": ("silu",), "time_embedding_type": ("positional",),
+                     "center_input_sample": (False,), "resnet_time_scale_shift": ("default",),
+                     "add_attention": (True,), "class_embed_type": (None,), "num_class_embeds": (None,),
+                     "mid_block_scale_factor": (1,), "time_embedding_dim": (None,),
+                     "mid_block_type": ("UNetMidBlock2D",), "downsample_type": ("conv",),
+                     "upsample_type": ("conv",), "attn_norm_num_groups": (None,),
+                     "downsample_padding": (1, 0)}
 
 
 def ddpm_released_config(tensors, path):
-    """The config.json of the google/ddpm-* model whose block widths the tensors show, for weights given without
-    it. The settings no tensor shows are those of DDPM's TensorFlow code: frequencies over half - 1, [sin, cos],
-    right/bottom padding, GroupNorm with 32 groups and eps 1e-6, one attention head."""
+    """The config.json of the google/ddpm-* model whose block widths the tensors show, for weights given
+    without it. The settings no tensor shows are those of DDPM's TensorFlow code: frequencies over half - 1,
+    [sin, cos], right/bottom padding, GroupNorm with 32 groups and eps 1e-6, one attention head."""
     count = lambda pattern: len({m[1] for k in tensors for m in [re.match(pattern, k)] if m})
     levels = count(r"down_blocks\.(\d+)\.")
     widths = tuple(tensors[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels))
     if widths not in DDPM_RELEASED:
-        raise UserError(f"--weights {path}: a UNet2DModel with block widths {list(widths)} and no config.json beside "
-                        "it; put its config.json there (the released google/ddpm-* models: "
-                        f"{', '.join(str(list(w)) for w in DDPM_RELEASED)})")
+        known = ", ".join(str(list(w)) for w in DDPM_RELEASED)
+        raise UserError(f"--weights {path}: a UNet2DModel with block widths {list(widths)} and no "
+                        "config.json beside it; put its config.json there (the released google/ddpm-* "
+                        f"models: {known})")
     name, size = DDPM_RELEASED[widths]
     attn = [any(k.startswith(f"down_blocks.{i}.attentions.") for k in tensors) for i in range(levels)]
     return {"_name": name, "sample_size": size, "block_out_channels": list(widths),
             "layers_per_block": count(r"down_blocks\.0\.resnets\.(\d+)\."),
             "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
             "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-            "in_channels": tensors["conv_in.weight"].shape[1], "out_channels": tensors["conv_out.weight"].shape[0],
+            "in_channels": tensors["conv_in.weight"].shape[1],
+            "out_channels": tensors["conv_out.weight"].shape[0],
             "freq_shift": 1, "flip_sin_to_cos": False, "norm_eps": 1e-6, "norm_num_groups": 32,
             "downsample_padding": 0, "attention_head_dim": None}
 
 
 def unet_config_from_diffusers(config, path):
-    """common.UNet's settings for a diffusers UNet2DModel config.json; UserError for what UNet cannot match."""
+    """common.UNet's settings for a diffusers UNet2DModel config.json; UserError for what it cannot match."""
     for key, ok in DIFFUSERS_ACCEPTS.items():
         if config.get(key, ok[0]) not in ok:
-            raise UserError(f"--weights {path}: a UNet2DModel with {key} = {config[key]!r}; common.UNet matches "
-                            f"only {' or '.join(map(repr, ok))}")
+            raise UserError(f"--weights {path}: a UNet2DModel with {key} = {config[key]!r}; common.UNet "
+                            f"matches only {' or '.join(map(repr, ok))}")
     down, up = config["down_block_types"], config["up_block_types"]
     attn = [t == "AttnDownBlock2D" for t in down]
     if not set(down) <= {"DownBlock2D", "AttnDownBlock2D"} or up != [
             "AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)]:
-        raise UserError(f"--weights {path}: blocks {down} / {up}; common.UNet has DownBlock2D/AttnDownBlock2D with "
-                        "the mirrored up blocks")
+        raise UserError(f"--weights {path}: blocks {down} / {up}; common.UNet has DownBlock2D and "
+                        "AttnDownBlock2D with the mirrored up blocks")
     widths, size = config["block_out_channels"], config.get("sample_size")
     size = size[0] if isinstance(size, (list, tuple)) and len(set(size)) == 1 else size
     ch = widths[0]
@@ -558,18 +572,19 @@ def unet_config_from_diffusers(config, path):
         raise UserError(f"--weights {path}: block widths {widths} and sample size {size}; common.UNet needs "
                         "multiples of the first width and a square image")
     head_dim = config.get("attention_head_dim", 8)
-    return dict(image_size=size, channels=config.get("in_channels", 3), out_ch=config.get("out_channels", 3), ch=ch,
-                ch_mult=[w // ch for w in widths], num_res_blocks=config.get("layers_per_block", 2),
+    return dict(image_size=size, channels=config.get("in_channels", 3), out_ch=config.get("out_channels", 3),
+                ch=ch, ch_mult=[w // ch for w in widths], num_res_blocks=config.get("layers_per_block", 2),
                 attn_res=[size >> i for i, a in enumerate(attn) if a], heads=1 if head_dim is None else None,
                 head_channels=head_dim, dropout=0.0, norm_groups=config.get("norm_num_groups", 32),
                 norm_eps=config.get("norm_eps", 1e-5), emb_shift=config.get("freq_shift", 0),
-                emb_cos_first=config.get("flip_sin_to_cos", True), tf_pad=config.get("downsample_padding", 1) == 0)
+                emb_cos_first=config.get("flip_sin_to_cos", True),
+                tf_pad=config.get("downsample_padding", 1) == 0)
 
 
 def unet_from_diffusers(tensors, num_res_blocks):
-    """diffusers UNet2DModel names -> common.UNet names. Level L's j-th residual block is entry L (n + 1) + j of
-    our down (and up) list, n = num_res_blocks; its attention sits beside it; the resampler ends the level.
-    Older uploads name the attention query/key/value/proj_attn; k and v are fused into our kv projection."""
+    """diffusers UNet2DModel names -> common.UNet names. Level L's j-th residual block is entry L (n + 1) + j
+    of our down (and up) list, n = num_res_blocks; its attention sits beside it; the resampler ends the
+    level. Older uploads name the attention query/key/value/proj_attn; k and v fuse into our kv projection."""
     n = num_res_blocks + 1
     attn_up = {m[1] for k in tensors for m in [re.match(r"up_blocks\.(\d+)\.attentions\.", k)] if m}
     at = lambda side, level, j, slot: f"{side}.{int(level) * n + int(j)}.{slot}."
@@ -578,8 +593,10 @@ def unet_from_diffusers(tensors, num_res_blocks):
              (r"^(down|up)_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m: at(m[1], m[2], m[3], 0)),
              (r"^(down|up)_blocks\.(\d+)\.attentions\.(\d+)\.", lambda m: at(m[1], m[2], m[3], 1)),
              (r"^down_blocks\.(\d+)\.downsamplers\.0\.", lambda m: at("down", m[1], n - 1, 0)),
-             (r"^up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: at("up", m[1], n - 1, 2 if m[1] in attn_up else 1)),
-             (r"^mid_block\.resnets\.(\d)\.", lambda m: f"mid.{2 * int(m[1])}."), (r"^mid_block\.attentions\.0\.", "mid.1."),
+             (r"^up_blocks\.(\d+)\.upsamplers\.0\.",
+              lambda m: at("up", m[1], n - 1, 2 if m[1] in attn_up else 1)),
+             (r"^mid_block\.resnets\.(\d)\.", lambda m: f"mid.{2 * int(m[1])}."),
+             (r"^mid_block\.attentions\.0\.", "mid.1."),
              (r"\.time_emb_proj\.", ".emb."), (r"\.conv_shortcut\.", ".skip."), (r"\.group_norm\.", ".norm."),
              (r"\.(to_q|query)\.", ".attn.q."), (r"\.(to_out\.0|proj_attn)\.", ".attn.out."),
              (r"\.(to_k|key)\.", ".attn.k."), (r"\.(to_v|value)\.", ".attn.v.")]
@@ -589,12 +606,14 @@ def unet_from_diffusers(tensors, num_res_blocks):
             key = re.sub(pattern, repl, key)
         out[key] = v
     for key in [k for k in out if ".attn.k." in k]:                     # k and v rows -> our kv projection
-        out[key.replace(".attn.k.", ".attn.kv.")] = torch.cat([out.pop(key), out.pop(key.replace(".k.", ".v."))])
+        k, v = out.pop(key), out.pop(key.replace(".k.", ".v."))
+        out[key.replace(".attn.k.", ".attn.kv.")] = torch.cat([k, v])
     return out
 
 
+# Ho et al. 2020, Sec. 4 and Appendix B (sigma_t^2 = beta_t, the official CIFAR-10 sampler's)
 DDPM_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
-                 "variance_type": "fixed_large", "prediction_type": "epsilon"}  # Ho et al. 2020, Sec. 4 and App. B
+                 "variance_type": "fixed_large", "prediction_type": "epsilon"}
 
 
 def diffusion_config_from_diffusers(sched, path):
@@ -605,11 +624,12 @@ def diffusion_config_from_diffusers(sched, path):
     objective = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
     if s["beta_schedule"] not in names or s.get("trained_betas") or s["variance_type"] not in var \
             or s["prediction_type"] not in objective:
-        raise UserError(f"--weights {path}: scheduler {s['beta_schedule']} betas, {s['variance_type']} variance, "
-                        f"{s['prediction_type']} prediction; this script has linear/scaled_linear/squaredcos_cap_v2, "
-                        "fixed_large/fixed_small and epsilon/sample/v_prediction")
-    return dict(timesteps=s["num_train_timesteps"], schedule=names[s["beta_schedule"]], beta_start=s["beta_start"],
-                beta_end=s["beta_end"], var=var[s["variance_type"]], objective=objective[s["prediction_type"]])
+        raise UserError(f"--weights {path}: scheduler {s['beta_schedule']} betas, {s['variance_type']} "
+                        f"variance, {s['prediction_type']} prediction; this script has linear/scaled_linear/"
+                        "squaredcos_cap_v2, fixed_large/fixed_small and epsilon/sample/v_prediction")
+    return dict(timesteps=s["num_train_timesteps"], schedule=names[s["beta_schedule"]],
+                beta_start=s["beta_start"], beta_end=s["beta_end"], var=var[s["variance_type"]],
+                objective=objective[s["prediction_type"]])
 
 
 def check_weights_flags(args):
@@ -621,9 +641,10 @@ def check_weights_flags(args):
 
 
 def load_diffusers_ddpm(path, script):
-    """--weights for ddpm.py and ddim.py: a diffusers UNet2DModel (file or folder) -> (config, tensors renamed for
-    common.UNet, what it is). The config holds the network's settings (its config.json, else DDPM_RELEASED's)
-    and the diffusion's (scheduler_config.json beside it or in ../scheduler, else DDPM_SCHEDULE)."""
+    """--weights for ddpm.py and ddim.py: a diffusers UNet2DModel (file or folder) -> (config, tensors renamed
+    for common.UNet, what it is). The config holds the network's settings (its config.json, else
+    DDPM_RELEASED's) and the diffusion's (scheduler_config.json beside it or in ../scheduler, else
+    DDPM_SCHEDULE)."""
     tensors, config, folder = read_weights(path)
     check_layout(path, tensors, ["diffusers-unet"], script)
     what = config.get("_name_or_path") or folder
@@ -643,18 +664,20 @@ def load_diffusers_ddpm(path, script):
 
 # OpenAI's U-Net (improved-diffusion, Nichol & Dhariwal 2021; guided-diffusion, Dhariwal & Nichol 2021)
 
-OPENAI_BLOCK_NAMES = [(r"\.in_layers\.0\.", ".norm1."), (r"\.in_layers\.2\.", ".conv1."), (r"\.emb_layers\.1\.", ".emb."),
-                      (r"\.out_layers\.0\.", ".norm2."), (r"\.out_layers\.3\.", ".conv2."),
-                      (r"\.skip_connection\.", ".skip."), (r"\.op\.", ".conv."), (r"\.proj_out\.", ".attn.out.")]
-OPENAI_UNET_NAMES = [(r"^time_embed\.", "time_mlp."), (r"^label_emb\.", "class_emb."), (r"^input_blocks\.0\.0\.", "conv_in."),
-                     (r"^input_blocks\.(\d+)\.", lambda m: f"down.{int(m[1]) - 1}."), (r"^middle_block\.", "mid."),
-                     (r"^output_blocks\.", "up.")]
+OPENAI_BLOCK_NAMES = [(r"\.in_layers\.0\.", ".norm1."), (r"\.in_layers\.2\.", ".conv1."),
+                      (r"\.emb_layers\.1\.", ".emb."), (r"\.out_layers\.0\.", ".norm2."),
+                      (r"\.out_layers\.3\.", ".conv2."), (r"\.skip_connection\.", ".skip."),
+                      (r"\.op\.", ".conv."), (r"\.proj_out\.", ".attn.out.")]      # op: Downsample's conv
+OPENAI_UNET_NAMES = [(r"^time_embed\.", "time_mlp."), (r"^label_emb\.", "class_emb."),
+                     (r"^input_blocks\.0\.0\.", "conv_in."),
+                     (r"^input_blocks\.(\d+)\.", lambda m: f"down.{int(m[1]) - 1}."),
+                     (r"^middle_block\.", "mid."), (r"^output_blocks\.", "up.")]
 
 
 def split_qkv(w, heads, order):
-    """A fused qkv projection (3C rows) -> our q (C rows) and kv (2C rows: k then v), each row [head][channel].
-    'new' order (QKVAttention: q, k, v, then the heads) is ours already; 'legacy' (QKVAttentionLegacy: the heads,
-    then q, k, v inside each) swaps the head and q/k/v axes."""
+    """A fused qkv projection (3C rows) -> our q (C rows) and kv (2C rows: k then v), rows [head][channel].
+    The 'new' order (QKVAttention: q, k, v, then the heads) is ours already; 'legacy' (QKVAttentionLegacy: the
+    heads, then q, k, v inside each) swaps the head and q/k/v axes."""
     C = w.shape[0] // 3
     if order == "legacy":
         w = w.reshape(heads, 3, C // heads, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
@@ -689,9 +712,9 @@ def unet_from_openai(tensors, heads_of, qkv_order):
 
 
 def openai_unet_structure(tensors, path):
-    """The settings an OpenAI U-Net's tensors show: base width, multipliers, blocks per level, the levels with
-    attention (0 = full size), classes, in/out channels, AdaGN, BigGAN up/down. Image size, heads, qkv order and
-    the diffusion are not in the tensors."""
+    """The settings an OpenAI U-Net's tensors show: base width, multipliers, blocks per level, the levels
+    with attention (0 = full size), classes, in/out channels, AdaGN, BigGAN up/down. Image size, heads, qkv
+    order and the diffusion are not in the tensors."""
     count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in tensors if k.startswith(prefix)})
     ch = tensors["time_embed.0.weight"].shape[1]
     n_out = count("output_blocks.")
@@ -709,7 +732,8 @@ def openai_unet_structure(tensors, path):
                 attn_levels=[lv for lv in range(levels) if first(lv) + "1.qkv.weight" in tensors],
                 num_classes=tensors["label_emb.weight"].shape[0] if "label_emb.weight" in tensors else None,
                 channels=tensors["input_blocks.0.0.weight"].shape[1], out_ch=tensors["out.2.weight"].shape[0],
-                scale_shift=emb == 2 * widths[0], resblock_updown=f"input_blocks.{n + 1}.0.in_layers.0.weight" in tensors)
+                scale_shift=emb == 2 * widths[0],
+                resblock_updown=f"input_blocks.{n + 1}.0.in_layers.0.weight" in tensors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1199,8 +1223,8 @@ class Parser(argparse.ArgumentParser):
         if getattr(parsed, "threads", None):
             torch.set_num_threads(parsed.threads)
         if getattr(parsed, "weights", None) and not self.weights:
-            raise UserError(f"--weights: {self.prog} loads no released weights (the papers' published models load "
-                            "into ddpm.py, ddim.py and guided.py; see the README's 'Released weights')")
+            raise UserError(f"--weights: {self.prog} loads no released weights (the papers' published models "
+                            "load into ddpm.py, ddim.py and guided.py; see the README's 'Released weights')")
         return parsed
 
 
@@ -1226,8 +1250,9 @@ def make_parser(script, description, presets, modes=(), gifs=False, weights=None
     p.add_argument("--channels", type=int, choices=[1, 3], help="1 (grayscale) or 3 (RGB; default)")
     p.add_argument("--out", default=f"out/{script}", help=f"output folder (default out/{script}/)")
     p.add_argument("--ckpt", help="checkpoint to sample/eval from (default <out>/ckpt.pt)")
-    p.add_argument("--weights", metavar="PATH", help="--sample/--eval: a released model instead of --ckpt, a file or "
-                   f"folder you downloaded (never downloaded here): {weights or 'none loads into this script yet'}")
+    p.add_argument("--weights", metavar="PATH", help="--sample/--eval: a released model instead of --ckpt, a "
+                   "file or folder you downloaded (never downloaded here): "
+                   f"{weights or 'none loads into this script yet'}")
     p.add_argument("--resume", action="store_true", help="continue training from <out>/ckpt.pt exactly, with its "
                    "config (only --max-steps may change; default: the checkpoint's own)")
     p.add_argument("--max-steps", type=positive_int, help="total training steps (default: from the preset)")

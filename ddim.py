@@ -6,6 +6,7 @@ Denoising Diffusion Implicit Models (Song, Meng & Ermon, 2021), https://arxiv.or
     python ddim.py --sample --invert       # x_0 -> x_T -> x_0: reconstruction MSE/PSNR (Sec. 5.4)
     python ddim.py --sample --interpolate  # slerp between two x_T, decoded with eta = 0 (Sec. 5.3)
     python ddim.py --eval --sweep          # Table 1 at small scale: FID and sec/image over S x eta
+    python ddim.py --sample --weights ddpm-cifar10-32 --steps 50   # DDPM's released model (README)
 
 The paper writes alpha_t for what ddpm.py (and this file) calls abar_t = prod_{s<=t} (1 - beta_s).
 Timesteps are 0-indexed as in ddpm.py; the network is the same, so are its checkpoints.
@@ -221,8 +222,9 @@ def load_weights(args, device):
 
 def load_model(args, device):
     """--weights, else the --ckpt (default <out>/ckpt.pt) of ddim.py or ddpm.py."""
-    return load_weights(args, device) if args.weights else load(args.ckpt or os.path.join(args.out, "ckpt.pt"),
-                                                                 device)
+    if args.weights:
+        return load_weights(args, device)
+    return load(args.ckpt or os.path.join(args.out, "ckpt.pt"), device)
 
 
 def source(ck):
@@ -343,8 +345,8 @@ def evaluate(args, device):
             return x
 
         info = {"steps": S, "eta": None if use_sigma_hat else eta, "sigma_hat": use_sigma_hat, "skip": args.skip,
-                "clip": not args.no_clip or use_sigma_hat, "ckpt_script": ck["script"], "ckpt_step": ck["step"],
-                **({"weights": ck["weights"]} if ck.get("weights") else {})}
+                "clip": not args.no_clip or use_sigma_hat, "ckpt_script": ck["script"],
+                "ckpt_step": ck["step"], **({"weights": ck["weights"]} if ck.get("weights") else {})}
         return common.evaluate("ddim", args, c, sample_fn, nfe=S, device=device, info=info)
 
     if not args.sweep:
@@ -399,8 +401,9 @@ def objective(cfg, device):
 
 
 def main(argv=None):
-    p = common.make_parser("ddim", __doc__, PRESETS, gifs=True, weights="DDPM's CIFAR-10, CelebA-HQ and LSUN "
-                           "models as diffusers folders (google/ddpm-cifar10-32, google/ddpm-church-256, ...)")
+    p = common.make_parser("ddim", __doc__, PRESETS, gifs=True, weights=(
+        "DDPM's CIFAR-10, CelebA-HQ and LSUN models as diffusers folders (google/ddpm-cifar10-32, "
+        "google/ddpm-church-256, ...)"))
     p.add_argument("--eta", type=common.unit_float, help="sigma(eta) of eq. 16 in [0, 1]: 0 deterministic DDIM "
                    "(default), 1 DDPM-like")
     p.add_argument("--skip", default="uniform", choices=["uniform", "quad"],

@@ -4,6 +4,7 @@ Denoising Diffusion Probabilistic Models (Ho, Jain & Abbeel, 2020), https://arxi
     python ddpm.py --train                              # shapes, a few minutes on a laptop CPU
     python ddpm.py --sample --ckpt out/ddpm/ckpt.pt     # PNG grid + GIF of the reverse process
     python ddpm.py --eval                               # FID/KID (see common.py), JSON last line
+    python ddpm.py --sample --weights ddpm-cifar10-32   # the paper's released CIFAR-10 model (README)
 
 Forward process  q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)                    (eq. 4)
 Posterior        q(x_{t-1} | x_t, x_0) = N(mu~_t(x_t, x_0), beta~_t I)                 (eqs. 6-7)
@@ -165,18 +166,20 @@ def load(path, device):
 def load_weights(args, device):
     """--weights: the paper's released models as diffusers ported them from the TensorFlow checkpoints
     (google/ddpm-cifar10-32, the 256 px CelebA-HQ and LSUN ones): a folder or its weights file -> network,
-    diffusion and a checkpoint-like dict. --objective, --var, --schedule and --image-size override its config."""
+    diffusion and a checkpoint-like dict. --objective, --var, --schedule and --image-size override its
+    config."""
     cfg, tensors, what = common.load_diffusers_ddpm(args.weights, "ddpm")
     cfg.update({k: getattr(args, k) for k in ("objective", "var", "schedule") if getattr(args, k)})
     if args.image_size:
         cfg = common.resize_unet(cfg, args.image_size)
         common.check_unet_size(cfg)
     model = common.load_mapped(common.build_unet(cfg), tensors, args.weights)
-    return model.to(device).eval(), diffusion_from(cfg, device), {"config": cfg, "step": None, "weights": what}
+    ck = {"config": cfg, "step": None, "weights": what}
+    return model.to(device).eval(), diffusion_from(cfg, device), ck
 
 
 def load_model(args, device):
-    """The network, diffusion and checkpoint-like dict that --sample and --eval use: --weights, else --ckpt."""
+    """The network, diffusion and checkpoint(-like dict) of --sample and --eval: --weights, else --ckpt."""
     if args.weights:
         return load_weights(args, device)
     return load(args.ckpt or os.path.join(args.out, "ckpt.pt"), device)
@@ -231,8 +234,9 @@ def evaluate(args):
 
 
 def main(argv=None):
-    p = common.make_parser("ddpm", __doc__, PRESETS, gifs=True, weights="the paper's CIFAR-10, CelebA-HQ and LSUN "
-                           "models as diffusers folders (google/ddpm-cifar10-32, google/ddpm-church-256, ...)")
+    p = common.make_parser("ddpm", __doc__, PRESETS, gifs=True, weights=(
+        "the paper's CIFAR-10, CelebA-HQ and LSUN models as diffusers folders (google/ddpm-cifar10-32, "
+        "google/ddpm-church-256, ...)"))
     p.add_argument("--objective", choices=["eps", "x0", "v"], help="what the network predicts (default eps, eq. 14)")
     p.add_argument("--var", choices=["large", "small"], help="sigma_t^2 = beta_t (large, default) or beta~_t (small)")
     p.add_argument("--schedule", choices=["linear", "cosine", "sigmoid"], help="beta schedule (default linear)")

@@ -8,6 +8,8 @@ Diffusion Models Beat GANs on Image Synthesis (Dhariwal & Nichol, 2021), https:/
     python guided.py --eval --scale 1                 # FID/KID and the accuracy of the asked class (JSON last)
     python guided.py --eval --sweep                   # guidance scales x (FID, accuracy, precision, recall)
                                                       # and respaced steps; --baseline adds a fixed-variance model
+    python guided.py --sample --weights 64x64_diffusion.pt --classifier-weights 64x64_classifier.pt \
+        --class 207                                   # ADM's released ImageNet 64 model (README)
 
 Timesteps are 0-indexed as in ddpm.py: abar_t = prod_{s<=t} (1 - beta_s), t = 0 is one noising step.
 "IDDPM" is Nichol & Dhariwal 2021, "DDPM" Ho et al. 2020, "ADM" Dhariwal & Nichol 2021.
@@ -494,23 +496,26 @@ def load_classifier(path, device, T):
 
 
 # ---------------------------------------------------------------------------------------------
-# Released weights: ADM's models and classifiers (openai/guided-diffusion), Improved DDPM's (openai/improved-diffusion)
+# Released weights: ADM's models and classifiers (openai/guided-diffusion), Improved DDPM's
+# (openai/improved-diffusion)
 # ---------------------------------------------------------------------------------------------
 
-# What the released models' tensors do not show, from the two repositories' READMEs, keyed by what they do show
-# (common.openai_unet_structure): base width, multipliers, residual blocks per level, the levels with attention
-# (0 = full size), classes, BigGAN up/down. qkv: the fused attention's order (common.split_qkv); rescale: the
-# network takes t * 1000 / T (IDDPM's rescale_timesteps); scale, steps: the README's guidance scale and steps.
+# What the released models' tensors do not show, from the two repositories' READMEs, keyed by what they do
+# show (common.openai_unet_structure): base width, multipliers, residual blocks per level, the levels with
+# attention (0 = full size), classes, BigGAN up/down. qkv: the fused attention's order (common.split_qkv);
+# rescale: the network takes t * 1000 / T (IDDPM's rescale_timesteps); scale, steps: the README's guidance
+# scale and respaced steps.
 ADM_256 = dict(image_size=256, head_channels=64, qkv="legacy", schedule="linear", timesteps=1000, steps=250)
 IDDPM = dict(qkv="legacy", heads=4, schedule="cosine", timesteps=4000, rescale=True)
 RELEASED = {
     (192, (1, 2, 3, 4), 3, (1, 2, 3), 1000, True): dict(
-        files="64x64_diffusion.pt", image_size=64, head_channels=64, qkv="new", schedule="cosine", timesteps=1000,
-        scale=1.0, steps=250),
+        files="64x64_diffusion.pt", image_size=64, head_channels=64, qkv="new", schedule="cosine",
+        timesteps=1000, scale=1.0, steps=250),
     (256, (1, 1, 2, 3, 4), 2, (2, 3, 4), 1000, True): dict(
-        files="128x128_diffusion.pt", image_size=128, heads=4, qkv="legacy", schedule="linear", timesteps=1000,
-        scale=0.5, steps=250),
-    (256, (1, 1, 2, 2, 4, 4), 2, (3, 4, 5), 1000, True): dict(files="256x256_diffusion.pt", scale=1.0, **ADM_256),
+        files="128x128_diffusion.pt", image_size=128, heads=4, qkv="legacy", schedule="linear",
+        timesteps=1000, scale=0.5, steps=250),
+    (256, (1, 1, 2, 2, 4, 4), 2, (3, 4, 5), 1000, True): dict(
+        files="256x256_diffusion.pt", scale=1.0, **ADM_256),
     (256, (1, 1, 2, 2, 4, 4), 2, (3, 4, 5), None, True): dict(
         files="256x256_diffusion_uncond.pt, lsun_bedroom/cat/horse(_nodropout).pt", scale=10.0, **ADM_256),
     (128, (1, 2, 2, 2), 3, (1, 2), None, False): dict(
@@ -523,8 +528,8 @@ RELEASED = {
         files="lsun_uncond_100M_1200K_bs128.pt, lsun_uncond_100M_2400K_bs64.pt", image_size=256, heads=1,
         qkv="legacy", schedule="linear", timesteps=1000),
 }
-# ADM's classifiers (create_classifier: width 128, 64 channels per head, attention at 32, 16 and 8 pixels, the
-# multipliers fixed by the image size), keyed by (width, number of input blocks); trained with T = 1000.
+# ADM's classifiers (create_classifier: width 128, 64 channels per head, attention at 32, 16 and 8 pixels,
+# the multipliers fixed by the image size), keyed by (width, number of input blocks); trained with T = 1000.
 RELEASED_CLASSIFIERS = {
     (128, 20): dict(files="64x64_classifier.pt", image_size=64, ch_mult=[1, 2, 3, 4], depth=4),
     (128, 15): dict(files="128x128_classifier.pt", image_size=128, ch_mult=[1, 1, 2, 3, 4], depth=2),
@@ -541,36 +546,37 @@ def released_config(s, args, path):
     r = dict(RELEASED.get(key, {}))
     if args.heads or args.head_channels:
         r.pop("heads", None), r.pop("head_channels", None)
-    flags = dict(image_size=args.image_size, heads=args.heads, head_channels=args.head_channels, qkv=args.qkv_order,
-                 schedule=args.schedule, timesteps=args.timesteps,
+    flags = dict(image_size=args.image_size, heads=args.heads, head_channels=args.head_channels,
+                 qkv=args.qkv_order, schedule=args.schedule, timesteps=args.timesteps,
                  rescale={"yes": True, "no": False}.get(args.rescale_timesteps))
     r.update({k: v for k, v in flags.items() if v is not None})
     need = [flag for flag, have in (("--image-size", "image_size" in r), ("--qkv-order", "qkv" in r),
                                     ("--heads or --head-channels", "heads" in r or "head_channels" in r),
-                                    ("--schedule", "schedule" in r), ("--timesteps", "timesteps" in r)) if not have]
+                                    ("--schedule", "schedule" in r), ("--timesteps", "timesteps" in r))
+            if not have]
     if need:
         raise common.UserError(f"--weights {path}: an OpenAI U-Net that is none of the released ones (width "
-                               f"{s['ch']}, multipliers {s['ch_mult']}, {s['num_res_blocks']} blocks per level); "
-                               f"give {', '.join(need)}")
+                               f"{s['ch']}, multipliers {s['ch_mult']}, {s['num_res_blocks']} blocks per "
+                               f"level); give {', '.join(need)}")
     widths = [s["ch"] * s["ch_mult"][level] for level in s["attn_levels"]] + [s["ch"] * s["ch_mult"][-1]]
-    split = r.get("head_channels") or r.get("heads")
+    split = r.get("head_channels") or r["heads"]
     if any(w % split for w in widths):
-        raise common.UserError(f"--weights {path}: attention widths {widths} do not split into "
-                               f"{'heads of ' + str(split) + ' channels' if r.get('head_channels') else str(split) + ' heads'}")
-    var = "learned" if s["out_ch"] == 2 * s["channels"] else "large"
+        what = f"heads of {split} channels" if r.get("head_channels") else f"{split} heads"
+        raise common.UserError(f"--weights {path}: attention widths {widths} do not split into {what}")
     return dict(image_size=r["image_size"], channels=s["channels"], out_ch=s["out_ch"], ch=s["ch"],
                 ch_mult=s["ch_mult"], num_res_blocks=s["num_res_blocks"],
                 attn_res=[r["image_size"] >> level for level in s["attn_levels"]], heads=r.get("heads"),
                 head_channels=r.get("head_channels"), num_classes=s["num_classes"], null_label=False,
                 scale_shift=s["scale_shift"], resblock_updown=s["resblock_updown"], norm_groups=32,
-                emb_cos_first=True, timesteps=r["timesteps"], schedule=r["schedule"], var=var, qkv=r["qkv"],
-                rescale_timesteps=r.get("rescale", False), released=r.get("files"), guidance_scale=r.get("scale"),
-                sample_steps=r.get("steps"))
+                emb_cos_first=True, timesteps=r["timesteps"], schedule=r["schedule"],
+                var="learned" if s["out_ch"] == 2 * s["channels"] else "large", qkv=r["qkv"],
+                rescale_timesteps=r.get("rescale", False), released=r.get("files"),
+                guidance_scale=r.get("scale"), sample_steps=r.get("steps"))
 
 
 def released_diffusion(cfg, var=None, device=None):
-    """The diffusion of a released model: IDDPM's linear schedule keeps its ends for any T (betas 1e-4 and 0.02
-    times 1000 / T), and a network trained with rescaled timesteps is called at t * 1000 / T."""
+    """The diffusion of a released model: IDDPM's linear schedule keeps its ends for any T (betas 1e-4 and
+    0.02 times 1000 / T), and a network trained with rescaled timesteps is called at t * 1000 / T."""
     T = cfg["timesteps"]
     betas = common.beta_schedule(cfg["schedule"], T, 1e-4 * (1000 / T), 0.02 * (1000 / T))
     tmap = torch.arange(T).float() * (1000.0 / T) if cfg["rescale_timesteps"] else None
@@ -585,47 +591,51 @@ def load_weights(args, device):
     cfg = released_config(common.openai_unet_structure(tensors, path), args, path)
     common.check_unet_size(cfg)
     heads_of = lambda c: c // cfg["head_channels"] if cfg["head_channels"] else cfg["heads"]
-    model = common.load_mapped(common.build_unet(cfg), common.unet_from_openai(tensors, heads_of, cfg["qkv"]), path)
-    model = model.to(device, memory_format=torch.channels_last).eval()
-    return model, released_diffusion(cfg, device=device), {"config": cfg, "step": None, "weights": path}
+    ours = common.unet_from_openai(tensors, heads_of, cfg["qkv"])
+    model = common.load_mapped(common.build_unet(cfg), ours, path)
+    model = model.to(device, memory_format=torch.channels_last)
+    ck = {"config": cfg, "step": None, "weights": path}
+    return model.eval(), released_diffusion(cfg, device=device), ck
 
 
 def classifier_from_openai(tensors, heads_of):
-    """guided-diffusion classifier names (EncoderUNetModel) -> Classifier names: input_blocks[1:] and middle_block
-    are our blocks, module for module in order; out.0 is out_norm, out.2 the attention pool, whose fused qkv is
-    already in our order ('new') and whose position table is stored transposed, (C, HW + 1)."""
-    trunk = sorted({(int(m[1]), int(m[2])) for k in tensors for m in [re.match(r"input_blocks\.(\d+)\.(\d+)\.", k)]
-                    if m and m[1] != "0"})
+    """guided-diffusion classifier names (EncoderUNetModel) -> Classifier names: input_blocks[1:] and
+    middle_block are our blocks, module for module in order; out.0 is out_norm, out.2 the attention pool,
+    whose fused qkv is already in our order ('new') and whose position table is stored transposed."""
+    found = [re.match(r"input_blocks\.(\d+)\.(\d+)\.", k) for k in tensors]
+    trunk = sorted({(int(m[1]), int(m[2])) for m in found if m and m[1] != "0"})
     index = {f"input_blocks.{n}.{j}.": f"blocks.{i}." for i, (n, j) in enumerate(trunk)}
     index.update({f"middle_block.{j}.": f"blocks.{len(trunk) + j}." for j in range(3)})
     names = [(r"^time_embed\.", "time_mlp."), (r"^input_blocks\.0\.0\.", "conv_in."),
              (r"^(input_blocks\.\d+\.\d+\.|middle_block\.\d\.)", lambda m: index[m[1]]),
-             (r"^out\.0\.", "out_norm."), (r"^out\.2\.qkv_proj\.", "pool.qkv."), (r"^out\.2\.c_proj\.", "pool.proj."),
-             (r"^out\.2\.positional_embedding$", "pool.pos")]
+             (r"^out\.0\.", "out_norm."), (r"^out\.2\.qkv_proj\.", "pool.qkv."),
+             (r"^out\.2\.c_proj\.", "pool.proj."), (r"^out\.2\.positional_embedding$", "pool.pos")]
     out = common.openai_to_ours(tensors, names, heads_of, "legacy")
-    out["pool.pos"] = out["pool.pos"].t()
+    out["pool.pos"] = out["pool.pos"].t()                                   # (C, HW + 1) -> (HW + 1, C)
     return out
 
 
 def load_classifier_weights(path, device, T, image_size):
     """--classifier-weights: one of ADM's released classifiers -> (Classifier, a checkpoint-like dict)."""
-    tensors = common.read_weights(path, "--classifier-weights")[0]
-    common.check_layout(path, tensors, ["openai-classifier"], "guided", "--classifier-weights")
+    flag = "--classifier-weights"
+    tensors = common.read_weights(path, flag)[0]
+    common.check_layout(path, tensors, ["openai-classifier"], "guided", flag)
     width = tensors["time_embed.0.weight"].shape[1]
     blocks = len({k.split(".")[1] for k in tensors if k.startswith("input_blocks.")})
     r = RELEASED_CLASSIFIERS.get((width, blocks))
     if r is None:
-        raise common.UserError(f"--classifier-weights {path}: a classifier of width {width} with {blocks} input "
-                               f"blocks, none of {', '.join(c['files'] for c in RELEASED_CLASSIFIERS.values())}")
+        known = ", ".join(c["files"] for c in RELEASED_CLASSIFIERS.values())
+        raise common.UserError(f"{flag} {path}: a classifier of width {width} with {blocks} input blocks, "
+                               f"none of {known}")
     if (r["image_size"], 1000) != (image_size, T):
-        raise common.UserError(f"--classifier-weights {path}: {r['files']} judges {r['image_size']}px images at "
-                               f"T = 1000; the diffusion model makes {image_size}px images with T = {T}")
+        raise common.UserError(f"{flag} {path}: {r['files']} judges {r['image_size']}px images at T = 1000; "
+                               f"the diffusion model makes {image_size}px images with T = {T}")
     ccfg = dict(num_classes=tensors["out.2.c_proj.weight"].shape[0], ch=width, ch_mult=r["ch_mult"],
                 depth=r["depth"], attn_res=[32, 16, 8], head_channels=64, image_size=image_size,
                 channels=tensors["input_blocks.0.0.weight"].shape[1], timesteps=1000, norm_groups=32,
                 emb_cos_first=True, released=r["files"])
-    clf = common.load_mapped(build_classifier(ccfg), classifier_from_openai(tensors, lambda c: c // 64), path,
-                             "--classifier-weights")
+    ours = classifier_from_openai(tensors, lambda c: c // 64)
+    clf = common.load_mapped(build_classifier(ccfg), ours, path, flag)
     return clf.to(device, memory_format=torch.channels_last).eval(), {"config": ccfg, "step": None}
 
 
@@ -664,8 +674,8 @@ def check_weights_args(args):
             raise common.UserError(f"give --{a.replace('_', '-')} or --{b.replace('_', '-')}, not both")
     for flag in ("heads", "head_channels", "qkv_order", "timesteps", "rescale_timesteps"):
         if getattr(args, flag) and not args.weights:
-            raise common.UserError(f"--{flag.replace('_', '-')} goes with --weights (it overrides the released "
-                                   "model's configuration)")
+            raise common.UserError(f"--{flag.replace('_', '-')} goes with --weights (it overrides the "
+                                   "released model's configuration)")
 
 
 class Sampler:
@@ -694,20 +704,23 @@ class Sampler:
         self.default_steps = self.cfg.get("sample_steps") or min(DEFAULT_STEPS, self.diff.T)
         self.classifier, self.clf_ck = None, None
         if need_classifier if need_classifier is not None else self.scale > 0:
-            if args.classifier_weights:
-                self.classifier, self.clf_ck = load_classifier_weights(args.classifier_weights, device, self.diff.T,
-                                                                       self.cfg["image_size"])
-            elif args.weights:
-                raise common.UserError(f"--scale {self.scale:g} guides with a classifier: give the released one with "
-                                       "--classifier-weights (e.g. 64x64_classifier.pt), or --scale 0")
-            else:
-                cpath = args.classifier or os.path.join(os.path.dirname(os.path.abspath(path)), "classifier.pt")
-                if not os.path.exists(cpath):
-                    raise common.UserError(f"--scale {self.scale:g} needs the classifier, and {cpath} does not exist; "
-                                           "train it with `python guided.py --train`, pass --classifier, or use "
-                                           "--scale 0")
-                self.classifier, self.clf_ck = load_classifier(cpath, device, self.diff.T)
+            self.classifier, self.clf_ck = self.load_classifier(path)
         self.num_classes = self.clf_ck["config"]["num_classes"] if self.clf_ck else self.cfg.get("num_classes")
+
+    def load_classifier(self, path):
+        """The classifier guidance needs: a released one (--classifier-weights) or a guided.py one."""
+        a, T = self.args, self.diff.T
+        if a.classifier_weights:
+            return load_classifier_weights(a.classifier_weights, self.device, T, self.cfg["image_size"])
+        if a.weights:
+            raise common.UserError(f"--scale {self.scale:g} guides with a classifier: give the released one "
+                                   "with --classifier-weights (e.g. 64x64_classifier.pt), or --scale 0")
+        cpath = a.classifier or os.path.join(os.path.dirname(os.path.abspath(path)), "classifier.pt")
+        if not os.path.exists(cpath):
+            raise common.UserError(f"--scale {self.scale:g} needs the classifier, and {cpath} does not "
+                                   "exist; train it with `python guided.py --train`, pass --classifier, or "
+                                   "use --scale 0")
+        return load_classifier(cpath, self.device, T)
 
     def check_class(self, k):
         if self.num_classes is None:
@@ -838,40 +851,41 @@ def print_tables(rows):
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    p = common.make_parser("guided", __doc__, PRESETS, gifs=True, weights="ADM's models (64x64_diffusion.pt, "
-                           "128x128_diffusion.pt, 256x256_diffusion(_uncond).pt, lsun_*.pt) and Improved DDPM's "
-                           "(cifar10_uncond_50M_500K.pt, imagenet64_*.pt, ...), from openai/guided-diffusion and "
-                           "openai/improved-diffusion")
+    p = common.make_parser("guided", __doc__, PRESETS, gifs=True, weights=(
+        "ADM's models (64x64_diffusion.pt, 128x128_diffusion.pt, 256x256_diffusion(_uncond).pt, "
+        "lsun_*.pt) and Improved DDPM's (cifar10_uncond_50M_500K.pt, imagenet64_*.pt, ...), from "
+        "openai/guided-diffusion and openai/improved-diffusion"))
     p.add_argument("--class", dest="cls", type=common.nonneg_int, help="--sample: the class to draw (shapes: "
                    "0 circle, 1 square, 2 triangle, 3 cross); default: every class, one per column")
     p.add_argument("--scale", type=common.nonneg_float, help=f"classifier guidance scale s >= 0 (default "
-                   f"{DEFAULT_SCALE:g}; 0: none)")
+                   f"{DEFAULT_SCALE:g}; with --weights, see --classifier-weights; 0: none)")
     p.add_argument("--sampler", default="ancestral", choices=["ancestral", "ddim"],
                    help="ancestral (ADM Algorithm 1, default) or ddim (Algorithm 2)")
     p.add_argument("--eta", type=common.unit_float, help="--sampler ddim: the DDIM noise eta in [0, 1] (default 0)")
     p.add_argument("--var", choices=["learned", "large", "small"], help="--train: learned sigmas with the hybrid "
                    "loss (default) or a fixed sigma^2 = beta_t (large) / beta~_t (small) with L_simple; "
                    "--sample/--eval: sample a learned model with a fixed variance instead")
-    p.add_argument("--schedule", choices=["cosine", "linear"], help="--train: beta schedule (default cosine); "
-                   "--weights: override the released model's")
+    p.add_argument("--schedule", choices=["cosine", "linear"], help="--train: beta schedule (default "
+                   "cosine); --weights: override the released model's")
     p.add_argument("--class-cond", action="store_true", help="--train: a class-conditional diffusion model "
                    "(class embedding added to the time embedding), as ADM's ImageNet models")
     p.add_argument("--clf-steps", type=common.nonneg_int, help="--train: classifier training steps (default: the "
                    "preset's; 0: none)")
     p.add_argument("--classifier", help="classifier checkpoint (default: classifier.pt beside --ckpt)")
-    p.add_argument("--classifier-weights", metavar="PATH", help="a released ADM classifier (64x64_classifier.pt, "
-                   "128x128_classifier.pt, 256x256_classifier.pt) to guide with; with --weights the default --scale "
-                   "is then the README's (1, 0.5, 1; 10 for the unconditional 256x256 model), else 0")
-    p.add_argument("--heads", type=common.positive_int, help="--weights: attention heads (default: the released "
-                   "model's)")
+    p.add_argument("--classifier-weights", metavar="PATH", help="a released ADM classifier "
+                   "(64x64_classifier.pt, 128x128_classifier.pt, 256x256_classifier.pt) to guide with; with "
+                   "--weights the default --scale is then the README's (1, 0.5, 1; 10 for the unconditional "
+                   "256x256 model), else 0")
+    p.add_argument("--heads", type=common.positive_int, help="--weights: attention heads (default: the "
+                   "released model's)")
     p.add_argument("--head-channels", type=common.positive_int, help="--weights: channels per attention head "
                    "instead of --heads")
     p.add_argument("--qkv-order", choices=["legacy", "new"], help="--weights: the fused qkv's order: legacy "
                    "(heads, then q/k/v) or new (q/k/v, then heads); default: the released model's")
     p.add_argument("--timesteps", type=common.positive_int, help="--weights: the number of diffusion steps T "
                    "the model was trained with (default: the released model's)")
-    p.add_argument("--rescale-timesteps", choices=["yes", "no"], help="--weights: the network takes t * 1000 / T "
-                   "(Improved DDPM's models: yes; default: the released model's)")
+    p.add_argument("--rescale-timesteps", choices=["yes", "no"], help="--weights: the network takes "
+                   "t * 1000 / T (Improved DDPM's models: yes; default: the released model's)")
     p.add_argument("--no-clip", action="store_true", help="do not clip x0_hat to [-1, 1] when sampling")
     p.add_argument("--sweep", action="store_true", help=f"with --eval: scales {SWEEP_SCALES} (FID, KID, accuracy, "
                    f"precision, recall) at --steps (default {DEFAULT_STEPS}), then no guidance at {SWEEP_STEPS} "

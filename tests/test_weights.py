@@ -1,6 +1,7 @@
-"""--weights plumbing: the .safetensors reader (standard library + torch) against the format and against the
-safetensors package, torch.load(weights_only=True) for .pt/.bin, layouts told from tensor names, one-line errors,
-and the command line: a tiny saved model through --weights writes a PNG; a wrong file is one error line."""
+"""--weights plumbing: the .safetensors reader (standard library + torch) against the format and against
+the safetensors package, torch.load(weights_only=True) for .pt/.bin, layouts told from tensor names, one-line
+errors, and the command line: a tiny saved model through --weights writes a PNG; a wrong file is one error
+line."""
 import json
 import os
 import struct
@@ -33,7 +34,8 @@ def mixed_tensors():
     return {"f64": x.double(), "f32": x, "f16": x.half(), "bf16": x.bfloat16(), "i64": torch.arange(7) - 3,
             "i32": torch.arange(4, dtype=torch.int32), "i16": torch.tensor([-2, 9], dtype=torch.int16),
             "i8": torch.tensor([[-1, 2]], dtype=torch.int8), "u8": torch.tensor([0, 255], dtype=torch.uint8),
-            "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4)}
+            "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5),
+            "empty": torch.zeros(0, 4)}
 
 
 def write_safetensors(path, tensors, metadata=None):
@@ -42,7 +44,8 @@ def write_safetensors(path, tensors, metadata=None):
     header, blobs, offset = {}, [], 0
     for k, t in tensors.items():
         raw = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[k] = {"dtype": name_of[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        header[k] = {"dtype": name_of[t.dtype], "shape": list(t.shape),
+                     "data_offsets": [offset, offset + len(raw)]}
         blobs.append(raw)
         offset += len(raw)
     if metadata:
@@ -77,7 +80,8 @@ def test_safetensors_reader_equals_the_safetensors_package(tmp_path):
     assert_same(st.load_file(str(tmp_path / "h.safetensors")), tensors)
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads the resident memory from /proc (Linux)")
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads the resident memory from /proc "
+                                                                    "(Linux)")
 def test_safetensors_reader_maps_the_file_instead_of_reading_it(tmp_path):
     write_safetensors(tmp_path / "big.safetensors", {"w": torch.ones(64, 1024, 1024, dtype=torch.uint8)})
     rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -85,7 +89,7 @@ def test_safetensors_reader_maps_the_file_instead_of_reading_it(tmp_path):
     w = common.read_safetensors(str(tmp_path / "big.safetensors"))["w"]
     assert rss() - before < 16 * 2 ** 20                                   # 64 MB file, not read in
     assert w[-1, -1, -1].item() == 1 and w[5].sum().item() == 2 ** 20      # and the data is there when read
-    w.add_(1)                                                              # copy-on-write: the file is untouched
+    w.add_(1)                                                        # copy-on-write: the file is untouched
     assert common.read_safetensors(str(tmp_path / "big.safetensors"))["w"][0, 0, 0].item() == 1
 
 
@@ -119,7 +123,8 @@ def test_torch_files_load_only_tensors(tmp_path):
     with pytest.raises(common.UserError, match="refused to load it"):
         common.read_weights(str(tmp_path / "evil.pt"))
     torch.save({"script": "ddpm", "config": {}, "ema": sd}, tmp_path / "ours.pt")
-    with pytest.raises(common.UserError, match="is a ddpm.py checkpoint of this repository; pass it with --ckpt"):
+    with pytest.raises(common.UserError, match="is a ddpm.py checkpoint of this repository; pass it with "
+                                               "--ckpt"):
         common.read_weights(str(tmp_path / "ours.pt"))
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(common.UserError, match="not a state dict"):
@@ -129,7 +134,8 @@ def test_torch_files_load_only_tensors(tmp_path):
 
 
 LAYOUT_KEYS = {
-    "diffusers-unet": ["conv_in.weight", "time_embedding.linear_1.weight", "down_blocks.0.resnets.0.conv1.weight"],
+    "diffusers-unet": ["conv_in.weight", "time_embedding.linear_1.weight",
+                       "down_blocks.0.resnets.0.conv1.weight"],
     "diffusers-unet-cond": ["conv_in.weight", "time_embedding.linear_1.weight",
                             "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"],
     "openai-unet": ["time_embed.0.weight", "input_blocks.0.0.weight", "output_blocks.0.0.in_layers.0.weight"],
@@ -172,19 +178,20 @@ def test_cli_guided_samples_from_released_layout_and_refuses_wrong_files(tmp_pat
     shapes, _ = openai_unet_shapes(32, [1, 2], 1, (2,), num_classes=4, out_ch=6)
     torch.save(random_tensors(shapes), tmp_path / "adm.pt")
     out = tmp_path / "o"
-    p = run("guided.py", "--sample", "--weights", str(tmp_path / "adm.pt"), "--image-size", "16", "--head-channels",
-            "16", "--qkv-order", "new", "--schedule", "cosine", "--timesteps", "50", "--n-samples", "2", "--steps",
-            "2", "--class", "3", "--no-gif", "--out", str(out))
+    p = run("guided.py", "--sample", "--weights", str(tmp_path / "adm.pt"), "--image-size", "16",
+            "--head-channels", "16", "--qkv-order", "new", "--schedule", "cosine", "--timesteps", "50",
+            "--n-samples", "2", "--steps", "2", "--class", "3", "--no-gif", "--out", str(out))
     assert p.returncode == 0, p.stderr
     assert Image.open(out / "samples.png").size == (2 * 16 + 3 * 2, 16 + 2 * 2)
     assert "released weights" in p.stdout
     p = run("ddpm.py", "--sample", "--weights", str(tmp_path / "adm.pt"), "--out", str(tmp_path / "e"))
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
-        f"error: --weights {tmp_path / 'adm.pt'}: found an OpenAI U-Net (guided-diffusion / improved-diffusion), "
-        "which guided.py --weights loads; ddpm.py --weights loads a diffusers UNet2DModel (DDPM's U-Net)"]
+        f"error: --weights {tmp_path / 'adm.pt'}: found an OpenAI U-Net (guided-diffusion / "
+        "improved-diffusion), which guided.py --weights loads; ddpm.py --weights loads a diffusers "
+        "UNet2DModel (DDPM's U-Net)"]
     write_safetensors(tmp_path / "wrong.safetensors", {"layer.weight": torch.zeros(2)})
-    for module, path, what in ((guided, "wrong.safetensors", "unknown layout"), (ddim, "adm.pt", "OpenAI U-Net"),
-                               (guided, "missing.pt", "no such file")):
+    for module, path, what in ((guided, "wrong.safetensors", "unknown layout"),
+                               (ddim, "adm.pt", "OpenAI U-Net"), (guided, "missing.pt", "no such file")):
         with pytest.raises(common.UserError, match=f"^--weights .*{what}"):
             module.main(["--sample", "--weights", str(tmp_path / path), "--out", str(tmp_path / "e")])
 
@@ -193,9 +200,10 @@ def test_cli_ddpm_and_ddim_sample_from_a_saved_unet2dmodel(tmp_path):
     diffusers = pytest.importorskip("diffusers", reason="saving a UNet2DModel needs diffusers "
                                                         "(pip install -r requirements-dev.txt)")
     torch.manual_seed(0)
-    diffusers.UNet2DModel(sample_size=16, block_out_channels=(32, 32), layers_per_block=1, attention_head_dim=None,
-                          down_block_types=("DownBlock2D", "AttnDownBlock2D"), norm_num_groups=8,
-                          up_block_types=("AttnUpBlock2D", "UpBlock2D")).save_pretrained(tmp_path / "m")
+    diffusers.UNet2DModel(sample_size=16, block_out_channels=(32, 32), layers_per_block=1,
+                          attention_head_dim=None, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                          norm_num_groups=8, up_block_types=("AttnUpBlock2D", "UpBlock2D")
+                          ).save_pretrained(tmp_path / "m")
     p = run("ddpm.py", "--sample", "--weights", str(tmp_path / "m"), "--n-samples", "2", "--steps", "2",
             "--out", str(tmp_path / "ddpm"))
     assert p.returncode == 0, p.stderr

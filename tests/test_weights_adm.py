@@ -1,9 +1,10 @@
-"""guided.py --weights: OpenAI's U-Net and classifier layouts (ADM, Improved DDPM) mapped onto common.UNet and
-guided.Classifier. guided-diffusion is not on PyPI, so the references are written here from the papers and the
-published code's description: the state-dict layout its constructors produce (openai_unet_shapes) and a plain
-functional forward pass over those tensors (ref_unet, ref_classifier); both fused-qkv orders against unfused
-per-head attention, the [cos, sin] embedding, AdaGN's scale-then-shift order and the attention pool. The
-full-size key lists of the released models are derived from their published configurations on the meta device."""
+"""guided.py --weights: OpenAI's U-Net and classifier layouts (ADM, Improved DDPM) mapped onto common.UNet
+and guided.Classifier. guided-diffusion is not on PyPI, so the references are written here from the papers and
+the published code's description: the state-dict layout its constructors produce (openai_unet_shapes) and a
+plain functional forward pass over those tensors (ref_unet, ref_classifier); both fused-qkv orders against
+unfused per-head attention, the [cos, sin] embedding, AdaGN's scale-then-shift order and the attention pool.
+The full-size key lists of the released models are derived from their published configurations on the meta
+device."""
 import argparse
 import math
 
@@ -15,13 +16,14 @@ import common
 import guided
 
 
-# --- the published layout, written out from the constructors' description --------------------------------------
+# --- the published layout, written out from the constructors' description ------------------------------
 
-def openai_unet_shapes(ch, mult, nrb, attn_ds, num_classes=None, in_ch=3, out_ch=3, scale_shift=True, updown=True,
-                       classifier_size=None, classes=1000):
-    """The state-dict shapes of guided-diffusion's UNetModel (or, with classifier_size, its EncoderUNetModel with
-    the attention pool) and the order its modules run in: {name: shape}, program. Each input/output block is a list
-    of (kind, prefix); kind in res, down, up (BigGAN resampling blocks), conv_down (op), conv_up (conv), attn."""
+def openai_unet_shapes(ch, mult, nrb, attn_ds, num_classes=None, in_ch=3, out_ch=3, scale_shift=True,
+                       updown=True, classifier_size=None, classes=1000):
+    """The state-dict shapes of guided-diffusion's UNetModel (or, with classifier_size, its EncoderUNetModel
+    with the attention pool) and the order its modules run in: {name: shape}, program. Each input/output block
+    is a list of (kind, prefix); kind in res, down, up (BigGAN resampling blocks), conv_down (op), conv_up
+    (conv), attn."""
     shapes, emb = {}, 4 * ch
 
     def add(prefix, **named):
@@ -32,7 +34,8 @@ def openai_unet_shapes(ch, mult, nrb, attn_ds, num_classes=None, in_ch=3, out_ch
         add(p, in_layers__0__weight=(cin,), in_layers__0__bias=(cin,), in_layers__2__weight=(cout, cin, 3, 3),
             in_layers__2__bias=(cout,), emb_layers__1__weight=((1 + scale_shift) * cout, emb),
             emb_layers__1__bias=((1 + scale_shift) * cout,), out_layers__0__weight=(cout,),
-            out_layers__0__bias=(cout,), out_layers__3__weight=(cout, cout, 3, 3), out_layers__3__bias=(cout,))
+            out_layers__0__bias=(cout,), out_layers__3__weight=(cout, cout, 3, 3),
+            out_layers__3__bias=(cout,))
         if cin != cout:
             add(p, skip_connection__weight=(cout, cin, 1, 1), skip_connection__bias=(cout,))
 
@@ -41,7 +44,8 @@ def openai_unet_shapes(ch, mult, nrb, attn_ds, num_classes=None, in_ch=3, out_ch
             proj_out__weight=(c, c, 1), proj_out__bias=(c,))
 
     add("", time_embed__0__weight=(emb, ch), time_embed__0__bias=(emb,), time_embed__2__weight=(emb, emb),
-        time_embed__2__bias=(emb,), input_blocks__0__0__weight=(ch, in_ch, 3, 3), input_blocks__0__0__bias=(ch,))
+        time_embed__2__bias=(emb,), input_blocks__0__0__weight=(ch, in_ch, 3, 3),
+        input_blocks__0__0__bias=(ch,))
     if num_classes:
         add("", label_emb__weight=(num_classes, emb))
     program = {"input": [], "middle": [], "output": []}
@@ -105,7 +109,7 @@ def random_tensors(shapes, seed=0):
     return out
 
 
-# --- a plain forward pass over the published tensors ----------------------------------------------------------------
+# --- a plain forward pass over the published tensors ---------------------------------------------------
 
 def ref_embedding(t, dim):
     """The published sinusoid: cos first, then sin, frequencies 10000^(-i / half)."""
@@ -126,7 +130,8 @@ def ref_res(sd, p, x, emb, resample=None):
     if resample == "down":
         h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)
     elif resample == "up":
-        h, x = F.interpolate(h, scale_factor=2.0, mode="nearest"), F.interpolate(x, scale_factor=2.0, mode="nearest")
+        up = lambda z: F.interpolate(z, scale_factor=2.0, mode="nearest")
+        h, x = up(h), up(x)
     h = F.conv2d(h, sd[p + "in_layers.2.weight"], sd[p + "in_layers.2.bias"], padding=1)
     e = F.linear(F.silu(emb), sd[p + "emb_layers.1.weight"], sd[p + "emb_layers.1.bias"])[:, :, None, None]
     if e.shape[1] == 2 * h.shape[1]:
@@ -187,8 +192,8 @@ def ref_emb(sd, t, y=None):
 
 
 def ref_unet(sd, program, x, t, y, heads_of, order):
-    """The published UNetModel.forward: embedding, input blocks (each output kept), middle, output blocks on the
-    concatenation with the kept features, GN, SiLU, conv."""
+    """The published UNetModel.forward: embedding, input blocks (each output kept), middle, output blocks on
+    the concatenation with the kept features, GN, SiLU, conv."""
     emb = ref_emb(sd, t, y)
     h = F.conv2d(x, sd["input_blocks.0.0.weight"], sd["input_blocks.0.0.bias"], padding=1)
     hs = [h]
@@ -223,20 +228,20 @@ def ref_classifier(sd, program, x, t, heads_of):
 
 def flags(**kw):
     """guided.py's override flags as argparse leaves them when not given."""
-    base = dict(image_size=None, heads=None, head_channels=None, qkv_order=None, schedule=None, timesteps=None,
-                rescale_timesteps=None)
+    base = dict(image_size=None, heads=None, head_channels=None, qkv_order=None, schedule=None,
+                timesteps=None, rescale_timesteps=None)
     return argparse.Namespace(**{**base, **kw})
 
 
-# --- the pieces a shape check cannot catch ---------------------------------------------------------------------------
+# --- the pieces a shape check cannot catch -------------------------------------------------------------
 
 def test_cos_sin_embedding_and_frequency_shift():
     t = torch.tensor([0, 1, 17, 999])
     torch.testing.assert_close(common.timestep_embedding(t, 64, cos_first=True), ref_embedding(t, 64),
                                rtol=1e-5, atol=1e-4)
     ours = common.timestep_embedding(t, 64)                                 # [sin, cos], as before
-    torch.testing.assert_close(ours, torch.cat([ref_embedding(t, 64)[:, 32:], ref_embedding(t, 64)[:, :32]], 1),
-                               rtol=1e-5, atol=1e-4)
+    ref = ref_embedding(t, 64)
+    torch.testing.assert_close(ours, torch.cat([ref[:, 32:], ref[:, :32]], 1), rtol=1e-5, atol=1e-4)
     # DDPM's TensorFlow code divides the exponent by half - 1: the last frequency is exactly 1/10000
     shifted = common.timestep_embedding(torch.tensor([1.0]), 64, shift=1)
     assert shifted[0, 31].item() == pytest.approx(math.sin(1e-4), rel=1e-4)
@@ -247,14 +252,14 @@ def test_cos_sin_embedding_and_frequency_shift():
 def test_fused_qkv_orders_match_unfused_attention(order):
     torch.manual_seed(0)
     C, heads = 32, 4
-    sd = random_tensors({"norm.weight": (C,), "norm.bias": (C,), "qkv.weight": (3 * C, C, 1), "qkv.bias": (3 * C,),
-                         "proj_out.weight": (C, C, 1), "proj_out.bias": (C,)})
+    sd = random_tensors({"norm.weight": (C,), "norm.bias": (C,), "qkv.weight": (3 * C, C, 1),
+                         "qkv.bias": (3 * C,), "proj_out.weight": (C, C, 1), "proj_out.bias": (C,)})
     block = common.AttnBlock(C, heads, groups=32)
     torch.nn.ModuleDict({"b": block}).load_state_dict(
         common.openai_to_ours({"b." + k: v for k, v in sd.items()}, [], lambda c: heads, order))
     x = torch.randn(2, C, 4, 4)
     torch.testing.assert_close(block(x), ref_attn(sd, "", x, heads, order), rtol=1e-5, atol=1e-5)
-    other = "new" if order == "legacy" else "legacy"                        # the orders are not interchangeable
+    other = "new" if order == "legacy" else "legacy"                  # the orders are not interchangeable
     assert (block(x) - ref_attn(sd, "", x, heads, other)).abs().max() > 1e-2
 
 
@@ -271,7 +276,8 @@ def test_split_qkv_is_a_permutation_of_rows():
 
 def test_scale_shift_order_of_the_residual_block():
     shapes, _ = openai_unet_shapes(32, [1], 1, ())
-    sd = random_tensors({k[len("input_blocks.1.0."):]: v for k, v in shapes.items() if k.startswith("input_blocks.1.0.")})
+    p = "input_blocks.1.0."
+    sd = random_tensors({k[len(p):]: v for k, v in shapes.items() if k.startswith(p)})
     block = common.ResBlock(32, 32, 128, scale_shift=True, groups=32)
     torch.nn.ModuleDict({"b": block}).load_state_dict(
         common.openai_to_ours({"b." + k: v for k, v in sd.items()}, [], None, "new"))
@@ -282,9 +288,10 @@ def test_scale_shift_order_of_the_residual_block():
     assert (block(x, emb) - ref_res(swapped, "", x, emb)).abs().max() > 1e-2   # shift first would differ
 
 
-# --- whole networks against the reference ------------------------------------------------------------------------
+# --- whole networks against the reference -------------------------------------------------------------
 
-@pytest.mark.parametrize("order,updown,num_classes", [("new", True, 5), ("legacy", True, None), ("legacy", False, 3)])
+@pytest.mark.parametrize("order,updown,num_classes",
+                         [("new", True, 5), ("legacy", True, None), ("legacy", False, 3)])
 def test_openai_unet_matches_reference(tmp_path, order, updown, num_classes):
     shapes, program = openai_unet_shapes(32, [1, 2], 2, (2,), num_classes, out_ch=6, scale_shift=updown,
                                          updown=updown)
@@ -321,19 +328,23 @@ def test_rescaled_timesteps_and_scaled_linear_betas():
     d = guided.released_diffusion(cfg)
     assert d.betas[0].item() == pytest.approx(2.5e-5) and d.betas[-1].item() == pytest.approx(5e-3)
     assert d.timestep_map[[0, 1, 3999]].tolist() == [0.0, 0.25, 999.75]
-    r = guided.respace(d, 100)                                              # respacing keeps the network's times
+    r = guided.respace(d, 100)                                      # respacing keeps the network's times
     assert r.timestep_map[-1].item() == 999.75 and r.timestep_map.dtype == torch.float32
 
 
-# --- the released models: every key mapped, every shape equal, nothing left over ------------------------------------
+# --- the released models: every key mapped, every shape equal, nothing left over ----------------------
 
 ADM_MODELS = {  # name: (the published flags as the constructor's arguments), parameters
-    "64x64_diffusion.pt": (dict(ch=192, mult=[1, 2, 3, 4], nrb=3, attn_ds=(2, 4, 8), num_classes=1000), 295.9),
-    "128x128_diffusion.pt": (dict(ch=256, mult=[1, 1, 2, 3, 4], nrb=2, attn_ds=(4, 8, 16), num_classes=1000), 421.5),
-    "256x256_diffusion.pt": (dict(ch=256, mult=[1, 1, 2, 2, 4, 4], nrb=2, attn_ds=(8, 16, 32), num_classes=1000),
-                             553.8),
-    "256x256_diffusion_uncond.pt": (dict(ch=256, mult=[1, 1, 2, 2, 4, 4], nrb=2, attn_ds=(8, 16, 32)), 552.8),
-    "cifar10_uncond_50M_500K.pt": (dict(ch=128, mult=[1, 2, 2, 2], nrb=3, attn_ds=(2, 4), updown=False), 52.5),
+    "64x64_diffusion.pt": (dict(ch=192, mult=[1, 2, 3, 4], nrb=3, attn_ds=(2, 4, 8), num_classes=1000),
+                           295.9),
+    "128x128_diffusion.pt": (dict(ch=256, mult=[1, 1, 2, 3, 4], nrb=2, attn_ds=(4, 8, 16), num_classes=1000),
+                             421.5),
+    "256x256_diffusion.pt": (dict(ch=256, mult=[1, 1, 2, 2, 4, 4], nrb=2, attn_ds=(8, 16, 32),
+                                  num_classes=1000), 553.8),
+    "256x256_diffusion_uncond.pt": (dict(ch=256, mult=[1, 1, 2, 2, 4, 4], nrb=2, attn_ds=(8, 16, 32)),
+                                    552.8),
+    "cifar10_uncond_50M_500K.pt": (dict(ch=128, mult=[1, 2, 2, 2], nrb=3, attn_ds=(2, 4), updown=False),
+                                   52.5),
 }
 
 
@@ -361,7 +372,8 @@ def test_released_model_keys_map_one_to_one(name):
 @pytest.mark.parametrize("size,depth", [(64, 4), (128, 2), (256, 2)])
 def test_released_classifier_keys_map_one_to_one(size, depth):
     mult = {64: [1, 2, 3, 4], 128: [1, 1, 2, 3, 4], 256: [1, 1, 2, 2, 4, 4]}[size]
-    shapes, _ = openai_unet_shapes(128, mult, depth, tuple(size // r for r in (32, 16, 8)), classifier_size=size)
+    attn_ds = tuple(size // r for r in (32, 16, 8))
+    shapes, _ = openai_unet_shapes(128, mult, depth, attn_ds, classifier_size=size)
     tensors = meta(shapes)
     blocks = len({k.split(".")[1] for k in tensors if k.startswith("input_blocks.")})
     r = guided.RELEASED_CLASSIFIERS[(128, blocks)]
@@ -370,7 +382,8 @@ def test_released_classifier_keys_map_one_to_one(size, depth):
                head_channels=64, image_size=size, channels=3, norm_groups=32, emb_cos_first=True)
     with torch.device("meta"):
         clf = guided.build_classifier(cfg)
-    assert common.check_mapping(clf, guided.classifier_from_openai(tensors, lambda c: c // 64)) == ([], [], [])
+    ours = guided.classifier_from_openai(tensors, lambda c: c // 64)
+    assert common.check_mapping(clf, ours) == ([], [], [])
     assert sum(math.prod(s) for s in shapes.values()) == common.count_params(clf)
 
 

@@ -1,7 +1,7 @@
-"""ddpm.py / ddim.py --weights: DDPM's released models as diffusers ported them (the UNet2DModel layout). A tiny
-random UNet2DModel with the CIFAR-10 block types, saved with save_pretrained, must give our network the same
-output; the full-size CIFAR-10 and 256 px layouts must map key for key. diffusers is the reference: these tests
-skip without it (pip install -r requirements-dev.txt)."""
+"""ddpm.py / ddim.py --weights: DDPM's released models as diffusers ported them (the UNet2DModel layout). A
+tiny random UNet2DModel with the CIFAR-10 block types, saved with save_pretrained, must give our network the
+same output; the full-size CIFAR-10 and 256 px layouts must map key for key. diffusers is the reference: these
+tests skip without it (pip install -r requirements-dev.txt)."""
 import argparse
 import json
 import os
@@ -13,21 +13,22 @@ import common
 import ddim
 import ddpm
 
-diffusers = pytest.importorskip("diffusers", reason="the DDPM equivalence tests need diffusers, the reference "
-                                                    "(pip install -r requirements-dev.txt)")
+diffusers = pytest.importorskip("diffusers", reason="the DDPM equivalence tests need diffusers, the "
+                                                    "reference (pip install -r requirements-dev.txt)")
 
 # google/ddpm-cifar10-32's config.json (the published one, as the diffusers port wrote it)
 CIFAR10 = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=[128, 256, 256, 256],
                down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
                up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], layers_per_block=2,
-               attention_head_dim=None, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, norm_num_groups=32,
-               downsample_padding=0, act_fn="silu", center_input_sample=False, mid_block_scale_factor=1,
-               time_embedding_type="positional")
+               attention_head_dim=None, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6,
+               norm_num_groups=32, downsample_padding=0, act_fn="silu", center_input_sample=False,
+               mid_block_scale_factor=1, time_embedding_type="positional")
 # the 256 px ones (celebahq, church, bedroom, cat): six levels, attention at 16 x 16
 LSUN = dict(CIFAR10, sample_size=256, block_out_channels=[128, 128, 256, 256, 512, 512],
             down_block_types=["DownBlock2D"] * 4 + ["AttnDownBlock2D", "DownBlock2D"],
             up_block_types=["UpBlock2D", "AttnUpBlock2D"] + ["UpBlock2D"] * 4)
-TINY = dict(CIFAR10, sample_size=16, block_out_channels=[32, 64, 64, 64])   # 32 groups at width 32: one channel each
+# 32 groups at width 32, one channel each, where our default would pick 8
+TINY = dict(CIFAR10, sample_size=16, block_out_channels=[32, 64, 64, 64])
 
 
 def weights_args(path, **kw):
@@ -37,7 +38,7 @@ def weights_args(path, **kw):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny random UNet2DModel with CIFAR-10's block types, saved both ways, with a DDPM scheduler beside it."""
+    """A tiny random UNet2DModel with CIFAR-10's block types, saved both ways, a DDPM scheduler beside it."""
     torch.manual_seed(0)
     ref = diffusers.UNet2DModel(**TINY).eval()
     with torch.no_grad():   # random everywhere (the released zero-initialised layers are trained), unit-scale
@@ -45,12 +46,13 @@ def tiny(tmp_path_factory):
             if p.ndim > 1:
                 p.normal_(0, p[0].numel() ** -0.5)
             else:
-                p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name and "weight" in name else 0.1 * torch.randn_like(p))
+                gain = "norm" in name and "weight" in name
+                p.copy_(1 + 0.2 * torch.randn_like(p) if gain else 0.1 * torch.randn_like(p))
     root = tmp_path_factory.mktemp("ddpm")
     ref.save_pretrained(root / "st")                                 # diffusion_pytorch_model.safetensors
     ref.save_pretrained(root / "bin", safe_serialization=False)     # diffusion_pytorch_model.bin
-    sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", variance_type="fixed_large",
-                                    clip_sample=True)
+    sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                    variance_type="fixed_large", clip_sample=True)
     sched.save_pretrained(root / "st")
     return ref, sched, root
 
@@ -76,8 +78,8 @@ def test_saved_unet2dmodel_gives_the_same_output(tiny, folder):
 
 
 def test_each_exact_match_option_is_needed(tiny):
-    """DDPM's TensorFlow details change the output: without any one of them the 1e-5 match is lost (GroupNorm's
-    eps the least: it matters where a group's variance is small)."""
+    """DDPM's TensorFlow details change the output: without any one of them the 1e-5 match is lost
+    (GroupNorm's eps the least: it matters where a group's variance is small)."""
     ref, _, root = tiny
     cfg, tensors, _ = common.load_diffusers_ddpm(str(root / "st"), "ddpm")
     for change in (dict(tf_pad=False), dict(emb_shift=0), dict(norm_eps=1e-5), dict(norm_groups=None),
@@ -108,9 +110,9 @@ def test_old_attention_names_load_too(tiny, tmp_path):
 
 def test_one_ancestral_step_matches_ddpmscheduler(tiny):
     """Algorithm 2's step with x_0 clipped and sigma^2 = beta_t, as DDPMScheduler takes it, on the same noise.
-    DDPMScheduler keeps its schedule in float32 (its cumulative product off by up to ~4e-5 relative by t = 600,
-    and 1 - abar_t loses digits near t = 0); ours is computed in float64. So: the same schedule up to float32,
-    and the same step when both run the schedule arithmetic in float64 (the network in float32 for both)."""
+    DDPMScheduler keeps its schedule in float32 (its cumulative product off by up to ~4e-5 relative by
+    t = 600, and 1 - abar_t loses digits near t = 0); ours is computed in float64. So: the same schedule up to
+    float32, and the same step when both run the schedule arithmetic in float64 (the network in float32)."""
     ref, sched, root = tiny
     model, _, ck = ddpm.load_weights(weights_args(str(root / "st")), torch.device("cpu"))
     assert ck["config"]["var"] == "large" and ck["config"]["schedule"] == "linear"
@@ -130,7 +132,8 @@ def test_one_ancestral_step_matches_ddpmscheduler(tiny):
 
 
 def test_bare_weights_file_uses_the_released_configuration(tiny, tmp_path):
-    """Without config.json the block widths name the google/ddpm-* model; the rest is DDPM's published settings."""
+    """Without config.json the block widths name the google/ddpm-* model; the rest is DDPM's published
+    settings."""
     meta = lambda cfg: {k: torch.empty(v.shape, device="meta") for k, v in unet_state(cfg).items()}
     for published in (CIFAR10, LSUN):
         tensors = meta(published)
@@ -155,7 +158,8 @@ def test_released_ddpm_keys_map_one_to_one(published):
     cfg = common.unet_config_from_diffusers(published, "released")
     with torch.device("meta"):
         model = common.build_unet(cfg)
-    assert common.check_mapping(model, common.unet_from_diffusers(theirs, cfg["num_res_blocks"])) == ([], [], [])
+    ours = common.unet_from_diffusers(theirs, cfg["num_res_blocks"])
+    assert common.check_mapping(model, ours) == ([], [], [])
     assert common.count_params(model) == sum(v.numel() for v in theirs.values())
     if published is CIFAR10:                       # the paper's CIFAR-10 network is ddpm.py's paper preset
         assert common.count_params(model) == 35_746_307
@@ -189,5 +193,6 @@ def test_scheduler_settings_and_overrides(tiny, tmp_path):
          "prediction_type": "v_prediction"}))
     _, diff, ck = ddpm.load_weights(weights_args(str(tmp_path)), torch.device("cpu"))
     assert (diff.T, diff.var, diff.objective, ck["config"]["schedule"]) == (500, "small", "v", "cosine")
-    _, diff, ck = ddpm.load_weights(weights_args(str(tmp_path), var="large", image_size=32), torch.device("cpu"))
+    args = weights_args(str(tmp_path), var="large", image_size=32)
+    _, diff, ck = ddpm.load_weights(args, torch.device("cpu"))
     assert diff.var == "large" and ck["config"]["image_size"] == 32 and ck["config"]["attn_res"] == [16]
