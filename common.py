@@ -490,6 +490,16 @@ def check_layout(path, tensors, accepted, script, flag="--weights"):
     raise UserError(f"{flag} {path}: found {found}; {script}.py {flag} loads {want}")
 
 
+@contextmanager
+def complete(path, flag="--weights"):
+    """Reading a layout's tensors: a missing one is a file that is not whole (or not that model), one line."""
+    try:
+        yield
+    except KeyError as e:
+        raise UserError(f"{flag} {path}: it has no tensor {e}, which its layout has; an incomplete or edited "
+                        "file?")
+
+
 def check_mapping(model, tensors):
     """How renamed tensors fit a model: (missing, unexpected, wrongly shaped) key lists, all empty when every
     key is mapped, every shape equal and nothing left over. Works on the meta device (no memory)."""
@@ -649,14 +659,18 @@ def load_diffusers_ddpm(path, script):
     check_layout(path, tensors, ["diffusers-unet"], script)
     what = config.get("_name_or_path") or folder
     if not config:
-        config = ddpm_released_config(tensors, path)
+        with complete(path):
+            config = ddpm_released_config(tensors, path)
         what = config["_name"] + " (settings from its released configuration)"
     sched = {}
     for p in (os.path.join(folder, "scheduler_config.json"), os.path.join(folder, "..", "scheduler",
                                                                            "scheduler_config.json")):
         if os.path.isfile(p):
-            with open(p) as f:
-                sched = json.load(f)
+            try:
+                with open(p) as f:
+                    sched = json.load(f)
+            except ValueError as e:
+                raise UserError(f"--weights {path}: {p} is not valid JSON ({e})")
             break
     cfg = {**unet_config_from_diffusers(config, path), **diffusion_config_from_diffusers(sched, path)}
     return cfg, unet_from_diffusers(tensors, cfg["num_res_blocks"]), what

@@ -79,6 +79,7 @@ PRESETS = {
                   clf_batch=256, clf_lr=3e-4, clf_wd=0.05),
 }
 GIF_FRAMES = 20             # snapshots of the reverse process in reverse.gif
+MAX_COLUMNS = 16            # --sample without --class: one class per column up to this many classes
 DEFAULT_STEPS = 100          # respaced sampling steps (IDDPM Sec. 4: learned sigmas hold up at 100; ADM used 250)
 DEFAULT_SCALE = 1.0          # ADM's guidance scale for ImageNet 64
 LAMBDA_VLB = 0.001           # IDDPM eq. 16
@@ -588,7 +589,8 @@ def load_weights(args, device):
     path = args.weights
     tensors = common.read_weights(path)[0]
     common.check_layout(path, tensors, ["openai-unet"], "guided")
-    cfg = released_config(common.openai_unet_structure(tensors, path), args, path)
+    with common.complete(path):
+        cfg = released_config(common.openai_unet_structure(tensors, path), args, path)
     common.check_unet_size(cfg)
     heads_of = lambda c: c // cfg["head_channels"] if cfg["head_channels"] else cfg["heads"]
     ours = common.unet_from_openai(tensors, heads_of, cfg["qkv"])
@@ -620,7 +622,8 @@ def load_classifier_weights(path, device, T, image_size):
     flag = "--classifier-weights"
     tensors = common.read_weights(path, flag)[0]
     common.check_layout(path, tensors, ["openai-classifier"], "guided", flag)
-    width = tensors["time_embed.0.weight"].shape[1]
+    with common.complete(path, flag):
+        width, classes = tensors["time_embed.0.weight"].shape[1], tensors["out.2.c_proj.weight"].shape[0]
     blocks = len({k.split(".")[1] for k in tensors if k.startswith("input_blocks.")})
     r = RELEASED_CLASSIFIERS.get((width, blocks))
     if r is None:
@@ -630,7 +633,7 @@ def load_classifier_weights(path, device, T, image_size):
     if (r["image_size"], 1000) != (image_size, T):
         raise common.UserError(f"{flag} {path}: {r['files']} judges {r['image_size']}px images at T = 1000; "
                                f"the diffusion model makes {image_size}px images with T = {T}")
-    ccfg = dict(num_classes=tensors["out.2.c_proj.weight"].shape[0], ch=width, ch_mult=r["ch_mult"],
+    ccfg = dict(num_classes=classes, ch=width, ch_mult=r["ch_mult"],
                 depth=r["depth"], attn_res=[32, 16, 8], head_channels=64, image_size=image_size,
                 channels=tensors["input_blocks.0.0.weight"].shape[1], timesteps=1000, norm_groups=32,
                 emb_cos_first=True, released=r["files"])
@@ -666,10 +669,11 @@ def check_args(args):
 def check_weights_args(args):
     """--weights and --classifier-weights load released files for --sample and --eval; the flags that override
     their released configuration go with --weights."""
-    if args.train and (args.weights or args.classifier_weights):
-        raise common.UserError("--weights/--classifier-weights load released models to --sample or --eval; "
+    common.check_weights_flags(args)
+    if args.classifier_weights and (args.train or args.resume):
+        raise common.UserError("--classifier-weights loads a released classifier to --sample or --eval; "
                                "--train starts from scratch")
-    for a, b in (("weights", "ckpt"), ("classifier_weights", "classifier"), ("heads", "head_channels")):
+    for a, b in (("classifier_weights", "classifier"), ("heads", "head_channels")):
         if getattr(args, a) and getattr(args, b):
             raise common.UserError(f"give --{a.replace('_', '-')} or --{b.replace('_', '-')}, not both")
     for flag in ("heads", "head_channels", "qkv_order", "timesteps", "rescale_timesteps"):
@@ -745,7 +749,8 @@ class Sampler:
 
 
 def sample_images(args, device):
-    """--sample: a grid of --n-samples images of --class K (or of every class, one per column)."""
+    """--sample: a grid of --n-samples images of --class K (or of every class, one per column; with more
+    classes than MAX_COLUMNS, such as ImageNet's 1000, of classes drawn at random as the official sampler)."""
     s = Sampler(args, device)
     scale, steps = s.scale, args.steps or s.default_steps
     space_timesteps(s.diff.T, steps)
@@ -753,6 +758,10 @@ def sample_images(args, device):
     if args.cls is not None:
         s.check_class(args.cls)
         labels, nrow, what = [args.cls] * n, None, f"class {args.cls}"
+    elif s.num_classes and (scale > 0 or s.cfg.get("num_classes")) and s.num_classes > MAX_COLUMNS:
+        g = torch.Generator().manual_seed(args.seed)
+        labels = torch.randint(0, s.num_classes, (n,), generator=g).tolist()
+        nrow, what = None, f"random classes ({', '.join(map(str, labels[:8]))}{', ...' if n > 8 else ''})"
     elif s.num_classes and (scale > 0 or s.cfg.get("num_classes")):
         labels, nrow, what = [i % s.num_classes for i in range(n)], s.num_classes, "one class per column"
     else:

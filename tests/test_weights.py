@@ -184,6 +184,13 @@ def test_cli_guided_samples_from_released_layout_and_refuses_wrong_files(tmp_pat
     assert p.returncode == 0, p.stderr
     assert Image.open(out / "samples.png").size == (2 * 16 + 3 * 2, 16 + 2 * 2)
     assert "released weights" in p.stdout
+    # 1000 classes and no --class: classes drawn at random, in a square grid (not 1000 columns)
+    shapes = openai_unet_shapes(32, [1, 2], 1, (2,), num_classes=1000, out_ch=6)[0]
+    torch.save(random_tensors(shapes), tmp_path / "imagenet.pt")
+    guided.main(["--sample", "--weights", str(tmp_path / "imagenet.pt"), "--image-size", "16",
+                 "--head-channels", "16", "--qkv-order", "new", "--schedule", "cosine", "--timesteps", "20",
+                 "--n-samples", "4", "--steps", "2", "--no-gif", "--out", str(tmp_path / "i")])
+    assert Image.open(tmp_path / "i" / "samples.png").size == (2 * 16 + 3 * 2,) * 2
     p = run("ddpm.py", "--sample", "--weights", str(tmp_path / "adm.pt"), "--out", str(tmp_path / "e"))
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
         f"error: --weights {tmp_path / 'adm.pt'}: found an OpenAI U-Net (guided-diffusion / "

@@ -398,3 +398,21 @@ def test_unknown_openai_model_names_the_flags_it_needs(tmp_path):
                                                          schedule="cosine", timesteps=10)))
     with pytest.raises(common.UserError, match=r"widths \[64, 64\] do not split into 3 heads"):
         guided.load_weights(args, torch.device("cpu"))
+    cut = {k: v for k, v in random_tensors(shapes).items() if not k.startswith("input_blocks.1.0.emb_layers")}
+    torch.save(cut, path)
+    with pytest.raises(common.UserError, match="no tensor 'input_blocks.1.0.emb_layers.1.weight'"):
+        guided.load_weights(args, torch.device("cpu"))
+
+
+def test_flags_that_go_with_weights(tmp_path):
+    cases = [(["--train", "--weights", "x.pt"], "--train starts from scratch"),
+             (["--sample", "--weights", "x.pt", "--ckpt", "c.pt"], "give --weights or --ckpt, not both"),
+             (["--sample", "--classifier-weights", "c.pt", "--classifier", "d.pt"],
+              "give --classifier-weights or --classifier, not both"),
+             (["--sample", "--weights", "x.pt", "--heads", "4", "--head-channels", "64"],
+              "give --heads or --head-channels, not both"),
+             (["--sample", "--qkv-order", "new"], "--qkv-order goes with --weights"),
+             (["--sample", "--schedule", "linear"], "--schedule goes with --train")]
+    for argv, message in cases:
+        with pytest.raises(common.UserError, match=message):
+            guided.main(argv + ["--out", str(tmp_path)])

@@ -4,7 +4,6 @@ same output; the full-size CIFAR-10 and 256 px layouts must map key for key. dif
 tests skip without it (pip install -r requirements-dev.txt)."""
 import argparse
 import json
-import os
 
 import pytest
 import torch
