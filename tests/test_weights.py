@@ -70,8 +70,8 @@ def test_safetensors_reader_reads_the_format(tmp_path):
 
 
 def test_safetensors_reader_equals_the_safetensors_package(tmp_path):
-    st = pytest.importorskip("safetensors.torch", reason="the comparison needs the safetensors package "
-                                                        "(pip install -r requirements-dev.txt)")
+    st = pytest.importorskip("safetensors.torch", exc_type=ImportError, reason="the comparison needs the "
+                             "safetensors package (pip install -r requirements-dev.txt)")
     tensors = {k: v for k, v in mixed_tensors().items()}
     st.save_file(tensors, str(tmp_path / "p.safetensors"), metadata={"note": "written by the package"})
     ours = common.read_safetensors(str(tmp_path / "p.safetensors"))
@@ -204,8 +204,8 @@ def test_cli_guided_samples_from_released_layout_and_refuses_wrong_files(tmp_pat
 
 
 def test_cli_ddpm_and_ddim_sample_from_a_saved_unet2dmodel(tmp_path):
-    diffusers = pytest.importorskip("diffusers", reason="saving a UNet2DModel needs diffusers "
-                                                        "(pip install -r requirements-dev.txt)")
+    diffusers = pytest.importorskip("diffusers", exc_type=ImportError, reason="saving a UNet2DModel needs "
+                                    "diffusers (pip install -r requirements-dev.txt)")
     torch.manual_seed(0)
     diffusers.UNet2DModel(sample_size=16, block_out_channels=(32, 32), layers_per_block=1,
                           attention_head_dim=None, down_block_types=("DownBlock2D", "AttnDownBlock2D"),

@@ -12,8 +12,8 @@ import common
 import ddim
 import ddpm
 
-diffusers = pytest.importorskip("diffusers", reason="the DDPM equivalence tests need diffusers, the "
-                                                    "reference (pip install -r requirements-dev.txt)")
+diffusers = pytest.importorskip("diffusers", exc_type=ImportError, reason="the DDPM equivalence tests need "
+                                "diffusers, the reference (pip install -r requirements-dev.txt)")
 
 # google/ddpm-cifar10-32's config.json (the published one, as the diffusers port wrote it)
 CIFAR10 = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=[128, 256, 256, 256],
