@@ -108,16 +108,36 @@ def zero(module):
     return module
 
 
+class StyleNorm(nn.Module):
+    """GroupNorm whose scale and shift come from a style vector s (B, style_dim), StyleGAN's AdaIN for
+    groups: gamma(s) GN(h) + beta(s), with gamma starting at 1 and beta at 0. DDGAN's generator feeds its
+    latent z (through a mapping network) to both norms of every residual block this way."""
+
+    def __init__(self, ch, style_dim, groups=None, eps=1e-5):
+        super().__init__()
+        self.norm = norm(ch, groups, eps)
+        self.norm.weight, self.norm.bias = None, None      # no affine of its own: the style gives it
+        self.style = nn.Linear(style_dim, 2 * ch)
+        nn.init.zeros_(self.style.bias)
+        nn.init.ones_(self.style.bias[:ch])
+
+    def forward(self, h, style):
+        gamma, beta = self.style(style)[:, :, None, None].chunk(2, dim=1)
+        return gamma * self.norm(h) + beta
+
+
 class ResBlock(nn.Module):
     """GN -> SiLU -> (up/down) -> conv -> + time emb -> GN (AdaGN if scale_shift) -> SiLU ->
-    dropout -> conv(zero init), plus a skip; optionally scaled by 1/sqrt(2) (skip_rescale)."""
+    dropout -> conv(zero init), plus a skip; optionally scaled by 1/sqrt(2) (skip_rescale). With
+    style_dim both GNs are StyleNorms driven by a style vector (DDGAN's z) and the time emb is added."""
 
     def __init__(self, cin, cout, emb_dim, dropout=0.0, scale_shift=False, up=False, down=False,
-                 skip_rescale=False, groups=None, eps=1e-5):
+                 skip_rescale=False, groups=None, eps=1e-5, style_dim=None):
         super().__init__()
-        self.norm1, self.conv1 = norm(cin, groups, eps), nn.Conv2d(cin, cout, 3, padding=1)
+        gn = (lambda c: StyleNorm(c, style_dim, groups, eps)) if style_dim else (lambda c: norm(c, groups, eps))
+        self.norm1, self.conv1 = gn(cin), nn.Conv2d(cin, cout, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * cout if scale_shift else cout)
-        self.norm2, self.drop = norm(cout, groups, eps), nn.Dropout(dropout)
+        self.norm2, self.drop = gn(cout), nn.Dropout(dropout)
         self.conv2 = zero(nn.Conv2d(cout, cout, 3, padding=1))
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
         self.scale_shift, self.up, self.down, self.skip_rescale = scale_shift, up, down, skip_rescale
@@ -127,16 +147,17 @@ class ResBlock(nn.Module):
             return F.interpolate(x, scale_factor=2.0, mode="nearest")
         return F.avg_pool2d(x, 2) if self.down else x
 
-    def forward(self, x, emb):
-        h = F.silu(self.norm1(x))
+    def forward(self, x, emb, style=None):
+        styled = (lambda n, h: n(h, style)) if style is not None else (lambda n, h: n(h))
+        h = F.silu(styled(self.norm1, x))
         h, x = self.resample(h), self.resample(x)     # BigGAN-style: resample inside the block
         h = self.conv1(h)
         e = self.emb(F.silu(emb))[:, :, None, None]
         if self.scale_shift:                          # AdaGN: GN(h) * (1 + y_s) + y_b
             scale, shift = e.chunk(2, dim=1)
-            h = self.norm2(h) * (1 + scale) + shift
+            h = styled(self.norm2, h) * (1 + scale) + shift
         else:
-            h = self.norm2(h + e)
+            h = styled(self.norm2, h + e)
         h = self.conv2(self.drop(F.silu(h)))
         out = self.skip(x) + h
         return out * (2 ** -0.5) if self.skip_rescale else out
@@ -223,15 +244,15 @@ class UNet(nn.Module):
     context sequence), scale_shift (AdaGN), resblock_updown (BigGAN up/down residual blocks), skip_rescale
     (1/sqrt(2) residuals). For an exact match with released weights (all off by default): norm_groups
     (exactly this many GroupNorm groups everywhere), norm_eps, emb_shift and emb_cos_first (see
-    timestep_embedding), tf_pad (see Downsample).
-    forward(x, t, y=None, context=None, mask=None, emb=None): `emb` (B, 4*ch) is added to the
-    time embedding (e.g. DDGAN's latent z after a mapping network)."""
+    timestep_embedding), tf_pad (see Downsample). style_dim: every residual block's two norms are
+    StyleNorms of a style vector, forward(..., style=(B, style_dim)) (DDGAN's z after its mapping network).
+    forward(x, t, y=None, context=None, mask=None, style=None)."""
 
     def __init__(self, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_res=(16,), heads=4,
                  head_channels=None, dropout=0.0, in_ch=3, out_ch=3, image_size=32,
                  num_classes=None, context_dim=None, scale_shift=False, resblock_updown=False,
                  skip_rescale=False, null_label=True, norm_groups=None, norm_eps=1e-5, emb_shift=0,
-                 emb_cos_first=False, tf_pad=False):
+                 emb_cos_first=False, tf_pad=False, style_dim=None):
         super().__init__()
         emb_dim = 4 * ch
         self.ch, self.num_classes, self.null_label = ch, num_classes, null_label
@@ -240,7 +261,7 @@ class UNet(nn.Module):
         self.class_emb = nn.Embedding(num_classes + null_label, emb_dim) if num_classes else None
         gn = dict(groups=norm_groups, eps=norm_eps)
         res_kw = dict(emb_dim=emb_dim, dropout=dropout, scale_shift=scale_shift, skip_rescale=skip_rescale,
-                      **gn)
+                      style_dim=style_dim, **gn)
 
         def attn(c):
             h = c // head_channels if head_channels else heads
@@ -280,34 +301,37 @@ class UNet(nn.Module):
                 self.up.append(nn.ModuleList(blocks))
         self.out = nn.Sequential(norm(c, **gn), nn.SiLU(), zero(nn.Conv2d(c, out_ch, 3, padding=1)))
 
-    def run(self, blocks, h, emb, context, mask):
+    def run(self, blocks, h, emb, context, mask, style):
         for b in blocks:
-            h = b(h, context, mask) if isinstance(b, AttnBlock) else b(h, emb)
+            if isinstance(b, AttnBlock):
+                h = b(h, context, mask)
+            elif isinstance(b, ResBlock):
+                h = b(h, emb, style)
+            else:
+                h = b(h)
         return h
 
-    def forward(self, x, t, y=None, context=None, mask=None, emb=None):
+    def forward(self, x, t, y=None, context=None, mask=None, style=None):
         e = self.time_mlp(timestep_embedding(t, self.ch, shift=self.emb_shift, cos_first=self.emb_cos_first))
         if self.class_emb is not None:  # y=None or y=num_classes: the null label
             if y is None and not self.null_label:
                 raise ValueError("this class-conditional U-Net has no null label: give the class labels y")
             y = torch.full_like(t, self.num_classes, dtype=torch.long) if y is None else y
             e = e + self.class_emb(y)
-        if emb is not None:
-            e = e + emb
         h = self.conv_in(x)
         hs = [h]
         for blocks in self.down:
-            h = self.run(blocks, h, e, context, mask)
+            h = self.run(blocks, h, e, context, mask, style)
             hs.append(h)
-        h = self.run(self.mid, h, e, context, mask)
+        h = self.run(self.mid, h, e, context, mask, style)
         for blocks in self.up:
-            h = self.run(blocks, torch.cat([h, hs.pop()], dim=1), e, context, mask)
+            h = self.run(blocks, torch.cat([h, hs.pop()], dim=1), e, context, mask, style)
         return self.out(h)
 
 
 UNET_OPTIONS = ("heads", "head_channels", "dropout", "num_classes", "context_dim", "scale_shift",
                 "resblock_updown", "skip_rescale", "null_label", "norm_groups", "norm_eps", "emb_shift",
-                "emb_cos_first", "tf_pad")
+                "emb_cos_first", "tf_pad", "style_dim")
 
 
 def build_unet(cfg):

@@ -29,9 +29,10 @@ Indexing: 0-based as in the official code. A pair index t in 0..T-1 is the paper
 (x_t, x_{t+1}), G(x_{t+1}, z, t) predicts x_0, and the posterior draws x_t. With T = 1 this is a one-step GAN
 (x_1 is almost pure noise, abar(1) ~ 4e-5) trained and sampled by the same code.
 
-Networks: G is common.UNet with AdaGN (scale_shift), BigGAN up/down residual blocks and 1/sqrt(2) skips; the
-latent z goes through a mapping network (PixelNorm -> MLP -> 4*ch) and is added to the time embedding that
-drives AdaGN (`emb=`); tanh output. D is defined here: residual down-sampling conv blocks with LeakyReLU(0.2),
+Networks: G is common.UNet with BigGAN up/down residual blocks and 1/sqrt(2) skips, laid out as the official
+NCSN++ generator: the latent z goes through a mapping network (PixelNorm, then an MLP) and sets the scale and
+shift of both GroupNorms of every residual block (common.StyleNorm), while t enters each block as an added
+bias; tanh output. D is defined here: residual down-sampling conv blocks with LeakyReLU(0.2),
 a time embedding, a [1,3,3,1] blur in plain torch before each stride-2 downsample, skips scaled by 1/sqrt(2),
 a minibatch-stddev layer and a sum-pooled linear head (the official D_small's layout).
 Not here: the NCSN++ generator itself (FIR resampling, progressive input; common.UNet resamples by average
@@ -51,7 +52,7 @@ import torch.nn.functional as F
 
 import common
 
-G_NET = dict(scale_shift=True, resblock_updown=True, skip_rescale=True)
+G_NET = dict(resblock_updown=True, skip_rescale=True)   # + z through StyleNorm, t as a bias (Generator)
 PRESETS = {
     # seconds, for tests
     "tiny": dict(image_size=16, channels=3, ch=16, ch_mult=[1, 2], num_res_blocks=1, attn_res=[8], heads=2,
@@ -147,21 +148,21 @@ class PixelNorm(nn.Module):
 
 
 class Generator(nn.Module):
-    """G(x_{t+1}, z, t) -> x_0' in [-1, 1]: common.UNet with AdaGN, the mapping network's output of z added
-    to its time embedding (Sec. 3.3; the official NCSN++ feeds z to AdaGN the same way)."""
+    """G(x_{t+1}, z, t) -> x_0' in [-1, 1] (Sec. 3.3): common.UNet whose residual blocks take t as an added
+    bias and the latent z, through a mapping network w = MLP(PixelNorm(z)), as the scale and shift of both of
+    their GroupNorms (AdaGN of w), as the official NCSN++ generator does."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.nz = cfg["nz"]
-        self.unet = common.build_unet({**cfg, "scale_shift": True})
-        d = 4 * cfg["ch"]
-        layers = [PixelNorm(), nn.Linear(self.nz, d)]
+        self.nz, d = cfg["nz"], cfg.get("z_dim", 4 * cfg["ch"])
+        self.unet = common.build_unet({**cfg, "scale_shift": False, "style_dim": d})
+        layers = [PixelNorm(), nn.Linear(self.nz, d), nn.SiLU()]
         for _ in range(cfg.get("n_mlp", 4)):
-            layers += [nn.SiLU(), nn.Linear(d, d)]
+            layers += [nn.Linear(d, d), nn.SiLU()]
         self.mapping = nn.Sequential(*layers)
 
     def forward(self, x, t, z):
-        return torch.tanh(self.unet(x, t, emb=self.mapping(z)))
+        return torch.tanh(self.unet(x, t, style=self.mapping(z)))
 
 
 def blur_down(x):
@@ -458,6 +459,9 @@ def load(path, device):
     """EMA generator and schedule from a ddgan.py checkpoint."""
     ck = common.load_checkpoint(path, ["ddgan"])
     G = Generator(ck["config"])
+    if "unet.down.0.0.norm1.style.weight" not in ck["ema"]:
+        raise common.UserError(f"{path} was trained by an older ddgan.py (z added to the time embedding); train "
+                               "again with `python ddgan.py --train`")
     G.load_state_dict(ck["ema"])
     return G.to(device).eval(), schedule_from(ck["config"], device), ck
 

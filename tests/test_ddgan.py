@@ -226,3 +226,34 @@ def test_cli_train_resume_equals_uninterrupted_then_sample(tmp_path):
 def test_bad_flags_are_one_line_user_errors(flags, words):
     with pytest.raises(common.UserError, match=words):
         ddgan.main(["--train", "--preset", "tiny", *flags])
+
+
+def test_z_drives_both_norms_of_every_residual_block_and_t_is_an_added_bias():
+    torch.manual_seed(0)
+    G = ddgan.Generator(TINY)
+    blocks = [m for m in G.unet.modules() if isinstance(m, common.ResBlock)]
+    assert blocks and all(isinstance(b.norm1, common.StyleNorm) and isinstance(b.norm2, common.StyleNorm)
+                          for b in blocks)
+    assert all(b.emb.out_features == b.conv1.out_channels for b in blocks)   # t: one bias per channel, no scale
+    seen = {}
+
+    def record(name):
+        return lambda mod, inp, out: seen.setdefault(name, []).append(out.detach())
+    blk = blocks[1]
+    blk.norm1.style.register_forward_hook(record("norm1"))
+    blk.norm2.style.register_forward_hook(record("norm2"))
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
+    with torch.no_grad():
+        for p in G.parameters():                                      # zero-initialized layers would hide z
+            p.add_(torch.randn_like(p) * 0.02)
+        outs = [G(x, t, torch.randn(2, G.nz)) for _ in range(2)]
+    for name in ("norm1", "norm2"):                                     # a new z, a new scale and shift ...
+        a, b = seen[name]
+        assert not torch.allclose(a, b)
+        gamma = a[:, :a.shape[1] // 2]
+        assert gamma.mean().item() == pytest.approx(1, abs=0.3)          # ... around gamma = 1 at the start
+    assert not torch.allclose(outs[0], outs[1])                         # and another x_0'
+    # with the same z, G still depends on t through the added time bias
+    z = torch.randn(2, G.nz)
+    with torch.no_grad():
+        assert not torch.allclose(G(x, t, z), G(x, t + 1, z))
