@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import json
 import math
+import mmap
 import os
 import pickle
 import re
@@ -80,21 +81,25 @@ def extract(a, t, shape):
 # U-Net (Ho et al. 2020 / ADM, Dhariwal & Nichol 2021) with the options later papers need.
 # ---------------------------------------------------------------------------------------------
 
-def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal embedding (Transformer positional encoding) of timesteps t (B,) -> (B, dim)."""
+def timestep_embedding(t, dim, max_period=10000, shift=0, cos_first=False):
+    """Sinusoidal embedding (Transformer positional encoding) of timesteps t (B,) -> (B, dim): [sin, cos] of
+    t * max_period^(-i / (half - shift)), i = 0..half-1. The released models differ in two details that change
+    every output: DDPM's TensorFlow code divides by half - 1 (shift=1), OpenAI's code puts cos first."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    i = torch.arange(half, device=t.device, dtype=torch.float32)
+    args = t.float()[:, None] * torch.exp(-math.log(max_period) * i / (half - shift))[None]
+    pair = [torch.cos(args), torch.sin(args)] if cos_first else [torch.sin(args), torch.cos(args)]
+    emb = torch.cat(pair, dim=1)
     return F.pad(emb, (0, dim % 2))
 
 
-def norm(ch):
-    """GroupNorm with 32 groups where the width allows it (fewer for narrow layers)."""
-    g = 32
-    while g > 1 and (ch % g or ch // g < 4):
+def norm(ch, groups=None, eps=1e-5):
+    """GroupNorm with 32 groups where the width allows it (fewer for narrow layers), or exactly `groups` (a
+    released model's layers must be normalized over the groups it was trained with)."""
+    g = groups or 32
+    while not groups and g > 1 and (ch % g or ch // g < 4):
         g //= 2
-    return nn.GroupNorm(g, ch)
+    return nn.GroupNorm(g, ch, eps=eps)
 
 
 def zero(module):
@@ -108,11 +113,11 @@ class ResBlock(nn.Module):
     dropout -> conv(zero init), plus a skip; optionally scaled by 1/sqrt(2) (skip_rescale)."""
 
     def __init__(self, cin, cout, emb_dim, dropout=0.0, scale_shift=False, up=False, down=False,
-                 skip_rescale=False):
+                 skip_rescale=False, groups=None, eps=1e-5):
         super().__init__()
-        self.norm1, self.conv1 = norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm1, self.conv1 = norm(cin, groups, eps), nn.Conv2d(cin, cout, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * cout if scale_shift else cout)
-        self.norm2, self.drop = norm(cout), nn.Dropout(dropout)
+        self.norm2, self.drop = norm(cout, groups, eps), nn.Dropout(dropout)
         self.conv2 = zero(nn.Conv2d(cout, cout, 3, padding=1))
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
         self.scale_shift, self.up, self.down, self.skip_rescale = scale_shift, up, down, skip_rescale
@@ -162,9 +167,9 @@ class AttnBlock(nn.Module):
     """Self-attention at one resolution (DDPM/ADM). With context_dim it becomes LDM's spatial
     transformer block: x += SelfAttn(LN x); x += CrossAttn(LN x, context); x += FF(LN x)."""
 
-    def __init__(self, ch, heads, context_dim=None, skip_rescale=False):
+    def __init__(self, ch, heads, context_dim=None, skip_rescale=False, groups=None, eps=1e-5):
         super().__init__()
-        self.norm = norm(ch)
+        self.norm = norm(ch, groups, eps)
         self.attn = Attention(ch, heads)
         self.skip_rescale = skip_rescale
         self.context_dim = context_dim
@@ -187,12 +192,16 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, ch):
+    """Stride-2 3x3 conv. tf_pad: pad only right and bottom, as TensorFlow's 'SAME' padding does for an even
+    input (DDPM's released CIFAR-10 and LSUN models were trained in TensorFlow); else one pixel all round."""
+
+    def __init__(self, ch, tf_pad=False):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.tf_pad = tf_pad
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0 if tf_pad else 1)
 
     def forward(self, x, emb=None):
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.tf_pad else x)
 
 
 class Upsample(nn.Module):
@@ -210,27 +219,35 @@ class UNet(nn.Module):
     ch, ch_mult, num_res_blocks, attn_res (resolutions in pixels with attention), heads (or
     head_channels: channels per head, ADM uses 64), dropout, in_ch, out_ch (2*in_ch for learned
     variances), image_size. Options: num_classes (class embedding with a null label at index
-    num_classes), context_dim (cross-attention to a context sequence), scale_shift (AdaGN),
-    resblock_updown (BigGAN up/down residual blocks), skip_rescale (1/sqrt(2) residuals).
+    num_classes; null_label=False: none, as in ADM's released models), context_dim (cross-attention to a
+    context sequence), scale_shift (AdaGN), resblock_updown (BigGAN up/down residual blocks), skip_rescale
+    (1/sqrt(2) residuals). For an exact match with released weights (all off by default): norm_groups
+    (exactly this many GroupNorm groups everywhere), norm_eps, emb_shift and emb_cos_first (see
+    timestep_embedding), tf_pad (see Downsample).
     forward(x, t, y=None, context=None, mask=None, emb=None): `emb` (B, 4*ch) is added to the
     time embedding (e.g. DDGAN's latent z after a mapping network)."""
 
     def __init__(self, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_res=(16,), heads=4,
                  head_channels=None, dropout=0.0, in_ch=3, out_ch=3, image_size=32,
                  num_classes=None, context_dim=None, scale_shift=False, resblock_updown=False,
-                 skip_rescale=False):
+                 skip_rescale=False, null_label=True, norm_groups=None, norm_eps=1e-5, emb_shift=0,
+                 emb_cos_first=False, tf_pad=False):
         super().__init__()
         emb_dim = 4 * ch
-        self.ch, self.num_classes = ch, num_classes
+        self.ch, self.num_classes, self.null_label = ch, num_classes, null_label
+        self.emb_shift, self.emb_cos_first = emb_shift, emb_cos_first
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.class_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
-        res_kw = dict(emb_dim=emb_dim, dropout=dropout, scale_shift=scale_shift, skip_rescale=skip_rescale)
+        self.class_emb = nn.Embedding(num_classes + null_label, emb_dim) if num_classes else None
+        gn = dict(groups=norm_groups, eps=norm_eps)
+        res_kw = dict(emb_dim=emb_dim, dropout=dropout, scale_shift=scale_shift, skip_rescale=skip_rescale,
+                      **gn)
 
         def attn(c):
-            return AttnBlock(c, c // head_channels if head_channels else heads, context_dim, skip_rescale)
+            h = c // head_channels if head_channels else heads
+            return AttnBlock(c, h, context_dim, skip_rescale, **gn)
 
         def down(c):
-            return ResBlock(c, c, down=True, **res_kw) if resblock_updown else Downsample(c)
+            return ResBlock(c, c, down=True, **res_kw) if resblock_updown else Downsample(c, tf_pad)
 
         def up(c):
             return ResBlock(c, c, up=True, **res_kw) if resblock_updown else Upsample(c)
@@ -261,7 +278,7 @@ class UNet(nn.Module):
                     blocks.append(up(c))
                     res *= 2
                 self.up.append(nn.ModuleList(blocks))
-        self.out = nn.Sequential(norm(c), nn.SiLU(), zero(nn.Conv2d(c, out_ch, 3, padding=1)))
+        self.out = nn.Sequential(norm(c, **gn), nn.SiLU(), zero(nn.Conv2d(c, out_ch, 3, padding=1)))
 
     def run(self, blocks, h, emb, context, mask):
         for b in blocks:
@@ -269,8 +286,10 @@ class UNet(nn.Module):
         return h
 
     def forward(self, x, t, y=None, context=None, mask=None, emb=None):
-        e = self.time_mlp(timestep_embedding(t, self.ch))
+        e = self.time_mlp(timestep_embedding(t, self.ch, shift=self.emb_shift, cos_first=self.emb_cos_first))
         if self.class_emb is not None:  # y=None or y=num_classes: the null label
+            if y is None and not self.null_label:
+                raise ValueError("this class-conditional U-Net has no null label: give the class labels y")
             y = torch.full_like(t, self.num_classes, dtype=torch.long) if y is None else y
             e = e + self.class_emb(y)
         if emb is not None:
@@ -286,18 +305,450 @@ class UNet(nn.Module):
         return self.out(h)
 
 
+UNET_OPTIONS = ("heads", "head_channels", "dropout", "num_classes", "context_dim", "scale_shift",
+                "resblock_updown", "skip_rescale", "null_label", "norm_groups", "norm_eps", "emb_shift",
+                "emb_cos_first", "tf_pad")
+
+
 def build_unet(cfg):
-    """A UNet from a plain config dict (the keys of the scripts' presets)."""
+    """A UNet from a plain config dict (the keys of the scripts' presets); options it does not name keep
+    their defaults, so older checkpoints build the network they were trained with."""
     return UNet(ch=cfg["ch"], ch_mult=cfg["ch_mult"], num_res_blocks=cfg["num_res_blocks"],
-                attn_res=cfg["attn_res"], heads=cfg.get("heads", 4), head_channels=cfg.get("head_channels"),
-                dropout=cfg.get("dropout", 0.0), in_ch=cfg["channels"], out_ch=cfg.get("out_ch", cfg["channels"]),
-                image_size=cfg["image_size"], num_classes=cfg.get("num_classes"),
-                context_dim=cfg.get("context_dim"), scale_shift=cfg.get("scale_shift", False),
-                resblock_updown=cfg.get("resblock_updown", False), skip_rescale=cfg.get("skip_rescale", False))
+                attn_res=cfg["attn_res"], in_ch=cfg["channels"], out_ch=cfg.get("out_ch", cfg["channels"]),
+                image_size=cfg["image_size"], **{k: cfg[k] for k in UNET_OPTIONS if cfg.get(k) is not None})
+
+
+def resize_unet(cfg, size):
+    """The same network's config for size x size images: attention stays at the same levels of the U-Net."""
+    levels = [round(math.log2(cfg["image_size"] / r)) for r in cfg["attn_res"]]
+    return {**cfg, "image_size": size, "attn_res": [size >> level for level in levels]}
 
 
 def count_params(model):
     return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Released weights: reading the files, recognising their layout, renaming their tensors onto common.UNet.
+# Like nanoGPT's GPT.from_pretrained, the papers' own networks run through the readable code: a mapping only
+# renames tensors, splits fused ones and permutes axes; it never changes a weight. Nothing is downloaded.
+# ---------------------------------------------------------------------------------------------
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                      "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                      "F8_E5M2": torch.float8_e5m2, "U16": torch.uint16, "U32": torch.uint32,
+                      "U64": torch.uint64}
+
+
+def read_safetensors(path, flag="--weights"):
+    """A .safetensors file -> {name: tensor}, with the standard library and torch only. The format: 8 bytes,
+    a little-endian u64 n; n bytes of JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}} (plus an
+    optional "__metadata__"); then the raw little-endian data, offsets counted from its start. The file is
+    memory-mapped copy-on-write: a 4 GB file costs no memory until a tensor is read, and is never written."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= n <= size - 8:
+            raise UserError(f"{flag} {path}: not a .safetensors file (its first 8 bytes give a header of {n} "
+                            f"bytes; the file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise UserError(f"{flag} {path}: not a .safetensors file (its header is not JSON: {e})")
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else b""
+    header.pop("__metadata__", None)
+    tensors = {}
+    for name, info in header.items():
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise UserError(f"{flag} {path}: tensor {name} has dtype {info.get('dtype')}, which torch "
+                            "cannot hold")
+        begin, end = (8 + n + o for o in info["data_offsets"])
+        if end > size:
+            raise UserError(f"{flag} {path} is truncated: tensor {name} ends at byte {end}, the file has "
+                            f"{size} bytes; download it again")
+        count = math.prod(info["shape"])
+        if end - begin != count * dtype.itemsize:
+            raise UserError(f"{flag} {path}: tensor {name} has {end - begin} bytes for shape {info['shape']}")
+        raw = torch.frombuffer(data, dtype=torch.uint8, offset=begin, count=end - begin) if count else \
+            torch.empty(0, dtype=torch.uint8)
+        tensors[name] = raw.view(dtype).reshape(info["shape"])
+    return tensors
+
+
+def read_torch_weights(path, flag="--weights"):
+    """A .pt/.bin/.pth state dict through torch.load(weights_only=True): tensors and plain data, never code.
+    Memory-mapped where the file allows it (zip files, the format of torch.save since PyTorch 1.6)."""
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (pre-zip) format
+    except pickle.UnpicklingError as e:
+        what = [line.strip() for line in ANSI.sub("", str(e)).splitlines() if "GLOBAL" in line]
+        raise UserError(f"{flag} {path} " + (f"holds more than tensors and plain data; refused to load it "
+                                                f"(weights_only=True): {what[0]}" if what else
+                                                describe_unreadable(path, e)))
+    except Exception as e:
+        raise UserError(f"{flag} {path} {describe_unreadable(path, e)}")
+    if isinstance(obj, dict) and "script" in obj and "config" in obj:
+        raise UserError(f"{flag} {path} is a {obj['script']}.py checkpoint of this repository; pass it "
+                        "with --ckpt")
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        raise UserError(f"{flag} {path}: not a state dict (a dict of tensors) but a {type(obj).__name__}")
+    return obj
+
+
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # diffusers' names
+
+
+def read_weights(path, flag="--weights"):
+    """--weights PATH -> (tensors {name: tensor}, config, folder). PATH is a .safetensors file, a
+    .pt/.bin/.pth state dict, or a diffusers model folder (config.json and diffusion_pytorch_model.safetensors
+    or .bin, at its top or in unet/). config is the config.json beside the weights file ({} if none)."""
+    if not os.path.exists(path):
+        raise UserError(f"{flag} {path}: no such file or folder (nothing is downloaded here; see the "
+                        "README's 'Released weights')")
+    file = path
+    if os.path.isdir(path):
+        found = [os.path.join(d, f) for d in (path, os.path.join(path, "unet")) for f in WEIGHT_FILES
+                 if os.path.isfile(os.path.join(d, f))]
+        if not found:
+            raise UserError(f"{flag} {path}: a folder without {' or '.join(WEIGHT_FILES)} (at its top or in "
+                            "unet/); give the weights file itself or a diffusers model folder")
+        file = found[0]                                            # .safetensors first
+    with open(file, "rb") as f:
+        head = f.read(9)
+    safetensors = file.endswith(".safetensors") or (len(head) == 9 and head[8:9] == b"{")
+    tensors = read_safetensors(file, flag) if safetensors else read_torch_weights(file, flag)
+    folder = os.path.dirname(os.path.abspath(file))
+    cfg_path = os.path.join(folder, "config.json")
+    config = {}
+    if os.path.isfile(cfg_path):
+        try:
+            with open(cfg_path) as f:
+                config = json.load(f)
+        except ValueError as e:
+            raise UserError(f"{flag} {path}: {cfg_path} is not valid JSON ({e})")
+    return tensors, config, folder
+
+
+# What a state dict is, told from its tensor names: (layout, in words, the script that loads it)
+LAYOUTS = {"diffusers-unet": ("a diffusers UNet2DModel (DDPM's U-Net)", "ddpm.py or ddim.py"),
+           "openai-unet": ("an OpenAI U-Net (guided-diffusion / improved-diffusion)", "guided.py --weights"),
+           "openai-classifier": ("a guided-diffusion noise-aware classifier",
+                                 "guided.py --classifier-weights"),
+           "diffusers-unet-cond": ("a diffusers UNet2DConditionModel (Stable Diffusion's U-Net)", None),
+           "compvis": ("a CompVis latent-diffusion / Stable Diffusion checkpoint", None),
+           "vae": ("an autoencoder (VAE)", None), "clip-text": ("a CLIP text encoder", None),
+           "inception": ("the FID Inception network", "--eval --fid-weights"),
+           "nano-unet": ("a bare state dict of this repository's U-Net", "--ckpt, as a whole checkpoint")}
+
+
+def weights_layout(tensors):
+    """The layout of a state dict, from its tensor names (never from the file name): a LAYOUTS key or
+    'unknown'."""
+    keys = set(tensors)
+    has = lambda *names: all(k in keys for k in names)
+    if any(k.startswith(("model.diffusion_model.", "first_stage_model.")) for k in keys):
+        return "compvis"
+    if has("time_embedding.linear_1.weight", "conv_in.weight"):
+        cross = any(".transformer_blocks." in k or ".attn2." in k for k in keys)
+        return "diffusers-unet-cond" if cross else "diffusers-unet"
+    if has("time_embed.0.weight", "input_blocks.0.0.weight"):
+        if has("out.2.positional_embedding"):
+            return "openai-classifier"
+        return "openai-unet" if any(k.startswith("output_blocks.") for k in keys) else "unknown"
+    if has("encoder.conv_in.weight", "decoder.conv_in.weight"):
+        return "vae"
+    if any("token_embedding" in k for k in keys):
+        return "clip-text"
+    if has("Mixed_7c.branch_pool.conv.weight"):
+        return "inception"
+    if has("time_mlp.0.weight", "conv_in.weight"):
+        return "nano-unet"
+    return "unknown"
+
+
+def check_layout(path, tensors, accepted, script, flag="--weights"):
+    """UserError, in one line, unless the tensors have one of the `accepted` layouts: what was found (and
+    which script loads it) and what `script` accepts."""
+    layout = weights_layout(tensors)
+    if layout in accepted:
+        return layout
+    if layout == "unknown":
+        found = f"an unknown layout ({len(tensors)} tensors, e.g. {', '.join(sorted(tensors)[:3])})"
+    else:
+        words, user = LAYOUTS[layout]
+        found = words + (f", which {user} loads" if user else ", which no script here loads yet")
+    want = " or ".join(LAYOUTS[a][0] for a in accepted)
+    raise UserError(f"{flag} {path}: found {found}; {script}.py {flag} loads {want}")
+
+
+@contextmanager
+def complete(path, flag="--weights"):
+    """Reading a layout's tensors: a missing one is a file that is not whole (or not that model), one line."""
+    try:
+        yield
+    except KeyError as e:
+        raise UserError(f"{flag} {path}: it has no tensor {e}, which its layout has; an incomplete or edited "
+                        "file?")
+
+
+def check_mapping(model, tensors):
+    """How renamed tensors fit a model: (missing, unexpected, wrongly shaped) key lists, all empty when every
+    key is mapped, every shape equal and nothing left over. Works on the meta device (no memory)."""
+    want = model.state_dict()
+    missing = [k for k in want if k not in tensors]
+    extra = [k for k in tensors if k not in want]
+    bad = [k for k in want if k in tensors and tuple(tensors[k].shape) != tuple(want[k].shape)]
+    return missing, extra, bad
+
+
+def load_mapped(model, tensors, path, flag="--weights"):
+    """Load renamed released tensors into our model strictly, or one UserError naming the first misfit."""
+    missing, extra, bad = check_mapping(model, tensors)
+    if missing or extra or bad:
+        first = (missing + extra + bad)[0]
+        raise UserError(f"{flag} {path}: its tensors do not fit the network they describe ({len(missing)} "
+                        f"missing, {len(extra)} unexpected, {len(bad)} wrongly shaped, e.g. {first}); check "
+                        "the override flags against the model's released configuration")
+    model.load_state_dict(tensors)
+    return model
+
+
+# DDPM (Ho et al. 2020) as ported to diffusers: the UNet2DModel layout of the google/ddpm-* folders.
+
+# block widths -> (the google/ddpm-* model, image size), for weights given without their config.json
+DDPM_RELEASED = {
+    (128, 256, 256, 256): ("google/ddpm-cifar10-32", 32),
+    (128, 128, 256, 256, 512, 512): ("google/ddpm-celebahq-256 / -church-256 / -bedroom-256 / -cat-256", 256),
+}
+# UNet2DModel's config: what UNet can match (key: the values it accepts, the first is diffusers' default)
+DIFFUSERS_ACCEPTS = {"act_fn": ("silu",), "time_embedding_type": ("positional",),
+                     "center_input_sample": (False,), "resnet_time_scale_shift": ("default",),
+                     "add_attention": (True,), "class_embed_type": (None,), "num_class_embeds": (None,),
+                     "mid_block_scale_factor": (1,), "time_embedding_dim": (None,),
+                     "mid_block_type": ("UNetMidBlock2D",), "downsample_type": ("conv",),
+                     "upsample_type": ("conv",), "attn_norm_num_groups": (None,),
+                     "downsample_padding": (1, 0)}
+
+
+def ddpm_released_config(tensors, path):
+    """The config.json of the google/ddpm-* model whose block widths the tensors show, for weights given
+    without it. The settings no tensor shows are those of DDPM's TensorFlow code: frequencies over half - 1,
+    [sin, cos], right/bottom padding, GroupNorm with 32 groups and eps 1e-6, one attention head."""
+    count = lambda pattern: len({m[1] for k in tensors for m in [re.match(pattern, k)] if m})
+    levels = count(r"down_blocks\.(\d+)\.")
+    widths = tuple(tensors[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels))
+    if widths not in DDPM_RELEASED:
+        known = ", ".join(str(list(w)) for w in DDPM_RELEASED)
+        raise UserError(f"--weights {path}: a UNet2DModel with block widths {list(widths)} and no "
+                        "config.json beside it; put its config.json there (the released google/ddpm-* "
+                        f"models: {known})")
+    name, size = DDPM_RELEASED[widths]
+    attn = [any(k.startswith(f"down_blocks.{i}.attentions.") for k in tensors) for i in range(levels)]
+    return {"_name": name, "sample_size": size, "block_out_channels": list(widths),
+            "layers_per_block": count(r"down_blocks\.0\.resnets\.(\d+)\."),
+            "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+            "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+            "in_channels": tensors["conv_in.weight"].shape[1],
+            "out_channels": tensors["conv_out.weight"].shape[0],
+            "freq_shift": 1, "flip_sin_to_cos": False, "norm_eps": 1e-6, "norm_num_groups": 32,
+            "downsample_padding": 0, "attention_head_dim": None}
+
+
+def unet_config_from_diffusers(config, path):
+    """common.UNet's settings for a diffusers UNet2DModel config.json; UserError for what it cannot match."""
+    for key, ok in DIFFUSERS_ACCEPTS.items():
+        if config.get(key, ok[0]) not in ok:
+            raise UserError(f"--weights {path}: a UNet2DModel with {key} = {config[key]!r}; common.UNet "
+                            f"matches only {' or '.join(map(repr, ok))}")
+    down, up = config["down_block_types"], config["up_block_types"]
+    attn = [t == "AttnDownBlock2D" for t in down]
+    if not set(down) <= {"DownBlock2D", "AttnDownBlock2D"} or up != [
+            "AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)]:
+        raise UserError(f"--weights {path}: blocks {down} / {up}; common.UNet has DownBlock2D and "
+                        "AttnDownBlock2D with the mirrored up blocks")
+    widths, size = config["block_out_channels"], config.get("sample_size")
+    size = size[0] if isinstance(size, (list, tuple)) and len(set(size)) == 1 else size
+    ch = widths[0]
+    if any(w % ch for w in widths) or not isinstance(size, int):
+        raise UserError(f"--weights {path}: block widths {widths} and sample size {size}; common.UNet needs "
+                        "multiples of the first width and a square image")
+    head_dim = config.get("attention_head_dim", 8)
+    return dict(image_size=size, channels=config.get("in_channels", 3), out_ch=config.get("out_channels", 3),
+                ch=ch, ch_mult=[w // ch for w in widths], num_res_blocks=config.get("layers_per_block", 2),
+                attn_res=[size >> i for i, a in enumerate(attn) if a], heads=1 if head_dim is None else None,
+                head_channels=head_dim, dropout=0.0, norm_groups=config.get("norm_num_groups", 32),
+                norm_eps=config.get("norm_eps", 1e-5), emb_shift=config.get("freq_shift", 0),
+                emb_cos_first=config.get("flip_sin_to_cos", True),
+                tf_pad=config.get("downsample_padding", 1) == 0)
+
+
+def unet_from_diffusers(tensors, num_res_blocks):
+    """diffusers UNet2DModel names -> common.UNet names. Level L's j-th residual block is entry L (n + 1) + j
+    of our down (and up) list, n = num_res_blocks; its attention sits beside it; the resampler ends the
+    level. Older uploads name the attention query/key/value/proj_attn; k and v fuse into our kv projection."""
+    n = num_res_blocks + 1
+    attn_up = {m[1] for k in tensors for m in [re.match(r"up_blocks\.(\d+)\.attentions\.", k)] if m}
+    at = lambda side, level, j, slot: f"{side}.{int(level) * n + int(j)}.{slot}."
+    names = [(r"^time_embedding\.linear_(\d)\.", lambda m: f"time_mlp.{2 * int(m[1]) - 2}."),
+             (r"^conv_norm_out\.", "out.0."), (r"^conv_out\.", "out.2."),
+             (r"^(down|up)_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m: at(m[1], m[2], m[3], 0)),
+             (r"^(down|up)_blocks\.(\d+)\.attentions\.(\d+)\.", lambda m: at(m[1], m[2], m[3], 1)),
+             (r"^down_blocks\.(\d+)\.downsamplers\.0\.", lambda m: at("down", m[1], n - 1, 0)),
+             (r"^up_blocks\.(\d+)\.upsamplers\.0\.",
+              lambda m: at("up", m[1], n - 1, 2 if m[1] in attn_up else 1)),
+             (r"^mid_block\.resnets\.(\d)\.", lambda m: f"mid.{2 * int(m[1])}."),
+             (r"^mid_block\.attentions\.0\.", "mid.1."),
+             (r"\.time_emb_proj\.", ".emb."), (r"\.conv_shortcut\.", ".skip."), (r"\.group_norm\.", ".norm."),
+             (r"\.(to_q|query)\.", ".attn.q."), (r"\.(to_out\.0|proj_attn)\.", ".attn.out."),
+             (r"\.(to_k|key)\.", ".attn.k."), (r"\.(to_v|value)\.", ".attn.v.")]
+    out = {}
+    for key, v in tensors.items():
+        for pattern, repl in names:
+            key = re.sub(pattern, repl, key)
+        out[key] = v
+    for key in [k for k in out if ".attn.k." in k]:                     # k and v rows -> our kv projection
+        k, v = out.pop(key), out.pop(key.replace(".k.", ".v."))
+        out[key.replace(".attn.k.", ".attn.kv.")] = torch.cat([k, v])
+    return out
+
+
+# Ho et al. 2020, Sec. 4 and Appendix B (sigma_t^2 = beta_t, the official CIFAR-10 sampler's)
+DDPM_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
+                 "variance_type": "fixed_large", "prediction_type": "epsilon"}
+
+
+def diffusion_config_from_diffusers(sched, path):
+    """The diffusion settings of a diffusers DDPMScheduler config (DDPM_SCHEDULE where there is none)."""
+    s = {**DDPM_SCHEDULE, **sched}
+    names = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
+    var = {"fixed_large": "large", "fixed_small": "small"}
+    objective = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+    if s["beta_schedule"] not in names or s.get("trained_betas") or s["variance_type"] not in var \
+            or s["prediction_type"] not in objective:
+        raise UserError(f"--weights {path}: scheduler {s['beta_schedule']} betas, {s['variance_type']} "
+                        f"variance, {s['prediction_type']} prediction; this script has linear/scaled_linear/"
+                        "squaredcos_cap_v2, fixed_large/fixed_small and epsilon/sample/v_prediction")
+    return dict(timesteps=s["num_train_timesteps"], schedule=names[s["beta_schedule"]],
+                beta_start=s["beta_start"], beta_end=s["beta_end"], var=var[s["variance_type"]],
+                objective=objective[s["prediction_type"]])
+
+
+def check_weights_flags(args):
+    """--weights replaces --ckpt, for --sample and --eval."""
+    if args.weights and (args.train or args.resume):
+        raise UserError("--weights loads a released model to --sample or --eval; --train starts from scratch")
+    if args.weights and args.ckpt:
+        raise UserError("give --weights or --ckpt, not both")
+
+
+def load_diffusers_ddpm(path, script):
+    """--weights for ddpm.py and ddim.py: a diffusers UNet2DModel (file or folder) -> (config, tensors renamed
+    for common.UNet, what it is). The config holds the network's settings (its config.json, else
+    DDPM_RELEASED's) and the diffusion's (scheduler_config.json beside it or in ../scheduler, else
+    DDPM_SCHEDULE)."""
+    tensors, config, folder = read_weights(path)
+    check_layout(path, tensors, ["diffusers-unet"], script)
+    what = config.get("_name_or_path") or folder
+    if not config:
+        with complete(path):
+            config = ddpm_released_config(tensors, path)
+        what = config["_name"] + " (settings from its released configuration)"
+    sched = {}
+    for p in (os.path.join(folder, "scheduler_config.json"), os.path.join(folder, "..", "scheduler",
+                                                                           "scheduler_config.json")):
+        if os.path.isfile(p):
+            try:
+                with open(p) as f:
+                    sched = json.load(f)
+            except ValueError as e:
+                raise UserError(f"--weights {path}: {p} is not valid JSON ({e})")
+            break
+    cfg = {**unet_config_from_diffusers(config, path), **diffusion_config_from_diffusers(sched, path)}
+    return cfg, unet_from_diffusers(tensors, cfg["num_res_blocks"]), what
+
+
+# OpenAI's U-Net (improved-diffusion, Nichol & Dhariwal 2021; guided-diffusion, Dhariwal & Nichol 2021)
+
+OPENAI_BLOCK_NAMES = [(r"\.in_layers\.0\.", ".norm1."), (r"\.in_layers\.2\.", ".conv1."),
+                      (r"\.emb_layers\.1\.", ".emb."), (r"\.out_layers\.0\.", ".norm2."),
+                      (r"\.out_layers\.3\.", ".conv2."), (r"\.skip_connection\.", ".skip."),
+                      (r"\.op\.", ".conv."), (r"\.proj_out\.", ".attn.out.")]      # op: Downsample's conv
+OPENAI_UNET_NAMES = [(r"^time_embed\.", "time_mlp."), (r"^label_emb\.", "class_emb."),
+                     (r"^input_blocks\.0\.0\.", "conv_in."),
+                     (r"^input_blocks\.(\d+)\.", lambda m: f"down.{int(m[1]) - 1}."),
+                     (r"^middle_block\.", "mid."), (r"^output_blocks\.", "up.")]
+
+
+def split_qkv(w, heads, order):
+    """A fused qkv projection (3C rows) -> our q (C rows) and kv (2C rows: k then v), rows [head][channel].
+    The 'new' order (QKVAttention: q, k, v, then the heads) is ours already; 'legacy' (QKVAttentionLegacy: the
+    heads, then q, k, v inside each) swaps the head and q/k/v axes."""
+    C = w.shape[0] // 3
+    if order == "legacy":
+        w = w.reshape(heads, 3, C // heads, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
+    elif order != "new":
+        raise UserError(f"qkv order '{order}': use legacy or new")
+    return w[:C], w[C:]
+
+
+def openai_to_ours(tensors, names, heads_of, qkv_order):
+    """The renaming shared by OpenAI's U-Net and classifier: `names` turn the block names into ours and
+    OPENAI_BLOCK_NAMES the layers inside them; each fused qkv is split (split_qkv with heads_of(C) heads), and
+    the 1x1 Conv1d weights over the tokens lose their kernel axis to become the Linear weights they are."""
+    out = {}
+    for key, v in tensors.items():
+        new = key
+        for pattern, repl in names + OPENAI_BLOCK_NAMES:
+            new = re.sub(pattern, repl, new)
+        v = v[..., 0] if v.ndim == 3 else v
+        if re.search(r"\.qkv\.(weight|bias)$", key):
+            base, kind = new.rsplit(".qkv.", 1)
+            q, kv = split_qkv(v, heads_of(v.shape[0] // 3), qkv_order)
+            out[f"{base}.attn.q.{kind}"], out[f"{base}.attn.kv.{kind}"] = q, kv
+        else:
+            out[new] = v
+    return out
+
+
+def unet_from_openai(tensors, heads_of, qkv_order):
+    """OpenAI U-Net names -> common.UNet names: input_blocks[1:] are our down list, middle_block our mid,
+    output_blocks our up list, block for block (the same order of the same blocks)."""
+    return openai_to_ours(tensors, OPENAI_UNET_NAMES, heads_of, qkv_order)
+
+
+def openai_unet_structure(tensors, path):
+    """The settings an OpenAI U-Net's tensors show: base width, multipliers, blocks per level, the levels
+    with attention (0 = full size), classes, in/out channels, AdaGN, BigGAN up/down. Image size, heads, qkv
+    order and the diffusion are not in the tensors."""
+    count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in tensors if k.startswith(prefix)})
+    ch = tensors["time_embed.0.weight"].shape[1]
+    n_out = count("output_blocks.")
+    resamples = [i for i in range(n_out) for j in (1, 2) if f"output_blocks.{i}.{j}.conv.weight" in tensors
+                 or f"output_blocks.{i}.{j}.in_layers.0.weight" in tensors]
+    n = resamples[0] if resamples else n_out - 1                       # residual blocks per level
+    levels = n_out // (n + 1)
+    first = lambda level: f"input_blocks.{1 + level * (n + 1)}."
+    widths = [tensors[first(level) + "0.out_layers.3.weight"].shape[0] for level in range(levels)]
+    if any(w % ch for w in widths) or tensors["input_blocks.0.0.weight"].shape[0] != ch:
+        raise UserError(f"--weights {path}: widths {widths} for base width {ch}; common.UNet needs whole "
+                        "multipliers starting at 1 (the 512x512 model's 0.5 is not supported)")
+    emb = tensors["input_blocks.1.0.emb_layers.1.weight"].shape[0]
+    return dict(ch=ch, ch_mult=[w // ch for w in widths], num_res_blocks=n,
+                attn_levels=[lv for lv in range(levels) if first(lv) + "1.qkv.weight" in tensors],
+                num_classes=tensors["label_emb.weight"].shape[0] if "label_emb.weight" in tensors else None,
+                channels=tensors["input_blocks.0.0.weight"].shape[1], out_ch=tensors["out.2.weight"].shape[0],
+                scale_shift=emb == 2 * widths[0],
+                resblock_updown=f"input_blocks.{n + 1}.0.in_layers.0.weight" in tensors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -863,17 +1314,24 @@ class Parser(argparse.ArgumentParser):
         message = re.sub(r"^argument (\S+): (\S+): use", r"\1 \2: use", message)  # '--lr -1: use a number > 0'
         raise UserError(f"{message} (python {self.prog} --help lists the flags)")
 
+    weights = None  # what --weights loads into this script, in words (None: nothing yet)
+
     def parse_args(self, args=None, namespace=None):
         parsed = super().parse_args(args, namespace)
         if getattr(parsed, "threads", None):
             torch.set_num_threads(parsed.threads)
+        if getattr(parsed, "weights", None) and not self.weights:
+            raise UserError(f"--weights: {self.prog} loads no released weights (the papers' published models "
+                            "load into ddpm.py, ddim.py and guided.py; see the README's 'Released weights')")
         return parsed
 
 
-def make_parser(script, description, presets, modes=(), gifs=False):
+def make_parser(script, description, presets, modes=(), gifs=False, weights=None):
     """The flags every script shares. `modes`: extra (flag, help) pairs exclusive with --train,
-    --sample and --eval (e.g. ldm.py's --train-ae). gifs: the script's --sample writes GIFs (--no-gif)."""
+    --sample and --eval (e.g. ldm.py's --train-ae). gifs: the script's --sample writes GIFs (--no-gif).
+    weights: what --weights loads into this script, in words; without it --weights is refused."""
     p = Parser(f"{script}.py", description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.weights = weights
     mode = p.add_mutually_exclusive_group(required=True)
     for flag, text in modes:
         mode.add_argument(flag, action="store_true", help=text)
@@ -890,6 +1348,9 @@ def make_parser(script, description, presets, modes=(), gifs=False):
     p.add_argument("--channels", type=int, choices=[1, 3], help="1 (grayscale) or 3 (RGB; default)")
     p.add_argument("--out", default=f"out/{script}", help=f"output folder (default out/{script}/)")
     p.add_argument("--ckpt", help="checkpoint to sample/eval from (default <out>/ckpt.pt)")
+    p.add_argument("--weights", metavar="PATH", help="--sample/--eval: a released model instead of --ckpt, a "
+                   "file or folder you downloaded (never downloaded here): "
+                   f"{weights or 'none loads into this script yet'}")
     p.add_argument("--resume", action="store_true", help="continue training from <out>/ckpt.pt exactly, with its "
                    "config (only --max-steps may change; default: the checkpoint's own)")
     p.add_argument("--max-steps", type=positive_int, help="total training steps (default: from the preset)")

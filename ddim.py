@@ -6,6 +6,7 @@ Denoising Diffusion Implicit Models (Song, Meng & Ermon, 2021), https://arxiv.or
     python ddim.py --sample --invert       # x_0 -> x_T -> x_0: reconstruction MSE/PSNR (Sec. 5.4)
     python ddim.py --sample --interpolate  # slerp between two x_T, decoded with eta = 0 (Sec. 5.3)
     python ddim.py --eval --sweep          # Table 1 at small scale: FID and sec/image over S x eta
+    python ddim.py --sample --weights ddpm-cifar10-32 --steps 50   # DDPM's released model (README)
 
 The paper writes alpha_t for what ddpm.py (and this file) calls abar_t = prod_{s<=t} (1 - beta_s).
 Timesteps are 0-indexed as in ddpm.py; the network is the same, so are its checkpoints.
@@ -66,7 +67,9 @@ SWEEP_SAMPLERS = [("eta=0", 0.0, False), ("eta=0.5", 0.5, False), ("eta=1", 1.0,
 def alphas_cumprod(cfg):
     """abar_t for t = 0..T-1 (float64 on the CPU), from the checkpoint's beta schedule: the paper's alpha_t.
     The samplers read it as Python floats (abar.tolist()); the loss as float32 on the device."""
-    return torch.cumprod(1 - torch.as_tensor(common.beta_schedule(cfg["schedule"], cfg["timesteps"])), 0)
+    betas = common.beta_schedule(cfg["schedule"], cfg["timesteps"], cfg.get("beta_start", 1e-4),
+                                 cfg.get("beta_end", 0.02))
+    return torch.cumprod(1 - torch.as_tensor(betas), 0)
 
 
 def q_sample(x0, t, eps, abar):
@@ -204,6 +207,32 @@ def load(path, device):
     return model.eval(), alphas_cumprod(ck["config"]).tolist(), ck
 
 
+def load_weights(args, device):
+    """--weights: DDPM's released models (the diffusers ports, google/ddpm-*), the network this paper samples
+    from (Sec. 5 uses DDPM's CIFAR-10 model as it is) -> network, abar, a checkpoint-like dict."""
+    cfg, tensors, what = common.load_diffusers_ddpm(args.weights, "ddim")
+    if args.image_size:
+        cfg = common.resize_unet(cfg, args.image_size)
+        common.check_unet_size(cfg)
+    model = common.load_mapped(common.build_unet(cfg), tensors, args.weights)
+    model = model.to(device, memory_format=torch.channels_last)
+    return model.eval(), alphas_cumprod(cfg).tolist(), {"config": cfg, "script": "released", "step": None,
+                                                        "weights": what}
+
+
+def load_model(args, device):
+    """--weights, else the --ckpt (default <out>/ckpt.pt) of ddim.py or ddpm.py."""
+    if args.weights:
+        return load_weights(args, device)
+    return load(args.ckpt or os.path.join(args.out, "ckpt.pt"), device)
+
+
+def source(ck):
+    """Where the network came from, for the messages."""
+    return f"released weights {ck['weights']}" if ck.get("weights") else \
+        f"{ck['script']}.py checkpoint at step {ck['step']}"
+
+
 # ---------------------------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +253,7 @@ def check_args(args):
 
 def sample_images(args, device):
     """--sample: a grid of samples and GIFs of x_t and of the x0 predictions along the way."""
-    model, abar, ck = load(args.ckpt or os.path.join(args.out, "ckpt.pt"), device)
+    model, abar, ck = load_model(args, device)
     c, S = ck["config"], args.steps or DEFAULT_STEPS
     eps_fn = eps_model(model, abar, c.get("objective", "eps"))
     timestep_subsequence(len(abar), S, args.skip)  # bad --steps fail before any work
@@ -242,12 +271,12 @@ def sample_images(args, device):
         common.save_gif([x0 for _, x0 in traj], paths[2])
     print(f"{S} steps ({args.skip}), {'sigma-hat' if args.sigma_hat else f'eta {args.eta or 0.0:g}'}"
           f"{', unclipped' if args.no_clip and not args.sigma_hat else ''}, "
-          f"{ck['script']}.py checkpoint at step {ck['step']}: wrote {', '.join(paths)}")
+          f"{source(ck)}: wrote {', '.join(paths)}")
 
 
 def invert_images(args, device):
     """--sample --invert: DDIM-invert held-out images, decode the latents again with eta = 0."""
-    model, abar, ck = load(args.ckpt or os.path.join(args.out, "ckpt.pt"), device)
+    model, abar, ck = load_model(args, device)
     c, S = ck["config"], args.steps or DEFAULT_STEPS
     eps_fn = eps_model(model, abar, c.get("objective", "eps"))
     timestep_subsequence(len(abar), S, args.skip)
@@ -275,7 +304,7 @@ def invert_images(args, device):
 
 def interpolate_images(args, device):
     """--sample --interpolate: rows of slerp(z_0, z_1, a) for a in [0, 1], decoded with eta = 0."""
-    model, abar, ck = load(args.ckpt or os.path.join(args.out, "ckpt.pt"), device)
+    model, abar, ck = load_model(args, device)
     c, S = ck["config"], args.steps or DEFAULT_STEPS
     eps_fn = eps_model(model, abar, c.get("objective", "eps"))
     timestep_subsequence(len(abar), S, args.skip)
@@ -299,7 +328,7 @@ def interpolate_images(args, device):
 
 def evaluate(args, device):
     """--eval: FID/KID on common.py's judge for one sampler, or with --sweep the paper's Table 1 grid."""
-    model, abar, ck = load(args.ckpt or os.path.join(args.out, "ckpt.pt"), device)
+    model, abar, ck = load_model(args, device)
     c = ck["config"]
     eps_fn = eps_model(model, abar, c.get("objective", "eps"))
     shape = (c["channels"], c["image_size"], c["image_size"])
@@ -316,7 +345,8 @@ def evaluate(args, device):
             return x
 
         info = {"steps": S, "eta": None if use_sigma_hat else eta, "sigma_hat": use_sigma_hat, "skip": args.skip,
-                "clip": not args.no_clip or use_sigma_hat, "ckpt_script": ck["script"], "ckpt_step": ck["step"]}
+                "clip": not args.no_clip or use_sigma_hat, "ckpt_script": ck["script"],
+                "ckpt_step": ck["step"], **({"weights": ck["weights"]} if ck.get("weights") else {})}
         return common.evaluate("ddim", args, c, sample_fn, nfe=S, device=device, info=info)
 
     if not args.sweep:
@@ -371,7 +401,9 @@ def objective(cfg, device):
 
 
 def main(argv=None):
-    p = common.make_parser("ddim", __doc__, PRESETS, gifs=True)
+    p = common.make_parser("ddim", __doc__, PRESETS, gifs=True, weights=(
+        "DDPM's CIFAR-10, CelebA-HQ and LSUN models as diffusers folders (google/ddpm-cifar10-32, "
+        "google/ddpm-church-256, ...)"))
     p.add_argument("--eta", type=common.unit_float, help="sigma(eta) of eq. 16 in [0, 1]: 0 deterministic DDIM "
                    "(default), 1 DDPM-like")
     p.add_argument("--skip", default="uniform", choices=["uniform", "quad"],
@@ -388,7 +420,8 @@ def main(argv=None):
                    "{10, 20, 50, 100, 1000} x eta in {0, 0.5, 1} and sigma-hat (Table 1); --n-samples per cell")
     args = p.parse_args(argv)
     check_args(args)
-    cfg = common.make_config(args, PRESETS)
+    common.check_weights_flags(args)
+    cfg = None if args.weights else common.make_config(args, PRESETS)
     with common.claim_out(args.out):
         if args.train:
             return common.train("ddim", args, cfg, common.build_unet, objective)

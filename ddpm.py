@@ -4,6 +4,7 @@ Denoising Diffusion Probabilistic Models (Ho, Jain & Abbeel, 2020), https://arxi
     python ddpm.py --train                              # shapes, a few minutes on a laptop CPU
     python ddpm.py --sample --ckpt out/ddpm/ckpt.pt     # PNG grid + GIF of the reverse process
     python ddpm.py --eval                               # FID/KID (see common.py), JSON last line
+    python ddpm.py --sample --weights ddpm-cifar10-32   # the paper's released CIFAR-10 model (README)
 
 Forward process  q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)                    (eq. 4)
 Posterior        q(x_{t-1} | x_t, x_0) = N(mu~_t(x_t, x_0), beta~_t I)                 (eqs. 6-7)
@@ -134,7 +135,8 @@ class Diffusion:
 
 def diffusion_from(cfg, device=None):
     """The config's diffusion; with a device, its schedule as float32 there (Diffusion)."""
-    betas = common.beta_schedule(cfg["schedule"], cfg["timesteps"])
+    betas = common.beta_schedule(cfg["schedule"], cfg["timesteps"], cfg.get("beta_start", 1e-4),
+                                 cfg.get("beta_end", 0.02))
     return Diffusion(betas, cfg["objective"], cfg["var"], device)
 
 
@@ -161,6 +163,28 @@ def load(path, device):
     return model.to(device).eval(), diffusion_from(ck["config"], device), ck
 
 
+def load_weights(args, device):
+    """--weights: the paper's released models as diffusers ported them from the TensorFlow checkpoints
+    (google/ddpm-cifar10-32, the 256 px CelebA-HQ and LSUN ones): a folder or its weights file -> network,
+    diffusion and a checkpoint-like dict. --objective, --var, --schedule and --image-size override its
+    config."""
+    cfg, tensors, what = common.load_diffusers_ddpm(args.weights, "ddpm")
+    cfg.update({k: getattr(args, k) for k in ("objective", "var", "schedule") if getattr(args, k)})
+    if args.image_size:
+        cfg = common.resize_unet(cfg, args.image_size)
+        common.check_unet_size(cfg)
+    model = common.load_mapped(common.build_unet(cfg), tensors, args.weights)
+    ck = {"config": cfg, "step": None, "weights": what}
+    return model.to(device).eval(), diffusion_from(cfg, device), ck
+
+
+def load_model(args, device):
+    """The network, diffusion and checkpoint(-like dict) of --sample and --eval: --weights, else --ckpt."""
+    if args.weights:
+        return load_weights(args, device)
+    return load(args.ckpt or os.path.join(args.out, "ckpt.pt"), device)
+
+
 def objective(args):
     """common.train's objective: L_simple (eq. 14) and the grids' sampler (Algorithm 2, --steps respaced)."""
     def make(cfg, device):
@@ -177,7 +201,7 @@ def objective(args):
 def sample_images(args):
     """--sample: a grid of --n-samples (64) and a GIF of the reverse process, in --steps (all T) steps."""
     device = common.get_device(args.device)
-    model, diff, ck = load(args.ckpt or os.path.join(args.out, "ckpt.pt"), device)
+    model, diff, ck = load_model(args, device)
     c = ck["config"]
     d = respace(diff, args.steps or diff.T)
     torch.manual_seed(args.seed)
@@ -188,13 +212,14 @@ def sample_images(args):
     common.save_grid(x, paths[0])
     if not args.no_gif:
         common.save_gif(traj, paths[1])
-    print(f"{d.T} steps: wrote {' and '.join(paths)}")
+    print(f"{d.T} steps{', released weights ' + ck['weights'] if ck.get('weights') else ''}: wrote "
+          f"{' and '.join(paths)}")
 
 
 def evaluate(args):
     """--eval: FID/KID on common.py's judge; --steps S < T samples on S respaced timesteps."""
     device = common.get_device(args.device)
-    model, diff, ck = load(args.ckpt or os.path.join(args.out, "ckpt.pt"), device)
+    model, diff, ck = load_model(args, device)
     c = ck["config"]
     steps = args.steps or diff.T
     d = respace(diff, steps)
@@ -204,17 +229,21 @@ def evaluate(args):
             return d.sample(model, (n, c["channels"], c["image_size"], c["image_size"]), device,
                             clip=not args.no_clip)[0]
 
-    return common.evaluate("ddpm", args, c, sample_fn, nfe=steps, device=device, info={"steps": steps})
+    info = {"steps": steps, **({"weights": ck["weights"]} if ck.get("weights") else {})}
+    return common.evaluate("ddpm", args, c, sample_fn, nfe=steps, device=device, info=info)
 
 
 def main(argv=None):
-    p = common.make_parser("ddpm", __doc__, PRESETS, gifs=True)
+    p = common.make_parser("ddpm", __doc__, PRESETS, gifs=True, weights=(
+        "the paper's CIFAR-10, CelebA-HQ and LSUN models as diffusers folders (google/ddpm-cifar10-32, "
+        "google/ddpm-church-256, ...)"))
     p.add_argument("--objective", choices=["eps", "x0", "v"], help="what the network predicts (default eps, eq. 14)")
     p.add_argument("--var", choices=["large", "small"], help="sigma_t^2 = beta_t (large, default) or beta~_t (small)")
     p.add_argument("--schedule", choices=["linear", "cosine", "sigmoid"], help="beta schedule (default linear)")
     p.add_argument("--no-clip", action="store_true", help="do not clip x0_hat to [-1, 1] when sampling")
     args = p.parse_args(argv)
-    cfg = common.make_config(args, PRESETS, keys=("objective", "var", "schedule"))
+    common.check_weights_flags(args)
+    cfg = None if args.weights else common.make_config(args, PRESETS, keys=("objective", "var", "schedule"))
     with common.claim_out(args.out):
         if args.train:
             return common.train("ddpm", args, cfg, common.build_unet, objective(args))

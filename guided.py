@@ -8,6 +8,8 @@ Diffusion Models Beat GANs on Image Synthesis (Dhariwal & Nichol, 2021), https:/
     python guided.py --eval --scale 1                 # FID/KID and the accuracy of the asked class (JSON last)
     python guided.py --eval --sweep                   # guidance scales x (FID, accuracy, precision, recall)
                                                       # and respaced steps; --baseline adds a fixed-variance model
+    python guided.py --sample --weights 64x64_diffusion.pt --classifier-weights 64x64_classifier.pt \
+        --class 207                                   # ADM's released ImageNet 64 model (README)
 
 Timesteps are 0-indexed as in ddpm.py: abar_t = prod_{s<=t} (1 - beta_s), t = 0 is one noising step.
 "IDDPM" is Nichol & Dhariwal 2021, "DDPM" Ho et al. 2020, "ADM" Dhariwal & Nichol 2021.
@@ -40,6 +42,7 @@ Not here           IDDPM's importance sampling of t for L_vlb alone (Sec. 3.3; t
 import json
 import math
 import os
+import re
 
 import torch
 import torch.nn as nn
@@ -76,6 +79,7 @@ PRESETS = {
                   clf_batch=256, clf_lr=3e-4, clf_wd=0.05),
 }
 GIF_FRAMES = 20             # snapshots of the reverse process in reverse.gif
+MAX_COLUMNS = 16            # --sample without --class: one class per column up to this many classes
 DEFAULT_STEPS = 100          # respaced sampling steps (IDDPM Sec. 4: learned sigmas hold up at 100; ADM used 250)
 DEFAULT_SCALE = 1.0          # ADM's guidance scale for ImageNet 64
 LAMBDA_VLB = 0.001           # IDDPM eq. 16
@@ -331,16 +335,19 @@ class AttentionPool(nn.Module):
 class Classifier(nn.Module):
     """The noise-aware classifier p_phi(y | x_t, t) of ADM Sec. 4: the U-Net's downsampling half (the same
     AdaGN residual blocks with the time embedding, attention, BigGAN downsampling) and
-    its middle block, then GroupNorm, SiLU and attention pooling at the lowest resolution."""
+    its middle block, then GroupNorm, SiLU and attention pooling at the lowest resolution. norm_groups and
+    emb_cos_first as in common.UNet (for the released classifiers: 32 groups, [cos, sin])."""
 
     def __init__(self, num_classes, ch, ch_mult, depth, attn_res, head_channels, image_size, in_ch=3, dropout=0.0,
-                 skip_rescale=False):
+                 skip_rescale=False, norm_groups=None, emb_cos_first=False):
         super().__init__()
         emb_dim = 4 * ch
-        self.ch = ch
+        self.ch, self.emb_cos_first = ch, emb_cos_first
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        res_kw = dict(emb_dim=emb_dim, dropout=dropout, scale_shift=True, skip_rescale=skip_rescale)
+        res_kw = dict(emb_dim=emb_dim, dropout=dropout, scale_shift=True, skip_rescale=skip_rescale,
+                      groups=norm_groups)
         heads = lambda c: max(1, c // head_channels)
+        attn = lambda c: common.AttnBlock(c, heads(c), skip_rescale=skip_rescale, groups=norm_groups)
         self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
         self.blocks, c, res = nn.ModuleList(), ch, image_size
         for level, mult in enumerate(ch_mult):
@@ -348,17 +355,16 @@ class Classifier(nn.Module):
                 self.blocks.append(common.ResBlock(c, ch * mult, **res_kw))
                 c = ch * mult
                 if res in attn_res:
-                    self.blocks.append(common.AttnBlock(c, heads(c), skip_rescale=skip_rescale))
+                    self.blocks.append(attn(c))
             if level != len(ch_mult) - 1:
                 self.blocks.append(common.ResBlock(c, c, down=True, **res_kw))
                 res //= 2
-        self.blocks.extend([common.ResBlock(c, c, **res_kw), common.AttnBlock(c, heads(c), skip_rescale=skip_rescale),
-                            common.ResBlock(c, c, **res_kw)])
-        self.out_norm = common.norm(c)
+        self.blocks.extend([common.ResBlock(c, c, **res_kw), attn(c), common.ResBlock(c, c, **res_kw)])
+        self.out_norm = common.norm(c, norm_groups)
         self.pool = AttentionPool(c, res * res, heads(c), num_classes)
 
     def forward(self, x, t):
-        e = self.time_mlp(common.timestep_embedding(t, self.ch))
+        e = self.time_mlp(common.timestep_embedding(t, self.ch, cos_first=self.emb_cos_first))
         h = self.conv_in(x)
         for b in self.blocks:
             h = b(h) if isinstance(b, common.AttnBlock) else b(h, e)
@@ -376,7 +382,8 @@ def classifier_config(cfg, num_classes):
 
 def build_classifier(c):
     return Classifier(c["num_classes"], c["ch"], c["ch_mult"], c["depth"], c["attn_res"], c["head_channels"],
-                      c["image_size"], c["channels"], skip_rescale=c.get("skip_rescale", False))
+                      c["image_size"], c["channels"], skip_rescale=c.get("skip_rescale", False),
+                      norm_groups=c.get("norm_groups"), emb_cos_first=c.get("emb_cos_first", False))
 
 
 def classifier_loss(clf, diff, x0, y):
@@ -489,6 +496,152 @@ def load_classifier(path, device, T):
     return clf.to(device, memory_format=torch.channels_last).eval(), ck
 
 
+# ---------------------------------------------------------------------------------------------
+# Released weights: ADM's models and classifiers (openai/guided-diffusion), Improved DDPM's
+# (openai/improved-diffusion)
+# ---------------------------------------------------------------------------------------------
+
+# What the released models' tensors do not show, from the two repositories' READMEs, keyed by what they do
+# show (common.openai_unet_structure): base width, multipliers, residual blocks per level, the levels with
+# attention (0 = full size), classes, BigGAN up/down. qkv: the fused attention's order (common.split_qkv);
+# rescale: the network takes t * 1000 / T (IDDPM's rescale_timesteps); scale, steps: the README's guidance
+# scale and respaced steps.
+ADM_256 = dict(image_size=256, head_channels=64, qkv="legacy", schedule="linear", timesteps=1000, steps=250)
+IDDPM = dict(qkv="legacy", heads=4, schedule="cosine", timesteps=4000, rescale=True)
+RELEASED = {
+    (192, (1, 2, 3, 4), 3, (1, 2, 3), 1000, True): dict(
+        files="64x64_diffusion.pt", image_size=64, head_channels=64, qkv="new", schedule="cosine",
+        timesteps=1000, scale=1.0, steps=250),
+    (256, (1, 1, 2, 3, 4), 2, (2, 3, 4), 1000, True): dict(
+        files="128x128_diffusion.pt", image_size=128, heads=4, qkv="legacy", schedule="linear",
+        timesteps=1000, scale=0.5, steps=250),
+    (256, (1, 1, 2, 2, 4, 4), 2, (3, 4, 5), 1000, True): dict(
+        files="256x256_diffusion.pt", scale=1.0, **ADM_256),
+    (256, (1, 1, 2, 2, 4, 4), 2, (3, 4, 5), None, True): dict(
+        files="256x256_diffusion_uncond.pt, lsun_bedroom/cat/horse(_nodropout).pt", scale=10.0, **ADM_256),
+    (128, (1, 2, 2, 2), 3, (1, 2), None, False): dict(
+        files="cifar10_uncond_50M_500K.pt, cifar10_uncond_vlb_50M_500K.pt", image_size=32, **IDDPM),
+    (128, (1, 2, 3, 4), 3, (2, 3), None, False): dict(
+        files="imagenet64_uncond_100M_1500K.pt, imagenet64_uncond_vlb_100M_1500K.pt", image_size=64, **IDDPM),
+    (192, (1, 2, 3, 4), 3, (2, 3), 1000, False): dict(
+        files="imagenet64_cond_270M_250K.pt", image_size=64, **{**IDDPM, "rescale": False}),
+    (128, (1, 1, 2, 2, 4, 4), 2, (4,), None, False): dict(
+        files="lsun_uncond_100M_1200K_bs128.pt, lsun_uncond_100M_2400K_bs64.pt", image_size=256, heads=1,
+        qkv="legacy", schedule="linear", timesteps=1000),
+}
+# ADM's classifiers (create_classifier: width 128, 64 channels per head, attention at 32, 16 and 8 pixels,
+# the multipliers fixed by the image size), keyed by (width, number of input blocks); trained with T = 1000.
+RELEASED_CLASSIFIERS = {
+    (128, 20): dict(files="64x64_classifier.pt", image_size=64, ch_mult=[1, 2, 3, 4], depth=4),
+    (128, 15): dict(files="128x128_classifier.pt", image_size=128, ch_mult=[1, 1, 2, 3, 4], depth=2),
+    (128, 18): dict(files="256x256_classifier.pt", image_size=256, ch_mult=[1, 1, 2, 2, 4, 4], depth=2),
+}
+
+
+def released_config(s, args, path):
+    """An OpenAI U-Net's config: the structure `s` its tensors show, the RELEASED entry it matches, then the
+    override flags (--image-size, --heads/--head-channels, --qkv-order, --schedule, --timesteps,
+    --rescale-timesteps). UserError naming the flags still needed for a model that is none of the released."""
+    key = (s["ch"], tuple(s["ch_mult"]), s["num_res_blocks"], tuple(s["attn_levels"]), s["num_classes"],
+           s["resblock_updown"])
+    r = dict(RELEASED.get(key, {}))
+    if args.heads or args.head_channels:
+        r.pop("heads", None), r.pop("head_channels", None)
+    flags = dict(image_size=args.image_size, heads=args.heads, head_channels=args.head_channels,
+                 qkv=args.qkv_order, schedule=args.schedule, timesteps=args.timesteps,
+                 rescale={"yes": True, "no": False}.get(args.rescale_timesteps))
+    r.update({k: v for k, v in flags.items() if v is not None})
+    need = [flag for flag, have in (("--image-size", "image_size" in r), ("--qkv-order", "qkv" in r),
+                                    ("--heads or --head-channels", "heads" in r or "head_channels" in r),
+                                    ("--schedule", "schedule" in r), ("--timesteps", "timesteps" in r))
+            if not have]
+    if need:
+        raise common.UserError(f"--weights {path}: an OpenAI U-Net that is none of the released ones (width "
+                               f"{s['ch']}, multipliers {s['ch_mult']}, {s['num_res_blocks']} blocks per "
+                               f"level); give {', '.join(need)}")
+    widths = [s["ch"] * s["ch_mult"][level] for level in s["attn_levels"]] + [s["ch"] * s["ch_mult"][-1]]
+    split = r.get("head_channels") or r["heads"]
+    if any(w % split for w in widths):
+        what = f"heads of {split} channels" if r.get("head_channels") else f"{split} heads"
+        raise common.UserError(f"--weights {path}: attention widths {widths} do not split into {what}")
+    return dict(image_size=r["image_size"], channels=s["channels"], out_ch=s["out_ch"], ch=s["ch"],
+                ch_mult=s["ch_mult"], num_res_blocks=s["num_res_blocks"],
+                attn_res=[r["image_size"] >> level for level in s["attn_levels"]], heads=r.get("heads"),
+                head_channels=r.get("head_channels"), num_classes=s["num_classes"], null_label=False,
+                scale_shift=s["scale_shift"], resblock_updown=s["resblock_updown"], norm_groups=32,
+                emb_cos_first=True, timesteps=r["timesteps"], schedule=r["schedule"],
+                var="learned" if s["out_ch"] == 2 * s["channels"] else "large", qkv=r["qkv"],
+                rescale_timesteps=r.get("rescale", False), released=r.get("files"),
+                guidance_scale=r.get("scale"), sample_steps=r.get("steps"))
+
+
+def released_diffusion(cfg, var=None, device=None):
+    """The diffusion of a released model: IDDPM's linear schedule keeps its ends for any T (betas 1e-4 and
+    0.02 times 1000 / T), and a network trained with rescaled timesteps is called at t * 1000 / T."""
+    T = cfg["timesteps"]
+    betas = common.beta_schedule(cfg["schedule"], T, 1e-4 * (1000 / T), 0.02 * (1000 / T))
+    tmap = torch.arange(T).float() * (1000.0 / T) if cfg["rescale_timesteps"] else None
+    return Diffusion(betas, var or cfg["var"], tmap, device)
+
+
+def load_weights(args, device):
+    """--weights: a released ADM or Improved DDPM model -> (network, diffusion, a checkpoint-like dict)."""
+    path = args.weights
+    tensors = common.read_weights(path)[0]
+    common.check_layout(path, tensors, ["openai-unet"], "guided")
+    with common.complete(path):
+        cfg = released_config(common.openai_unet_structure(tensors, path), args, path)
+    common.check_unet_size(cfg)
+    heads_of = lambda c: c // cfg["head_channels"] if cfg["head_channels"] else cfg["heads"]
+    ours = common.unet_from_openai(tensors, heads_of, cfg["qkv"])
+    model = common.load_mapped(common.build_unet(cfg), ours, path)
+    model = model.to(device, memory_format=torch.channels_last)
+    ck = {"config": cfg, "step": None, "weights": path}
+    return model.eval(), released_diffusion(cfg, device=device), ck
+
+
+def classifier_from_openai(tensors, heads_of):
+    """guided-diffusion classifier names (EncoderUNetModel) -> Classifier names: input_blocks[1:] and
+    middle_block are our blocks, module for module in order; out.0 is out_norm, out.2 the attention pool,
+    whose fused qkv is already in our order ('new') and whose position table is stored transposed."""
+    found = [re.match(r"input_blocks\.(\d+)\.(\d+)\.", k) for k in tensors]
+    trunk = sorted({(int(m[1]), int(m[2])) for m in found if m and m[1] != "0"})
+    index = {f"input_blocks.{n}.{j}.": f"blocks.{i}." for i, (n, j) in enumerate(trunk)}
+    index.update({f"middle_block.{j}.": f"blocks.{len(trunk) + j}." for j in range(3)})
+    names = [(r"^time_embed\.", "time_mlp."), (r"^input_blocks\.0\.0\.", "conv_in."),
+             (r"^(input_blocks\.\d+\.\d+\.|middle_block\.\d\.)", lambda m: index[m[1]]),
+             (r"^out\.0\.", "out_norm."), (r"^out\.2\.qkv_proj\.", "pool.qkv."),
+             (r"^out\.2\.c_proj\.", "pool.proj."), (r"^out\.2\.positional_embedding$", "pool.pos")]
+    out = common.openai_to_ours(tensors, names, heads_of, "legacy")
+    out["pool.pos"] = out["pool.pos"].t()                                   # (C, HW + 1) -> (HW + 1, C)
+    return out
+
+
+def load_classifier_weights(path, device, T, image_size):
+    """--classifier-weights: one of ADM's released classifiers -> (Classifier, a checkpoint-like dict)."""
+    flag = "--classifier-weights"
+    tensors = common.read_weights(path, flag)[0]
+    common.check_layout(path, tensors, ["openai-classifier"], "guided", flag)
+    with common.complete(path, flag):
+        width, classes = tensors["time_embed.0.weight"].shape[1], tensors["out.2.c_proj.weight"].shape[0]
+    blocks = len({k.split(".")[1] for k in tensors if k.startswith("input_blocks.")})
+    r = RELEASED_CLASSIFIERS.get((width, blocks))
+    if r is None:
+        known = ", ".join(c["files"] for c in RELEASED_CLASSIFIERS.values())
+        raise common.UserError(f"{flag} {path}: a classifier of width {width} with {blocks} input blocks, "
+                               f"none of {known}")
+    if (r["image_size"], 1000) != (image_size, T):
+        raise common.UserError(f"{flag} {path}: {r['files']} judges {r['image_size']}px images at T = 1000; "
+                               f"the diffusion model makes {image_size}px images with T = {T}")
+    ccfg = dict(num_classes=classes, ch=width, ch_mult=r["ch_mult"],
+                depth=r["depth"], attn_res=[32, 16, 8], head_channels=64, image_size=image_size,
+                channels=tensors["input_blocks.0.0.weight"].shape[1], timesteps=1000, norm_groups=32,
+                emb_cos_first=True, released=r["files"])
+    ours = classifier_from_openai(tensors, lambda c: c // 64)
+    clf = common.load_mapped(build_classifier(ccfg), ours, path, flag)
+    return clf.to(device, memory_format=torch.channels_last).eval(), {"config": ccfg, "step": None}
+
+
 def check_args(args):
     if args.cls is not None and not args.sample:
         raise common.UserError("--class goes with --sample (--eval asks for the held-out images' labels)")
@@ -506,34 +659,72 @@ def check_args(args):
     if args.sweep and args.var:
         raise common.UserError("--sweep samples the model with its learned variance and --baseline with both fixed "
                                "ones; drop --var")
-    for flag, given in (("--class-cond", args.class_cond), ("--schedule", args.schedule),
+    for flag, given in (("--class-cond", args.class_cond), ("--schedule", args.schedule and not args.weights),
                         ("--clf-steps", args.clf_steps is not None)):
         if given and not args.train:
             raise common.UserError(f"{flag} goes with --train (the checkpoint holds it)")
+    check_weights_args(args)
+
+
+def check_weights_args(args):
+    """--weights and --classifier-weights load released files for --sample and --eval; the flags that override
+    their released configuration go with --weights."""
+    common.check_weights_flags(args)
+    if args.classifier_weights and (args.train or args.resume):
+        raise common.UserError("--classifier-weights loads a released classifier to --sample or --eval; "
+                               "--train starts from scratch")
+    for a, b in (("classifier_weights", "classifier"), ("heads", "head_channels")):
+        if getattr(args, a) and getattr(args, b):
+            raise common.UserError(f"give --{a.replace('_', '-')} or --{b.replace('_', '-')}, not both")
+    for flag in ("heads", "head_channels", "qkv_order", "timesteps", "rescale_timesteps"):
+        if getattr(args, flag) and not args.weights:
+            raise common.UserError(f"--{flag.replace('_', '-')} goes with --weights (it overrides the "
+                                   "released model's configuration)")
 
 
 class Sampler:
     """The diffusion model, its classifier (when guidance needs one), and the CLI's sampling options."""
 
     def __init__(self, args, device, ckpt=None, var=None, need_classifier=None):
-        path = ckpt or args.ckpt or os.path.join(args.out, "ckpt.pt")
-        self.model, self.diff, self.ck = load(path, device)
+        if args.weights and ckpt is None:
+            path = args.weights
+            self.model, self.diff, self.ck = load_weights(args, device)
+            self.what = f"released weights {path}"
+        else:
+            path = ckpt or args.ckpt or os.path.join(args.out, "ckpt.pt")
+            self.model, self.diff, self.ck = load(path, device)
+            self.what = f"step-{self.ck['step']} checkpoint"
         self.cfg, self.device, self.args = self.ck["config"], device, args
         var = var or args.var
         if var:
             if var == "learned" and self.cfg["var"] != "learned":
                 raise common.UserError(f"{path} was trained with fixed variances; --var learned needs a model "
                                        "trained with it (the default)")
-            self.diff = Diffusion(self.diff.betas, var, device=device)
+            self.diff = Diffusion(self.diff.betas, var, self.diff.timestep_map.cpu(), device)
+        # released weights: the README's scale with a released classifier, no guidance without one
+        released = self.cfg.get("guidance_scale") or DEFAULT_SCALE
+        default = (released if args.classifier_weights else 0.0) if args.weights else DEFAULT_SCALE
+        self.scale = default if args.scale is None else args.scale
+        self.default_steps = self.cfg.get("sample_steps") or min(DEFAULT_STEPS, self.diff.T)
         self.classifier, self.clf_ck = None, None
-        scale = DEFAULT_SCALE if args.scale is None else args.scale
-        if need_classifier if need_classifier is not None else scale > 0:
-            cpath = args.classifier or os.path.join(os.path.dirname(os.path.abspath(path)), "classifier.pt")
-            if not os.path.exists(cpath):
-                raise common.UserError(f"--scale {scale:g} needs the classifier, and {cpath} does not exist; train it "
-                                       "with `python guided.py --train`, pass --classifier, or use --scale 0")
-            self.classifier, self.clf_ck = load_classifier(cpath, device, self.diff.T)
+        if need_classifier if need_classifier is not None else self.scale > 0:
+            self.classifier, self.clf_ck = self.load_classifier(path)
         self.num_classes = self.clf_ck["config"]["num_classes"] if self.clf_ck else self.cfg.get("num_classes")
+
+    def load_classifier(self, path):
+        """The classifier guidance needs: a released one (--classifier-weights) or a guided.py one."""
+        a, T = self.args, self.diff.T
+        if a.classifier_weights:
+            return load_classifier_weights(a.classifier_weights, self.device, T, self.cfg["image_size"])
+        if a.weights:
+            raise common.UserError(f"--scale {self.scale:g} guides with a classifier: give the released one "
+                                   "with --classifier-weights (e.g. 64x64_classifier.pt), or --scale 0")
+        cpath = a.classifier or os.path.join(os.path.dirname(os.path.abspath(path)), "classifier.pt")
+        if not os.path.exists(cpath):
+            raise common.UserError(f"--scale {self.scale:g} needs the classifier, and {cpath} does not "
+                                   "exist; train it with `python guided.py --train`, pass --classifier, or "
+                                   "use --scale 0")
+        return load_classifier(cpath, self.device, T)
 
     def check_class(self, k):
         if self.num_classes is None:
@@ -558,15 +749,19 @@ class Sampler:
 
 
 def sample_images(args, device):
-    """--sample: a grid of --n-samples images of --class K (or of every class, one per column)."""
+    """--sample: a grid of --n-samples images of --class K (or of every class, one per column; with more
+    classes than MAX_COLUMNS, such as ImageNet's 1000, of classes drawn at random as the official sampler)."""
     s = Sampler(args, device)
-    scale = DEFAULT_SCALE if args.scale is None else args.scale
-    steps = args.steps or min(DEFAULT_STEPS, s.diff.T)
+    scale, steps = s.scale, args.steps or s.default_steps
     space_timesteps(s.diff.T, steps)
     n = args.n_samples or 64
     if args.cls is not None:
         s.check_class(args.cls)
         labels, nrow, what = [args.cls] * n, None, f"class {args.cls}"
+    elif s.num_classes and (scale > 0 or s.cfg.get("num_classes")) and s.num_classes > MAX_COLUMNS:
+        g = torch.Generator().manual_seed(args.seed)
+        labels = torch.randint(0, s.num_classes, (n,), generator=g).tolist()
+        nrow, what = None, f"random classes ({', '.join(map(str, labels[:8]))}{', ...' if n > 8 else ''})"
     elif s.num_classes and (scale > 0 or s.cfg.get("num_classes")):
         labels, nrow, what = [i % s.num_classes for i in range(n)], s.num_classes, "one class per column"
     else:
@@ -577,8 +772,8 @@ def sample_images(args, device):
     common.save_grid(x, paths[0], nrow)
     if not args.no_gif:
         common.save_gif(traj, paths[1], nrow)
-    print(f"{what}, scale {scale:g}, {steps} {args.sampler} steps, {s.diff.var} variance, step-{s.ck['step']} "
-          f"checkpoint: wrote {', '.join(paths)}")
+    print(f"{what}, scale {scale:g}, {steps} {args.sampler} steps, {s.diff.var} variance, {s.what}: "
+          f"wrote {', '.join(paths)}")
 
 
 def held_out_images(args, c, n):
@@ -604,6 +799,7 @@ def evaluate_one(args, device, s, scale, steps, keep=None, info=None):
         return x
 
     info = {"scale": scale, "steps": steps, "sampler": args.sampler, "var": s.diff.var, "ckpt_step": s.ck["step"],
+            **({"weights": s.ck["weights"]} if "weights" in s.ck else {}),
             "class_cond": bool(s.cfg.get("num_classes")), **(info or {})}
     return common.evaluate("guided", args, s.cfg, sample_fn, nfe=steps, device=device,
                            cond="label" if conditioned else None, info=info)
@@ -613,14 +809,13 @@ def evaluate(args, device):
     """--eval: FID/KID and accuracy at one --scale; --sweep: the scales and respaced steps of the paper's trade-offs."""
     if not args.sweep:
         s = Sampler(args, device)
-        scale = DEFAULT_SCALE if args.scale is None else args.scale
-        return evaluate_one(args, device, s, scale, args.steps or min(DEFAULT_STEPS, s.diff.T))
+        return evaluate_one(args, device, s, s.scale, args.steps or s.default_steps)
     s = Sampler(args, device, need_classifier=True)
     out, n = args.out, args.n_samples or 1000
     judge = common.get_judge(args.data, s.cfg["image_size"], s.cfg["channels"], device,
                              steps=s.cfg.get("judge_steps", common.JUDGE_STEPS))
     real = common.features(judge, held_out_images(args, s.cfg, n))
-    steps = args.steps or min(DEFAULT_STEPS, s.diff.T)  # the scale rows' respaced steps
+    steps = args.steps or s.default_steps  # the scale rows' respaced steps
     rows = []
     for scale in args.scales or SWEEP_SCALES:  # ADM Table 4 / Fig. 4: scale vs fidelity (accuracy, precision) and diversity
         keep = []
@@ -665,23 +860,41 @@ def print_tables(rows):
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    p = common.make_parser("guided", __doc__, PRESETS, gifs=True)
+    p = common.make_parser("guided", __doc__, PRESETS, gifs=True, weights=(
+        "ADM's models (64x64_diffusion.pt, 128x128_diffusion.pt, 256x256_diffusion(_uncond).pt, "
+        "lsun_*.pt) and Improved DDPM's (cifar10_uncond_50M_500K.pt, imagenet64_*.pt, ...), from "
+        "openai/guided-diffusion and openai/improved-diffusion"))
     p.add_argument("--class", dest="cls", type=common.nonneg_int, help="--sample: the class to draw (shapes: "
                    "0 circle, 1 square, 2 triangle, 3 cross); default: every class, one per column")
     p.add_argument("--scale", type=common.nonneg_float, help=f"classifier guidance scale s >= 0 (default "
-                   f"{DEFAULT_SCALE:g}; 0: none)")
+                   f"{DEFAULT_SCALE:g}; with --weights, see --classifier-weights; 0: none)")
     p.add_argument("--sampler", default="ancestral", choices=["ancestral", "ddim"],
                    help="ancestral (ADM Algorithm 1, default) or ddim (Algorithm 2)")
     p.add_argument("--eta", type=common.unit_float, help="--sampler ddim: the DDIM noise eta in [0, 1] (default 0)")
     p.add_argument("--var", choices=["learned", "large", "small"], help="--train: learned sigmas with the hybrid "
                    "loss (default) or a fixed sigma^2 = beta_t (large) / beta~_t (small) with L_simple; "
                    "--sample/--eval: sample a learned model with a fixed variance instead")
-    p.add_argument("--schedule", choices=["cosine", "linear"], help="--train: beta schedule (default cosine)")
+    p.add_argument("--schedule", choices=["cosine", "linear"], help="--train: beta schedule (default "
+                   "cosine); --weights: override the released model's")
     p.add_argument("--class-cond", action="store_true", help="--train: a class-conditional diffusion model "
                    "(class embedding added to the time embedding), as ADM's ImageNet models")
     p.add_argument("--clf-steps", type=common.nonneg_int, help="--train: classifier training steps (default: the "
                    "preset's; 0: none)")
     p.add_argument("--classifier", help="classifier checkpoint (default: classifier.pt beside --ckpt)")
+    p.add_argument("--classifier-weights", metavar="PATH", help="a released ADM classifier "
+                   "(64x64_classifier.pt, 128x128_classifier.pt, 256x256_classifier.pt) to guide with; with "
+                   "--weights the default --scale is then the README's (1, 0.5, 1; 10 for the unconditional "
+                   "256x256 model), else 0")
+    p.add_argument("--heads", type=common.positive_int, help="--weights: attention heads (default: the "
+                   "released model's)")
+    p.add_argument("--head-channels", type=common.positive_int, help="--weights: channels per attention head "
+                   "instead of --heads")
+    p.add_argument("--qkv-order", choices=["legacy", "new"], help="--weights: the fused qkv's order: legacy "
+                   "(heads, then q/k/v) or new (q/k/v, then heads); default: the released model's")
+    p.add_argument("--timesteps", type=common.positive_int, help="--weights: the number of diffusion steps T "
+                   "the model was trained with (default: the released model's)")
+    p.add_argument("--rescale-timesteps", choices=["yes", "no"], help="--weights: the network takes "
+                   "t * 1000 / T (Improved DDPM's models: yes; default: the released model's)")
     p.add_argument("--no-clip", action="store_true", help="do not clip x0_hat to [-1, 1] when sampling")
     p.add_argument("--sweep", action="store_true", help=f"with --eval: scales {SWEEP_SCALES} (FID, KID, accuracy, "
                    f"precision, recall) at --steps (default {DEFAULT_STEPS}), then no guidance at {SWEEP_STEPS} "
@@ -694,7 +907,8 @@ def main(argv=None):
                    "--var large) to compare at the same respaced steps, with beta_t and beta~_t")
     args = p.parse_args(argv)
     check_args(args)
-    cfg = common.make_config(args, PRESETS, keys=("var", "schedule", "class_cond", "clf_steps"))
+    cfg = None if args.weights else common.make_config(args, PRESETS, keys=("var", "schedule", "class_cond",
+                                                                           "clf_steps"))
     with common.claim_out(args.out):
         if args.train:
             return train(args, cfg)
