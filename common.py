@@ -1385,10 +1385,12 @@ def make_config(args, presets, keys=()):
     return cfg
 
 
-def check_unet_size(cfg, preset, prefix=""):
+def check_unet_size(cfg, preset=None, prefix=""):
     """The U-Net halves its input len(ch_mult) - 1 times (ldm.py: its latent, image_size / f), and attends at
     the attn_res resolutions among those it visits: say so before any work when --image-size (or --f) does
-    not allow it. prefix: another network's keys in the same config (guided.py's classifier: clf_)."""
+    not allow it. prefix: another network's keys in the same config (guided.py's classifier: clf_). preset:
+    the values to suggest (None for released weights, which have no preset)."""
+    preset = preset or {}
     if prefix + "ch_mult" not in cfg:
         return
     f, size, levels = cfg.get("f", 1), cfg["image_size"], len(cfg[prefix + "ch_mult"])
