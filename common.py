@@ -804,16 +804,35 @@ def read_safetensors(path, flag="--weights"):
     return tensors
 
 
+def inert(name):
+    """A stand-in registered under a pickle global's name: calling it or giving it state stores nothing and
+    runs nothing. torch.load(weights_only=True) with stand-ins reads past the objects a Lightning checkpoint
+    keeps beside its tensors (callbacks, numpy scalars) without importing or running their code."""
+    module, _, qualname = name.rpartition(".")
+    return type(qualname, (), {"__module__": module, "__init__": lambda self, *a, **k: None,
+                               "__setstate__": lambda self, state: None}), name
+
+
+# The only globals a Lightning .ckpt (Stable Diffusion's sd-v1-4.ckpt, v1-5-pruned.ckpt) may name; any other
+# global (os.system, a module's function) still stops torch.load(weights_only=True).
+LIGHTNING_GLOBALS = ("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint", "numpy.core.multiarray.scalar",
+                     "numpy._core.multiarray.scalar", "numpy.dtype", "numpy.dtypes.Float64DType",
+                     "numpy.dtypes.Float32DType", "numpy.dtypes.Int64DType", "_codecs.encode")
+
+
 def read_torch_weights(path, flag="--weights"):
-    """A .pt/.bin/.pth state dict through torch.load(weights_only=True): tensors and plain data, never code.
-    Memory-mapped where the file allows it (zip files, the format of torch.save since PyTorch 1.6)."""
+    """A .pt/.bin/.pth state dict (or a Lightning .ckpt's state_dict) through torch.load(weights_only=True):
+    tensors and plain data, never code; LIGHTNING_GLOBALS load as inert stand-ins. Memory-mapped where the
+    file allows it (zip files, the format of torch.save since PyTorch 1.6)."""
     try:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            with torch.serialization.safe_globals([inert(n) for n in LIGHTNING_GLOBALS]):
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
             if "mmap" not in str(e):
                 raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (pre-zip) format
+            with torch.serialization.safe_globals([inert(n) for n in LIGHTNING_GLOBALS]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (pre-zip) format
     except pickle.UnpicklingError as e:
         what = [line.strip() for line in ANSI.sub("", str(e)).splitlines() if "GLOBAL" in line]
         raise UserError(f"{flag} {path} " + (f"holds more than tensors and plain data; refused to load it "
@@ -870,8 +889,9 @@ LAYOUTS = {"diffusers-unet": ("a diffusers UNet2DModel (DDPM's U-Net)", "ddpm.py
            "openai-unet": ("an OpenAI U-Net (guided-diffusion / improved-diffusion)", "guided.py --weights"),
            "openai-classifier": ("a guided-diffusion noise-aware classifier",
                                  "guided.py --classifier-weights"),
-           "diffusers-unet-cond": ("a diffusers UNet2DConditionModel (Stable Diffusion's U-Net)", None),
-           "compvis": ("a CompVis latent-diffusion / Stable Diffusion checkpoint", None),
+           "diffusers-unet-cond": ("a diffusers UNet2DConditionModel (Stable Diffusion's U-Net)",
+                                   "ldm.py --weights, given the whole diffusers folder"),
+           "compvis": ("a CompVis latent-diffusion / Stable Diffusion checkpoint", "ldm.py --weights"),
            "vae": ("an autoencoder (VAE)", None), "clip-text": ("a CLIP text encoder", None),
            "inception": ("the FID Inception network", "--eval --fid-weights"),
            "nano-unet": ("a bare state dict of this repository's U-Net", "--ckpt, as a whole checkpoint")}
@@ -1175,6 +1195,186 @@ def openai_unet_structure(tensors, path):
                 channels=tensors["input_blocks.0.0.weight"].shape[1], out_ch=tensors["out.2.weight"].shape[0],
                 scale_shift=emb == 2 * widths[0],
                 resblock_updown=f"input_blocks.{n + 1}.0.in_layers.0.weight" in tensors)
+
+# Stable Diffusion v1 (Rombach et al. 2022, the text-to-image model of Sec. 4.3 as released by CompVis and
+# Stability AI) -> common.LDM, common.AutoencoderKL and ClipTokenizer. One CompVis file holds all three networks
+# under the prefixes below; a diffusers folder keeps them in unet/, vae/, text_encoder/ and tokenizer/.
+
+# What no tensor shows: the released v1 configuration (v1-inference.yaml) and sampling settings
+SD_V1 = dict(cond="text", text="clip", image_size=512, channels=3, f=8, heads=8, norm_groups=32, ae_groups=32,
+             emb_cos_first=True, dropout=0.0, timesteps=1000, schedule="scaled_linear", beta_start=0.00085,
+             beta_end=0.012, scale_factor=0.18215, ddim_offset=1)
+SD_PREFIXES = {"unet": "model.diffusion_model.", "ae": "first_stage_model.", "text": "cond_stage_model.transformer."}
+TRANSFORMER_NAMES = [(r"\.transformer_blocks\.0\.", "."), (r"\.(attn[12])\.to_(q|k|v)\.", r".\1.\2."),
+                     (r"\.(attn[12])\.to_out\.0\.", r".\1.out."), (r"\.ff\.net\.0\.", ".ff.0."),
+                     (r"\.ff\.net\.2\.", ".ff.1.")]
+AE_COMPVIS_NAMES = [(r"\.nin_shortcut\.", ".skip."), (r"\.(down|up)sample\.", ".resample."),
+                    (r"\.mid\.block_1\.", ".mid.0."), (r"\.mid\.attn_1\.", ".mid.1."), (r"\.mid\.block_2\.", ".mid.2."),
+                    (r"\.mid\.1\.(q|k|v)\.", r".mid.1.attn.\1."), (r"\.mid\.1\.proj_out\.", ".mid.1.attn.out.")]
+AE_DIFFUSERS_NAMES = [(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block."),
+                      (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.resample."),
+                      (r"\.mid_block\.resnets\.0\.", ".mid.0."), (r"\.mid_block\.attentions\.0\.", ".mid.1."),
+                      (r"\.mid_block\.resnets\.1\.", ".mid.2."), (r"\.conv_shortcut\.", ".skip."),
+                      (r"\.conv_norm_out\.", ".norm_out."), (r"\.mid\.1\.group_norm\.", ".mid.1.norm."),
+                      (r"\.mid\.1\.(to_q|query)\.", ".mid.1.attn.q."), (r"\.mid\.1\.(to_k|key)\.", ".mid.1.attn.k."),
+                      (r"\.mid\.1\.(to_v|value)\.", ".mid.1.attn.v."),
+                      (r"\.mid\.1\.(to_out\.0|proj_attn)\.", ".mid.1.attn.out.")]
+CLIP_NAMES = [(r"^(cond_stage_model\.transformer\.)?(text_model\.)?", ""),
+              (r"^embeddings\.token_embedding\.", "tok."), (r"^embeddings\.position_embedding\.weight", "pos"),
+              (r"^encoder\.layers\.", "blocks."), (r"\.self_attn\.(q|k|v)_proj\.", r".attn.\1."),
+              (r"\.self_attn\.out_proj\.", ".attn.out."), (r"\.layer_norm(\d)\.", r".ln\1."),
+              (r"\.mlp\.fc1\.", ".ff.0."), (r"\.mlp\.fc2\.", ".ff.2."), (r"^final_layer_norm\.", "ln.")]
+
+
+def rename(tensors, names):
+    """Apply the (pattern, replacement) renamings in order to every tensor name."""
+    out = {}
+    for key, v in tensors.items():
+        for pattern, repl in names:
+            key = re.sub(pattern, repl, key)
+        out[key] = v
+    return out
+
+
+def fuse_kv(tensors):
+    """Separate k and v projections -> our one kv projection (k rows, then v rows); 1x1 conv weights of the
+    autoencoder's attention lose their kernel axes to become the Linear weights they are."""
+    out = {k: v[..., 0, 0] if v.ndim == 4 and re.search(r"\.attn\.(q|k|v|out)\.weight$", k) else v
+           for k, v in tensors.items()}
+    for key in [k for k in out if re.search(r"\.k\.(weight|bias)$", k)]:
+        k, v = out.pop(key), out.pop(key[:-len("k.weight")] + "v.weight" if key.endswith("weight") else
+                                      key[:-len("k.bias")] + "v.bias")
+        out[re.sub(r"\.k\.(weight|bias)$", r".kv.\1", key)] = torch.cat([k, v])
+    return out
+
+
+def unet_from_sd(tensors, layout):
+    """Stable Diffusion's U-Net (CompVis: OpenAI's layout; or diffusers' UNet2DConditionModel) -> common.UNet:
+    the residual blocks and resamplers are renamed as for DDPM and ADM; each SpatialTransformer's one
+    transformer block is flattened into it (norm1..3, attn1, attn2, ff as released)."""
+    t = rename(tensors, TRANSFORMER_NAMES)
+    if layout == "compvis":
+        t = rename(t, OPENAI_UNET_NAMES + [n for n in OPENAI_BLOCK_NAMES if "proj_out" not in n[0]])
+    else:
+        t = unet_from_diffusers(t, len({k.split(".")[3] for k in t if k.startswith("down_blocks.0.resnets.")}))
+    return fuse_kv(t)
+
+
+def ae_from_sd(tensors, layout):
+    """The released KL autoencoder (CompVis or diffusers AutoencoderKL) -> common.AutoencoderKL. diffusers
+    numbers the decoder's levels from the lowest resolution, CompVis (and we) from the full size."""
+    if layout == "compvis":
+        return fuse_kv(rename(tensors, AE_COMPVIS_NAMES))
+    top = len({k.split(".")[2] for k in tensors if k.startswith("encoder.down_blocks.")}) - 1
+    names = AE_DIFFUSERS_NAMES + [
+        (r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{top - int(m[1])}.block."),
+        (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{top - int(m[1])}.resample.")]
+    return fuse_kv(rename(tensors, names))
+
+
+def text_from_clip(tensors):
+    """transformers' CLIPTextModel names (with or without text_model., under CompVis' cond_stage_model.
+    transformer.) -> common.TextEncoder; position_ids is a buffer of constants, not a weight."""
+    t = rename({k: v for k, v in tensors.items() if not k.endswith("position_ids")}, CLIP_NAMES)
+    return fuse_kv(t)
+
+
+def count(tensors, prefix):
+    """How many numbered children prefix N. the tensor names show."""
+    return len({k[len(prefix):].split(".")[0] for k in tensors if k.startswith(prefix)})
+
+
+def sd_config(unet, ae, text, image_size, heads, text_heads):
+    """LDM's config for renamed SD tensors: the sizes are read from the tensors, the rest is SD_V1's."""
+    ch, n = unet["conv_in.weight"].shape[0], 0
+    while f"down.{n}.0.conv1.weight" in unet:        # residual blocks of the first level, then its Downsample
+        n += 1
+    levels = (count(unet, "down.") + 1) // (n + 1)
+    attn = [lv for lv in range(levels) if f"down.{lv * (n + 1)}.1.proj_in.weight" in unet]
+    levels_ae = count(ae, "encoder.down.")
+    ae_widths = [ae[f"encoder.down.{lv}.block.0.conv2.weight"].shape[0] for lv in range(levels_ae)]
+    cfg = dict(SD_V1, image_size=image_size, f=2 ** (levels_ae - 1), z_ch=unet["conv_in.weight"].shape[1], ch=ch,
+               ch_mult=[unet[f"down.{lv * (n + 1)}.0.conv2.weight"].shape[0] // ch for lv in range(levels)],
+               num_res_blocks=n, heads=heads,
+               context_dim=next(v.shape[1] for k, v in unet.items() if k.endswith("attn2.kv.weight")),
+               ae_ch=ae_widths[0], ae_mult=[w // ae_widths[0] for w in ae_widths],
+               ae_res_blocks=count(ae, "encoder.down.0.block."), channels=ae["encoder.conv_in.weight"].shape[1],
+               vocab_size=text["tok.weight"].shape[0], text_layers=count(text, "blocks."),
+               max_len=text["pos"].shape[0])
+    latent = image_size // cfg["f"]
+    return dict(cfg, attn_res=[latent >> lv for lv in attn], text_heads=text_heads or text["pos"].shape[1] // 64)
+
+
+def read_json(path):
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_sd_folder(path):
+    """A diffusers Stable Diffusion folder -> (unet, ae, text) tensors renamed for us, and the settings its
+    config files give (heads, image size, latent scale, schedule)."""
+    unet, ucfg, _ = read_weights(os.path.join(path, "unet"))
+    ae, vcfg, _ = read_weights(os.path.join(path, "vae"))
+    files = [os.path.join(path, "text_encoder", f) for f in ("model.safetensors", "pytorch_model.bin")]
+    files = [f for f in files if os.path.isfile(f)]
+    if not files:
+        raise UserError(f"--weights {path}: no text_encoder/model.safetensors nor pytorch_model.bin")
+    text = read_safetensors(files[0]) if files[0].endswith(".safetensors") else read_torch_weights(files[0])
+    tcfg = read_json(os.path.join(path, "text_encoder", "config.json"))
+    sched = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
+    if ucfg.get("use_linear_projection") or sched.get("prediction_type", "epsilon") != "epsilon":
+        raise UserError(f"--weights {path}: a Stable Diffusion 2.x or v-prediction model; ldm.py loads v1.x")
+    heads = ucfg.get("num_attention_heads") or ucfg.get("attention_head_dim", SD_V1["heads"])
+    settings = dict(heads=heads, text_heads=tcfg.get("num_attention_heads"),
+                    image_size=ucfg.get("sample_size", 64) * 2 ** (len(vcfg.get("block_out_channels", [0] * 4)) - 1),
+                    scale_factor=vcfg.get("scaling_factor", SD_V1["scale_factor"]),
+                    timesteps=sched.get("num_train_timesteps", 1000), beta_start=sched.get("beta_start", 0.00085),
+                    beta_end=sched.get("beta_end", 0.012), ddim_offset=sched.get("steps_offset", 1))
+    if sched.get("beta_schedule", "scaled_linear") != "scaled_linear" or not isinstance(heads, int):
+        raise UserError(f"--weights {path}: {sched.get('beta_schedule')} betas, heads {heads}; ldm.py loads "
+                        "Stable Diffusion v1.x (scaled_linear betas, one head count)")
+    return unet_from_sd(unet, "diffusers"), ae_from_sd(ae, "diffusers"), text_from_clip(text), settings
+
+
+def read_sd_file(path):
+    """A CompVis single file (.safetensors, or the Lightning .ckpt) -> (unet, ae, text) tensors renamed for
+    us. The schedule buffers are left out (SD_V1 holds the schedule), and so are model_ema.* (full-EMA
+    files: the released sampler uses model.diffusion_model, which in the pruned files is the EMA)."""
+    tensors = read_weights(path)[0]
+    check_layout(path, tensors, ["compvis"], "ldm")
+    part = {name: {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)} for name, p in SD_PREFIXES.items()}
+    if not all(part.values()):
+        missing = [SD_PREFIXES[n] + "*" for n, v in part.items() if not v]
+        raise UserError(f"--weights {path}: no {', '.join(missing)} tensors; a Stable Diffusion v1 file holds the "
+                        "U-Net, the autoencoder and the CLIP text encoder")
+    return unet_from_sd(part["unet"], "compvis"), ae_from_sd(part["ae"], "compvis"), text_from_clip(
+        {SD_PREFIXES["text"] + k: v for k, v in part["text"].items()}), {}
+
+
+def load_stable_diffusion(path, tokenizer=None, image_size=None):
+    """--weights PATH (a CompVis file or a diffusers folder) and --tokenizer -> (LDM, AutoencoderKL,
+    ClipTokenizer, config), frozen, in eval mode. Every tensor is checked against our networks (names and
+    shapes, strictly); the weights are never changed, only renamed (and k, v fused)."""
+    folder = os.path.isdir(path) and os.path.isdir(os.path.join(path, "unet"))
+    unet, ae, text, settings = read_sd_folder(path) if folder else read_sd_file(path)
+    if tokenizer is None and not folder:
+        raise UserError(f"--weights {path} is a single file without CLIP's vocabulary: give --tokenizer "
+                        f"PATH ({ClipTokenizer.VOCAB_FILE}, or the tokenizer/ folder of a diffusers copy)")
+    tok = ClipTokenizer.load(tokenizer or path)
+    size = image_size or settings.pop("image_size", SD_V1["image_size"])
+    settings.pop("image_size", None)
+    cfg = dict(sd_config(unet, ae, text, size, settings.pop("heads", SD_V1["heads"]),
+                         settings.pop("text_heads", None)), **settings)
+    if size % (cfg["f"] * 2 ** (len(cfg["ch_mult"]) - 1)):
+        raise UserError(f"--image-size {size}: use a multiple of {cfg['f'] * 2 ** (len(cfg['ch_mult']) - 1)}")
+    model = LDM(cfg)
+    load_mapped(model.unet, unet, path)
+    load_mapped(model.text, text, path)
+    ae_net = load_mapped(AutoencoderKL(cfg), ae, path)
+    return model.eval().requires_grad_(False), ae_net.eval().requires_grad_(False), tok, cfg
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1748,7 +1948,7 @@ class Parser(argparse.ArgumentParser):
             torch.set_num_threads(parsed.threads)
         if getattr(parsed, "weights", None) and not self.weights:
             raise UserError(f"--weights: {self.prog} loads no released weights (the papers' published models "
-                            "load into ddpm.py, ddim.py and guided.py; see the README's 'Released weights')")
+                            "load into ddpm.py, ddim.py, guided.py, ldm.py and dreambooth.py; see the README's 'Released weights')")
         return parsed
 
 
