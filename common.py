@@ -1948,7 +1948,8 @@ class Parser(argparse.ArgumentParser):
             torch.set_num_threads(parsed.threads)
         if getattr(parsed, "weights", None) and not self.weights:
             raise UserError(f"--weights: {self.prog} loads no released weights (the papers' published models "
-                            "load into ddpm.py, ddim.py, guided.py, ldm.py and dreambooth.py; see the README's 'Released weights')")
+                            "load into ddpm.py, ddim.py, guided.py, ldm.py and dreambooth.py; see the README's "
+                            "'Released weights')")
         return parsed
 
 
