@@ -63,6 +63,13 @@ def beta_schedule(name, T, beta_start=1e-4, beta_end=0.02):
     raise UserError(f"unknown beta schedule '{name}': use linear, cosine, sigmoid or scaled_linear")
 
 
+def alphas_cumprod(cfg):
+    """abar_t = prod_{s <= t} (1 - beta_s), t = 0..T-1, of a config's schedule, float64 on the CPU: samplers read
+    Python floats from it, losses a float32 copy on the device (on_device)."""
+    b = beta_schedule(cfg["schedule"], cfg["timesteps"], cfg["beta_start"], cfg["beta_end"])
+    return torch.cumprod(1 - torch.as_tensor(b, dtype=torch.float64), 0)
+
+
 def on_device(device):
     """The cast for a schedule computed in float64: a float32 copy on `device`, made once (MPS has no
     float64, and a copy per step would stall a GPU); device None keeps float64 on the CPU (the tests of

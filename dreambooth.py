@@ -68,17 +68,6 @@ BASE = os.path.join("out", "ldm", "ckpt.pt")
 # The base model's diffusion and sampler
 # ---------------------------------------------------------------------------------------------
 
-def alphas_cumprod(cfg):
-    b = common.beta_schedule(cfg["schedule"], cfg["timesteps"], cfg["beta_start"], cfg["beta_end"])
-    return torch.cumprod(1 - torch.as_tensor(b, dtype=torch.float64), 0)
-
-
-def q_sample(z0, t, eps, abar):
-    """z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps."""
-    a = common.extract(abar, t, z0.shape)
-    return a.sqrt() * z0 + (1 - a).sqrt() * eps
-
-
 @torch.no_grad()
 def sample(model, ae, cfg, tok, prompts, scale=DEFAULT_SCALE, steps=DEFAULT_STEPS, progress=False, abar=None):
     """Prompts -> images (n, C, H, W) in [-1, 1], drawn as the base model draws: deterministic DDIM in latent
@@ -88,7 +77,7 @@ def sample(model, ae, cfg, tok, prompts, scale=DEFAULT_SCALE, steps=DEFAULT_STEP
     if not 1 <= steps <= T:
         raise common.UserError(f"--steps {steps}: use 1..{T}, the model's number of timesteps T")
     ctx, mask = model.context(tok(list(prompts) + [""] * n).to(dev))          # [cond..., null...]
-    abar, r, offset = abar or alphas_cumprod(cfg).tolist(), cfg["image_size"] // cfg["f"], cfg.get("ddim_offset", 0)
+    abar, r, offset = abar or common.alphas_cumprod(cfg).tolist(), cfg["image_size"] // cfg["f"], cfg.get("ddim_offset", 0)
     z = torch.randn(n, cfg["z_ch"], r, r, device=dev)
     ts = [min(i * T // steps + offset, T - 1) for i in range(steps)]
     for i in common.steps_bar(reversed(range(steps)), steps, "sampling", progress):
@@ -167,7 +156,8 @@ def dreambooth_loss(net, z0, tokens, n_inst, abar, prior_weight=1.0, t=None, eps
     eps_theta||^2 over the class images (each a mean); with no class rows, the instance term alone."""
     t = torch.randint(0, len(abar), (z0.shape[0],), device=z0.device) if t is None else t
     eps = torch.randn_like(z0) if eps is None else eps
-    pred = net(q_sample(z0, t, eps, abar), t, tokens).float()
+    a = common.extract(abar, t, z0.shape)
+    pred = net(a.sqrt() * z0 + (1 - a).sqrt() * eps, t, tokens).float()      # z_t of eq. 2 (DDPM eq. 4)
     inst = F.mse_loss(pred[:n_inst], eps[:n_inst].float())
     if n_inst == z0.shape[0]:
         return inst, {"inst": inst.item()}
@@ -283,7 +273,7 @@ def train(args, dcfg):
         model.load_state_dict({**model.state_dict(), **ck["model"]})
         opt.load_state_dict(ck["opt"])
         step = ck["step"]
-    abar = common.on_device(device)(alphas_cumprod(cfg))
+    abar = common.on_device(device)(common.alphas_cumprod(cfg))
 
     @torch.no_grad()
     def posterior(x):

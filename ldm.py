@@ -362,10 +362,7 @@ class Conditioner:
 # Stage 2: diffusion in latent space, guidance, sampling
 # ---------------------------------------------------------------------------------------------
 
-def alphas_cumprod(cfg):
-    """abar_t, t = 0..T-1, float64 on the CPU: the samplers read Python floats, the loss a float32 copy."""
-    b = common.beta_schedule(cfg["schedule"], cfg["timesteps"], cfg["beta_start"], cfg["beta_end"])
-    return torch.cumprod(1 - torch.as_tensor(b, dtype=torch.float64), 0)
+alphas_cumprod = common.alphas_cumprod    # abar_t of the scaled-linear schedule, float64 on the CPU
 
 
 def q_sample(z0, t, eps, abar):

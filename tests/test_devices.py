@@ -127,10 +127,10 @@ def test_dreambooth_loss_and_sampler(tmp_path):
     cfg["vocab"] = common.WordTokenizer.build(["a sks circle", "a circle"], cfg["max_len"]).vocab
     model, ae = common.LDM(cfg), common.AutoencoderKL(ldm.ae_config(cfg))
     tok = common.WordTokenizer(cfg["vocab"], cfg["max_len"])
-    abar = common.on_device(CPU)(dreambooth.alphas_cumprod(cfg))
+    abar = common.on_device(CPU)(common.alphas_cumprod(cfg))
     z0, tokens = torch.randn(4, 4, 4, 4), tok(["a sks circle"] * 2 + ["a circle"] * 2)
     no_float64(sgd_step(model, lambda: dreambooth.dreambooth_loss(model, z0, tokens, 2, abar)[0]))
-    abar_list = dreambooth.alphas_cumprod(cfg).tolist()
+    abar_list = common.alphas_cumprod(cfg).tolist()
     no_float64(lambda: dreambooth.sample(model.eval(), ae, cfg, tok, ["a sks circle"] * 2, steps=3, abar=abar_list))
 
 

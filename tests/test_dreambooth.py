@@ -85,7 +85,7 @@ class Recorder(torch.nn.Module):
 
 
 def test_batch_order_and_prior_loss_against_manual():
-    abar = dreambooth.alphas_cumprod(ldm.PRESETS["tiny"]).float()          # float32, as the script trains
+    abar = common.alphas_cumprod(ldm.PRESETS["tiny"]).float()          # float32, as the script trains
     g = torch.Generator().manual_seed(0)
     z_inst, z_cls = torch.randn(2, 4, 4, 4, generator=g), torch.randn(3, 4, 4, 4, generator=g) + 5
     tok_inst, tok_cls = torch.full((2, 5), 7), torch.full((3, 5), 4)
