@@ -611,7 +611,7 @@ class ClipTokenizer:
                 pad = pad.get("content") if isinstance(pad, dict) else pad
                 return cls([tuple(m.split()) for m in lines], vocab, pad=pad)
             with gzip.open(path, "rt", encoding="utf-8") as f:
-                lines = f.read().split("\n")[1:49152 - 256 - 2 + 1]
+                lines = [m for m in f.read().split("\n")[1:49152 - 256 - 2 + 1] if m]
         except (OSError, ValueError, UnicodeDecodeError) as e:
             raise UserError(f"{flag} {path}: not CLIP's {cls.VOCAB_FILE} nor a tokenizer/ folder with vocab.json "
                             f"and merges.txt ({e.__class__.__name__}: {e})")
@@ -1309,7 +1309,7 @@ def sd_config(unet, ae, text, image_size, heads, text_heads):
                vocab_size=text["tok.weight"].shape[0], text_layers=count(text, "blocks."),
                max_len=text["pos"].shape[0])
     latent = image_size // cfg["f"]
-    return dict(cfg, attn_res=[latent >> lv for lv in attn], text_heads=text_heads or text["pos"].shape[1] // 64)
+    return dict(cfg, attn_res=[latent >> lv for lv in attn], text_heads=text_heads or max(1, text["pos"].shape[1] // 64))
 
 
 def read_json(path):
