@@ -64,8 +64,8 @@ def beta_schedule(name, T, beta_start=1e-4, beta_end=0.02):
 
 
 def alphas_cumprod(cfg):
-    """abar_t = prod_{s <= t} (1 - beta_s), t = 0..T-1, of a config's schedule, float64 on the CPU: samplers read
-    Python floats from it, losses a float32 copy on the device (on_device)."""
+    """abar_t = prod_{s <= t} (1 - beta_s), t = 0..T-1, of a config's schedule, float64 on the CPU: samplers
+    read Python floats from it, losses a float32 copy on the device (on_device)."""
     b = beta_schedule(cfg["schedule"], cfg["timesteps"], cfg["beta_start"], cfg["beta_end"])
     return torch.cumprod(1 - torch.as_tensor(b, dtype=torch.float64), 0)
 
@@ -425,7 +425,8 @@ class Encoder(nn.Module):
         for i, m in enumerate(mult):
             blocks = [AEResBlock(c if j == 0 else ch * m, ch * m, groups) for j in range(nb)]
             c = ch * m
-            self.down.append(ae_level(blocks, Downsample(c, tf_pad=True) if i < len(mult) - 1 else nn.Identity()))
+            down = Downsample(c, tf_pad=True) if i < len(mult) - 1 else nn.Identity()
+            self.down.append(ae_level(blocks, down))
         self.mid = ae_mid(c, groups)
         self.norm_out, self.conv_out = norm(c, groups, 1e-6), nn.Conv2d(c, out_ch, 3, padding=1)
 
@@ -594,7 +595,8 @@ class ClipTokenizer:
 
     @classmethod
     def load(cls, path, flag="--tokenizer"):
-        """bpe_simple_vocab_16e6.txt.gz (CLIP's: a header line, then merges; CLIP uses the first 49152 - 256 - 2
+        """bpe_simple_vocab_16e6.txt.gz (CLIP's: a header line, then merges; CLIP uses the first 49152 - 256
+        - 2
         of them), or a tokenizer/ folder (vocab.json + merges.txt; a diffusers pipeline folder holds one)."""
         folder = os.path.join(path, "tokenizer") if os.path.isdir(os.path.join(path, "tokenizer")) else path
         try:
@@ -602,7 +604,7 @@ class ClipTokenizer:
                 with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
                     vocab = json.load(f)
                 with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as f:
-                    lines = [line for line in f.read().split("\n") if line and not line.startswith("#version")]
+                    lines = [m for m in f.read().split("\n") if m and not m.startswith("#version")]
                 pad = None
                 config = os.path.join(folder, "tokenizer_config.json")
                 if os.path.isfile(config):
@@ -613,7 +615,8 @@ class ClipTokenizer:
             with gzip.open(path, "rt", encoding="utf-8") as f:
                 lines = [m for m in f.read().split("\n")[1:49152 - 256 - 2 + 1] if m]
         except (OSError, ValueError, UnicodeDecodeError) as e:
-            raise UserError(f"{flag} {path}: not CLIP's {cls.VOCAB_FILE} nor a tokenizer/ folder with vocab.json "
+            raise UserError(f"{flag} {path}: not CLIP's {cls.VOCAB_FILE} nor a tokenizer/ folder with "
+                            f"vocab.json "
                             f"and merges.txt ({e.__class__.__name__}: {e})")
         return cls([tuple(m.split()) for m in lines])
 
@@ -674,7 +677,8 @@ class TextBlock(nn.Module):
     def __init__(self, d, heads, quick_gelu=False):
         super().__init__()
         self.ln1, self.attn, self.ln2 = nn.LayerNorm(d), Attention(d, heads), nn.LayerNorm(d)
-        self.ff = nn.Sequential(nn.Linear(d, 4 * d), QuickGELU() if quick_gelu else nn.GELU(), nn.Linear(4 * d, d))
+        self.ff = nn.Sequential(nn.Linear(d, 4 * d), QuickGELU() if quick_gelu else nn.GELU(),
+                                nn.Linear(4 * d, d))
 
     def forward(self, x, mask=None, causal=False):
         x = x + self.attn(self.ln1(x), mask=mask, causal=causal)
@@ -742,7 +746,8 @@ def load_state(module, state, path):
         module.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).split("\n\t")[1].strip() if "\n\t" in str(e) else str(e)[:200]
-        raise UserError(f"{path} was made by an older version of this code (its tensors do not fit the network: "
+        raise UserError(f"{path} was made by an older version of this code (its tensors do not fit the "
+                        f"network: "
                         f"{first}); train it again")
     return module
 
@@ -752,7 +757,8 @@ def load_ldm(path, scripts=("ldm",)):
     scripts) -> (LDM, AutoencoderKL, config, checkpoint), both networks frozen in eval mode."""
     ck = load_checkpoint(path, list(scripts))
     if ck["script"] == "ldm" and ck.get("kind") != "ldm":
-        raise UserError(f"{path} is ldm.py's {ck.get('kind', 'unknown')} checkpoint, not the latent diffusion "
+        raise UserError(f"{path} is ldm.py's {ck.get('kind', 'unknown')} checkpoint, not the latent "
+                        f"diffusion "
                         "model; pass <ldm out>/ckpt.pt")
     if "ae" not in ck:
         raise UserError(f"{path} holds no autoencoder; retrain with `python ldm.py --train`")
@@ -822,7 +828,8 @@ def inert(name):
 
 # The only globals a Lightning .ckpt (Stable Diffusion's sd-v1-4.ckpt, v1-5-pruned.ckpt) may name; any other
 # global (os.system, a module's function) still stops torch.load(weights_only=True).
-LIGHTNING_GLOBALS = ("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint", "numpy.core.multiarray.scalar",
+LIGHTNING_GLOBALS = ("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+                     "numpy.core.multiarray.scalar",
                      "numpy._core.multiarray.scalar", "numpy.dtype", "numpy.dtypes.Float64DType",
                      "numpy.dtypes.Float32DType", "numpy.dtypes.Int64DType", "_codecs.encode")
 
@@ -1204,30 +1211,35 @@ def openai_unet_structure(tensors, path):
                 resblock_updown=f"input_blocks.{n + 1}.0.in_layers.0.weight" in tensors)
 
 # Stable Diffusion v1 (Rombach et al. 2022, the text-to-image model of Sec. 4.3 as released by CompVis and
-# Stability AI) -> common.LDM, common.AutoencoderKL and ClipTokenizer. One CompVis file holds all three networks
+# Stability AI) -> common.LDM, common.AutoencoderKL and ClipTokenizer. One CompVis file holds all three
+# networks
 # under the prefixes below; a diffusers folder keeps them in unet/, vae/, text_encoder/ and tokenizer/.
 
 # What no tensor shows: the released v1 configuration (v1-inference.yaml) and sampling settings
 SD_V1 = dict(cond="text", text="clip", image_size=512, channels=3, f=8, heads=8, norm_groups=32, ae_groups=32,
              emb_cos_first=True, dropout=0.0, timesteps=1000, schedule="scaled_linear", beta_start=0.00085,
              beta_end=0.012, scale_factor=0.18215, ddim_offset=1)
-SD_PREFIXES = {"unet": "model.diffusion_model.", "ae": "first_stage_model.", "text": "cond_stage_model.transformer."}
+SD_PREFIXES = {"unet": "model.diffusion_model.", "ae": "first_stage_model.",
+               "text": "cond_stage_model.transformer."}
 TRANSFORMER_NAMES = [(r"\.transformer_blocks\.0\.", "."), (r"\.(attn[12])\.to_(q|k|v)\.", r".\1.\2."),
                      (r"\.(attn[12])\.to_out\.0\.", r".\1.out."), (r"\.ff\.net\.0\.", ".ff.0."),
                      (r"\.ff\.net\.2\.", ".ff.1.")]
 AE_COMPVIS_NAMES = [(r"\.nin_shortcut\.", ".skip."), (r"\.(down|up)sample\.", ".resample."),
-                    (r"\.mid\.block_1\.", ".mid.0."), (r"\.mid\.attn_1\.", ".mid.1."), (r"\.mid\.block_2\.", ".mid.2."),
-                    (r"\.mid\.1\.(q|k|v)\.", r".mid.1.attn.\1."), (r"\.mid\.1\.proj_out\.", ".mid.1.attn.out.")]
+                    (r"\.mid\.block_1\.", ".mid.0."), (r"\.mid\.attn_1\.", ".mid.1."),
+                    (r"\.mid\.block_2\.", ".mid.2."), (r"\.mid\.1\.(q|k|v)\.", r".mid.1.attn.\1."),
+                    (r"\.mid\.1\.proj_out\.", ".mid.1.attn.out.")]
 AE_DIFFUSERS_NAMES = [(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block."),
                       (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.resample."),
                       (r"\.mid_block\.resnets\.0\.", ".mid.0."), (r"\.mid_block\.attentions\.0\.", ".mid.1."),
                       (r"\.mid_block\.resnets\.1\.", ".mid.2."), (r"\.conv_shortcut\.", ".skip."),
                       (r"\.conv_norm_out\.", ".norm_out."), (r"\.mid\.1\.group_norm\.", ".mid.1.norm."),
-                      (r"\.mid\.1\.(to_q|query)\.", ".mid.1.attn.q."), (r"\.mid\.1\.(to_k|key)\.", ".mid.1.attn.k."),
+                      (r"\.mid\.1\.(to_q|query)\.", ".mid.1.attn.q."),
+                      (r"\.mid\.1\.(to_k|key)\.", ".mid.1.attn.k."),
                       (r"\.mid\.1\.(to_v|value)\.", ".mid.1.attn.v."),
                       (r"\.mid\.1\.(to_out\.0|proj_attn)\.", ".mid.1.attn.out.")]
 CLIP_NAMES = [(r"^(cond_stage_model\.transformer\.)?(text_model\.)?", ""),
-              (r"^embeddings\.token_embedding\.", "tok."), (r"^embeddings\.position_embedding\.weight", "pos"),
+              (r"^embeddings\.token_embedding\.", "tok."),
+              (r"^embeddings\.position_embedding\.weight", "pos"),
               (r"^encoder\.layers\.", "blocks."), (r"\.self_attn\.(q|k|v)_proj\.", r".attn.\1."),
               (r"\.self_attn\.out_proj\.", ".attn.out."), (r"\.layer_norm(\d)\.", r".ln\1."),
               (r"\.mlp\.fc1\.", ".ff.0."), (r"\.mlp\.fc2\.", ".ff.2."), (r"^final_layer_norm\.", "ln.")]
@@ -1263,7 +1275,7 @@ def unet_from_sd(tensors, layout):
     if layout == "compvis":
         t = rename(t, OPENAI_UNET_NAMES + [n for n in OPENAI_BLOCK_NAMES if "proj_out" not in n[0]])
     else:
-        t = unet_from_diffusers(t, len({k.split(".")[3] for k in t if k.startswith("down_blocks.0.resnets.")}))
+        t = unet_from_diffusers(t, count(t, "down_blocks.0.resnets."))
     return fuse_kv(t)
 
 
@@ -1300,16 +1312,19 @@ def sd_config(unet, ae, text, image_size, heads, text_heads):
     attn = [lv for lv in range(levels) if f"down.{lv * (n + 1)}.1.proj_in.weight" in unet]
     levels_ae = count(ae, "encoder.down.")
     ae_widths = [ae[f"encoder.down.{lv}.block.0.conv2.weight"].shape[0] for lv in range(levels_ae)]
-    cfg = dict(SD_V1, image_size=image_size, f=2 ** (levels_ae - 1), z_ch=unet["conv_in.weight"].shape[1], ch=ch,
+    cfg = dict(SD_V1, image_size=image_size, f=2 ** (levels_ae - 1), z_ch=unet["conv_in.weight"].shape[1],
+               ch=ch,
                ch_mult=[unet[f"down.{lv * (n + 1)}.0.conv2.weight"].shape[0] // ch for lv in range(levels)],
                num_res_blocks=n, heads=heads,
                context_dim=next(v.shape[1] for k, v in unet.items() if k.endswith("attn2.kv.weight")),
                ae_ch=ae_widths[0], ae_mult=[w // ae_widths[0] for w in ae_widths],
-               ae_res_blocks=count(ae, "encoder.down.0.block."), channels=ae["encoder.conv_in.weight"].shape[1],
+               ae_res_blocks=count(ae, "encoder.down.0.block."),
+               channels=ae["encoder.conv_in.weight"].shape[1],
                vocab_size=text["tok.weight"].shape[0], text_layers=count(text, "blocks."),
                max_len=text["pos"].shape[0])
     latent = image_size // cfg["f"]
-    return dict(cfg, attn_res=[latent >> lv for lv in attn], text_heads=text_heads or max(1, text["pos"].shape[1] // 64))
+    text_heads = text_heads or max(1, text["pos"].shape[1] // 64)     # CLIP: one head per 64 channels
+    return dict(cfg, attn_res=[latent >> lv for lv in attn], text_heads=text_heads)
 
 
 def read_json(path):
@@ -1334,10 +1349,12 @@ def read_sd_folder(path):
     if ucfg.get("use_linear_projection") or sched.get("prediction_type", "epsilon") != "epsilon":
         raise UserError(f"--weights {path}: a Stable Diffusion 2.x or v-prediction model; ldm.py loads v1.x")
     heads = ucfg.get("num_attention_heads") or ucfg.get("attention_head_dim", SD_V1["heads"])
+    levels = len(vcfg.get("block_out_channels", [128, 256, 512, 512]))     # f = 2^(levels - 1)
     settings = dict(heads=heads, text_heads=tcfg.get("num_attention_heads"),
-                    image_size=ucfg.get("sample_size", 64) * 2 ** (len(vcfg.get("block_out_channels", [0] * 4)) - 1),
+                    image_size=ucfg.get("sample_size", 64) * 2 ** (levels - 1),
                     scale_factor=vcfg.get("scaling_factor", SD_V1["scale_factor"]),
-                    timesteps=sched.get("num_train_timesteps", 1000), beta_start=sched.get("beta_start", 0.00085),
+                    timesteps=sched.get("num_train_timesteps", 1000),
+                    beta_start=sched.get("beta_start", 0.00085),
                     beta_end=sched.get("beta_end", 0.012), ddim_offset=sched.get("steps_offset", 1))
     if sched.get("beta_schedule", "scaled_linear") != "scaled_linear" or not isinstance(heads, int):
         raise UserError(f"--weights {path}: {sched.get('beta_schedule')} betas, heads {heads}; ldm.py loads "
@@ -1351,10 +1368,12 @@ def read_sd_file(path):
     files: the released sampler uses model.diffusion_model, which in the pruned files is the EMA)."""
     tensors = read_weights(path)[0]
     check_layout(path, tensors, ["compvis"], "ldm")
-    part = {name: {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)} for name, p in SD_PREFIXES.items()}
+    part = {name: {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+            for name, p in SD_PREFIXES.items()}
     if not all(part.values()):
         missing = [SD_PREFIXES[n] + "*" for n, v in part.items() if not v]
-        raise UserError(f"--weights {path}: no {', '.join(missing)} tensors; a Stable Diffusion v1 file holds the "
+        raise UserError(f"--weights {path}: no {', '.join(missing)} tensors; a Stable Diffusion v1 file "
+                        f"holds the "
                         "U-Net, the autoencoder and the CLIP text encoder")
     return unet_from_sd(part["unet"], "compvis"), ae_from_sd(part["ae"], "compvis"), text_from_clip(
         {SD_PREFIXES["text"] + k: v for k, v in part["text"].items()}), {}
@@ -1954,9 +1973,9 @@ class Parser(argparse.ArgumentParser):
         if getattr(parsed, "threads", None):
             torch.set_num_threads(parsed.threads)
         if getattr(parsed, "weights", None) and not self.weights:
-            raise UserError(f"--weights: {self.prog} loads no released weights (the papers' published models "
-                            "load into ddpm.py, ddim.py, guided.py, ldm.py and dreambooth.py; see the README's "
-                            "'Released weights')")
+            raise UserError(f"--weights: {self.prog} loads no released weights (the papers' published "
+                            "models load into ddpm.py, ddim.py, guided.py, ldm.py and dreambooth.py; see the "
+                            "README's 'Released weights')")
         return parsed
 
 

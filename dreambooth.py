@@ -7,11 +7,13 @@ https://arxiv.org/abs/2208.12242 -- on an ldm.py text-to-image checkpoint, or on
     python dreambooth.py --sample --prompt "a blue sks circle on the left"
     python dreambooth.py --train --no-prior --out out/dreambooth_noprior     # the ablation
     python dreambooth.py --eval                               # subject fidelity, prompt fidelity, language drift
-    python dreambooth.py --train --weights v1-5-pruned-emaonly.safetensors --tokenizer bpe_simple_vocab_16e6.txt.gz \
+    python dreambooth.py --train --weights v1-5-pruned-emaonly.safetensors \
+        --tokenizer bpe_simple_vocab_16e6.txt.gz \
         --data my_dog/ --class-prompt "a photo of a dog"     # Stable Diffusion (README 'Released weights')
 
 The subject: by default 4 images of common.ShapesData(subject=True), a ring (a circle with a hole) that the
-shapes data never draws (any colour, size, position), or 3-5 images of your own with --data (or --instance-dir).
+shapes data never draws (any colour, size, position), or 3-5 images of your own with --data (or
+--instance-dir).
 They are bound to a rare identifier [V] = "sks" and the class noun: the class prompt c_pr (--class-prompt,
 default "a circle") with [V] put before its noun (its last word, or --class-noun) is the instance prompt,
 "a sks circle" ("a photo of a sks dog"). On ldm.py's own model "sks" is not a word of the vocabulary (built
@@ -72,12 +74,14 @@ BASE = os.path.join("out", "ldm", "ckpt.pt")
 def sample(model, ae, cfg, tok, prompts, scale=DEFAULT_SCALE, steps=DEFAULT_STEPS, progress=False, abar=None):
     """Prompts -> images (n, C, H, W) in [-1, 1], drawn as the base model draws: deterministic DDIM in latent
     space over the timesteps i T / S + offset (Stable Diffusion: offset 1, ending at abar_0; ldm.py: 0, ending
-    at abar = 1) with eps~ = eps(z, empty) + s (eps(z, c) - eps(z, empty)). abar: the schedule as Python floats."""
+    at abar = 1) with eps~ = eps(z, empty) + s (eps(z, c) - eps(z, empty)). abar: the schedule as Python
+    floats."""
     dev, n, T = next(model.parameters()).device, len(prompts), cfg["timesteps"]
     if not 1 <= steps <= T:
         raise common.UserError(f"--steps {steps}: use 1..{T}, the model's number of timesteps T")
     ctx, mask = model.context(tok(list(prompts) + [""] * n).to(dev))          # [cond..., null...]
-    abar, r, offset = abar or common.alphas_cumprod(cfg).tolist(), cfg["image_size"] // cfg["f"], cfg.get("ddim_offset", 0)
+    abar, r = abar or common.alphas_cumprod(cfg).tolist(), cfg["image_size"] // cfg["f"]
+    offset = cfg.get("ddim_offset", 0)
     z = torch.randn(n, cfg["z_ch"], r, r, device=dev)
     ts = [min(i * T // steps + offset, T - 1) for i in range(steps)]
     for i in common.steps_bar(reversed(range(steps)), steps, "sampling", progress):
@@ -112,13 +116,15 @@ def load_model(path):
     checkpoint. Fine-tuned Stable Diffusion keeps only its trained tensors: the rest is read from its
     --weights file again."""
     if not os.path.exists(path):
-        raise common.UserError(f"checkpoint {path} not found; fine-tune one with `python dreambooth.py --train`")
+        raise common.UserError(f"checkpoint {path} not found; fine-tune one with `python dreambooth.py "
+                               f"--train`")
     db = common.load_checkpoint(path, ["dreambooth"])["dreambooth"]
     if not db.get("weights"):
         model, ae, cfg, ck = common.load_ldm(path, ("dreambooth",))
         return model, ae, common.WordTokenizer(cfg["vocab"], cfg["max_len"]), cfg, ck
     ck = common.load_checkpoint(path, ["dreambooth"])
-    model, ae, tok, cfg = common.load_stable_diffusion(db["weights"], db["tokenizer"], ck["config"]["image_size"])
+    model, ae, tok, cfg = common.load_stable_diffusion(db["weights"], db["tokenizer"],
+                                                       ck["config"]["image_size"])
     model.load_state_dict({**model.state_dict(), **ck["model"]})
     return model, ae, tok, cfg, ck
 
@@ -166,7 +172,8 @@ def dreambooth_loss(net, z0, tokens, n_inst, abar, prior_weight=1.0, t=None, eps
 
 
 def instance_images(args, cfg):
-    """--instance-dir's (or --data's) images, or the default: 4 images of ShapesData(subject=True) (a ring)."""
+    """--instance-dir's (or --data's) images, or the default: 4 images of ShapesData(subject=True) (a
+    ring)."""
     size, ch = cfg["image_size"], cfg["channels"]
     if args.instance_dir is None:
         data = common.ShapesData(size, ch, seed=args.seed + 4242, subject=True)
@@ -218,14 +225,17 @@ def subject_words(args, tok, cfg):
     class_prompt = args.class_prompt or f"a {args.class_noun or 'circle'}"
     noun = common.WordTokenizer.words(args.class_noun or class_prompt.split()[-1])
     if len(noun) != 1 or not any(common.WordTokenizer.words(w) == noun for w in class_prompt.split()):
-        raise common.UserError(f"--class-noun '{args.class_noun}': one word of the class prompt '{class_prompt}'")
+        raise common.UserError(f"--class-noun '{args.class_noun}': one word of the class prompt "
+                               f"'{class_prompt}'")
     ident = common.WordTokenizer.words(args.identifier)
     if len(ident) != 1:
-        raise common.UserError(f"--identifier '{args.identifier}': use one word of letters and digits, e.g. sks")
+        raise common.UserError(f"--identifier '{args.identifier}': use one word of letters and digits, "
+                               f"e.g. sks")
     if isinstance(tok, common.WordTokenizer):
         unknown = tok.unknown(class_prompt)
         if unknown:
-            raise common.UserError(f"--class-noun/--class-prompt '{class_prompt}': {', '.join(unknown)} not in the "
+            raise common.UserError(f"--class-noun/--class-prompt '{class_prompt}': {', '.join(unknown)} "
+                                   f"not in the "
                                    f"base vocabulary; use words of {', '.join(w for w in cfg['vocab'][3:])}")
     return ident[0], noun[0], class_prompt, instance_prompt(class_prompt, noun[0], ident[0])
 def train(args, dcfg):
@@ -256,7 +266,8 @@ def train(args, dcfg):
     steps = args.steps or DEFAULT_STEPS
     scale = (SD_SCALE if sd else DEFAULT_SCALE) if args.scale is None else args.scale
     x_cls = None if args.no_prior else class_images(
-        base, ae, cfg, tok, class_prompt, args.num_class_images, os.path.join(args.out, f"class_{noun}"), device,
+        base, ae, cfg, tok, class_prompt, args.num_class_images, os.path.join(args.out, f"class_{noun}"),
+        device,
         scale, steps, args.seed)
     torch.manual_seed(args.seed)
     model = base if sd else copy.deepcopy(base)       # ldm.py's base itself stays frozen and unchanged
@@ -286,23 +297,27 @@ def train(args, dcfg):
     bs, sf = dcfg["batch_size"], cfg["scale_factor"]
     prior = 'no prior preservation' if x_cls is None else \
         f'{len(x_cls)} class images {class_prompt!r}, lambda {args.prior_weight:g}'
-    print(f"dreambooth: {len(x_inst)} instance images '{inst_prompt}', {prior}; training the U-Net"
-          f"{' and the text encoder' if args.train_text_encoder else ''} ({sum(p.numel() for p in params) / 1e6:.2f}M "
-          f"parameters), steps {step} -> {dcfg['max_steps']}, batch {bs}{'' if x_cls is None else f' + {bs}'}, "
-          f"lr {dcfg['lr']:g}, device {device}", flush=True)
+    text = " and the text encoder" if args.train_text_encoder else ""
+    cls_batch = "" if x_cls is None else f" + {bs}"
+    print(f"dreambooth: {len(x_inst)} instance images '{inst_prompt}', {prior}; training the U-Net{text} "
+          f"({sum(p.numel() for p in params) / 1e6:.2f}M parameters), steps {step} -> {dcfg['max_steps']}, "
+          f"batch {bs}{cls_batch}, lr {dcfg['lr']:g}, device {device}", flush=True)
     db = {**{k: getattr(args, k) for k in SETTINGS}, "identifier": ident, "class_noun": noun,
           "instance_prompt": inst_prompt, "class_prompt": class_prompt, "prior": x_cls is not None,
-          "num_instance_images": len(x_inst), "base": None if sd else os.path.abspath(args.base), **info, **dcfg}
+          "num_instance_images": len(x_inst), "base": None if sd else os.path.abspath(args.base), **info,
+          **dcfg}
     trained = ("unet.", "text.") if args.train_text_encoder or not sd else ("unet.",)
+    base_ae_config = None if sd else common.load_checkpoint(args.base, ["ldm"])["ae_config"]
 
     def save(step, logs):
         if not common.all_finite(model):
             raise common.UserError("fine-tuned weights are not finite; nothing saved; try a lower --lr")
         common.save_checkpoint({"script": "dreambooth", "kind": "dreambooth", "config": cfg,
                                 "dreambooth": {**db, "last_losses": logs},
-                                "model": {k: v.cpu() for k, v in model.state_dict().items() if k.startswith(trained)},
+                                "model": {k: v.cpu() for k, v in model.state_dict().items()
+                                          if k.startswith(trained)},
                                 **({} if sd else {"ae": {k: v.cpu() for k, v in ae.state_dict().items()},
-                                                  "ae_config": common.load_checkpoint(args.base, ["ldm"])["ae_config"]}),
+                                                  "ae_config": base_ae_config}),
                                 "opt": opt.state_dict(), "step": step, "seed": args.seed}, path)
 
     model.train()
@@ -512,15 +527,18 @@ def main(argv=None):
     p = common.make_parser("dreambooth", __doc__, PRESETS, weights=(
         "--train: Stable Diffusion v1.x as the base, a CompVis file (v1-5-pruned-emaonly.safetensors, "
         "sd-v1-4.ckpt) or a diffusers folder"))
-    p.add_argument("--tokenizer", metavar="PATH", help="with --weights: CLIP's bpe_simple_vocab_16e6.txt.gz or a "
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="with --weights: CLIP's bpe_simple_vocab_16e6.txt.gz or a "
                    "tokenizer/ folder; a diffusers folder needs none")
     p.add_argument("--base", default=BASE, help=f"the ldm.py checkpoint to fine-tune (default {BASE})")
     p.add_argument("--instance-dir", metavar="DIR", help="3-5 images of the subject (default: 4 generated images "
                    "of the shapes subject, a ring); --data DIR says the same")
     p.add_argument("--identifier", default="sks", help="the rare identifier word [V] (default sks)")
-    p.add_argument("--class-prompt", help="the class prompt c_pr (default 'a <class noun>'); the instance prompt "
+    p.add_argument("--class-prompt",
+                   help="the class prompt c_pr (default 'a <class noun>'); the instance prompt "
                    "puts [V] before its class noun")
-    p.add_argument("--class-noun", help="the subject's class noun (default: the class prompt's last word; circle)")
+    p.add_argument("--class-noun",
+                   help="the subject's class noun (default: the class prompt's last word; circle)")
     p.add_argument("--num-class-images", type=common.positive_int, default=100, help="prior-preservation images "
                    "(default 100)")
     p.add_argument("--prior-weight", type=common.nonneg_float, default=1.0, help="lambda of the prior loss "
@@ -537,7 +555,8 @@ def main(argv=None):
     if args.prompt is not None and not args.sample:
         raise common.UserError("--prompt goes with --sample")
     if (args.weights or args.tokenizer) and not args.train:
-        raise common.UserError(f"{'--weights' if args.weights else '--tokenizer'} goes with --train (the base "
+        raise common.UserError(f"{'--weights' if args.weights else '--tokenizer'} goes with --train (the "
+                               f"base "
                                "model); --sample reads the fine-tuned checkpoint, which knows its base")
     if args.tokenizer and not args.weights:
         raise common.UserError("--tokenizer goes with --weights")

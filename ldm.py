@@ -9,7 +9,8 @@ with Classifier-Free Diffusion Guidance (Ho & Salimans, 2022), https://arxiv.org
     python ldm.py --eval --sweep                   # the same for s in {1, 2, 3, 5, 7.5}
     python ldm.py --eval --recon                   # the autoencoder: reconstruction PSNR and rFID
     python ldm.py --train --cond class             # class labels as the context instead of captions
-    python ldm.py --sample --weights v1-5-pruned-emaonly.safetensors --tokenizer bpe_simple_vocab_16e6.txt.gz \
+    python ldm.py --sample --weights v1-5-pruned-emaonly.safetensors \
+        --tokenizer bpe_simple_vocab_16e6.txt.gz \
         --prompt "a photograph of an astronaut riding a horse" --scale 7.5   # Stable Diffusion v1.5 (README)
 
 Stage 1, perceptual compression (Sec. 3.1). x (H, W, 3) -> E -> z (H/f, W/f, z_ch) -> D -> x~, with
@@ -338,7 +339,8 @@ class Conditioner:
 
     def __init__(self, cfg, tok=None):
         self.cond = cfg["cond"]
-        self.tok = tok or (common.WordTokenizer(cfg["vocab"], cfg["max_len"]) if self.cond == "text" else None)
+        words = common.WordTokenizer(cfg["vocab"], cfg["max_len"]) if self.cond == "text" else None
+        self.tok = tok or words
         self.num_classes = cfg.get("num_classes")
 
     def __call__(self, captions=None, labels=None):
@@ -414,8 +416,9 @@ def ddim_step(z, eps, a, a_prev, eta=0.0):
 
 @torch.no_grad()
 def sample_latents(eps_fn, z, abar, steps, eta=0.0, progress=False, offset=0):
-    """From z_T over the timesteps i T / S + offset, i = S-1 .. 0. offset 0 (ours): the last step ends at abar = 1
-    (not abar_0), so that it returns the predicted z_0 itself (Song et al. 2021, eq. 12 with alpha_0 = 1).
+    """From z_T over the timesteps i T / S + offset, i = S-1 .. 0. offset 0 (ours): the last step ends at
+    abar = 1 (not abar_0), so that it returns the predicted z_0 itself (Song et al. 2021, eq. 12 with
+    alpha_0 = 1).
     offset 1: Stable Diffusion's released DDIM sampler, whose timesteps are i T / S + 1 and whose last step
     ends at abar_0."""
     T = len(abar)
@@ -430,8 +433,9 @@ def sample_latents(eps_fn, z, abar, steps, eta=0.0, progress=False, offset=0):
 
 
 class Sampler:
-    """The EMA model, its autoencoder and conditioner from an LDM checkpoint, or Stable Diffusion from --weights
-    (weights, tokenizer: their paths; image_size: the sampling size, default the release's 512): c -> images."""
+    """The EMA model, its autoencoder and conditioner from an LDM checkpoint, or Stable Diffusion from
+    --weights (weights, tokenizer: their paths; image_size: the sampling size, default the release's 512):
+    c -> images."""
 
     def __init__(self, path, device, weights=None, tokenizer=None, image_size=None):
         if weights:
@@ -586,7 +590,8 @@ def sample_images(args, device):
                   args.image_size)
     c = smp.cfg
     eta, steps = eta_steps(args, c["timesteps"])
-    n = args.n_samples or (1 if args.weights else 16 if args.prompt is not None or args.label is not None else 36)
+    asked = args.prompt is not None or args.label is not None
+    n = args.n_samples or (1 if args.weights else 16 if asked else 36)
     captions = labels = None
     if c["cond"] == "text":
         if args.label is not None:
