@@ -339,8 +339,9 @@ class Conditioner:
 
     def __init__(self, cfg, tok=None):
         self.cond = cfg["cond"]
-        words = common.WordTokenizer(cfg["vocab"], cfg["max_len"]) if self.cond == "text" else None
-        self.tok = tok or words
+        if tok is None and self.cond == "text":
+            tok = common.WordTokenizer(cfg["vocab"], cfg["max_len"])
+        self.tok = tok
         self.num_classes = cfg.get("num_classes")
 
     def __call__(self, captions=None, labels=None):
