@@ -21,6 +21,7 @@ import struct
 import sys
 import threading
 import time
+import unicodedata
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
@@ -60,6 +61,13 @@ def beta_schedule(name, T, beta_start=1e-4, beta_end=0.02):
         s = 1 / (1 + np.exp(-np.linspace(-6, 6, T, dtype=np.float64)))
         return beta_start + (beta_end - beta_start) * (s - s[0]) / (s[-1] - s[0])
     raise UserError(f"unknown beta schedule '{name}': use linear, cosine, sigmoid or scaled_linear")
+
+
+def alphas_cumprod(cfg):
+    """abar_t = prod_{s <= t} (1 - beta_s), t = 0..T-1, of a config's schedule, float64 on the CPU: samplers
+    read Python floats from it, losses a float32 copy on the device (on_device)."""
+    b = beta_schedule(cfg["schedule"], cfg["timesteps"], cfg["beta_start"], cfg["beta_end"])
+    return torch.cumprod(1 - torch.as_tensor(b, dtype=torch.float64), 0)
 
 
 def on_device(device):
@@ -164,52 +172,81 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention over the pixels of x (B, C, H, W); keys/values from x itself or from a
-    context sequence (B, L, Dc) with an optional padding mask (B, L), True = real token."""
+    """Multi-head attention over a token sequence x (B, N, C); keys/values from x itself or from a context
+    sequence (B, L, Dc) with an optional padding mask (B, L), True = real token; causal: token i sees tokens
+    <= i only (CLIP's text encoder). bias: of the q and kv projections (default: self-attention only).
+    zero_out: the output projection starts at zero, so a residual block around it starts as the identity."""
 
-    def __init__(self, ch, heads, context_dim=None):
+    def __init__(self, ch, heads, context_dim=None, bias=None, zero_out=True):
         super().__init__()
         self.heads = heads
-        self.q = nn.Linear(ch, ch, bias=context_dim is None)
-        self.kv = nn.Linear(context_dim or ch, 2 * ch, bias=context_dim is None)
-        self.out = zero(nn.Linear(ch, ch))
+        bias = context_dim is None if bias is None else bias
+        self.q = nn.Linear(ch, ch, bias=bias)
+        self.kv = nn.Linear(context_dim or ch, 2 * ch, bias=bias)
+        self.out = zero(nn.Linear(ch, ch)) if zero_out else nn.Linear(ch, ch)
 
-    def forward(self, x, context=None, mask=None):  # x: (B, N, C) tokens
+    def forward(self, x, context=None, mask=None, causal=False):
         B, N, C = x.shape
         ctx = x if context is None else context
         q = self.q(x).view(B, N, self.heads, -1).transpose(1, 2)                  # (B, h, N, d)
         k, v = self.kv(ctx).view(B, ctx.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
         m = None if mask is None else mask[:, None, None, :]                      # (B, 1, 1, L)
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=causal)
         return self.out(h.transpose(1, 2).reshape(B, N, C))
 
 
 class AttnBlock(nn.Module):
-    """Self-attention at one resolution (DDPM/ADM). With context_dim it becomes LDM's spatial
-    transformer block: x += SelfAttn(LN x); x += CrossAttn(LN x, context); x += FF(LN x)."""
+    """Self-attention at one resolution (DDPM/ADM; the mid blocks of LDM's autoencoder): x + Attn(GN x)."""
 
-    def __init__(self, ch, heads, context_dim=None, skip_rescale=False, groups=None, eps=1e-5):
+    def __init__(self, ch, heads, skip_rescale=False, groups=None, eps=1e-5):
         super().__init__()
         self.norm = norm(ch, groups, eps)
         self.attn = Attention(ch, heads)
         self.skip_rescale = skip_rescale
-        self.context_dim = context_dim
-        if context_dim is not None:
-            self.ln1, self.ln2, self.ln3 = nn.LayerNorm(ch), nn.LayerNorm(ch), nn.LayerNorm(ch)
-            self.cross = Attention(ch, heads, context_dim)
-            self.ff = nn.Sequential(nn.Linear(ch, 4 * ch), nn.GELU(), zero(nn.Linear(4 * ch, ch)))
 
     def forward(self, x, context=None, mask=None):
         B, C, H, W = x.shape
-        h = self.norm(x).flatten(2).transpose(1, 2)        # (B, HW, C)
-        if self.context_dim is None:
-            h = self.attn(h)
-        else:
-            h = h + self.attn(self.ln1(h))
-            h = h + self.cross(self.ln2(h), context, mask)
-            h = h + self.ff(self.ln3(h))
+        h = self.attn(self.norm(x).flatten(2).transpose(1, 2))        # (B, HW, C)
         out = x + h.transpose(1, 2).reshape(B, C, H, W)
         return out * (2 ** -0.5) if self.skip_rescale else out
+
+
+class GEGLU(nn.Module):
+    """The gated feed-forward input of LDM's transformer (Shazeer 2020): x W, gate -> x W * GELU(gate)."""
+
+    def __init__(self, d, inner):
+        super().__init__()
+        self.proj = nn.Linear(d, 2 * inner)
+
+    def forward(self, x):
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return h * F.gelu(gate)
+
+
+class SpatialTransformer(nn.Module):
+    """LDM's cross-attention block (Rombach et al. 2022, Sec. 3.3 and Appendix, the U-Net's attention layers):
+    h = proj_in(GN x) as tokens (B, HW, C); h += SelfAttn(LN h); h += CrossAttn(LN h, context); h +=
+    FF(LN h) with a GEGLU feed-forward of width 4C; x + proj_out(h). proj_out starts at zero, as in Stable
+    Diffusion's released code, so that the block starts as the identity and the U-Net around it is
+    unchanged at initialization. GroupNorm eps 1e-6 and bias-free self-attention q, k, v as released.
+    context (B, L, Dc) with an optional padding mask (B, L)."""
+
+    def __init__(self, ch, heads, context_dim, groups=None):
+        super().__init__()
+        self.norm = norm(ch, groups, eps=1e-6)
+        self.proj_in = nn.Conv2d(ch, ch, 1)
+        self.norm1, self.attn1 = nn.LayerNorm(ch), Attention(ch, heads, bias=False, zero_out=False)
+        self.norm2, self.attn2 = nn.LayerNorm(ch), Attention(ch, heads, context_dim, zero_out=False)
+        self.norm3, self.ff = nn.LayerNorm(ch), nn.Sequential(GEGLU(ch, 4 * ch), nn.Linear(4 * ch, ch))
+        self.proj_out = zero(nn.Conv2d(ch, ch, 1))
+
+    def forward(self, x, context, mask=None):
+        B, C, H, W = x.shape
+        h = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)        # (B, HW, C)
+        h = h + self.attn1(self.norm1(h))
+        h = h + self.attn2(self.norm2(h), context, mask)
+        h = h + self.ff(self.norm3(h))
+        return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
 
 
 class Downsample(nn.Module):
@@ -265,7 +302,9 @@ class UNet(nn.Module):
 
         def attn(c):
             h = c // head_channels if head_channels else heads
-            return AttnBlock(c, h, context_dim, skip_rescale, **gn)
+            if context_dim:
+                return SpatialTransformer(c, h, context_dim, norm_groups)
+            return AttnBlock(c, h, skip_rescale, **gn)
 
         def down(c):
             return ResBlock(c, c, down=True, **res_kw) if resblock_updown else Downsample(c, tf_pad)
@@ -303,7 +342,7 @@ class UNet(nn.Module):
 
     def run(self, blocks, h, emb, context, mask, style):
         for b in blocks:
-            if isinstance(b, AttnBlock):
+            if isinstance(b, (AttnBlock, SpatialTransformer)):
                 h = b(h, context, mask)
             elif isinstance(b, ResBlock):
                 h = b(h, emb, style)
@@ -350,6 +389,406 @@ def resize_unet(cfg, size):
 
 def count_params(model):
     return sum(p.numel() for p in model.parameters())
+
+# ---------------------------------------------------------------------------------------------
+# Latent diffusion's networks (Rombach et al. 2022), shared by ldm.py and dreambooth.py: the KL autoencoder,
+# the text encoders and their tokenizers, and the model that holds a U-Net and its conditioning encoder. The
+# paper's own math (the autoencoder's loss, latent scaling, guidance) stays in ldm.py.
+# ---------------------------------------------------------------------------------------------
+
+def ae_levels(acfg):
+    """The channel multipliers of the autoencoder's resolution levels: log2(f) downsamplings."""
+    f = acfg["f"]
+    if f not in (4, 8):
+        raise UserError(f"--f {f}: use 4 or 8")
+    return acfg["ae_mult"][:int(math.log2(f)) + 1]
+
+
+def gaussian_moments(moments):
+    """The encoder's 2 z_ch output channels -> (mean, log-variance) of q(z | x), the log-variance clamped to
+    [-30, 20] as the released autoencoder does (keeps e^logvar finite in both directions)."""
+    mean, logvar = moments.chunk(2, dim=1)
+    return mean, logvar.clamp(-30.0, 20.0)
+
+
+class AEResBlock(nn.Module):
+    """GN -> SiLU -> conv -> GN -> SiLU -> conv, plus a (1x1) skip; no time embedding. GroupNorm eps 1e-6."""
+
+    def __init__(self, cin, cout, groups=None):
+        super().__init__()
+        self.norm1, self.conv1 = norm(cin, groups, 1e-6), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = norm(cout, groups, 1e-6), nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        return self.skip(x) + self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
+
+
+def ae_mid(c, groups):
+    """The middle of the encoder and of the decoder: residual block, single-head self-attention over all
+    positions (the only attention of the released kl-f8 autoencoder), residual block."""
+    return nn.ModuleList([AEResBlock(c, c, groups), AttnBlock(c, 1, groups=groups, eps=1e-6),
+                          AEResBlock(c, c, groups)])
+
+
+def ae_level(blocks, resample):
+    """One resolution level: its residual blocks, then the down- or upsampling (Identity where none)."""
+    level = nn.Module()
+    level.block, level.resample = nn.ModuleList(blocks), resample
+    return level
+
+
+class Encoder(nn.Module):
+    """x -> conv_in -> per level: nb residual blocks, then a stride-2 conv (padded right and bottom, as
+    released) -> mid block -> GN, SiLU, conv_out to out_ch channels (2 z_ch: the moments of q(z | x))."""
+
+    def __init__(self, channels, ch, mult, nb, out_ch, groups=None):
+        super().__init__()
+        self.conv_in, c = nn.Conv2d(channels, ch, 3, padding=1), ch
+        self.down = nn.ModuleList()
+        for i, m in enumerate(mult):
+            blocks = [AEResBlock(c if j == 0 else ch * m, ch * m, groups) for j in range(nb)]
+            c = ch * m
+            down = Downsample(c, tf_pad=True) if i < len(mult) - 1 else nn.Identity()
+            self.down.append(ae_level(blocks, down))
+        self.mid = ae_mid(c, groups)
+        self.norm_out, self.conv_out = norm(c, groups, 1e-6), nn.Conv2d(c, out_ch, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            for b in level.block:
+                h = b(h)
+            h = level.resample(h)
+        for b in self.mid:
+            h = b(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """z -> conv_in -> mid block -> per level, lowest resolution first: nb + 1 residual blocks, then a
+    nearest x2 upsampling and conv -> GN, SiLU, conv_out. up[i] is level i (0 = full size), as released."""
+
+    def __init__(self, z_ch, ch, mult, nb, out_ch, groups=None):
+        super().__init__()
+        c = ch * mult[-1]
+        self.conv_in, self.mid = nn.Conv2d(z_ch, c, 3, padding=1), ae_mid(c, groups)
+        levels = []
+        for i, m in reversed(list(enumerate(mult))):
+            blocks = [AEResBlock(c if j == 0 else ch * m, ch * m, groups) for j in range(nb + 1)]
+            c = ch * m
+            levels.append(ae_level(blocks, Upsample(c) if i > 0 else nn.Identity()))
+        self.up = nn.ModuleList(reversed(levels))
+        self.norm_out, self.conv_out = norm(c, groups, 1e-6), nn.Conv2d(c, out_ch, 3, padding=1)
+
+    def forward(self, z):
+        h = self.conv_in(z)
+        for b in self.mid:
+            h = b(h)
+        for level in reversed(self.up):
+            for b in level.block:
+                h = b(h)
+            h = level.resample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class AutoencoderKL(nn.Module):
+    """LDM's perceptual compression model (Sec. 3.1): x (H, W, C) -> E -> q(z | x) = N(mean, e^logvar) with z
+    (H/f, W/f, z_ch) -> D -> x~; quant_conv / post_quant_conv are the 1x1 convs on either side of the latent.
+    The architecture of the released kl-f4/kl-f8 autoencoders; acfg: channels, ae_ch, ae_mult, ae_res_blocks,
+    z_ch, f, and ae_groups (GroupNorm groups: None picks fewer for narrow layers; released: 32). The attention
+    output projection starts at zero (DDPM's init; the released one is default-initialized: only training
+    from scratch sees the difference)."""
+
+    def __init__(self, acfg):
+        super().__init__()
+        ch, mult, nb, z = acfg["ae_ch"], ae_levels(acfg), acfg["ae_res_blocks"], acfg["z_ch"]
+        groups = acfg.get("ae_groups")
+        self.encoder = Encoder(acfg["channels"], ch, mult, nb, 2 * z, groups)
+        self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1)
+        self.post_quant_conv = nn.Conv2d(z, z, 1)
+        self.decoder = Decoder(z, ch, mult, nb, acfg["channels"], groups)
+
+    def encode(self, x):
+        """x -> (mean, log-variance) of q(z | x)."""
+        return gaussian_moments(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z):
+        return self.decoder(self.post_quant_conv(z))
+
+
+class WordTokenizer:
+    """ldm.py's own tokenizer, word-level: lower-cased runs of letters and digits. Ids 0 <pad>, 1 <bos>
+    (always first, so the empty caption is one real token), 2 <unk> (every word not in the vocabulary), then
+    the vocabulary in the order given (build() sorts it; words appended later, e.g. DreamBooth's identifier,
+    keep every earlier id valid). Sequences are padded (or cut) to max_len."""
+    SPECIALS = ["<pad>", "<bos>", "<unk>"]
+    PAD, BOS, UNK = 0, 1, 2
+
+    def __init__(self, vocab, max_len):
+        words = [w for w in vocab if w not in self.SPECIALS]
+        self.vocab = self.SPECIALS + list(dict.fromkeys(words))
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+        self.max_len = max_len
+
+    @staticmethod
+    def words(text):
+        return re.findall(r"[a-z0-9]+", text.lower())
+
+    @classmethod
+    def build(cls, captions, max_len):
+        return cls(sorted({w for c in captions for w in cls.words(c)}), max_len)
+
+    def encode(self, text):
+        return [self.BOS] + [self.index.get(w, self.UNK) for w in self.words(text)][:self.max_len - 1]
+
+    def decode(self, ids):
+        return " ".join(self.vocab[i] for i in ids if i not in (self.PAD, self.BOS))
+
+    def unknown(self, text):
+        return [w for w in self.words(text) if w not in self.index]
+
+    def __call__(self, texts):
+        """A batch of captions -> token ids (B, max_len), 0-padded."""
+        out = torch.zeros(len(texts), self.max_len, dtype=torch.long)
+        for i, t in enumerate(texts):
+            ids = self.encode(t)
+            out[i, :len(ids)] = torch.tensor(ids)
+        return out
+
+
+def byte_alphabet():
+    """Byte-level BPE's 256 symbols (GPT-2, Radford et al. 2019, Sec. 2.2; CLIP): the printable bytes
+    ! .. ~, ¡ .. ¬ and ® .. ÿ stand for themselves, every other byte b for chr(256 + k), k counting those
+    bytes in order. No symbol is a space or a control character, so a merges file can name them."""
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    rest = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + k) for k, b in enumerate(rest)}}
+
+
+def char_kind(c):
+    """What CLIP's pre-tokenizer groups by: 'L' letters, 'N' numbers, ' ' white space, '?' anything else."""
+    cat = unicodedata.category(c)[0]
+    return " " if c.isspace() else cat if cat in "LN" else "?"
+
+
+CLIP_CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
+
+
+def clip_pieces(text):
+    """CLIP's pre-tokenization, the regular expression of its released tokenizer spelled out with the standard
+    library (re has no Unicode classes): the special tokens, the contractions 's 't 're 've 'm 'll 'd, runs of
+    letters, single numbers, and runs of other non-space characters, tried in that order at each position."""
+    pieces, i = [], 0
+    while i < len(text):
+        word = next((w for w in (ClipTokenizer.BOS_TEXT, ClipTokenizer.EOS_TEXT) + CLIP_CONTRACTIONS
+                     if text.startswith(w, i)), None)
+        kind = char_kind(text[i])
+        if word is None and kind == " ":
+            i += 1
+            continue
+        if word is None:
+            j = i + 1
+            while kind != "N" and j < len(text) and char_kind(text[j]) == kind:
+                j += 1
+            word = text[i:j]
+        pieces.append(word)
+        i += len(word)
+    return pieces
+
+
+class ClipTokenizer:
+    """CLIP's byte-level BPE tokenizer (Radford et al. 2021, Sec. 2.4; Sennrich et al. 2016), the one Stable
+    Diffusion's text encoder reads: text -> NFC, white space collapsed, lower case -> pieces (clip_pieces) ->
+    UTF-8 bytes as byte_alphabet symbols, '</w>' on the last -> merges applied lowest rank first -> ids.
+    A prompt becomes [<|startoftext|>] + at most max_len - 2 ids + [<|endoftext|>], padded with pad_id
+    (<|endoftext|> for SD v1) to max_len = 77."""
+    BOS_TEXT, EOS_TEXT = "<|startoftext|>", "<|endoftext|>"
+    VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+
+    def __init__(self, merges, vocab=None, max_len=77, pad=None):
+        symbols = list(byte_alphabet().values())
+        if vocab is None:   # CLIP's order: the symbols, each with '</w>', the merges, the two special tokens
+            vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+            vocab = {t: i for i, t in enumerate(vocab + [self.BOS_TEXT, self.EOS_TEXT])}
+        self.index, self.byte_symbol = vocab, byte_alphabet()
+        self.rank = {tuple(m): i for i, m in enumerate(merges)}
+        self.bos, self.eos = vocab[self.BOS_TEXT], vocab[self.EOS_TEXT]
+        self.pad = vocab.get(pad, self.eos)
+        self.max_len, self.cache = max_len, {}
+
+    @classmethod
+    def load(cls, path, flag="--tokenizer"):
+        """bpe_simple_vocab_16e6.txt.gz (CLIP's: a header line, then merges; CLIP uses the first 49152 - 256
+        - 2
+        of them), or a tokenizer/ folder (vocab.json + merges.txt; a diffusers pipeline folder holds one)."""
+        folder = os.path.join(path, "tokenizer") if os.path.isdir(os.path.join(path, "tokenizer")) else path
+        try:
+            if os.path.isdir(folder):
+                with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
+                    vocab = json.load(f)
+                with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as f:
+                    lines = [m for m in f.read().split("\n") if m and not m.startswith("#version")]
+                pad = None
+                config = os.path.join(folder, "tokenizer_config.json")
+                if os.path.isfile(config):
+                    with open(config, encoding="utf-8") as f:
+                        pad = json.load(f).get("pad_token")
+                pad = pad.get("content") if isinstance(pad, dict) else pad
+                return cls([tuple(m.split()) for m in lines], vocab, pad=pad)
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                lines = [m for m in f.read().split("\n")[1:49152 - 256 - 2 + 1] if m]
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{flag} {path}: not CLIP's {cls.VOCAB_FILE} nor a tokenizer/ folder with "
+                            f"vocab.json "
+                            f"and merges.txt ({e.__class__.__name__}: {e})")
+        return cls([tuple(m.split()) for m in lines])
+
+    def bpe(self, piece):
+        """One piece -> its BPE tokens: from single byte symbols, merge the adjacent pair of lowest rank
+        everywhere it occurs, until no adjacent pair is a merge."""
+        if piece in self.cache:
+            return self.cache[piece]
+        symbols = [self.byte_symbol[b] for b in piece.encode("utf-8")]
+        word = symbols[:-1] + [symbols[-1] + "</w>"]
+        while len(word) > 1:
+            pair = min(zip(word, word[1:]), key=lambda p: self.rank.get(p, math.inf))
+            if pair not in self.rank:
+                break
+            merged, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+                    merged.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = merged
+        self.cache[piece] = word
+        return word
+
+    def encode(self, text):
+        """Text -> ids, without the start and end tokens; a token missing from the vocabulary becomes
+        <|endoftext|>, CLIP's unknown token."""
+        text = re.sub(r"\s+", " ", unicodedata.normalize("NFC", text)).strip().lower()
+        ids = []
+        for piece in clip_pieces(text):
+            tokens = [piece] if piece in (self.BOS_TEXT, self.EOS_TEXT) else self.bpe(piece)
+            ids += [self.index.get(t, self.eos) for t in tokens]
+        return ids
+
+    def unknown(self, text):
+        return []   # every byte has a token
+
+    def __call__(self, texts):
+        out = torch.full((len(texts), self.max_len), self.pad, dtype=torch.long)
+        for i, t in enumerate(texts):
+            ids = [self.bos] + self.encode(t)[:self.max_len - 2] + [self.eos]
+            out[i, :len(ids)] = torch.tensor(ids)
+        return out
+
+
+class QuickGELU(nn.Module):
+    """CLIP's activation: x sigmoid(1.702 x), a fast approximation of GELU that the released weights need."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class TextBlock(nn.Module):
+    """Pre-LN transformer block: x += SelfAttn(LN x); x += FF(LN x), FF of width 4d."""
+
+    def __init__(self, d, heads, quick_gelu=False):
+        super().__init__()
+        self.ln1, self.attn, self.ln2 = nn.LayerNorm(d), Attention(d, heads), nn.LayerNorm(d)
+        self.ff = nn.Sequential(nn.Linear(d, 4 * d), QuickGELU() if quick_gelu else nn.GELU(),
+                                nn.Linear(4 * d, d))
+
+    def forward(self, x, mask=None, causal=False):
+        x = x + self.attn(self.ln1(x), mask=mask, causal=causal)
+        return x + self.ff(self.ln2(x))
+
+
+class TextEncoder(nn.Module):
+    """tau_theta for text: token + learned position embeddings, transformer blocks, a final LayerNorm; tokens
+    (B, L) -> (context (B, L, d), mask). ldm.py's own (clip=False): attention over the real tokens only, mask
+    (B, L) True = real token. clip=True: CLIP's text transformer as Stable Diffusion uses it (Radford et al.
+    2021): causal attention, QuickGELU, no padding mask (mask None): all max_len states are the context."""
+
+    def __init__(self, vocab_size, d, layers, heads, max_len, clip=False):
+        super().__init__()
+        self.clip = clip
+        self.tok = nn.Embedding(vocab_size, d)
+        self.pos = nn.Parameter(torch.randn(max_len, d) * 0.02)
+        self.blocks = nn.ModuleList([TextBlock(d, heads, quick_gelu=clip) for _ in range(layers)])
+        self.ln = nn.LayerNorm(d)
+
+    def forward(self, tokens):
+        mask = None if self.clip else tokens != WordTokenizer.PAD
+        x = self.tok(tokens) + self.pos[:tokens.shape[1]]
+        for b in self.blocks:
+            x = b(x, mask, causal=self.clip)
+        return self.ln(x), mask
+
+
+class LDM(nn.Module):
+    """A latent diffusion model's trained networks in one module (so that one optimizer, EMA and checkpoint
+    cover both): the latent U-Net, common.UNet with SpatialTransformer blocks, and tau_theta, the text encoder
+    (cfg cond 'text'; text 'clip' for Stable Diffusion's) or a class embedding with the null class at index
+    num_classes (cond 'class'). forward(z_t, t, c) with c token ids (B, L) or labels (B,)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cond, d = cfg["cond"], cfg["context_dim"]
+        self.unet = UNet(ch=cfg["ch"], ch_mult=cfg["ch_mult"], num_res_blocks=cfg["num_res_blocks"],
+                         attn_res=cfg["attn_res"], heads=cfg["heads"], dropout=cfg.get("dropout", 0.0),
+                         in_ch=cfg["z_ch"], out_ch=cfg["z_ch"], image_size=cfg["image_size"] // cfg["f"],
+                         context_dim=d, norm_groups=cfg.get("norm_groups"),
+                         emb_cos_first=cfg.get("emb_cos_first", False))
+        if self.cond == "text":
+            self.text = TextEncoder(cfg["vocab_size"] if "vocab_size" in cfg else len(cfg["vocab"]), d,
+                                    cfg["text_layers"], cfg["text_heads"], cfg["max_len"],
+                                    clip=cfg.get("text") == "clip")
+        else:
+            self.num_classes = cfg["num_classes"]
+            self.class_emb = nn.Embedding(cfg["num_classes"] + 1, d)
+
+    def context(self, c):
+        """tau_theta(y) -> (context (B, L, D), mask (B, L) or None)."""
+        if self.cond == "text":
+            return self.text(c)
+        return self.class_emb(c)[:, None], None
+
+    def forward(self, z, t, c):
+        ctx, mask = self.context(c)
+        return self.unet(z, t, context=ctx, mask=mask)
+
+
+def load_state(module, state, path):
+    """load_state_dict, or one UserError where the checkpoint was made by an older version of the network."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).split("\n\t")[1].strip() if "\n\t" in str(e) else str(e)[:200]
+        raise UserError(f"{path} was made by an older version of this code (its tensors do not fit the "
+                        f"network: "
+                        f"{first}); train it again")
+    return module
+
+
+def load_ldm(path, scripts=("ldm",)):
+    """An ldm.py checkpoint (its EMA weights; or a fine-tuned one of dreambooth.py, with 'dreambooth' in
+    scripts) -> (LDM, AutoencoderKL, config, checkpoint), both networks frozen in eval mode."""
+    ck = load_checkpoint(path, list(scripts))
+    if ck["script"] == "ldm" and ck.get("kind") != "ldm":
+        raise UserError(f"{path} is ldm.py's {ck.get('kind', 'unknown')} checkpoint, not the latent "
+                        f"diffusion "
+                        "model; pass <ldm out>/ckpt.pt")
+    if "ae" not in ck:
+        raise UserError(f"{path} holds no autoencoder; retrain with `python ldm.py --train`")
+    model = load_state(LDM(ck["config"]), ck["ema"] if ck["script"] == "ldm" else ck["model"], path)
+    ae = load_state(AutoencoderKL(ck["ae_config"]), ck["ae"], path)
+    return model.eval().requires_grad_(False), ae.eval().requires_grad_(False), ck["config"], ck
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,16 +841,36 @@ def read_safetensors(path, flag="--weights"):
     return tensors
 
 
+def inert(name):
+    """A stand-in registered under a pickle global's name: calling it or giving it state stores nothing and
+    runs nothing. torch.load(weights_only=True) with stand-ins reads past the objects a Lightning checkpoint
+    keeps beside its tensors (callbacks, numpy scalars) without importing or running their code."""
+    module, _, qualname = name.rpartition(".")
+    return type(qualname, (), {"__module__": module, "__init__": lambda self, *a, **k: None,
+                               "__setstate__": lambda self, state: None}), name
+
+
+# The only globals a Lightning .ckpt (Stable Diffusion's sd-v1-4.ckpt, v1-5-pruned.ckpt) may name; any other
+# global (os.system, a module's function) still stops torch.load(weights_only=True).
+LIGHTNING_GLOBALS = ("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+                     "numpy.core.multiarray.scalar",
+                     "numpy._core.multiarray.scalar", "numpy.dtype", "numpy.dtypes.Float64DType",
+                     "numpy.dtypes.Float32DType", "numpy.dtypes.Int64DType", "_codecs.encode")
+
+
 def read_torch_weights(path, flag="--weights"):
-    """A .pt/.bin/.pth state dict through torch.load(weights_only=True): tensors and plain data, never code.
-    Memory-mapped where the file allows it (zip files, the format of torch.save since PyTorch 1.6)."""
+    """A .pt/.bin/.pth state dict (or a Lightning .ckpt's state_dict) through torch.load(weights_only=True):
+    tensors and plain data, never code; LIGHTNING_GLOBALS load as inert stand-ins. Memory-mapped where the
+    file allows it (zip files, the format of torch.save since PyTorch 1.6)."""
     try:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            with torch.serialization.safe_globals([inert(n) for n in LIGHTNING_GLOBALS]):
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
             if "mmap" not in str(e):
                 raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (pre-zip) format
+            with torch.serialization.safe_globals([inert(n) for n in LIGHTNING_GLOBALS]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (pre-zip) format
     except pickle.UnpicklingError as e:
         what = [line.strip() for line in ANSI.sub("", str(e)).splitlines() if "GLOBAL" in line]
         raise UserError(f"{flag} {path} " + (f"holds more than tensors and plain data; refused to load it "
@@ -468,8 +927,9 @@ LAYOUTS = {"diffusers-unet": ("a diffusers UNet2DModel (DDPM's U-Net)", "ddpm.py
            "openai-unet": ("an OpenAI U-Net (guided-diffusion / improved-diffusion)", "guided.py --weights"),
            "openai-classifier": ("a guided-diffusion noise-aware classifier",
                                  "guided.py --classifier-weights"),
-           "diffusers-unet-cond": ("a diffusers UNet2DConditionModel (Stable Diffusion's U-Net)", None),
-           "compvis": ("a CompVis latent-diffusion / Stable Diffusion checkpoint", None),
+           "diffusers-unet-cond": ("a diffusers UNet2DConditionModel (Stable Diffusion's U-Net)",
+                                   "ldm.py --weights, given the whole diffusers folder"),
+           "compvis": ("a CompVis latent-diffusion / Stable Diffusion checkpoint", "ldm.py --weights"),
            "vae": ("an autoencoder (VAE)", None), "clip-text": ("a CLIP text encoder", None),
            "inception": ("the FID Inception network", "--eval --fid-weights"),
            "nano-unet": ("a bare state dict of this repository's U-Net", "--ckpt, as a whole checkpoint")}
@@ -773,6 +1233,198 @@ def openai_unet_structure(tensors, path):
                 channels=tensors["input_blocks.0.0.weight"].shape[1], out_ch=tensors["out.2.weight"].shape[0],
                 scale_shift=emb == 2 * widths[0],
                 resblock_updown=f"input_blocks.{n + 1}.0.in_layers.0.weight" in tensors)
+
+# Stable Diffusion v1 (Rombach et al. 2022, the text-to-image model of Sec. 4.3 as released by CompVis and
+# Stability AI) -> common.LDM, common.AutoencoderKL and ClipTokenizer. One CompVis file holds all three
+# networks
+# under the prefixes below; a diffusers folder keeps them in unet/, vae/, text_encoder/ and tokenizer/.
+
+# What no tensor shows: the released v1 configuration (v1-inference.yaml) and sampling settings
+SD_V1 = dict(cond="text", text="clip", image_size=512, channels=3, f=8, heads=8, norm_groups=32, ae_groups=32,
+             emb_cos_first=True, dropout=0.0, timesteps=1000, schedule="scaled_linear", beta_start=0.00085,
+             beta_end=0.012, scale_factor=0.18215, ddim_offset=1)
+SD_PREFIXES = {"unet": "model.diffusion_model.", "ae": "first_stage_model.",
+               "text": "cond_stage_model.transformer."}
+TRANSFORMER_NAMES = [(r"\.transformer_blocks\.0\.", "."), (r"\.(attn[12])\.to_(q|k|v)\.", r".\1.\2."),
+                     (r"\.(attn[12])\.to_out\.0\.", r".\1.out."), (r"\.ff\.net\.0\.", ".ff.0."),
+                     (r"\.ff\.net\.2\.", ".ff.1.")]
+AE_COMPVIS_NAMES = [(r"\.nin_shortcut\.", ".skip."), (r"\.(down|up)sample\.", ".resample."),
+                    (r"\.mid\.block_1\.", ".mid.0."), (r"\.mid\.attn_1\.", ".mid.1."),
+                    (r"\.mid\.block_2\.", ".mid.2."), (r"\.mid\.1\.(q|k|v)\.", r".mid.1.attn.\1."),
+                    (r"\.mid\.1\.proj_out\.", ".mid.1.attn.out.")]
+AE_DIFFUSERS_NAMES = [(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block."),
+                      (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.resample."),
+                      (r"\.mid_block\.resnets\.0\.", ".mid.0."), (r"\.mid_block\.attentions\.0\.", ".mid.1."),
+                      (r"\.mid_block\.resnets\.1\.", ".mid.2."), (r"\.conv_shortcut\.", ".skip."),
+                      (r"\.conv_norm_out\.", ".norm_out."), (r"\.mid\.1\.group_norm\.", ".mid.1.norm."),
+                      (r"\.mid\.1\.(to_q|query)\.", ".mid.1.attn.q."),
+                      (r"\.mid\.1\.(to_k|key)\.", ".mid.1.attn.k."),
+                      (r"\.mid\.1\.(to_v|value)\.", ".mid.1.attn.v."),
+                      (r"\.mid\.1\.(to_out\.0|proj_attn)\.", ".mid.1.attn.out.")]
+CLIP_NAMES = [(r"^(cond_stage_model\.transformer\.)?(text_model\.)?", ""),
+              (r"^embeddings\.token_embedding\.", "tok."),
+              (r"^embeddings\.position_embedding\.weight", "pos"),
+              (r"^encoder\.layers\.", "blocks."), (r"\.self_attn\.(q|k|v)_proj\.", r".attn.\1."),
+              (r"\.self_attn\.out_proj\.", ".attn.out."), (r"\.layer_norm(\d)\.", r".ln\1."),
+              (r"\.mlp\.fc1\.", ".ff.0."), (r"\.mlp\.fc2\.", ".ff.2."), (r"^final_layer_norm\.", "ln.")]
+
+
+def rename(tensors, names):
+    """Apply the (pattern, replacement) renamings in order to every tensor name."""
+    out = {}
+    for key, v in tensors.items():
+        for pattern, repl in names:
+            key = re.sub(pattern, repl, key)
+        out[key] = v
+    return out
+
+
+def fuse_kv(tensors):
+    """Separate k and v projections -> our one kv projection (k rows, then v rows); 1x1 conv weights of the
+    autoencoder's attention lose their kernel axes to become the Linear weights they are."""
+    out = {k: v[..., 0, 0] if v.ndim == 4 and re.search(r"\.attn\.(q|k|v|out)\.weight$", k) else v
+           for k, v in tensors.items()}
+    for key in [k for k in out if re.search(r"\.k\.(weight|bias)$", k)]:
+        k, v = out.pop(key), out.pop(key[:-len("k.weight")] + "v.weight" if key.endswith("weight") else
+                                      key[:-len("k.bias")] + "v.bias")
+        out[re.sub(r"\.k\.(weight|bias)$", r".kv.\1", key)] = torch.cat([k, v])
+    return out
+
+
+def unet_from_sd(tensors, layout):
+    """Stable Diffusion's U-Net (CompVis: OpenAI's layout; or diffusers' UNet2DConditionModel) -> common.UNet:
+    the residual blocks and resamplers are renamed as for DDPM and ADM; each SpatialTransformer's one
+    transformer block is flattened into it (norm1..3, attn1, attn2, ff as released)."""
+    t = rename(tensors, TRANSFORMER_NAMES)
+    if layout == "compvis":
+        t = rename(t, OPENAI_UNET_NAMES + [n for n in OPENAI_BLOCK_NAMES if "proj_out" not in n[0]])
+    else:
+        t = unet_from_diffusers(t, count(t, "down_blocks.0.resnets."))
+    return fuse_kv(t)
+
+
+def ae_from_sd(tensors, layout):
+    """The released KL autoencoder (CompVis or diffusers AutoencoderKL) -> common.AutoencoderKL. diffusers
+    numbers the decoder's levels from the lowest resolution, CompVis (and we) from the full size."""
+    if layout == "compvis":
+        return fuse_kv(rename(tensors, AE_COMPVIS_NAMES))
+    top = len({k.split(".")[2] for k in tensors if k.startswith("encoder.down_blocks.")}) - 1
+    names = AE_DIFFUSERS_NAMES + [
+        (r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{top - int(m[1])}.block."),
+        (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{top - int(m[1])}.resample.")]
+    return fuse_kv(rename(tensors, names))
+
+
+def text_from_clip(tensors):
+    """transformers' CLIPTextModel names (with or without text_model., under CompVis' cond_stage_model.
+    transformer.) -> common.TextEncoder; position_ids is a buffer of constants, not a weight."""
+    t = rename({k: v for k, v in tensors.items() if not k.endswith("position_ids")}, CLIP_NAMES)
+    return fuse_kv(t)
+
+
+def count(tensors, prefix):
+    """How many numbered children prefix N. the tensor names show."""
+    return len({k[len(prefix):].split(".")[0] for k in tensors if k.startswith(prefix)})
+
+
+def sd_config(unet, ae, text, image_size, heads, text_heads):
+    """LDM's config for renamed SD tensors: the sizes are read from the tensors, the rest is SD_V1's."""
+    ch, n = unet["conv_in.weight"].shape[0], 0
+    while f"down.{n}.0.conv1.weight" in unet:        # residual blocks of the first level, then its Downsample
+        n += 1
+    levels = (count(unet, "down.") + 1) // (n + 1)
+    attn = [lv for lv in range(levels) if f"down.{lv * (n + 1)}.1.proj_in.weight" in unet]
+    levels_ae = count(ae, "encoder.down.")
+    ae_widths = [ae[f"encoder.down.{lv}.block.0.conv2.weight"].shape[0] for lv in range(levels_ae)]
+    cfg = dict(SD_V1, image_size=image_size, f=2 ** (levels_ae - 1), z_ch=unet["conv_in.weight"].shape[1],
+               ch=ch,
+               ch_mult=[unet[f"down.{lv * (n + 1)}.0.conv2.weight"].shape[0] // ch for lv in range(levels)],
+               num_res_blocks=n, heads=heads,
+               context_dim=next(v.shape[1] for k, v in unet.items() if k.endswith("attn2.kv.weight")),
+               ae_ch=ae_widths[0], ae_mult=[w // ae_widths[0] for w in ae_widths],
+               ae_res_blocks=count(ae, "encoder.down.0.block."),
+               channels=ae["encoder.conv_in.weight"].shape[1],
+               vocab_size=text["tok.weight"].shape[0], text_layers=count(text, "blocks."),
+               max_len=text["pos"].shape[0])
+    latent = image_size // cfg["f"]
+    text_heads = text_heads or max(1, text["pos"].shape[1] // 64)     # CLIP: one head per 64 channels
+    return dict(cfg, attn_res=[latent >> lv for lv in attn], text_heads=text_heads)
+
+
+def read_json(path):
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_sd_folder(path):
+    """A diffusers Stable Diffusion folder -> (unet, ae, text) tensors renamed for us, and the settings its
+    config files give (heads, image size, latent scale, schedule)."""
+    unet, ucfg, _ = read_weights(os.path.join(path, "unet"))
+    ae, vcfg, _ = read_weights(os.path.join(path, "vae"))
+    files = [os.path.join(path, "text_encoder", f) for f in ("model.safetensors", "pytorch_model.bin")]
+    files = [f for f in files if os.path.isfile(f)]
+    if not files:
+        raise UserError(f"--weights {path}: no text_encoder/model.safetensors nor pytorch_model.bin")
+    text = read_safetensors(files[0]) if files[0].endswith(".safetensors") else read_torch_weights(files[0])
+    tcfg = read_json(os.path.join(path, "text_encoder", "config.json"))
+    sched = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
+    if ucfg.get("use_linear_projection") or sched.get("prediction_type", "epsilon") != "epsilon":
+        raise UserError(f"--weights {path}: a Stable Diffusion 2.x or v-prediction model; ldm.py loads v1.x")
+    heads = ucfg.get("num_attention_heads") or ucfg.get("attention_head_dim", SD_V1["heads"])
+    levels = len(vcfg.get("block_out_channels", [128, 256, 512, 512]))     # f = 2^(levels - 1)
+    settings = dict(heads=heads, text_heads=tcfg.get("num_attention_heads"),
+                    image_size=ucfg.get("sample_size", 64) * 2 ** (levels - 1),
+                    scale_factor=vcfg.get("scaling_factor", SD_V1["scale_factor"]),
+                    timesteps=sched.get("num_train_timesteps", 1000),
+                    beta_start=sched.get("beta_start", 0.00085),
+                    beta_end=sched.get("beta_end", 0.012), ddim_offset=sched.get("steps_offset", 1))
+    if sched.get("beta_schedule", "scaled_linear") != "scaled_linear" or not isinstance(heads, int):
+        raise UserError(f"--weights {path}: {sched.get('beta_schedule')} betas, heads {heads}; ldm.py loads "
+                        "Stable Diffusion v1.x (scaled_linear betas, one head count)")
+    return unet_from_sd(unet, "diffusers"), ae_from_sd(ae, "diffusers"), text_from_clip(text), settings
+
+
+def read_sd_file(path):
+    """A CompVis single file (.safetensors, or the Lightning .ckpt) -> (unet, ae, text) tensors renamed for
+    us. The schedule buffers are left out (SD_V1 holds the schedule), and so are model_ema.* (full-EMA
+    files: the released sampler uses model.diffusion_model, which in the pruned files is the EMA)."""
+    tensors = read_weights(path)[0]
+    check_layout(path, tensors, ["compvis"], "ldm")
+    part = {name: {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+            for name, p in SD_PREFIXES.items()}
+    if not all(part.values()):
+        missing = [SD_PREFIXES[n] + "*" for n, v in part.items() if not v]
+        raise UserError(f"--weights {path}: no {', '.join(missing)} tensors; a Stable Diffusion v1 file "
+                        f"holds the "
+                        "U-Net, the autoencoder and the CLIP text encoder")
+    return unet_from_sd(part["unet"], "compvis"), ae_from_sd(part["ae"], "compvis"), text_from_clip(
+        {SD_PREFIXES["text"] + k: v for k, v in part["text"].items()}), {}
+
+
+def load_stable_diffusion(path, tokenizer=None, image_size=None):
+    """--weights PATH (a CompVis file or a diffusers folder) and --tokenizer -> (LDM, AutoencoderKL,
+    ClipTokenizer, config), frozen, in eval mode. Every tensor is checked against our networks (names and
+    shapes, strictly); the weights are never changed, only renamed (and k, v fused)."""
+    folder = os.path.isdir(path) and os.path.isdir(os.path.join(path, "unet"))
+    unet, ae, text, settings = read_sd_folder(path) if folder else read_sd_file(path)
+    if tokenizer is None and not folder:
+        raise UserError(f"--weights {path} is a single file without CLIP's vocabulary: give --tokenizer "
+                        f"PATH ({ClipTokenizer.VOCAB_FILE}, or the tokenizer/ folder of a diffusers copy)")
+    tok = ClipTokenizer.load(tokenizer or path)
+    size = image_size or settings.pop("image_size", SD_V1["image_size"])
+    settings.pop("image_size", None)
+    cfg = dict(sd_config(unet, ae, text, size, settings.pop("heads", SD_V1["heads"]),
+                         settings.pop("text_heads", None)), **settings)
+    if size % (cfg["f"] * 2 ** (len(cfg["ch_mult"]) - 1)):
+        raise UserError(f"--image-size {size}: use a multiple of {cfg['f'] * 2 ** (len(cfg['ch_mult']) - 1)}")
+    model = LDM(cfg)
+    load_mapped(model.unet, unet, path)
+    load_mapped(model.text, text, path)
+    ae_net = load_mapped(AutoencoderKL(cfg), ae, path)
+    return model.eval().requires_grad_(False), ae_net.eval().requires_grad_(False), tok, cfg
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1345,8 +1997,9 @@ class Parser(argparse.ArgumentParser):
         if getattr(parsed, "threads", None):
             torch.set_num_threads(parsed.threads)
         if getattr(parsed, "weights", None) and not self.weights:
-            raise UserError(f"--weights: {self.prog} loads no released weights (the papers' published models "
-                            "load into ddpm.py, ddim.py and guided.py; see the README's 'Released weights')")
+            raise UserError(f"--weights: {self.prog} loads no released weights (the papers' published "
+                            "models load into ddpm.py, ddim.py, guided.py, ldm.py and dreambooth.py; see the "
+                            "README's 'Released weights')")
         return parsed
 
 
@@ -1409,10 +2062,12 @@ def make_config(args, presets, keys=()):
     return cfg
 
 
-def check_unet_size(cfg, preset, prefix=""):
+def check_unet_size(cfg, preset=None, prefix=""):
     """The U-Net halves its input len(ch_mult) - 1 times (ldm.py: its latent, image_size / f), and attends at
     the attn_res resolutions among those it visits: say so before any work when --image-size (or --f) does
-    not allow it. prefix: another network's keys in the same config (guided.py's classifier: clf_)."""
+    not allow it. prefix: another network's keys in the same config (guided.py's classifier: clf_). preset:
+    the values to suggest (None for released weights, which have no preset)."""
+    preset = preset or {}
     if prefix + "ch_mult" not in cfg:
         return
     f, size, levels = cfg.get("f", 1), cfg["image_size"], len(cfg[prefix + "ch_mult"])

@@ -1,18 +1,24 @@
 """
 DreamBooth: Fine Tuning Text-to-Image Diffusion Models for Subject-Driven Generation (Ruiz et al., 2023),
-https://arxiv.org/abs/2208.12242 -- on top of an ldm.py text-to-image checkpoint.
+https://arxiv.org/abs/2208.12242 -- on an ldm.py text-to-image checkpoint, or on Stable Diffusion v1.
 
     python ldm.py --train                                     # first: the base model, out/ldm/ckpt.pt
     python dreambooth.py --train                              # 4 images of the subject -> out/dreambooth/ckpt.pt
     python dreambooth.py --sample --prompt "a blue sks circle on the left"
     python dreambooth.py --train --no-prior --out out/dreambooth_noprior     # the ablation
     python dreambooth.py --eval                               # subject fidelity, prompt fidelity, language drift
+    python dreambooth.py --train --weights v1-5-pruned-emaonly.safetensors \
+        --tokenizer bpe_simple_vocab_16e6.txt.gz \
+        --data my_dog/ --class-prompt "a photo of a dog"     # Stable Diffusion (README 'Released weights')
 
 The subject: by default 4 images of common.ShapesData(subject=True), a ring (a circle with a hole) that the
-shapes data never draws (any colour, size, position), or 3-5 images of your own with --instance-dir. They are bound to a rare
-identifier [V] = "sks" and the class noun: instance prompt "a sks circle", class prompt "a circle". "sks" is
-not a word of the base vocabulary (built from the training captions), so the vocabulary is extended by it and
-the text encoder's embedding table by one new row (random, at the scale of the trained rows).
+shapes data never draws (any colour, size, position), or 3-5 images of your own with --data (or
+--instance-dir).
+They are bound to a rare identifier [V] = "sks" and the class noun: the class prompt c_pr (--class-prompt,
+default "a circle") with [V] put before its noun (its last word, or --class-noun) is the instance prompt,
+"a sks circle" ("a photo of a sks dog"). On ldm.py's own model "sks" is not a word of the vocabulary (built
+from the training captions), so the vocabulary is extended by it and the text encoder's embedding table by one
+new row (random, at the scale of the trained rows); Stable Diffusion's BPE tokenizer spells it from subwords.
 
 Class-specific prior preservation (Sec. 3.3): x_pr = --num-class-images samples of the FROZEN base model for
 the class prompt c_pr, generated once before fine-tuning (kept in <out>/class_<noun>/; missing ones are
@@ -23,15 +29,16 @@ train_dreambooth.py, one batch holds [instances..., class images...], one U-Net 
 prediction is split at the number of instances (the order must match the split). --no-prior
 drops the second term (the paper's ablation). The U-Net is fine-tuned (and the text encoder with
 --train-text-encoder), AdamW (0.9, 0.999), weight decay 1e-2, gradient clipping 1, constant low lr, no EMA.
+Images are drawn as the base model draws them: DDIM (Song et al. 2021, eq. 12, eta = 0) with classifier-free
+guidance (Ho & Salimans 2022, eq. 6) against the empty prompt.
 
-Self-contained: this file holds its own short copies of what runs an ldm.py checkpoint (tokenizer, text
-encoder, latent U-Net wrapper, autoencoder, DDIM with classifier-free guidance), with ldm.py's state-dict keys.
+The networks, the tokenizers and the loading of both kinds of base model are common.py's (common.LDM,
+common.AutoencoderKL, common.load_ldm, common.load_stable_diffusion); this file holds the method.
 """
 import copy
 import json
 import math
 import os
-import re
 import sys
 import time
 
@@ -49,161 +56,37 @@ PRESETS = {
                  judge_steps=30, subject_judge_steps=20),
     # the default: a few hundred steps at a tenth of ldm.py's cpu learning rate (5e-4 and 1e-3 broke the images)
     "cpu": dict(max_steps=400, batch_size=2, lr=1e-4, weight_decay=1e-2, grad_clip=1.0, log_every=25),
-    # diffusers' README example for Stable Diffusion: 800 steps, batch 1, lr 5e-6 (the paper: ~1000 steps)
+    # diffusers' README example for Stable Diffusion: 800 steps, batch 1, lr 5e-6 (the paper: ~1000 steps);
+    # the default with --weights
     "paper": dict(max_steps=800, batch_size=1, lr=5e-6, weight_decay=1e-2, grad_clip=1.0, log_every=50),
 }
 DEFAULT_STEPS = 50
 DEFAULT_SCALE = 3.0
+SD_SCALE = 7.5       # Stable Diffusion's released guidance scale
 BASE = os.path.join("out", "ldm", "ckpt.pt")
 
 
 # ---------------------------------------------------------------------------------------------
-# A minimal copy of ldm.py's model (same state-dict keys): tokenizer, text encoder, U-Net, autoencoder
+# The base model's diffusion and sampler
 # ---------------------------------------------------------------------------------------------
 
-class Tokenizer:
-    """ldm.py's word-level tokenizer: ids 0 <pad>, 1 <bos>, 2 <unk>, then the vocabulary in the order stored
-    (new words are appended at the end, so the base model's ids stay valid)."""
-    PAD, BOS, UNK = 0, 1, 2
-
-    def __init__(self, vocab, max_len):
-        self.vocab, self.max_len = list(vocab), max_len
-        self.index = {w: i for i, w in enumerate(self.vocab)}
-
-    @staticmethod
-    def words(text):
-        return re.findall(r"[a-z0-9]+", text.lower())
-
-    def unknown(self, text):
-        return [w for w in self.words(text) if w not in self.index]
-
-    def __call__(self, texts):
-        out = torch.zeros(len(texts), self.max_len, dtype=torch.long)
-        for i, t in enumerate(texts):
-            ids = [self.BOS] + [self.index.get(w, self.UNK) for w in self.words(t)][:self.max_len - 1]
-            out[i, :len(ids)] = torch.tensor(ids)
-        return out
-
-
-class TextBlock(nn.Module):
-    def __init__(self, d, heads):
-        super().__init__()
-        self.ln1, self.attn, self.ln2 = nn.LayerNorm(d), common.Attention(d, heads), nn.LayerNorm(d)
-        self.ff = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
-    def forward(self, x, mask):
-        x = x + self.attn(self.ln1(x), mask=mask)
-        return x + self.ff(self.ln2(x))
-
-
-class TextEncoder(nn.Module):
-    """tau_theta: token + position embeddings, pre-LN transformer blocks, LayerNorm -> (context, mask)."""
-
-    def __init__(self, vocab_size, d, layers, heads, max_len):
-        super().__init__()
-        self.tok = nn.Embedding(vocab_size, d)
-        self.pos = nn.Parameter(torch.zeros(max_len, d))
-        self.blocks = nn.ModuleList([TextBlock(d, heads) for _ in range(layers)])
-        self.ln = nn.LayerNorm(d)
-
-    def forward(self, tokens):
-        mask = tokens != Tokenizer.PAD
-        x = self.tok(tokens) + self.pos[:tokens.shape[1]]
-        for b in self.blocks:
-            x = b(x, mask)
-        return self.ln(x), mask
-
-
-class LDM(nn.Module):
-    """ldm.py's text-conditional LDM: the latent U-Net with cross-attention and the text encoder."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        d = cfg["context_dim"]
-        self.unet = common.UNet(ch=cfg["ch"], ch_mult=cfg["ch_mult"], num_res_blocks=cfg["num_res_blocks"],
-                                attn_res=cfg["attn_res"], heads=cfg["heads"], dropout=cfg.get("dropout", 0.0),
-                                in_ch=cfg["z_ch"], out_ch=cfg["z_ch"], image_size=cfg["image_size"] // cfg["f"],
-                                context_dim=d)
-        self.text = TextEncoder(len(cfg["vocab"]), d, cfg["text_layers"], cfg["text_heads"], cfg["max_len"])
-
-    def forward(self, z, t, tokens):
-        ctx, mask = self.text(tokens)
-        return self.unet(z, t, context=ctx, mask=mask)
-
-
-class AEResBlock(nn.Module):
-    def __init__(self, cin, cout):
-        super().__init__()
-        self.n1, self.c1 = common.norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.n2, self.c2 = common.norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-
-    def forward(self, x):
-        return self.skip(x) + self.c2(F.silu(self.n2(self.c1(F.silu(self.n1(x))))))
-
-
-class AutoencoderKL(nn.Module):
-    """ldm.py's KL autoencoder (inference only): encode -> (mean, std) of q(z|x), decode z -> x."""
-
-    def __init__(self, a):
-        super().__init__()
-        ch, nb, z = a["ae_ch"], a["ae_res_blocks"], a["z_ch"]
-        mult = a["ae_mult"][:int(math.log2(a["f"])) + 1]
-        enc, c = [nn.Conv2d(a["channels"], ch, 3, padding=1)], ch
-        for i, m in enumerate(mult):
-            for _ in range(nb):
-                enc.append(AEResBlock(c, ch * m))
-                c = ch * m
-            if i < len(mult) - 1:
-                enc.append(common.Downsample(c))
-        enc += [AEResBlock(c, c), AEResBlock(c, c), common.norm(c), nn.SiLU(), nn.Conv2d(c, 2 * z, 3, padding=1)]
-        self.encoder, self.quant_conv, self.post_quant_conv = nn.Sequential(*enc), nn.Conv2d(2 * z, 2 * z, 1), \
-            nn.Conv2d(z, z, 1)
-        dec = [nn.Conv2d(z, c, 3, padding=1), AEResBlock(c, c), AEResBlock(c, c)]
-        for i, m in reversed(list(enumerate(mult))):
-            for _ in range(nb + 1):
-                dec.append(AEResBlock(c, ch * m))
-                c = ch * m
-            if i > 0:
-                dec.append(common.Upsample(c))
-        self.conv_out = nn.Conv2d(c, a["channels"], 3, padding=1)
-        self.decoder = nn.Sequential(*dec, common.norm(c), nn.SiLU(), self.conv_out)
-        self.logvar = nn.Parameter(torch.zeros(()))
-
-    def encode(self, x):
-        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
-        return mean, (0.5 * logvar.clamp(-30.0, 20.0)).exp()
-
-    def decode(self, z):
-        return self.decoder(self.post_quant_conv(z))
-
-
-def alphas_cumprod(cfg):
-    b = common.beta_schedule(cfg["schedule"], cfg["timesteps"], cfg["beta_start"], cfg["beta_end"])
-    return torch.cumprod(1 - torch.as_tensor(b, dtype=torch.float64), 0)
-
-
-def q_sample(z0, t, eps, abar):
-    """z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps."""
-    a = common.extract(abar, t, z0.shape)
-    return a.sqrt() * z0 + (1 - a).sqrt() * eps
-
-
 @torch.no_grad()
-def sample(model, ae, cfg, tokens, scale=DEFAULT_SCALE, steps=DEFAULT_STEPS, progress=False, abar=None):
-    """Text tokens (n, L) -> images (n, C, H, W) in [-1, 1]: deterministic DDIM (eta 0) in latent space with
-    classifier-free guidance eps~ = eps(z, empty) + s (eps(z, c) - eps(z, empty)), as ldm.py samples.
-    abar: the schedule as Python floats, when the caller has it already."""
-    dev, n, T = next(model.parameters()).device, tokens.shape[0], cfg["timesteps"]
+def sample(model, ae, cfg, tok, prompts, scale=DEFAULT_SCALE, steps=DEFAULT_STEPS, progress=False, abar=None):
+    """Prompts -> images (n, C, H, W) in [-1, 1], drawn as the base model draws: deterministic DDIM in latent
+    space over the timesteps i T / S + offset (Stable Diffusion: offset 1, ending at abar_0; ldm.py: 0, ending
+    at abar = 1) with eps~ = eps(z, empty) + s (eps(z, c) - eps(z, empty)). abar: the schedule as Python
+    floats."""
+    dev, n, T = next(model.parameters()).device, len(prompts), cfg["timesteps"]
     if not 1 <= steps <= T:
         raise common.UserError(f"--steps {steps}: use 1..{T}, the model's number of timesteps T")
-    tok = Tokenizer(cfg["vocab"], cfg["max_len"])
-    ctx, mask = model.text(torch.cat([tokens, tok([""] * n)]).to(dev))         # [cond..., null...]
-    abar, r = abar or alphas_cumprod(cfg).tolist(), cfg["image_size"] // cfg["f"]
+    ctx, mask = model.context(tok(list(prompts) + [""] * n).to(dev))          # [cond..., null...]
+    abar, r = abar or common.alphas_cumprod(cfg).tolist(), cfg["image_size"] // cfg["f"]
+    offset = cfg.get("ddim_offset", 0)
     z = torch.randn(n, cfg["z_ch"], r, r, device=dev)
-    ts = [i * T // steps for i in range(steps)]
+    ts = [min(i * T // steps + offset, T - 1) for i in range(steps)]
     for i in common.steps_bar(reversed(range(steps)), steps, "sampling", progress):
-        a, a_prev = abar[ts[i]], abar[ts[i - 1]] if i > 0 else 1.0
+        a = abar[ts[i]]
+        a_prev = abar[ts[i - 1]] if i > 0 else abar[ts[0] - 1] if ts[0] > 0 else 1.0
         tt = torch.full((2 * n,), ts[i], device=dev, dtype=torch.long)
         e_c, e_u = model.unet(torch.cat([z, z]), tt, context=ctx, mask=mask).float().chunk(2)
         eps = e_u + scale * (e_c - e_u)
@@ -211,26 +94,39 @@ def sample(model, ae, cfg, tokens, scale=DEFAULT_SCALE, steps=DEFAULT_STEPS, pro
     return ae.decode(z / cfg["scale_factor"]).float().clamp(-1, 1)
 
 
-def load_model(path, scripts=("ldm", "dreambooth")):
-    """An ldm.py checkpoint (its EMA weights) or a fine-tuned one of this script -> model, autoencoder (both
-    frozen, eval mode), config, checkpoint."""
-    if not os.path.exists(path):
-        if "ldm" in scripts:
-            raise common.UserError(f"base model {path} not found; train one with `python ldm.py --train` "
-                                   "(or pass --base PATH)")
-        raise common.UserError(f"checkpoint {path} not found; fine-tune one with `python dreambooth.py --train`")
-    ck = common.load_checkpoint(path, list(scripts))
-    if ck["script"] == "ldm" and ck.get("kind") != "ldm":
-        raise common.UserError(f"{path} is ldm.py's {ck.get('kind')} checkpoint; --base wants <ldm out>/ckpt.pt")
-    cfg = ck["config"]
+def load_base(args):
+    """The base model: Stable Diffusion (--weights, --tokenizer) or an ldm.py text checkpoint (--base) ->
+    model, autoencoder (frozen, eval mode), tokenizer, config, checkpoint-like dict."""
+    if args.weights:
+        model, ae, tok, cfg = common.load_stable_diffusion(args.weights, args.tokenizer, args.image_size)
+        return model, ae, tok, cfg, {"weights": os.path.abspath(args.weights),
+                                     "tokenizer": args.tokenizer and os.path.abspath(args.tokenizer)}
+    if not os.path.exists(args.base):
+        raise common.UserError(f"base model {args.base} not found; train one with `python ldm.py --train` "
+                               "(or pass --base PATH, or --weights for Stable Diffusion)")
+    model, ae, cfg, ck = common.load_ldm(args.base, ("ldm",))
     if cfg.get("cond") != "text":
-        raise common.UserError(f"{path} is a class-conditional LDM; DreamBooth needs a text model "
+        raise common.UserError(f"{args.base} is a class-conditional LDM; DreamBooth needs a text model "
                                "(`python ldm.py --train --cond text`)")
-    model = LDM(cfg)
-    model.load_state_dict(ck["ema"] if ck["script"] == "ldm" else ck["model"])
-    ae = AutoencoderKL(ck["ae_config"])
-    ae.load_state_dict(ck["ae"])
-    return model.eval().requires_grad_(False), ae.eval().requires_grad_(False), cfg, ck
+    return model, ae, common.WordTokenizer(cfg["vocab"], cfg["max_len"]), cfg, {}
+
+
+def load_model(path):
+    """A fine-tuned checkpoint of this script -> model, autoencoder (frozen, eval mode), tokenizer, config,
+    checkpoint. Fine-tuned Stable Diffusion keeps only its trained tensors: the rest is read from its
+    --weights file again."""
+    if not os.path.exists(path):
+        raise common.UserError(f"checkpoint {path} not found; fine-tune one with `python dreambooth.py "
+                               f"--train`")
+    db = common.load_checkpoint(path, ["dreambooth"])["dreambooth"]
+    if not db.get("weights"):
+        model, ae, cfg, ck = common.load_ldm(path, ("dreambooth",))
+        return model, ae, common.WordTokenizer(cfg["vocab"], cfg["max_len"]), cfg, ck
+    ck = common.load_checkpoint(path, ["dreambooth"])
+    model, ae, tok, cfg = common.load_stable_diffusion(db["weights"], db["tokenizer"],
+                                                       ck["config"]["image_size"])
+    model.load_state_dict({**model.state_dict(), **ck["model"]})
+    return model, ae, tok, cfg, ck
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,13 +148,22 @@ def extend_vocab(model, cfg, words, seed=0):
     return {**cfg, "vocab": list(cfg["vocab"]) + new}
 
 
+def instance_prompt(class_prompt, noun, ident):
+    """The instance prompt: the class prompt with the identifier [V] before the (last) class noun, "a [V]
+    [class noun]" (Sec. 3.2): "a circle" -> "a sks circle", "a photo of a dog" -> "a photo of a sks dog"."""
+    words = class_prompt.split()
+    i = max(j for j, w in enumerate(words) if common.WordTokenizer.words(w) == [noun])
+    return " ".join(words[:i] + [ident] + words[i:])
+
+
 def dreambooth_loss(net, z0, tokens, n_inst, abar, prior_weight=1.0, t=None, eps=None):
     """Eq. 2 with prior preservation on a batch ordered [instance..., class...] (z0, tokens): one U-Net call,
     the prediction split at n_inst. loss = ||eps - eps_theta||^2 over the instances + lambda ||eps' -
     eps_theta||^2 over the class images (each a mean); with no class rows, the instance term alone."""
     t = torch.randint(0, len(abar), (z0.shape[0],), device=z0.device) if t is None else t
     eps = torch.randn_like(z0) if eps is None else eps
-    pred = net(q_sample(z0, t, eps, abar), t, tokens).float()
+    a = common.extract(abar, t, z0.shape)
+    pred = net(a.sqrt() * z0 + (1 - a).sqrt() * eps, t, tokens).float()      # z_t of eq. 2 (DDPM eq. 4)
     inst = F.mse_loss(pred[:n_inst], eps[:n_inst].float())
     if n_inst == z0.shape[0]:
         return inst, {"inst": inst.item()}
@@ -267,7 +172,8 @@ def dreambooth_loss(net, z0, tokens, n_inst, abar, prior_weight=1.0, t=None, eps
 
 
 def instance_images(args, cfg):
-    """--instance-dir's images, or the default: 4 images of ShapesData(subject=True) (a ring)."""
+    """--instance-dir's (or --data's) images, or the default: 4 images of ShapesData(subject=True) (a
+    ring)."""
     size, ch = cfg["image_size"], cfg["channels"]
     if args.instance_dir is None:
         data = common.ShapesData(size, ch, seed=args.seed + 4242, subject=True)
@@ -286,18 +192,17 @@ def instance_images(args, cfg):
 
 
 @torch.no_grad()
-def class_images(base, ae, cfg, prompt, n, folder, device, scale, steps, seed, batch=50):
+def class_images(base, ae, cfg, tok, prompt, n, folder, device, scale, steps, seed, batch=50):
     """The prior-preservation images x_pr: n samples of the frozen base for the class prompt, kept as PNGs in
     `folder`; only the missing ones are generated (as diffusers does)."""
     os.makedirs(folder, exist_ok=True)
     have = sorted(f for f in os.listdir(folder) if f.endswith(".png"))[:n]
     if len(have) < n:
         print(f"dreambooth: generating {n - len(have)} class images for '{prompt}' with the frozen base -> {folder}")
-        tok = Tokenizer(cfg["vocab"], cfg["max_len"])
         torch.manual_seed(seed + 1234 + len(have))
         for s in common.steps_bar(range(len(have), n, batch), math.ceil((n - len(have)) / batch), "class images"):
             k = min(batch, n - s)
-            x = sample(base, ae, cfg, tok([prompt] * k), scale, steps)
+            x = sample(base, ae, cfg, tok, [prompt] * k, scale, steps)
             for j, im in enumerate(common.to_uint8(x)):
                 Image.fromarray(im[:, :, 0] if im.shape[2] == 1 else im).save(os.path.join(folder, f"{s + j:05d}.png"))
         have = sorted(f for f in os.listdir(folder) if f.endswith(".png"))[:n]
@@ -310,13 +215,34 @@ def class_images(base, ae, cfg, prompt, n, folder, device, scale, steps, seed, b
     return x.float() / 127.5 - 1
 
 
-SETTINGS = ("base", "instance_dir", "identifier", "class_noun", "num_class_images", "prior_weight", "no_prior",
-            "train_text_encoder")  # the flags a --resume takes from the checkpoint
+SETTINGS = ("base", "weights", "tokenizer", "instance_dir", "identifier", "class_noun", "class_prompt",
+            "num_class_images", "prior_weight", "no_prior", "train_text_encoder", "image_size")
+# the flags a --resume takes from the checkpoint
 
 
+def subject_words(args, tok, cfg):
+    """(identifier, class noun, class prompt, instance prompt) from the flags, checked against the base."""
+    class_prompt = args.class_prompt or f"a {args.class_noun or 'circle'}"
+    noun = common.WordTokenizer.words(args.class_noun or class_prompt.split()[-1])
+    if len(noun) != 1 or not any(common.WordTokenizer.words(w) == noun for w in class_prompt.split()):
+        raise common.UserError(f"--class-noun '{args.class_noun}': one word of the class prompt "
+                               f"'{class_prompt}'")
+    ident = common.WordTokenizer.words(args.identifier)
+    if len(ident) != 1:
+        raise common.UserError(f"--identifier '{args.identifier}': use one word of letters and digits, "
+                               f"e.g. sks")
+    if isinstance(tok, common.WordTokenizer):
+        unknown = tok.unknown(class_prompt)
+        if unknown:
+            raise common.UserError(f"--class-noun/--class-prompt '{class_prompt}': {', '.join(unknown)} "
+                                   f"not in the "
+                                   f"base vocabulary; use words of {', '.join(w for w in cfg['vocab'][3:])}")
+    return ident[0], noun[0], class_prompt, instance_prompt(class_prompt, noun[0], ident[0])
 def train(args, dcfg):
     """Fine-tune the base (eq. 2). Checkpoint <out>/ckpt.pt at the end, or of the current step on Ctrl-C, with
-    the optimizer: --resume continues it exactly (every draw of step k is seeded from (seed, k))."""
+    the optimizer: --resume continues it exactly (every draw of step k is seeded from (seed, k)). Stable
+    Diffusion is fine-tuned in place once its class images exist (its file is the frozen base) and its
+    checkpoint keeps only the trained networks; ldm.py's small base is copied and stays frozen beside it."""
     device = common.get_device(args.device)
     path = os.path.join(args.out, "ckpt.pt")
     ck = None
@@ -324,34 +250,30 @@ def train(args, dcfg):
         ck = common.load_checkpoint(path, ["dreambooth"])
         db = ck["dreambooth"]
         for k in SETTINGS:
-            setattr(args, k, db[k])
+            setattr(args, k, db.get(k))
         dcfg = {**dcfg, **{k: db[k] for k in ("batch_size", "lr", "weight_decay", "grad_clip")},
                 "max_steps": args.max_steps or db["max_steps"]}
         print(f"dreambooth: resuming {path} at step {ck['step']} with its settings ("
-              + ", ".join(f"{k} {db[k]}" for k in SETTINGS if db[k] not in (None, False)) + ")")
+              + ", ".join(f"{k} {db.get(k)}" for k in SETTINGS if db.get(k) not in (None, False)) + ")")
         if common.already_done("dreambooth", ck["step"], dcfg["max_steps"]):
             return None, None
-    base, ae, cfg, bck = load_model(args.base, ("ldm",))
-    base, ae = base.to(device), ae.to(device)
-    words = Tokenizer.words(args.class_noun)
-    if len(words) != 1 or words[0] not in cfg["vocab"]:
-        raise common.UserError(f"--class-noun '{args.class_noun}': not a word of the base vocabulary; use one of "
-                               f"{', '.join(w for w in cfg['vocab'][3:])}")
-    ident = Tokenizer.words(args.identifier)
-    if len(ident) != 1:
-        raise common.UserError(f"--identifier '{args.identifier}': use one word of letters and digits, e.g. sks")
-    ident = ident[0]
-    if ident in cfg["vocab"] and ck is None:
+    base, ae, tok, cfg, info = load_base(args)
+    base, ae, sd = base.to(device), ae.to(device), bool(args.weights)
+    ident, noun, class_prompt, inst_prompt = subject_words(args, tok, cfg)
+    if not sd and ident in cfg["vocab"] and ck is None:
         common.warn(f"the identifier '{ident}' is a word the base already knows; DreamBooth wants a rare one")
-    inst_prompt, class_prompt = f"a {ident} {words[0]}", f"a {words[0]}"
     x_inst = instance_images(args, cfg)
     steps = args.steps or DEFAULT_STEPS
+    scale = (SD_SCALE if sd else DEFAULT_SCALE) if args.scale is None else args.scale
     x_cls = None if args.no_prior else class_images(
-        base, ae, cfg, class_prompt, args.num_class_images, os.path.join(args.out, f"class_{words[0]}"), device,
-        DEFAULT_SCALE if args.scale is None else args.scale, steps, args.seed)
+        base, ae, cfg, tok, class_prompt, args.num_class_images, os.path.join(args.out, f"class_{noun}"),
+        device,
+        scale, steps, args.seed)
     torch.manual_seed(args.seed)
-    model = copy.deepcopy(base)                       # the base itself stays frozen and unchanged
-    cfg = extend_vocab(model, cfg, [ident], args.seed)
+    model = base if sd else copy.deepcopy(base)       # ldm.py's base itself stays frozen and unchanged
+    if not sd:
+        cfg = extend_vocab(model, cfg, [ident], args.seed)
+        tok = common.WordTokenizer(cfg["vocab"], cfg["max_len"])
     model.requires_grad_(False).unet.requires_grad_(True)
     if args.train_text_encoder:
         model.text.requires_grad_(True)
@@ -359,37 +281,43 @@ def train(args, dcfg):
     opt = torch.optim.AdamW(params, lr=dcfg["lr"], betas=(0.9, 0.999), weight_decay=dcfg["weight_decay"])
     step = 0
     if ck is not None:
-        model.load_state_dict(ck["model"])
+        model.load_state_dict({**model.state_dict(), **ck["model"]})
         opt.load_state_dict(ck["opt"])
         step = ck["step"]
-    tok = Tokenizer(cfg["vocab"], cfg["max_len"])
-    abar = common.on_device(device)(alphas_cumprod(cfg))
+    abar = common.on_device(device)(common.alphas_cumprod(cfg))
 
     @torch.no_grad()
     def posterior(x):
-        ms = [ae.encode(x[i:i + 64].to(device)) for i in range(0, len(x), 64)]
-        return torch.cat([m for m, _ in ms]), torch.cat([s for _, s in ms])
+        ms = [ae.encode(x[i:i + 16].to(device)) for i in range(0, len(x), 16)]
+        return torch.cat([m for m, _ in ms]), torch.cat([(0.5 * lv).exp() for _, lv in ms])
 
     inst_post = posterior(x_inst)
     cls_post = posterior(x_cls) if x_cls is not None else None
     t_inst, t_cls = tok([inst_prompt]), tok([class_prompt])
     bs, sf = dcfg["batch_size"], cfg["scale_factor"]
-    print(f"dreambooth: {len(x_inst)} instance images '{inst_prompt}', "
-          f"{'no prior preservation' if x_cls is None else f'{len(x_cls)} class images {class_prompt!r}, lambda {args.prior_weight:g}'}"
-          f"; training the U-Net{' and the text encoder' if args.train_text_encoder else ''} "
+    prior = 'no prior preservation' if x_cls is None else \
+        f'{len(x_cls)} class images {class_prompt!r}, lambda {args.prior_weight:g}'
+    text = " and the text encoder" if args.train_text_encoder else ""
+    cls_batch = "" if x_cls is None else f" + {bs}"
+    print(f"dreambooth: {len(x_inst)} instance images '{inst_prompt}', {prior}; training the U-Net{text} "
           f"({sum(p.numel() for p in params) / 1e6:.2f}M parameters), steps {step} -> {dcfg['max_steps']}, "
-          f"batch {bs}{'' if x_cls is None else f' + {bs}'}, lr {dcfg['lr']:g}, device {device}", flush=True)
-    db = {"identifier": ident, "class_noun": words[0], "instance_prompt": inst_prompt, "class_prompt": class_prompt,
-          "prior": x_cls is not None, "num_instance_images": len(x_inst), **{k: getattr(args, k) for k in SETTINGS},
-          "base": os.path.abspath(args.base), **dcfg}
+          f"batch {bs}{cls_batch}, lr {dcfg['lr']:g}, device {device}", flush=True)
+    db = {**{k: getattr(args, k) for k in SETTINGS}, "identifier": ident, "class_noun": noun,
+          "instance_prompt": inst_prompt, "class_prompt": class_prompt, "prior": x_cls is not None,
+          "num_instance_images": len(x_inst), "base": None if sd else os.path.abspath(args.base), **info,
+          **dcfg}
+    trained = ("unet.", "text.") if args.train_text_encoder or not sd else ("unet.",)
+    base_ae_config = None if sd else common.load_checkpoint(args.base, ["ldm"])["ae_config"]
 
     def save(step, logs):
         if not common.all_finite(model):
             raise common.UserError("fine-tuned weights are not finite; nothing saved; try a lower --lr")
         common.save_checkpoint({"script": "dreambooth", "kind": "dreambooth", "config": cfg,
                                 "dreambooth": {**db, "last_losses": logs},
-                                "model": {k: v.cpu() for k, v in model.state_dict().items()},
-                                "ae": {k: v.cpu() for k, v in ae.state_dict().items()}, "ae_config": bck["ae_config"],
+                                "model": {k: v.cpu() for k, v in model.state_dict().items()
+                                          if k.startswith(trained)},
+                                **({} if sd else {"ae": {k: v.cpu() for k, v in ae.state_dict().items()},
+                                                  "ae_config": base_ae_config}),
                                 "opt": opt.state_dict(), "step": step, "seed": args.seed}, path)
 
     model.train()
@@ -423,22 +351,21 @@ def train(args, dcfg):
                 save(step, logs)
             stop.check(step, dcfg["max_steps"], path)
     bar.close()
-    model.eval()
+    model.eval().requires_grad_(False)
     save(step, logs)
     common.save_grid(x_inst, os.path.join(args.out, "instance_images.png"))
     torch.manual_seed(args.seed)
-    n = args.n_samples or 8
-    x = sample(model, ae, cfg, tok([inst_prompt] * n + [class_prompt] * n), DEFAULT_SCALE if args.scale is None
-               else args.scale, steps)
+    n = args.n_samples or (2 if sd else 8)
+    x = sample(model, ae, cfg, tok, [inst_prompt] * n + [class_prompt] * n, scale, steps)
     common.save_grid(x, os.path.join(args.out, "samples.png"), nrow=n)
     print(f"fine-tuned to step {step}; checkpoint {path}; samples.png: row 1 '{inst_prompt}', "
           f"row 2 '{class_prompt}'")
-    return model, base
+    return model, None if sd else base
 
 
 def check_prompt(tok, prompt):
     unk = tok.unknown(prompt)
-    if unk and len(unk) == len(Tokenizer.words(prompt)):
+    if unk and len(unk) == len(common.WordTokenizer.words(prompt)):
         raise common.UserError(f"--prompt '{prompt}': no word the model knows; its vocabulary: "
                                f"{', '.join(tok.vocab[3:])}")
     if unk:
@@ -446,16 +373,17 @@ def check_prompt(tok, prompt):
 
 
 def sample_images(args, device):
-    model, ae, cfg, ck = load_model(args.ckpt or os.path.join(args.out, "ckpt.pt"), ("dreambooth",))
+    model, ae, tok, cfg, ck = load_model(args.ckpt or os.path.join(args.out, "ckpt.pt"))
     model, ae = model.to(device), ae.to(device)
-    tok = Tokenizer(cfg["vocab"], cfg["max_len"])
     prompt = ck["dreambooth"]["instance_prompt"] if args.prompt is None else args.prompt
     check_prompt(tok, prompt)
-    n, scale = args.n_samples or 16, DEFAULT_SCALE if args.scale is None else args.scale
+    sd = bool(ck["dreambooth"].get("weights"))
+    n = args.n_samples or (1 if sd else 16)
+    scale = (SD_SCALE if sd else DEFAULT_SCALE) if args.scale is None else args.scale
     torch.manual_seed(args.seed)
     t0 = time.time()
     with common.autocast(device, args.dtype):
-        x = sample(model, ae, cfg, tok([prompt] * n), scale, args.steps or DEFAULT_STEPS, progress=True)
+        x = sample(model, ae, cfg, tok, [prompt] * n, scale, args.steps or DEFAULT_STEPS, progress=True)
     path = os.path.join(args.out, "samples.png")
     common.save_grid(x, path)
     print(f"{n} samples for '{prompt}', scale {scale:g}, {args.steps or DEFAULT_STEPS} DDIM steps, "
@@ -529,9 +457,12 @@ def evaluate(args, device):
     subject_ceiling: the fraction of held-out subject images the subject judge still calls the subject after
     the autoencoder (encode, decode): what the latent space lets through."""
     path = args.ckpt or os.path.join(args.out, "ckpt.pt")
-    model, ae, cfg, ck = load_model(path, ("dreambooth",))
+    model, ae, tok, cfg, ck = load_model(path)
+    if ck["dreambooth"].get("weights"):
+        raise common.UserError("--eval measures the shapes experiment (judges trained on shapes); look at "
+                               "--sample's images of a fine-tuned Stable Diffusion instead")
     model, ae = model.to(device), ae.to(device)
-    db, tok = ck["dreambooth"], Tokenizer(cfg["vocab"], cfg["max_len"])
+    db = ck["dreambooth"]
     size, ch, n = cfg["image_size"], cfg["channels"], args.n_samples or 100
     scale, steps = DEFAULT_SCALE if args.scale is None else args.scale, args.steps or DEFAULT_STEPS
     preset = PRESETS[args.preset]
@@ -546,7 +477,7 @@ def evaluate(args, device):
         torch.manual_seed(args.seed)
         bs = args.batch_size or 100
         with common.autocast(device, args.dtype):
-            return torch.cat([common.quantize(sample(m, ae, cfg, tok(prompts[i:i + bs]), scale, steps).cpu())
+            return torch.cat([common.quantize(sample(m, ae, cfg, tok, prompts[i:i + bs], scale, steps).cpu())
                               for i in range(0, len(prompts), bs)])
 
     def is_subject(x):
@@ -567,7 +498,7 @@ def evaluate(args, device):
            "prompt_subject": is_subject(x_rc).mean().item()}
     base = None
     if os.path.exists(db["base"]):
-        base = load_model(db["base"], ("ldm",))[0].to(device)
+        base = common.load_ldm(db["base"], ("ldm",))[0].to(device)
     for name, m in (("finetuned", model), ("base", base)):
         if m is None:
             continue
@@ -580,7 +511,7 @@ def evaluate(args, device):
     common.save_grid(x_rc[:64], os.path.join(args.out, "eval_recontext.png"))
     out, args.out = args.out, os.path.join(args.out, "eval_ordinary")
     ordinary = common.evaluate("dreambooth", args, {**cfg, "judge_steps": preset.get("judge_steps", common.JUDGE_STEPS)},
-                               lambda k, wanted: sample(model, ae, cfg, tok(wanted), scale, steps),
+                               lambda k, wanted: sample(model, ae, cfg, tok, wanted, scale, steps),
                                nfe=2 * steps, device=device, cond="caption")
     args.out = out
     res.update({"ordinary_fid": ordinary["fid"], "ordinary_acc": ordinary["acc"]})
@@ -593,12 +524,21 @@ def evaluate(args, device):
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    p = common.make_parser("dreambooth", __doc__, PRESETS)
+    p = common.make_parser("dreambooth", __doc__, PRESETS, weights=(
+        "--train: Stable Diffusion v1.x as the base, a CompVis file (v1-5-pruned-emaonly.safetensors, "
+        "sd-v1-4.ckpt) or a diffusers folder"))
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="with --weights: CLIP's bpe_simple_vocab_16e6.txt.gz or a "
+                   "tokenizer/ folder; a diffusers folder needs none")
     p.add_argument("--base", default=BASE, help=f"the ldm.py checkpoint to fine-tune (default {BASE})")
     p.add_argument("--instance-dir", metavar="DIR", help="3-5 images of the subject (default: 4 generated images "
-                   "of the shapes subject, a ring)")
+                   "of the shapes subject, a ring); --data DIR says the same")
     p.add_argument("--identifier", default="sks", help="the rare identifier word [V] (default sks)")
-    p.add_argument("--class-noun", default="circle", help="the subject's class noun (default circle)")
+    p.add_argument("--class-prompt",
+                   help="the class prompt c_pr (default 'a <class noun>'); the instance prompt "
+                   "puts [V] before its class noun")
+    p.add_argument("--class-noun",
+                   help="the subject's class noun (default: the class prompt's last word; circle)")
     p.add_argument("--num-class-images", type=common.positive_int, default=100, help="prior-preservation images "
                    "(default 100)")
     p.add_argument("--prior-weight", type=common.nonneg_float, default=1.0, help="lambda of the prior loss "
@@ -607,13 +547,25 @@ def main(argv=None):
     p.add_argument("--train-text-encoder", action="store_true", help="fine-tune the text encoder too")
     p.add_argument("--prompt", help="--sample: the prompt (default the instance prompt, 'a sks circle')")
     p.add_argument("--scale", type=common.nonneg_float, help=f"classifier-free guidance scale (default "
-                   f"{DEFAULT_SCALE:g})")
+                   f"{DEFAULT_SCALE:g}; {SD_SCALE:g} with --weights)")
     args = p.parse_args(argv)
     for k in ("image_size", "channels"):
-        if getattr(args, k) is not None:
+        if getattr(args, k) is not None and not (args.weights and k == "image_size"):
             raise common.UserError(f"--{k.replace('_', '-')}: set by the base checkpoint; drop it")
     if args.prompt is not None and not args.sample:
         raise common.UserError("--prompt goes with --sample")
+    if (args.weights or args.tokenizer) and not args.train:
+        raise common.UserError(f"{'--weights' if args.weights else '--tokenizer'} goes with --train (the "
+                               f"base "
+                               "model); --sample reads the fine-tuned checkpoint, which knows its base")
+    if args.tokenizer and not args.weights:
+        raise common.UserError("--tokenizer goes with --weights")
+    if args.data != "shapes":
+        if args.instance_dir not in (None, args.data):
+            raise common.UserError("give the subject's images once: --data or --instance-dir")
+        args.instance_dir = args.data
+    if args.weights and args.preset is None:
+        args.preset = "paper"                        # Stable Diffusion's fine-tuning settings
     dcfg = common.make_config(args, PRESETS)
     with common.claim_out(args.out):
         if args.train:

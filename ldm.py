@@ -9,6 +9,9 @@ with Classifier-Free Diffusion Guidance (Ho & Salimans, 2022), https://arxiv.org
     python ldm.py --eval --sweep                   # the same for s in {1, 2, 3, 5, 7.5}
     python ldm.py --eval --recon                   # the autoencoder: reconstruction PSNR and rFID
     python ldm.py --train --cond class             # class labels as the context instead of captions
+    python ldm.py --sample --weights v1-5-pruned-emaonly.safetensors \
+        --tokenizer bpe_simple_vocab_16e6.txt.gz \
+        --prompt "a photograph of an astronaut riding a horse" --scale 7.5   # Stable Diffusion v1.5 (README)
 
 Stage 1, perceptual compression (Sec. 3.1). x (H, W, 3) -> E -> z (H/f, W/f, z_ch) -> D -> x~, with
     q(z | x) = N(mu, diag sigma^2), log sigma^2 clamped to [-30, 20],  z = mu + sigma eps
@@ -17,16 +20,22 @@ Stage 1, perceptual compression (Sec. 3.1). x (H, W, 3) -> E -> z (H/f, W/f, z_c
     L_GAN: hinge loss of a patch discriminator, switched on after a warm-up, with the generator's weight
     lambda_adapt = ||grad_L L_rec|| / (||grad_L L_GAN|| + 1e-4) at the decoder's last layer L (the adaptive
     weight of Esser et al. 2021, Taming Transformers), times 0.5. No perceptual (LPIPS) term: its weights
-    cannot be had offline; s is the learned log-scale of the reconstruction loss, as in the official code.
+    cannot be had offline. s is the log-scale of the reconstruction loss: the official loss declares it as a
+    parameter (initialised at 0) but hands it to neither optimizer, so it stays 0; here it is that constant.
+    The networks (common.AutoencoderKL: residual levels, mid-block attention) are the released autoencoder's.
 Latent scale: z <- z / std(z), the std measured on training data (the role of SD's 0.18215), stored
     in the checkpoint; decoding divides it out again.
+Released weights: --weights loads Stable Diffusion v1.x (common.load_stable_diffusion: CLIP's text encoder
+    and BPE tokenizer, kl-f8, the 860M U-Net) and samples as its release does (scaled-linear betas, DDIM
+    over the timesteps i T / S + 1, guidance against the empty prompt, latents / 0.18215).
 Stage 2, diffusion in latent space (Sec. 3.2-3.3), the DDPM objective on z:
     L_LDM = E_{E(x), eps ~ N(0,1), t} || eps - eps_theta(z_t, t) ||^2                           (eq. 2)
     L_LDM = E_{E(x), y, eps ~ N(0,1), t} || eps - eps_theta(z_t, t, tau_theta(y)) ||^2      (eq. 3)
     z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps, 'linear' schedule = linspace(sqrt b0, sqrt b1)^2
 Cross-attention (Sec. 3.3): Attention(Q, K, V) = softmax(Q K^T / sqrt(d)) V with Q = W_Q phi(z_t),
-    K = W_K tau(y), V = W_V tau(y); tau = a small transformer over a word-level tokenizer built from
-    the training captions, trained jointly from scratch (Sec. 4.3), or a class embedding (cin).
+    K = W_K tau(y), V = W_V tau(y), inside common.SpatialTransformer blocks; tau = a small transformer over a
+    word-level tokenizer built from the training captions, trained jointly from scratch (Sec. 4.3), or a
+    class embedding (cin).
 Classifier-free guidance: the condition is replaced by the null condition (the empty caption, or the
     null class) 10% of the time in training; sampling uses
     eps~ = eps(z, empty) + s (eps(z, c) - eps(z, empty))         (Ho & Salimans eq. 6, s = 1 + w)
@@ -88,7 +97,9 @@ PRESETS = {
 }
 DEFAULT_STEPS = 50
 DEFAULT_SCALE = 3.0
+SD_SCALE = 7.5       # Stable Diffusion's released txt2img default
 SWEEP_SCALES = [1.0, 2.0, 3.0, 5.0, 7.5]
+LOG_SCALE = 0.0       # s of L_AE: the official logvar_init, never trained (see the module docstring)
 AE_STREAM = 700_001   # common.step_seed's stream for the autoencoder, apart from the diffusion model's
 
 
@@ -103,13 +114,11 @@ def kl_loss(mean, logvar):
 
 
 class DiagonalGaussian:
-    """q(z | x) = N(mean, diag e^logvar) from the encoder's 2 z_ch moments; log-variance clamped to
-    [-30, 20] as in the official code (keeps e^logvar finite in both directions)."""
+    """q(z | x) = N(mean, diag e^logvar), from common.AutoencoderKL.encode (log-variance already clamped)."""
 
-    def __init__(self, moments):
-        self.mean, logvar = moments.chunk(2, dim=1)
-        self.logvar = logvar.clamp(-30.0, 20.0)
-        self.std = (0.5 * self.logvar).exp()
+    def __init__(self, mean, logvar):
+        self.mean, self.logvar = mean, logvar
+        self.std = (0.5 * logvar).exp()
 
     def sample(self, generator=None):
         """The reparameterization z = mean + sigma eps."""
@@ -123,66 +132,10 @@ class DiagonalGaussian:
         return kl_loss(self.mean.float(), self.logvar.float())
 
 
-class AEResBlock(nn.Module):
-    """GN -> SiLU -> conv -> GN -> SiLU -> conv, plus a (1x1) skip; no time embedding."""
-
-    def __init__(self, cin, cout):
-        super().__init__()
-        self.n1, self.c1 = common.norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.n2, self.c2 = common.norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-
-    def forward(self, x):
-        return self.skip(x) + self.c2(F.silu(self.n2(self.c1(F.silu(self.n1(x))))))
-
-
-def ae_levels(acfg):
-    """The channel multipliers of the autoencoder's resolution levels: log2(f) downsamplings."""
-    f = acfg["f"]
-    if f not in (4, 8):
-        raise common.UserError(f"--f {f}: use 4 or 8")
-    return acfg["ae_mult"][:int(math.log2(f)) + 1]
-
-
-class AutoencoderKL(nn.Module):
-    """Encoder (conv, res blocks, stride-2 convs, mid blocks) -> 2 z_ch moments -> quant_conv (1x1); the
-    decoder mirrors it from post_quant_conv. No attention: the kl_32x32x4 config has none in its levels.
-    logvar is the learned log-scale s of the reconstruction loss."""
-
-    def __init__(self, acfg):
-        super().__init__()
-        ch, mult, nb, z = acfg["ae_ch"], ae_levels(acfg), acfg["ae_res_blocks"], acfg["z_ch"]
-        enc, c = [nn.Conv2d(acfg["channels"], ch, 3, padding=1)], ch
-        for i, m in enumerate(mult):
-            for _ in range(nb):
-                enc.append(AEResBlock(c, ch * m))
-                c = ch * m
-            if i < len(mult) - 1:
-                enc.append(common.Downsample(c))
-        enc += [AEResBlock(c, c), AEResBlock(c, c), common.norm(c), nn.SiLU(), nn.Conv2d(c, 2 * z, 3, padding=1)]
-        self.encoder = nn.Sequential(*enc)
-        self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1)
-        self.post_quant_conv = nn.Conv2d(z, z, 1)
-        dec = [nn.Conv2d(z, c, 3, padding=1), AEResBlock(c, c), AEResBlock(c, c)]
-        for i, m in reversed(list(enumerate(mult))):
-            for _ in range(nb + 1):
-                dec.append(AEResBlock(c, ch * m))
-                c = ch * m
-            if i > 0:
-                dec.append(common.Upsample(c))
-        self.conv_out = nn.Conv2d(c, acfg["channels"], 3, padding=1)
-        self.decoder = nn.Sequential(*dec, common.norm(c), nn.SiLU(), self.conv_out)
-        self.logvar = nn.Parameter(torch.zeros(()))
-
-    def encode(self, x):
-        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
-
-    def decode(self, z):
-        return self.decoder(self.post_quant_conv(z))
-
-    def forward(self, x, sample=True):
-        post = self.encode(x)
-        return self.decode(post.sample() if sample else post.mode()), post
+def reconstruct(ae, x, sample=True):
+    """x -> (D(z), q(z | x)) with z ~ q(z | x), or its mean with sample=False."""
+    post = DiagonalGaussian(*ae.encode(x))
+    return ae.decode(post.sample() if sample else post.mode()), post
 
 
 class PatchDiscriminator(nn.Module):
@@ -216,18 +169,18 @@ def adaptive_weight(nll, g_loss, last_layer, disc_weight):
 def ae_losses(ae, x, acfg, disc=None, use_gan=False):
     """The generator side of stage 1: nll = sum(|x - x~| (+ l2 (x - x~)^2)) / e^s + s per pixel, summed over
     pixels and averaged over the batch; + kl_weight KL; + lambda g with g = -E D(x~) once the GAN is on."""
-    rec, post = ae(x)
+    rec, post = reconstruct(ae, x)
     r = (x - rec).abs().float()
     if acfg["l2_weight"]:
         r = r + acfg["l2_weight"] * (x - rec).float().square()
     B = x.shape[0]
-    nll = (r / ae.logvar.exp() + ae.logvar).sum() / B
+    nll = (r / math.exp(LOG_SCALE) + LOG_SCALE).sum() / B
     kl = post.kl().sum() / B
     loss = nll + acfg["kl_weight"] * kl
     logs = {"rec": r.mean().item(), "kl": kl.item()}
     if use_gan:
         g = -disc(rec).float().mean()
-        w = adaptive_weight(nll, g, ae.conv_out.weight, acfg["disc_weight"])
+        w = adaptive_weight(nll, g, ae.decoder.conv_out.weight, acfg["disc_weight"])
         loss = loss + w * g
         logs.update(g=g.item(), w=w.item())
     return loss, rec, logs
@@ -255,8 +208,7 @@ def load_ae(path):
         acfg, sd = ck["config"], ck["model"]
     else:
         raise common.UserError(f"{path} is not an ldm.py autoencoder checkpoint")
-    ae = AutoencoderKL(acfg)
-    ae.load_state_dict(sd)
+    ae = common.load_state(common.AutoencoderKL(acfg), sd, path)
     return ae.eval().requires_grad_(False), acfg, ck
 
 
@@ -274,7 +226,7 @@ def train_autoencoder(args, cfg, device, path, data=None):
     data = data or common.load_data(args.data, acfg["image_size"], acfg["channels"], seed=args.seed)
     common.check_batch(data, acfg["ae_batch"], flag="the preset's ae_batch")
     torch.manual_seed(args.seed + 2)
-    ae = AutoencoderKL(acfg).to(device)
+    ae = common.AutoencoderKL(acfg).to(device)
     disc = PatchDiscriminator(acfg["channels"], acfg["disc_ch"]).to(device)
     opt = torch.optim.Adam(ae.parameters(), lr=acfg["ae_lr"], betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=acfg["ae_lr"], betas=(0.5, 0.9))
@@ -334,7 +286,7 @@ def train_autoencoder(args, cfg, device, path, data=None):
     n = min(64, len(held)) if not held.endless else 64
     x = torch.stack([held[i][0] for i in range(n)]).to(device)
     with torch.no_grad():
-        rec = ae(x, sample=False)[0].float()
+        rec = reconstruct(ae, x, sample=False)[0].float()
     score = psnr(x, rec)
     save(step, {"psnr": score})
     grid = os.path.join(os.path.dirname(os.path.abspath(path)), "recon.png")
@@ -353,52 +305,13 @@ def measure_scale(ae, data, device, n, batch=64, seed=0):
     for s in range(0, n, batch):
         idx = range(s, min(n, s + batch)) if data.endless else [i % len(data) for i in range(s, min(n, s + batch))]
         x = torch.stack([data[i][0] for i in idx]).to(device)
-        zs.append(ae.encode(x).sample(generator=g).float().cpu())
+        zs.append(DiagonalGaussian(*ae.encode(x)).sample(generator=g).float().cpu())
     return 1.0 / torch.cat(zs).std().item()
 
 
 # ---------------------------------------------------------------------------------------------
 # Conditioning: tokenizer, text encoder, class embedding
 # ---------------------------------------------------------------------------------------------
-
-class Tokenizer:
-    """Word-level: lower-cased runs of letters and digits. Ids 0 <pad>, 1 <bos> (always first, so the
-    empty caption is one real token), 2 <unk> (every word not seen in the training captions), then the
-    vocabulary in sorted order. Sequences are padded (or cut) to max_len."""
-    SPECIALS = ["<pad>", "<bos>", "<unk>"]
-    PAD, BOS, UNK = 0, 1, 2
-
-    def __init__(self, vocab, max_len):
-        words = [w for w in vocab if w not in self.SPECIALS]
-        self.vocab = self.SPECIALS + sorted(set(words))
-        self.index = {w: i for i, w in enumerate(self.vocab)}
-        self.max_len = max_len
-
-    @staticmethod
-    def words(text):
-        return re.findall(r"[a-z0-9]+", text.lower())
-
-    @classmethod
-    def build(cls, captions, max_len):
-        return cls({w for c in captions for w in cls.words(c)}, max_len)
-
-    def encode(self, text):
-        return [self.BOS] + [self.index.get(w, self.UNK) for w in self.words(text)][:self.max_len - 1]
-
-    def decode(self, ids):
-        return " ".join(self.vocab[i] for i in ids if i not in (self.PAD, self.BOS))
-
-    def unknown(self, text):
-        return [w for w in self.words(text) if w not in self.index]
-
-    def __call__(self, texts):
-        """A batch of captions -> token ids (B, max_len), 0-padded."""
-        out = torch.zeros(len(texts), self.max_len, dtype=torch.long)
-        for i, t in enumerate(texts):
-            ids = self.encode(t)
-            out[i, :len(ids)] = torch.tensor(ids)
-        return out
-
 
 def training_captions(data, n=20_000):
     """The captions the vocabulary is built from: the first n of the training data (shapes: from the
@@ -420,74 +333,15 @@ def partial_caption(caption, keep):
     return " ".join(words + ([common.POSITION_WORDS[a["position"]]] if keep[2] else []))
 
 
-class TextBlock(nn.Module):
-    """Pre-LN transformer block: x += SelfAttn(LN x) over the real tokens; x += FF(LN x)."""
-
-    def __init__(self, d, heads):
-        super().__init__()
-        self.ln1, self.attn = nn.LayerNorm(d), common.Attention(d, heads)
-        self.ln2 = nn.LayerNorm(d)
-        self.ff = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
-    def forward(self, x, mask):
-        x = x + self.attn(self.ln1(x), mask=mask)
-        return x + self.ff(self.ln2(x))
-
-
-class TextEncoder(nn.Module):
-    """tau_theta for text: token + learned position embeddings, a few transformer blocks, a final LayerNorm.
-    tokens (B, L) -> context (B, L, D) and the padding mask (B, L), True = real token."""
-
-    def __init__(self, vocab_size, d, layers, heads, max_len):
-        super().__init__()
-        self.tok = nn.Embedding(vocab_size, d)
-        self.pos = nn.Parameter(torch.randn(max_len, d) * 0.02)
-        self.blocks = nn.ModuleList([TextBlock(d, heads) for _ in range(layers)])
-        self.ln = nn.LayerNorm(d)
-
-    def forward(self, tokens):
-        mask = tokens != Tokenizer.PAD
-        x = self.tok(tokens) + self.pos[:tokens.shape[1]]
-        for b in self.blocks:
-            x = b(x, mask)
-        return self.ln(x), mask
-
-
-class LDM(nn.Module):
-    """The latent U-Net (common.UNet with cross-attention blocks) and tau_theta in one module, so that the
-    optimizer, EMA and checkpoints of common.train cover both. forward(z_t, t, c): c are token ids (B, L)
-    (cond='text') or class labels (B,) with num_classes the null class (cond='class')."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.cond, d = cfg["cond"], cfg["context_dim"]
-        self.unet = common.UNet(ch=cfg["ch"], ch_mult=cfg["ch_mult"], num_res_blocks=cfg["num_res_blocks"],
-                                attn_res=cfg["attn_res"], heads=cfg["heads"], dropout=cfg.get("dropout", 0.0),
-                                in_ch=cfg["z_ch"], out_ch=cfg["z_ch"], image_size=cfg["image_size"] // cfg["f"],
-                                context_dim=d)
-        if self.cond == "text":
-            self.text = TextEncoder(len(cfg["vocab"]), d, cfg["text_layers"], cfg["text_heads"], cfg["max_len"])
-        else:
-            self.num_classes = cfg["num_classes"]
-            self.class_emb = nn.Embedding(cfg["num_classes"] + 1, d)  # index num_classes: the null class
-
-    def context(self, c):
-        """tau_theta(y) -> (context (B, L, D), mask (B, L) or None)."""
-        if self.cond == "text":
-            return self.text(c)
-        return self.class_emb(c)[:, None], None
-
-    def forward(self, z, t, c):
-        ctx, mask = self.context(c)
-        return self.unet(z, t, context=ctx, mask=mask)
-
-
 class Conditioner:
-    """Turns captions or labels into the model's condition c, the null condition, and the 10% drop."""
+    """Turns captions or labels into the model's condition c, the null condition, and the 10% drop. tok: a
+    released model's tokenizer (CLIP's BPE), else the word-level one of the checkpoint's vocabulary."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, tok=None):
         self.cond = cfg["cond"]
-        self.tok = Tokenizer(cfg["vocab"], cfg["max_len"]) if self.cond == "text" else None
+        if tok is None and self.cond == "text":
+            tok = common.WordTokenizer(cfg["vocab"], cfg["max_len"])
+        self.tok = tok
         self.num_classes = cfg.get("num_classes")
 
     def __call__(self, captions=None, labels=None):
@@ -496,7 +350,7 @@ class Conditioner:
         return torch.as_tensor(labels, dtype=torch.long)
 
     def null(self, n):
-        """The empty caption ([<bos>]) or the null class."""
+        """The empty caption ([<bos>]; SD: the empty prompt's [start, end, pad...]) or the null class."""
         return self.tok([""] * n) if self.cond == "text" else torch.full((n,), self.num_classes, dtype=torch.long)
 
     def drop(self, c, p):
@@ -511,10 +365,7 @@ class Conditioner:
 # Stage 2: diffusion in latent space, guidance, sampling
 # ---------------------------------------------------------------------------------------------
 
-def alphas_cumprod(cfg):
-    """abar_t, t = 0..T-1, float64 on the CPU: the samplers read Python floats, the loss a float32 copy."""
-    b = common.beta_schedule(cfg["schedule"], cfg["timesteps"], cfg["beta_start"], cfg["beta_end"])
-    return torch.cumprod(1 - torch.as_tensor(b, dtype=torch.float64), 0)
+alphas_cumprod = common.alphas_cumprod    # abar_t of the scaled-linear schedule, float64 on the CPU
 
 
 def q_sample(z0, t, eps, abar):
@@ -565,37 +416,37 @@ def ddim_step(z, eps, a, a_prev, eta=0.0):
 
 
 @torch.no_grad()
-def sample_latents(eps_fn, z, abar, steps, eta=0.0, progress=False):
-    """From z_T over the timesteps i T / S, i = S-1 .. 0, ending at abar = 1 (not abar_0), so that the last step
-    returns the predicted z_0 itself (Song et al. 2021, eq. 12 with alpha_0 = 1)."""
+def sample_latents(eps_fn, z, abar, steps, eta=0.0, progress=False, offset=0):
+    """From z_T over the timesteps i T / S + offset, i = S-1 .. 0. offset 0 (ours): the last step ends at
+    abar = 1 (not abar_0), so that it returns the predicted z_0 itself (Song et al. 2021, eq. 12 with
+    alpha_0 = 1).
+    offset 1: Stable Diffusion's released DDIM sampler, whose timesteps are i T / S + 1 and whose last step
+    ends at abar_0."""
     T = len(abar)
     if not 1 <= steps <= T:
         raise common.UserError(f"--steps {steps}: use 1..{T}, the model's number of timesteps T")
-    ts = [i * T // steps for i in range(steps)]
+    ts = [min(i * T // steps + offset, T - 1) for i in range(steps)]
     for i in common.steps_bar(reversed(range(steps)), steps, "sampling", progress):
-        a, a_prev = float(abar[ts[i]]), float(abar[ts[i - 1]]) if i > 0 else 1.0
+        a = float(abar[ts[i]])
+        a_prev = float(abar[ts[i - 1] if i > 0 else ts[0] - 1]) if i > 0 or ts[0] > 0 else 1.0
         z = ddim_step(z, eps_fn(z, ts[i]), a, a_prev, eta)
     return z
 
 
 class Sampler:
-    """The EMA model, its autoencoder and conditioner from an LDM checkpoint: c -> images."""
+    """The EMA model, its autoencoder and conditioner from an LDM checkpoint, or Stable Diffusion from
+    --weights (weights, tokenizer: their paths; image_size: the sampling size, default the release's 512):
+    c -> images."""
 
-    def __init__(self, path, device):
-        ck = common.load_checkpoint(path, ["ldm"])
-        if ck.get("kind") != "ldm":
-            raise common.UserError(f"{path} is ldm.py's {ck.get('kind', 'unknown')} checkpoint, not the latent "
-                                   "diffusion model; pass --ckpt <out>/ckpt.pt")
-        if "ae" not in ck:
-            raise common.UserError(f"{path} holds no autoencoder; retrain with `python ldm.py --train`")
-        self.cfg, self.ck, self.device = ck["config"], ck, device
-        self.model = LDM(self.cfg)
-        self.model.load_state_dict(ck["ema"])
-        self.model = self.model.to(device).eval()
-        self.ae = AutoencoderKL(ck["ae_config"])
-        self.ae.load_state_dict(ck["ae"])
-        self.ae = self.ae.to(device).eval()
-        self.cond, self.abar = Conditioner(self.cfg), alphas_cumprod(self.cfg).tolist()
+    def __init__(self, path, device, weights=None, tokenizer=None, image_size=None):
+        if weights:
+            self.model, self.ae, tok, self.cfg = common.load_stable_diffusion(weights, tokenizer, image_size)
+            self.ck = {"step": None, "weights": weights}
+        else:
+            self.model, self.ae, self.cfg, self.ck = common.load_ldm(path)
+            tok = None
+        self.model, self.ae, self.device = self.model.to(device), self.ae.to(device), device
+        self.cond, self.abar = Conditioner(self.cfg, tok), alphas_cumprod(self.cfg).tolist()
 
     @torch.no_grad()
     def sample(self, captions=None, labels=None, scale=DEFAULT_SCALE, steps=DEFAULT_STEPS, eta=0.0, progress=False):
@@ -603,12 +454,12 @@ class Sampler:
         n, r = c.shape[0], self.cfg["image_size"] // self.cfg["f"]
         eps_fn = guided_eps_fn(self.model, c, self.cond.null(n).to(self.device), scale)
         z = torch.randn(n, self.cfg["z_ch"], r, r, device=self.device)
-        z = sample_latents(eps_fn, z, self.abar, steps, eta, progress)
+        z = sample_latents(eps_fn, z, self.abar, steps, eta, progress, self.cfg.get("ddim_offset", 0))
         return self.ae.decode(z / self.cfg["scale_factor"]).float().clamp(-1, 1)
 
 
 def build_model(cfg):
-    return LDM(cfg)
+    return common.LDM(cfg)
 
 
 def train(args, cfg):
@@ -661,7 +512,7 @@ def train(args, cfg):
 
         def loss_fn(net, x, y, caps):
             with torch.no_grad():
-                z0 = ae.encode(x).sample() * cfg["scale_factor"]
+                z0 = DiagonalGaussian(*ae.encode(x)).sample() * cfg["scale_factor"]
             if cfg["cond"] == "text" and cfg.get("p_partial", 0) > 0:  # a fraction p_partial of the captions
                 u = torch.rand(len(caps), 4).tolist()                    # made partial, each phrase kept w.p. 1/2
                 caps = [partial_caption(c, [v >= 0.5 for v in r[1:]]) if r[0] < cfg["p_partial"] else c
@@ -687,8 +538,8 @@ def stage2_conditions(args, cfg, data):
     """The vocabulary (text) or the classes (class) of stage 2, from the data: UserError where there are none."""
     if cfg["cond"] == "text":
         caps = training_captions(data)
-        cfg["vocab"] = Tokenizer.build(caps, cfg["max_len"]).vocab
-        if len(cfg["vocab"]) == len(Tokenizer.SPECIALS):
+        cfg["vocab"] = common.WordTokenizer.build(caps, cfg["max_len"]).vocab
+        if len(cfg["vocab"]) == len(common.WordTokenizer.SPECIALS):
             raise common.UserError(f"--data {args.data} has no captions; use --cond class")
     else:
         if not data.num_classes or data.num_classes < 2:
@@ -716,6 +567,14 @@ def check_args(args):
         raise common.UserError(f"{'--sweep' if args.sweep else '--recon'} goes with --eval")
     if args.sweep and args.scale is not None:
         raise common.UserError("--sweep runs every s in {1, 2, 3, 5, 7.5} itself; drop --scale")
+    common.check_weights_flags(args)
+    if args.weights and not args.sample:
+        raise common.UserError("--weights (Stable Diffusion) goes with --sample here; fine-tune it with "
+                               "`python dreambooth.py --train --weights ...`")
+    if args.weights and args.prompt is None:
+        raise common.UserError("--weights: give the text to draw with --prompt")
+    if args.tokenizer and not args.weights:
+        raise common.UserError("--tokenizer goes with --weights (a model trained here keeps its own vocabulary)")
 
 
 def eta_steps(args, T):
@@ -728,17 +587,19 @@ def eta_steps(args, T):
 
 def sample_images(args, device):
     """--sample: --n-samples images for --prompt (text) or --class, else for held-out captions/labels."""
-    smp = Sampler(args.ckpt or os.path.join(args.out, "ckpt.pt"), device)
+    smp = Sampler(args.ckpt or os.path.join(args.out, "ckpt.pt"), device, args.weights, args.tokenizer,
+                  args.image_size)
     c = smp.cfg
     eta, steps = eta_steps(args, c["timesteps"])
-    n = args.n_samples or (16 if args.prompt is not None or args.label is not None else 36)
+    asked = args.prompt is not None or args.label is not None
+    n = args.n_samples or (1 if args.weights else 16 if asked else 36)
     captions = labels = None
     if c["cond"] == "text":
         if args.label is not None:
             raise common.UserError("this checkpoint is text-conditional: give --prompt, not --class")
         if args.prompt is not None:
             unk = smp.cond.tok.unknown(args.prompt)
-            if len(unk) == len(Tokenizer.words(args.prompt)) and args.prompt.strip():
+            if len(unk) == len(common.WordTokenizer.words(args.prompt)) and args.prompt.strip():
                 raise common.UserError(f"--prompt '{args.prompt}': no word the model knows; its vocabulary: "
                                        f"{', '.join(smp.cond.tok.vocab[3:])}")
             if unk:
@@ -756,7 +617,7 @@ def sample_images(args, device):
         held = common.load_data(args.data, c["image_size"], c["channels"], seed=args.seed, train=False)
         items, nrow = common.grid_items(held, n)
         n, captions, labels = len(items), [it[2] for it in items], [it[1] for it in items]
-    scale = DEFAULT_SCALE if args.scale is None else args.scale
+    scale = (SD_SCALE if args.weights else DEFAULT_SCALE) if args.scale is None else args.scale
     torch.manual_seed(args.seed)
     t0 = time.time()
     with common.autocast(device, args.dtype):
@@ -766,7 +627,7 @@ def sample_images(args, device):
     what = f"'{args.prompt}'" if args.prompt is not None else (f"class {args.label}" if args.label is not None
                                                                 else "held-out conditions")
     print(f"{n} samples for {what}, scale {scale:g}, {steps} steps (eta {eta:g}), {time.time() - t0:.2f}s: {path} "
-          "(conditions in samples.txt)")
+          f"(conditions in samples.txt){'; released weights ' + args.weights if args.weights else ''}")
 
 
 def evaluate(args, device):
@@ -813,7 +674,8 @@ def evaluate_ae(args, device):
     idx = range(n) if held.endless else range(min(n, len(held)))
     x = torch.stack([held[i][0] for i in idx])
     bs = args.batch_size or 100
-    rec = torch.cat([ae(x[i:i + bs].to(device), sample=False)[0].float().cpu() for i in range(0, len(x), bs)])
+    rec = torch.cat([reconstruct(ae, x[i:i + bs].to(device), sample=False)[0].float().cpu()
+                     for i in range(0, len(x), bs)])
     rec = common.quantize(rec)
     judge = common.get_judge(args.data, acfg["image_size"], acfg["channels"], device,
                              steps=PRESETS[args.preset].get("judge_steps", common.JUDGE_STEPS))
@@ -828,7 +690,11 @@ def evaluate_ae(args, device):
 
 def main(argv=None):
     p = common.make_parser("ldm", __doc__, PRESETS,
-                           modes=[("--train-ae", "train only stage 1, the KL autoencoder (<out>/ae.pt)")])
+                           modes=[("--train-ae", "train only stage 1, the KL autoencoder (<out>/ae.pt)")],
+                           weights="Stable Diffusion v1.x, a CompVis file (v1-5-pruned-emaonly.safetensors, "
+                                   "sd-v1-4.ckpt) or a diffusers folder; --sample only, with --prompt")
+    p.add_argument("--tokenizer", metavar="PATH", help="with --weights: CLIP's bpe_simple_vocab_16e6.txt.gz or a "
+                   "tokenizer/ folder (vocab.json, merges.txt); a diffusers folder needs none")
     p.add_argument("--cond", choices=["text", "class"], help="condition on captions (default) or class labels")
     p.add_argument("--f", type=int, choices=[4, 8], help="the autoencoder's downsampling factor (default 4)")
     p.add_argument("--ae", metavar="PATH", help="the autoencoder checkpoint (default <out>/ae.pt)")

@@ -48,11 +48,11 @@ def ldm_model(preset):
     """ldm.py's stage-2 model and autoencoder with a vocabulary built from shapes captions."""
     cfg = dict(ldm.PRESETS[preset])
     data = common.load_data("shapes", cfg["image_size"], cfg["channels"])
-    cfg["vocab"] = ldm.Tokenizer.build(ldm.training_captions(data, 2000), cfg["max_len"]).vocab
+    cfg["vocab"] = common.WordTokenizer.build(ldm.training_captions(data, 2000), cfg["max_len"]).vocab
     cfg["scale_factor"] = 1.0
     torch.manual_seed(0)
-    ae = ldm.AutoencoderKL(ldm.ae_config(cfg)).eval()
-    return ldm.LDM(cfg), ae, cfg, data
+    ae = common.AutoencoderKL(ldm.ae_config(cfg)).eval()
+    return common.LDM(cfg), ae, cfg, data
 
 
 def train_step_fn(model, loss):
@@ -84,7 +84,7 @@ def compare_ldm(args):
 
     def latent_loss():  # ldm.py's loss_fn: encode with the frozen autoencoder, then eq. 3
         with torch.no_grad():
-            z0 = ae.encode(x).sample() * cfg["scale_factor"]
+            z0 = ldm.DiagonalGaussian(*ae.encode(x)).sample() * cfg["scale_factor"]
         return ldm.ldm_loss(net, z0, cond.drop(cond(caps), cfg["p_uncond"]), abar)
 
     rows = [{"model": "ddpm.py pixel U-Net", "params_M": common.count_params(unet) / 1e6,

@@ -109,14 +109,14 @@ def test_ddgan_training_step_with_r1_and_sampler():
 
 def test_ldm_both_stages_and_guided_latent_sampler():
     cfg = dict(ldm.PRESETS["tiny"], cond="text", scale_factor=1.0)
-    cfg["vocab"] = ldm.Tokenizer.build(ldm.training_captions(common.ShapesData(16, 3), 50), cfg["max_len"]).vocab
+    cfg["vocab"] = common.WordTokenizer.build(ldm.training_captions(common.ShapesData(16, 3), 50), cfg["max_len"]).vocab
     x, y, caps = shapes_batch(cfg)
-    ae, disc = ldm.AutoencoderKL(ldm.ae_config(cfg)), ldm.PatchDiscriminator(3, cfg["disc_ch"])
+    ae, disc = common.AutoencoderKL(ldm.ae_config(cfg)), ldm.PatchDiscriminator(3, cfg["disc_ch"])
     no_float64(sgd_step(ae, lambda: ldm.ae_losses(ae, x, ldm.ae_config(cfg), disc, use_gan=True)[0]))
-    net, cond = ldm.LDM(cfg), ldm.Conditioner(cfg)
+    net, cond = common.LDM(cfg), ldm.Conditioner(cfg)
     abar = ldm.alphas_cumprod(cfg)
     abar_dev, abar_list = common.on_device(CPU)(abar), abar.tolist()
-    z0 = ae.encode(x).sample().detach()
+    z0 = ldm.DiagonalGaussian(*ae.encode(x)).sample().detach()
     no_float64(sgd_step(net, lambda: ldm.ldm_loss(net, z0, cond.drop(cond(caps), 0.1), abar_dev)))
     eps_fn = ldm.guided_eps_fn(net.eval(), cond(caps), cond.null(2), 3.0)
     no_float64(lambda: ae.decode(ldm.sample_latents(eps_fn, torch.randn_like(z0), abar_list, 3)))
@@ -124,14 +124,14 @@ def test_ldm_both_stages_and_guided_latent_sampler():
 
 def test_dreambooth_loss_and_sampler(tmp_path):
     cfg = dict(ldm.PRESETS["tiny"], cond="text", scale_factor=1.0)
-    cfg["vocab"] = ldm.Tokenizer.build(["a sks circle", "a circle"], cfg["max_len"]).vocab
-    model, ae = dreambooth.LDM(cfg), dreambooth.AutoencoderKL(ldm.ae_config(cfg))
-    tok = dreambooth.Tokenizer(cfg["vocab"], cfg["max_len"])
-    abar = common.on_device(CPU)(dreambooth.alphas_cumprod(cfg))
+    cfg["vocab"] = common.WordTokenizer.build(["a sks circle", "a circle"], cfg["max_len"]).vocab
+    model, ae = common.LDM(cfg), common.AutoencoderKL(ldm.ae_config(cfg))
+    tok = common.WordTokenizer(cfg["vocab"], cfg["max_len"])
+    abar = common.on_device(CPU)(common.alphas_cumprod(cfg))
     z0, tokens = torch.randn(4, 4, 4, 4), tok(["a sks circle"] * 2 + ["a circle"] * 2)
     no_float64(sgd_step(model, lambda: dreambooth.dreambooth_loss(model, z0, tokens, 2, abar)[0]))
-    abar_list = dreambooth.alphas_cumprod(cfg).tolist()
-    no_float64(lambda: dreambooth.sample(model.eval(), ae, cfg, tokens, steps=3, abar=abar_list))
+    abar_list = common.alphas_cumprod(cfg).tolist()
+    no_float64(lambda: dreambooth.sample(model.eval(), ae, cfg, tok, ["a sks circle"] * 2, steps=3, abar=abar_list))
 
 
 def test_evaluation_features_and_judge_predictions():

@@ -1,7 +1,8 @@
-"""dreambooth.py: its own copy of ldm.py's model gives ldm.py's samples; the identifier joins the vocabulary
+"""dreambooth.py: its sampler on the shared networks gives ldm.py's samples; the identifier joins the vocabulary
 (new embedding row, old ids kept); the loss of eq. 2 on a batch ordered [instance..., class...] against a
 manual computation, and --no-prior's instance-only loss; the base stays frozen; the command line on a tiny
 ldm.py checkpoint (fine-tune, then sample) and its errors."""
+import argparse
 import os
 import subprocess
 import sys
@@ -30,9 +31,9 @@ def base_ckpt(tmp_path_factory):
     """A tiny, untrained (jittered) ldm.py text checkpoint with the shapes vocabulary, saved as ldm.py does."""
     cfg = dict(ldm.PRESETS["tiny"], cond="text", scale_factor=1.3)
     caps = ldm.training_captions(common.ShapesData(16, 3), n=300)
-    cfg["vocab"] = ldm.Tokenizer.build(caps, cfg["max_len"]).vocab
+    cfg["vocab"] = common.WordTokenizer.build(caps, cfg["max_len"]).vocab
     torch.manual_seed(0)
-    model, ae = jitter(ldm.LDM(cfg)), jitter(ldm.AutoencoderKL(ldm.ae_config(cfg)), seed=1)
+    model, ae = jitter(common.LDM(cfg)), jitter(common.AutoencoderKL(ldm.ae_config(cfg)), seed=1)
     path = str(tmp_path_factory.mktemp("base") / "ckpt.pt")
     common.save_checkpoint({"script": "ldm", "kind": "ldm", "config": cfg, "model": model.state_dict(),
                             "ema": model.state_dict(), "ae": ae.state_dict(), "ae_config": ldm.ae_config(cfg),
@@ -40,29 +41,28 @@ def base_ckpt(tmp_path_factory):
     return path
 
 
-def test_own_copy_matches_ldm(base_ckpt):
+def base_args(path):
+    return argparse.Namespace(weights=None, tokenizer=None, image_size=None, base=path)
+
+
+def test_sampler_matches_ldm(base_ckpt):
     smp = ldm.Sampler(base_ckpt, torch.device("cpu"))
-    model, ae, cfg, _ = dreambooth.load_model(base_ckpt, ("ldm",))
+    model, ae, tok, cfg, _ = dreambooth.load_base(base_args(base_ckpt))
     caps = ["a red circle", "a large blue square on the left"]
     torch.manual_seed(3)
     ref = smp.sample(caps, scale=3.0, steps=4)
     torch.manual_seed(3)
-    tok = dreambooth.Tokenizer(cfg["vocab"], cfg["max_len"])
-    got = dreambooth.sample(model, ae, cfg, tok(caps), scale=3.0, steps=4)
+    got = dreambooth.sample(model, ae, cfg, tok, caps, scale=3.0, steps=4)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
     assert torch.equal(tok(caps), smp.cond.tok(caps))
-    mean, std = ae.encode(torch.zeros(1, 3, 16, 16))
-    post = smp.ae.encode(torch.zeros(1, 3, 16, 16))
-    torch.testing.assert_close(mean, post.mean)
-    torch.testing.assert_close(std, post.std)
 
 
 def test_identifier_extends_the_vocabulary(base_ckpt):
-    model, _, cfg, _ = dreambooth.load_model(base_ckpt, ("ldm",))
+    model, _, _, cfg, _ = dreambooth.load_base(base_args(base_ckpt))
     assert "sks" not in cfg["vocab"] and "circle" in cfg["vocab"]
-    old_rows, old_tokens = model.text.tok.weight.clone(), dreambooth.Tokenizer(cfg["vocab"], 12)(["a red circle"])
+    old_rows, old_tokens = model.text.tok.weight.clone(), common.WordTokenizer(cfg["vocab"], 12)(["a red circle"])
     new = dreambooth.extend_vocab(model, cfg, ["sks"])
-    tok = dreambooth.Tokenizer(new["vocab"], new["max_len"])
+    tok = common.WordTokenizer(new["vocab"], new["max_len"])
     assert new["vocab"][-1] == "sks" and new["vocab"][:-1] == cfg["vocab"] and not tok.unknown("a sks circle")
     assert model.text.tok.weight.shape[0] == len(cfg["vocab"]) + 1
     assert torch.equal(model.text.tok.weight[:-1], old_rows)                    # the trained rows are kept
@@ -85,7 +85,7 @@ class Recorder(torch.nn.Module):
 
 
 def test_batch_order_and_prior_loss_against_manual():
-    abar = dreambooth.alphas_cumprod(ldm.PRESETS["tiny"]).float()          # float32, as the script trains
+    abar = common.alphas_cumprod(ldm.PRESETS["tiny"]).float()          # float32, as the script trains
     g = torch.Generator().manual_seed(0)
     z_inst, z_cls = torch.randn(2, 4, 4, 4, generator=g), torch.randn(3, 4, 4, 4, generator=g) + 5
     tok_inst, tok_cls = torch.full((2, 5), 7), torch.full((3, 5), 4)
@@ -152,6 +152,9 @@ def test_errors(base_ckpt, tmp_path):
                          "--out", str(tmp_path / "y")])
     with pytest.raises(common.UserError, match="class-noun"):
         dreambooth.main(["--train", "--preset", "tiny", "--base", base_ckpt, "--class-noun", "dog",
+                         "--out", str(tmp_path / "y")])
+    with pytest.raises(common.UserError, match="base vocabulary"):
+        dreambooth.main(["--train", "--preset", "tiny", "--base", base_ckpt, "--class-prompt", "a dog",
                          "--out", str(tmp_path / "y")])
     with pytest.raises(common.UserError, match="fine-tune one"):
         dreambooth.main(["--sample", "--out", str(tmp_path / "none")])

@@ -30,7 +30,7 @@ def jitter(module, std=0.1, seed=0):
 def tiny_cfg(cond="text", **kw):
     cfg = dict(ldm.PRESETS["tiny"], cond=cond, **kw)
     if cond == "text":
-        cfg["vocab"] = ldm.Tokenizer.build(CAPTIONS, cfg["max_len"]).vocab
+        cfg["vocab"] = common.WordTokenizer.build(CAPTIONS, cfg["max_len"]).vocab
     else:
         cfg["num_classes"] = 4
     return cfg
@@ -41,16 +41,19 @@ def tiny_cfg(cond="text", **kw):
 @pytest.mark.parametrize("f, side", [(4, 8), (8, 4)])
 def test_autoencoder_shapes(f, side):
     acfg = ldm.ae_config(dict(ldm.PRESETS["tiny"], image_size=32, f=f))
-    ae = ldm.AutoencoderKL(acfg)
+    ae = common.AutoencoderKL(acfg)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    post = ae.encode(x)
+    post = ldm.DiagonalGaussian(*ae.encode(x))
     assert post.mean.shape == post.logvar.shape == (2, acfg["z_ch"], side, side)   # 32x32x3 -> (32/f)^2 x 4
     assert post.sample().shape == (2, 4, side, side) and post.kl().shape == (2,)
-    rec, _ = ae(x)
+    rec, _ = ldm.reconstruct(ae, x)
     assert rec.shape == x.shape and ae.decode(torch.randn(3, 4, side, side)).shape == (3, 3, 32, 32)
-    big = ldm.DiagonalGaussian(torch.cat([torch.zeros(1, 4, 2, 2), torch.full((1, 4, 2, 2), 1e3)], 1))
+    big = ldm.DiagonalGaussian(*common.gaussian_moments(torch.cat([torch.zeros(1, 4, 2, 2),
+                                                                   torch.full((1, 4, 2, 2), 1e3)], 1)))
     assert big.logvar.max() == 20 and torch.isfinite(big.kl()).all()         # log-variance clamped to [-30, 20]
-    assert ldm.DiagonalGaussian(torch.full((1, 8, 2, 2), -1e3)).logvar.min() == -30
+    assert common.gaussian_moments(torch.full((1, 8, 2, 2), -1e3))[1].min() == -30
+    # the mid blocks of the encoder and the decoder attend over all positions (the released design)
+    assert all(isinstance(m.mid[1], common.AttnBlock) for m in (ae.encoder, ae.decoder))
 
 
 def test_kl_matches_closed_form_and_samples_have_the_posterior_moments():
@@ -64,7 +67,7 @@ def test_kl_matches_closed_form_and_samples_have_the_posterior_moments():
                                             torch.distributions.Normal(torch.zeros_like(mean), torch.ones_like(std)))
     torch.testing.assert_close(ldm.kl_loss(mean, logvar), ref.flatten(1).sum(1))
     assert ldm.kl_loss(torch.zeros(2, 4), torch.zeros(2, 4)).abs().max() == 0   # KL(N(0, 1) || N(0, 1)) = 0
-    post = ldm.DiagonalGaussian(torch.cat([mean[:1], logvar[:1]], 1).float().expand(20000, -1, -1, -1))
+    post = ldm.DiagonalGaussian(mean[:1].float().expand(20000, -1, -1, -1), logvar[:1].float().expand(20000, -1, -1, -1))
     z = post.sample(torch.Generator().manual_seed(1))
     torch.testing.assert_close(z.mean(0), mean[0].float(), atol=0.1, rtol=0)
     torch.testing.assert_close(z.std(0) / std[0].float(), torch.ones_like(z[0]), atol=0.05, rtol=0)
@@ -83,18 +86,25 @@ def test_adaptive_weight_is_the_gradient_norm_ratio_and_hinge_loss():
 def test_ae_losses_and_one_step_with_the_discriminator():
     acfg = ldm.ae_config(dict(ldm.PRESETS["tiny"]))
     torch.manual_seed(0)
-    ae, disc = ldm.AutoencoderKL(acfg), ldm.PatchDiscriminator(3, acfg["disc_ch"])
+    ae, disc = common.AutoencoderKL(acfg), ldm.PatchDiscriminator(3, acfg["disc_ch"])
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     loss, rec, logs = ldm.ae_losses(ae, x, acfg, disc, use_gan=True)
     assert torch.isfinite(loss) and rec.shape == x.shape and {"rec", "kl", "g", "w"} <= logs.keys()
     loss.backward()
-    assert ae.conv_out.weight.grad is not None and ae.logvar.grad is not None
+    assert ae.decoder.conv_out.weight.grad is not None
+    # s of L_AE is the official constant (its logvar is never trained): no parameter of the autoencoder holds it
+    assert ldm.LOG_SCALE == 0.0 and not any("logvar" in k for k in ae.state_dict())
+    torch.manual_seed(1)
+    nll_only = ldm.ae_losses(ae, x, dict(acfg, kl_weight=0.0))
+    torch.manual_seed(1)
+    rec2 = ldm.reconstruct(ae, x)[0]
+    torch.testing.assert_close(nll_only[0], (x - rec2).abs().sum() / 2)   # sum |x - x~| / e^0 + 0, per image
 
 
 # --- conditioning -------------------------------------------------------------------------------------
 
 def test_tokenizer_round_trips_known_words_and_maps_unknown_ones_to_one_id():
-    tok = ldm.Tokenizer.build(CAPTIONS, max_len=10)
+    tok = common.WordTokenizer.build(CAPTIONS, max_len=10)
     assert all(isinstance(w, str) for w in tok.vocab) and tok.vocab[:3] == ["<pad>", "<bos>", "<unk>"]
     for c in CAPTIONS:
         ids = tok.encode(c)
@@ -105,8 +115,10 @@ def test_tokenizer_round_trips_known_words_and_maps_unknown_ones_to_one_id():
     batch = tok(["", CAPTIONS[0], "a " * 30])
     assert batch.shape == (3, 10) and batch[0].tolist() == [tok.BOS] + [tok.PAD] * 9   # empty caption = [<bos>]
     assert (batch[2] != tok.PAD).all()                                                  # cut to max_len
-    again = ldm.Tokenizer(tok.vocab, 10)                                                # rebuilt from the stored list
+    again = common.WordTokenizer(tok.vocab, 10)                                         # rebuilt from the stored list
     assert again.vocab == tok.vocab and again.encode(CAPTIONS[1]) == tok.encode(CAPTIONS[1])
+    more = common.WordTokenizer(tok.vocab + ["sks"], 10)                  # a word appended keeps every earlier id
+    assert more.vocab[:-1] == tok.vocab and more.index["sks"] == len(tok.vocab)
 
 
 def test_partial_captions_keep_the_shape_and_the_phrases_asked():
@@ -124,7 +136,7 @@ def test_partial_captions_keep_the_shape_and_the_phrases_asked():
 
 def test_cross_attention_changes_with_context_and_ignores_padded_tokens():
     torch.manual_seed(0)
-    blk = jitter(common.AttnBlock(16, 2, context_dim=8)).eval()
+    blk = jitter(common.SpatialTransformer(16, 2, context_dim=8)).eval()
     x, ctx = torch.randn(2, 16, 4, 4), torch.randn(2, 5, 8)
     mask = torch.tensor([[True, True, True, False, False], [True] * 5])
     out = blk(x, ctx, mask)
@@ -137,15 +149,15 @@ def test_cross_attention_changes_with_context_and_ignores_padded_tokens():
     torch.testing.assert_close(blk(x, real, mask)[1], out[1])
     # the whole latent U-Net and text encoder: padding changes nothing, a different caption does
     cfg = tiny_cfg()
-    model = jitter(ldm.LDM(cfg)).eval()
-    tok = ldm.Tokenizer(cfg["vocab"], cfg["max_len"])
+    model = jitter(common.LDM(cfg)).eval()
+    tok = common.WordTokenizer(cfg["vocab"], cfg["max_len"])
     z, t = torch.randn(2, 4, 4, 4), torch.tensor([10, 500])
     e = model(z, t, tok(CAPTIONS[:2]))
     ctx, m = model.context(tok(CAPTIONS[:2]))
     ctx2 = torch.where(m[..., None], ctx, torch.randn_like(ctx))
     torch.testing.assert_close(model.unet(z, t, context=ctx2, mask=m), e, rtol=0, atol=1e-5)
     assert (model(z, t, tok(CAPTIONS[1:3])) - e).abs().max() > 1e-3
-    long = ldm.Tokenizer(cfg["vocab"], 8)                                 # same caption, less padding
+    long = common.WordTokenizer(cfg["vocab"], 8)                                 # same caption, less padding
     torch.testing.assert_close(model.text(long(CAPTIONS[:1]))[0][0, :8][m[0, :8]], ctx[0, :8][m[0, :8]],
                                rtol=0, atol=1e-5)
 
@@ -158,7 +170,7 @@ def test_cfg_scale_one_is_conditional_and_zero_unconditional(cond):
     torch.testing.assert_close(ldm.cfg_eps(ec, eu, 0.0), eu)
     torch.testing.assert_close(ldm.cfg_eps(ec, eu, 3.0), 3 * ec - 2 * eu)
     cfg = tiny_cfg(cond)
-    model = jitter(ldm.LDM(cfg)).eval()
+    model = jitter(common.LDM(cfg)).eval()
     cd = ldm.Conditioner(cfg)
     c = cd(CAPTIONS[:2]) if cond == "text" else cd(labels=[1, 3])
     null = cd.null(2)
@@ -201,12 +213,12 @@ def test_ddim_step_recovers_z0_with_the_true_noise():
 def test_latent_scale_is_one_over_the_measured_std():
     acfg = ldm.ae_config(dict(ldm.PRESETS["tiny"]))
     torch.manual_seed(0)
-    ae = ldm.AutoencoderKL(acfg).eval()
+    ae = common.AutoencoderKL(acfg).eval()
     data = common.ShapesData(16)
     s = ldm.measure_scale(ae, data, torch.device("cpu"), 20, batch=8, seed=3)
     with torch.no_grad():
         x = torch.stack([data[i][0] for i in range(20)])
-        z = torch.cat([ae.encode(x[i:i + 8]).sample(g) for g in [torch.Generator().manual_seed(3)]
+        z = torch.cat([ldm.DiagonalGaussian(*ae.encode(x[i:i + 8])).sample(g) for g in [torch.Generator().manual_seed(3)]
                        for i in range(0, 20, 8)])
     assert abs(s - 1 / z.std().item()) < 1e-5 and abs((z * s).std().item() - 1) < 1e-5
 

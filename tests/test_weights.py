@@ -163,10 +163,11 @@ def test_layout_is_told_from_the_tensor_names(layout):
     assert ("unknown layout (2 tensors, e.g. layer1.weight" in msg) == (layout == "unknown")
 
 
-def test_scripts_without_a_loader_refuse_weights():
-    for module in (ddgan, ldm):
-        with pytest.raises(common.UserError, match=r"--weights: \w+\.py loads no released weights"):
-            module.main(["--sample", "--weights", "anything.pt"])
+def test_scripts_without_a_loader_refuse_weights(tmp_path):
+    with pytest.raises(common.UserError, match=r"--weights: \w+\.py loads no released weights"):
+        ddgan.main(["--sample", "--weights", "anything.pt"])
+    with pytest.raises(common.UserError, match=r"no such file"):              # ldm.py loads Stable Diffusion
+        ldm.main(["--sample", "--weights", "anything.pt", "--prompt", "a dog", "--out", str(tmp_path)])
 
 
 def run(*args):
