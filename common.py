@@ -766,13 +766,12 @@ class LDM(nn.Module):
 
 def load_state(module, state, path):
     """load_state_dict, or one UserError where the checkpoint was made by an older version of the network."""
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).split("\n\t")[1].strip() if "\n\t" in str(e) else str(e)[:200]
-        raise UserError(f"{path} was made by an older version of this code (its tensors do not fit the "
-                        f"network: "
-                        f"{first}); train it again")
+    missing, extra, bad = check_mapping(module, state)
+    if missing or extra or bad:
+        raise UserError(f"{path} was made by an older version of this code ({len(missing)} of the network's "
+                        f"tensors missing, {len(extra)} unexpected, {len(bad)} of another shape, e.g. "
+                        f"{(missing + extra + bad)[0]}); train it again")
+    module.load_state_dict(state)
     return module
 
 
@@ -2259,7 +2258,7 @@ def train(script, args, cfg, build_model, objective, ck=None, data=None, extra_s
     opt = make_optimizer(model.parameters(), cfg["lr"], cfg.get("weight_decay", 0.0), device=device)
     step = 0
     if ck is not None:
-        model.load_state_dict(ck["model"])
+        load_state(model, ck["model"], ckpt_path)
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
         step = ck["step"]
@@ -2763,9 +2762,11 @@ def evaluate(script, args, cfg, sample_fn, nfe, device, cond=None, info=None):
     [-1, 1], in batches of --batch-size (default 100 on CPU, 500 on CUDA), and time them. wanted is
     None (cond=None), or the k class labels (cond='label') or captions (cond='caption') of the
     held-out images the samples are compared with. Scores: FID and KID against as many held-out real
-    images on the judge's features; fid_floor, the FID of another held-out set against the same one
-    (the estimator's floor at this n); acc, the fraction of samples the judge finds to be what was
-    asked (conditional only); fid_inception with --fid-weights. nfe (network evaluations per image)
+    images on the judge's features; fid_floor, the FID of the other held-out images (n of them, or at least
+    half as many: fid_floor_n) against the same ones, what a perfect model would score; confident (and
+    confident_real, of those real images), the fraction the judge puts in one class with probability
+    > 0.9; acc, the fraction of samples the judge finds to be what was asked (conditional only);
+    fid_inception with --fid-weights. nfe (network evaluations per image)
     and info go into the result as they are. Prints it as JSON, the last line of stdout, and returns it."""
     n = args.n_samples or 1000
     if n < 2:
@@ -2788,10 +2789,11 @@ def evaluate(script, args, cfg, sample_fn, nfe, device, cond=None, info=None):
     fake = quantize(torch.cat(fake))                                         # (n, C, H, W)
     res = {"script": script, "data": args.data, "n_samples": n, **(info or {}), "nfe": nfe,
            "sec_per_image": round(sec, 5), **fid_kid(judge, fake, real)}
-    if len(order) >= 2 * n:
-        real2 = torch.stack([held[i][0] for i in order[n:2 * n]])
-        res["fid_floor"] = fid_kid(judge, real2, real)["fid"]
-    res["confident"] = judge_confident(judge, fake)
+    rest = order[n:2 * n]
+    if len(rest) >= max(2, n // 2):
+        real2 = torch.stack([held[i][0] for i in rest])
+        res["fid_floor"], res["fid_floor_n"] = fid_kid(judge, real2, real)["fid"], len(rest)
+    res["confident"], res["confident_real"] = judge_confident(judge, fake), judge_confident(judge, real)
     if cond is not None:
         res["acc"] = attribute_accuracy(judge, fake, wanted)
     res["judge_acc"] = judge.accuracy.get("all", judge.accuracy.get("label"))

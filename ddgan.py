@@ -358,7 +358,7 @@ def train(args, cfg):
     opt_d = common.make_optimizer(D.parameters(), cfg["lr_d"], betas=(0.5, 0.9), device=device)
     step = 0
     if args.resume:
-        G.load_state_dict(ck["G"])
+        common.load_state(G, ck["G"], ckpt_path)
         D.load_state_dict(ck["D"])
         ema.load_state_dict(ck["ema"])
         opt_g.load_state_dict(ck["opt_g"])
@@ -458,11 +458,7 @@ def mode_coverage(args, cfg, fake, device):
 def load(path, device):
     """EMA generator and schedule from a ddgan.py checkpoint."""
     ck = common.load_checkpoint(path, ["ddgan"])
-    G = Generator(ck["config"])
-    if "unet.down.0.0.norm1.style.weight" not in ck["ema"]:
-        raise common.UserError(f"{path} was trained by an older ddgan.py (z added to the time embedding); train "
-                               "again with `python ddgan.py --train`")
-    G.load_state_dict(ck["ema"])
+    G = common.load_state(Generator(ck["config"]), ck["ema"], path)
     return G.to(device).eval(), schedule_from(ck["config"], device), ck
 
 

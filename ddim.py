@@ -202,7 +202,7 @@ def load(path, device):
     """The EMA network of a ddim.py or ddpm.py checkpoint, its abar (T Python floats) and the checkpoint."""
     ck = common.load_checkpoint(path, ["ddim", "ddpm"])
     model = common.build_unet(ck["config"])
-    model.load_state_dict(ck["ema"])
+    common.load_state(model, ck["ema"], path)
     model = model.to(device, memory_format=torch.channels_last)  # faster convolutions, on CPU too
     return model.eval(), alphas_cumprod(ck["config"]).tolist(), ck
 

@@ -159,7 +159,7 @@ def load(path, device):
     """EMA network and diffusion from a ddpm.py checkpoint."""
     ck = common.load_checkpoint(path, ["ddpm"])
     model = common.build_unet(ck["config"])
-    model.load_state_dict(ck["ema"])
+    common.load_state(model, ck["ema"], path)
     return model.to(device).eval(), diffusion_from(ck["config"], device), ck
 
 

@@ -418,7 +418,7 @@ def train_classifier(args, cfg, data, device):
     step = 0
     if args.resume and os.path.exists(path):
         ck = load_classifier_checkpoint(path)
-        clf.load_state_dict(ck["model"])
+        common.load_state(clf, ck["model"], path)
         opt.load_state_dict(ck["opt"])
         step = ck["step"]
     if common.already_done("guided: the classifier", step, ccfg["steps"]):
@@ -474,7 +474,7 @@ def load(path, device):
         raise common.UserError(f"{path} is guided.py's {ck.get('kind', 'unknown')} checkpoint, not the diffusion "
                                "model; pass the model's ckpt.pt with --ckpt")
     model = common.build_unet(ck["config"])
-    model.load_state_dict(ck["ema"])
+    common.load_state(model, ck["ema"], path)
     return model.to(device, memory_format=torch.channels_last).eval(), diffusion_from(ck["config"], device=device), ck
 
 
