@@ -2053,7 +2053,7 @@ def make_config(args, presets, keys=()):
     """The preset's plain dict, overridden by the flags the user gave: the contract's and the script's own
     `keys` (flag --a-b sets cfg['a_b']). args.given keeps those overrides, for --resume's warnings."""
     args.given = {k: getattr(args, k) for k in ("preset", "image_size", "channels", "max_steps", "batch_size",
-                                                "lr", *keys) if getattr(args, k, None) not in (None, False)}
+                                                "lr", *keys) if getattr(args, k, None) is not None}
     args.preset = args.preset or "cpu"
     cfg = {**presets[args.preset], "preset": args.preset, **args.given}
     check_unet_size(cfg, presets[args.preset])
