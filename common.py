@@ -21,6 +21,7 @@ import struct
 import sys
 import threading
 import time
+import types
 import unicodedata
 from contextlib import contextmanager, nullcontext
 
@@ -41,9 +42,10 @@ class Interrupted(Exception):
     """Ctrl-C in a training loop, after the checkpoint of the current step was saved: exit status 130."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Noise schedules: computed in float64, cast by the caller.
-# ---------------------------------------------------------------------------------------------
+#################################################################################
+#                                Noise schedules                                #
+#################################################################################
+# Computed in float64, cast by the caller (on_device).
 
 def beta_schedule(name, T, beta_start=1e-4, beta_end=0.02):
     """betas (T,) float64. linear: Ho et al. 2020 (1e-4 .. 0.02 for T=1000); cosine: Nichol &
@@ -85,9 +87,10 @@ def extract(a, t, shape):
     return a[t].reshape(-1, *([1] * (len(shape) - 1)))
 
 
-# ---------------------------------------------------------------------------------------------
-# U-Net (Ho et al. 2020 / ADM, Dhariwal & Nichol 2021) with the options later papers need.
-# ---------------------------------------------------------------------------------------------
+#################################################################################
+#                      The U-Net (DDPM, ADM) and its blocks                     #
+#################################################################################
+# Ho et al. 2020 / Dhariwal & Nichol 2021, with the options later papers need.
 
 def timestep_embedding(t, dim, max_period=10000, shift=0, cos_first=False):
     """Sinusoidal embedding (Transformer positional encoding) of timesteps t (B,) -> (B, dim): [sin, cos] of
@@ -390,11 +393,12 @@ def resize_unet(cfg, size):
 def count_params(model):
     return sum(p.numel() for p in model.parameters())
 
-# ---------------------------------------------------------------------------------------------
-# Latent diffusion's networks (Rombach et al. 2022), shared by ldm.py and dreambooth.py: the KL autoencoder,
-# the text encoders and their tokenizers, and the model that holds a U-Net and its conditioning encoder. The
-# paper's own math (the autoencoder's loss, latent scaling, guidance) stays in ldm.py.
-# ---------------------------------------------------------------------------------------------
+#################################################################################
+#              Latent diffusion's networks (LDM, Stable Diffusion)              #
+#################################################################################
+# Rombach et al. 2022, shared by ldm.py and dreambooth.py: the KL autoencoder, the text encoders and their
+# tokenizers, and the model that holds a U-Net and its conditioning encoder. The paper's own maths (the
+# autoencoder's loss, latent scaling, the conditioning and its loss) stays in ldm.py.
 
 def ae_levels(acfg):
     """The channel multipliers of the autoencoder's resolution levels: log2(f) downsamplings."""
@@ -790,11 +794,11 @@ def load_ldm(path, scripts=("ldm",)):
     return model.eval().requires_grad_(False), ae.eval().requires_grad_(False), ck["config"], ck
 
 
-# ---------------------------------------------------------------------------------------------
-# Released weights: reading the files, recognising their layout, renaming their tensors onto common.UNet.
+#################################################################################
+#                Released weights: reading, recognising, renaming               #
+#################################################################################
 # Like nanoGPT's GPT.from_pretrained, the papers' own networks run through the readable code: a mapping only
 # renames tensors, splits fused ones and permutes axes; it never changes a weight. Nothing is downloaded.
-# ---------------------------------------------------------------------------------------------
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
@@ -1426,9 +1430,10 @@ def load_stable_diffusion(path, tokenizer=None, image_size=None):
 
 
 
-# ---------------------------------------------------------------------------------------------
-# Data. Every dataset yields (image in [-1, 1] as (C, H, W) float, label int, caption str).
-# ---------------------------------------------------------------------------------------------
+#################################################################################
+#                                      Data                                     #
+#################################################################################
+# Every dataset yields (image in [-1, 1] as (C, H, W) float, label int, caption str).
 
 SHAPES = ["circle", "square", "triangle", "cross"]
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 235),
@@ -1773,9 +1778,9 @@ def batches(data, batch_size, seed, step=0, rank=0, world=1, flip=False):
         step += 1
 
 
-# ---------------------------------------------------------------------------------------------
-# Training plumbing
-# ---------------------------------------------------------------------------------------------
+#################################################################################
+#          Training plumbing: device, DDP, EMA, optimizer, checkpoints          #
+#################################################################################
 
 def step_seed(seed, step, rank=0, stream=0):
     """The seed of every random draw of training step `step`: a pure function of (seed, rank, step),
@@ -1920,9 +1925,9 @@ def all_finite(module):
     return all(torch.isfinite(p).all() for p in module.parameters())
 
 
-# ---------------------------------------------------------------------------------------------
-# Images
-# ---------------------------------------------------------------------------------------------
+#################################################################################
+#                                     Images                                    #
+#################################################################################
 
 def to_uint8(x):
     """(N, C, H, W) in [-1, 1] -> uint8 numpy (N, H, W, C)."""
@@ -1956,9 +1961,9 @@ def save_gif(frames, path, nrow=None, duration=60):
                 duration=[duration] * (len(ims) - 1) + [1000])
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI contract shared by all six scripts
-# ---------------------------------------------------------------------------------------------
+#################################################################################
+#                   The command line shared by all six scripts                  #
+#################################################################################
 
 def _checked(kind, ok, what):
     """An argparse type: kind(text), refused unless ok(value), with 'use <what>' as the message."""
@@ -1981,15 +1986,55 @@ unit_float = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 image_size = _checked(int, lambda v: v >= 8, "at least 8 (pixels)")
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with the contract's errors (one line `error: ...`, exit status 2, through UserError), which
-    applies --threads as soon as the flags are read, before any tensor work."""
+def existing_path(what, folder=False):
+    """An argparse type for a path that must exist (a folder, with folder=True); `what` says what to give."""
+    def parse(text):
+        if not (os.path.isdir(text) if folder else os.path.exists(text)):
+            raise argparse.ArgumentTypeError(f"{text}: no such {'folder' if folder else 'file or folder'}; "
+                                             f"give {what}")
+        return text
+    return parse
 
-    def error(self, message):
-        message = re.sub(r"^argument (\S+): (\S+): use", r"\1 \2: use", message)  # '--lr -1: use a number > 0'
-        raise UserError(f"{message} (python {self.prog} --help lists the flags)")
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the contract's errors (one line `error: ...`, exit status 2, through UserError). A flag may
+    be declared with the flags it needs and those it excludes: add_argument(..., goes_with="--sample",
+    excludes="--eta"), checked once the flags are read (see holds). --threads applies at once, before any
+    tensor work."""
 
     weights = None  # what --weights loads into this script, in words (None: nothing yet)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rules = []
+
+    def add_argument(self, *names, goes_with=None, excludes=(), **kwargs):
+        action = super().add_argument(*names, **kwargs)
+        self.rule(names[0], goes_with, excludes)
+        return action
+
+    def rule(self, flag, goes_with=None, excludes=()):
+        """`flag` is refused without `goes_with` (a need, see holds) and beside any flag of `excludes`."""
+        if goes_with or excludes:
+            self.rules.append((flag, goes_with, [excludes] if isinstance(excludes, str) else list(excludes)))
+
+    def given(self, args, flag, value=""):
+        """Whether --flag was given (a switch: set; a value: not None), or given as `value`."""
+        v = getattr(args, self._option_string_actions[flag].dest)
+        return str(v) == value if value else v not in (None, False)
+
+    def holds(self, args, need):
+        """A need: '--eval' (given), '--sampler ddim' (given with that value), '--eval --sweep' (all of them),
+        '--train or --weights' (either)."""
+        for alternative in need.split(" or "):
+            flags = re.findall(r"(--[\w-]+) ?([^-\s]\S*)?", alternative)        # [(flag, value or '')]
+            if all(self.given(args, flag, value) for flag, value in flags):
+                return True
+        return False
+
+    def error(self, message):
+        message = re.sub(r"^argument (\S+): (\S+): ", r"\1 \2: ", message)  # '--lr -1: use a number > 0'
+        raise UserError(f"{message} (python {self.prog} --help lists the flags)")
 
     def parse_args(self, args=None, namespace=None):
         parsed = super().parse_args(args, namespace)
@@ -1999,6 +2044,12 @@ class Parser(argparse.ArgumentParser):
             raise UserError(f"--weights: {self.prog} loads no released weights (the papers' published "
                             "models load into ddpm.py, ddim.py, guided.py, ldm.py and dreambooth.py; see the "
                             "README's 'Released weights')")
+        for flag, need, excludes in self.rules:
+            if self.given(parsed, flag) and need and not self.holds(parsed, need):
+                raise UserError(f"{flag} goes with {need}")
+            for other in excludes:
+                if self.given(parsed, flag) and self.given(parsed, other):
+                    raise UserError(f"give {flag} or {other}, not both")
         return parsed
 
 
@@ -2036,10 +2087,14 @@ def make_parser(script, description, presets, modes=(), gifs=False, weights=None
     p.add_argument("--n-samples", type=positive_int, help="images to sample (--sample: 64; --eval: 1000)")
     p.add_argument("--steps", type=positive_int, help="sampling steps, for --sample and --eval alike (default: "
                    "the script's own; ddpm.py: all T)")
-    p.add_argument("--fid-weights", metavar="PATH", help="--eval: also the standard Inception FID, from this "
-                   "pt_inception-2015-12-05 weights file (never downloaded)")
+    p.add_argument("--fid-weights", metavar="PATH", goes_with="--eval",
+                   type=existing_path("pt_inception-2015-12-05-6726825d.pth, pytorch-fid's FID weights (nothing "
+                                      "is downloaded here)"),
+                   help="--eval: also the standard Inception FID, from this pt_inception-2015-12-05 weights file "
+                        "(never downloaded)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 autocast on CUDA, float32 elsewhere), float32, bfloat16")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto (bfloat16 autocast on CUDA, float32 elsewhere), float32, bfloat16")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (slow to start; off by default)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--threads", type=positive_int, help="CPU threads for PyTorch (default: PyTorch's choice); "
@@ -2204,9 +2259,9 @@ def main_guard(fn):
         sys.exit(130)
 
 
-# ---------------------------------------------------------------------------------------------
-# The training loop shared by the diffusion scripts
-# ---------------------------------------------------------------------------------------------
+#################################################################################
+#                               The training loop                               #
+#################################################################################
 
 def resume_config(script, args, path=None, changeable=("max_steps",)):
     """--train --resume continues the checkpoint's run with its own config: only the `changeable` keys
@@ -2234,113 +2289,173 @@ def already_done(script, step, max_steps):
     return True
 
 
-def train(script, args, cfg, build_model, objective, ck=None, data=None, extra_state=None, final_grid=True):
-    """Train `build_model(cfg)` on --data (or `data`). objective(cfg, device) -> (loss_fn, sample_fn), called
-    once the config and device are final: loss_fn(net, x, y, captions) -> scalar; sample_fn(ema, n) ->
-    (n, C, H, W) in [-1, 1] for the periodic grids and, with final_grid, --n-samples (36) at the end.
-
-    Resumes exactly (--resume, or the checkpoint `ck` of resume_config): the model, EMA, optimizer and step
-    are restored, and every random draw of step k is seeded from (seed, rank, k), as is the data.
-    Checkpoints (atomic) and grids go to --out on rank 0 only. A non-finite loss stops training with a
-    message and never overwrites the last good checkpoint; Ctrl-C saves the current step (GracefulStop)."""
+def start_training(script, args, cfg, ck=None, data=None):
+    """What every --train needs before its networks exist: the device and, under torchrun, the process group;
+    --resume's config and checkpoint (resume_config; or `ck`, read already); the training data (--data, or
+    `data`), which must fill a batch on every rank. Returns a namespace: script, args, cfg, ck, data, device,
+    rank, world and path, the checkpoint <out>/ckpt.pt."""
     device, rank, world = setup_distributed(args.device)
-    out = args.out
-    ckpt_path = os.path.join(out, "ckpt.pt")
     if args.resume and ck is None:
         cfg, ck = resume_config(script, args)
     data = data or load_data(args.data, cfg["image_size"], cfg["channels"], seed=args.seed)
     check_batch(data, cfg["batch_size"], world)
     if cfg.get("num_classes") == "data":
         cfg["num_classes"] = data.num_classes
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return types.SimpleNamespace(script=script, args=args, cfg=cfg, ck=ck, data=data, device=device, rank=rank,
+                                 world=world, path=os.path.join(args.out, "ckpt.pt"))
+
+
+def restore(state, ck, path):
+    """--resume: the checkpoint's entries into the networks and optimizers of `state` ({checkpoint key: module
+    or optimizer}). Returns the step to continue from (0 without a checkpoint)."""
+    if ck is None:
+        return 0
+    for name, part in state.items():
+        if isinstance(part, nn.Module):
+            load_state(part, ck[name], path)
+        else:
+            part.load_state_dict(ck[name])
+    return ck["step"]
+
+
+def save_state(path, state, step, **header):
+    """The checkpoint of `state` at `step` (atomic), with the header's entries (script, config, seed, ...).
+    Never one with weights that are not finite: then UserError, and the last good checkpoint stays."""
+    if not all(all_finite(part) for part in state.values() if isinstance(part, nn.Module)):
+        raise UserError(f"weights are not finite at step {step}; kept the last good checkpoint {path}")
+    save_checkpoint({**header, **{k: part.state_dict() for k, part in state.items()}, "step": step}, path)
+
+
+def set_lr(opt, lr):
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def mean_losses(sums, counts, step, path, advice):
+    """The mean of each loss since the last call, for the progress bar (the loop's only host sync); one that
+    is not finite stops training before anything is saved."""
+    means = {k: float(total) / counts[k] for k, total in sums.items()}
+    sums.clear()
+    counts.clear()
+    if not all(math.isfinite(v) for v in means.values()):
+        losses = ", ".join(f"{k} {v}" for k, v in means.items())
+        raise UserError(f"training diverged: {losses} by step {step}; stopped without saving, the last good "
+                        f"checkpoint {path} is kept; {advice}")
+    return {k: f"{v:.4f}" for k, v in means.items()}
+
+
+def train_loop(name, step_fn, save, step, total, path, cfg, batches=None, seed=0, stream=0, rank=0, world=1,
+               grid=None, advice="try a lower --lr"):
+    """The training loop of every network here, from `step` to `total`. Each step first seeds every random draw
+    from (seed, rank, step, stream) (step_seed), so that --resume continues exactly; then step_fn(step, batch)
+    makes one update and returns its losses {name: scalar}; batch is the next of `batches` (None: step_fn draws
+    its own). Every cfg log_every steps, and before every save, the mean losses are shown (Progress) and
+    checked: one that is not finite stops training (`advice` says what to try) and keeps the last good
+    checkpoint. save(step) writes the checkpoint `path` every ckpt_every steps, at the end and on Ctrl-C, which
+    stops after the current step (GracefulStop). grid(n) -> n images: a grid of 16 beside it every
+    sample_every steps. Under torchrun every rank steps; rank 0 alone saves and draws. Returns the last step."""
+    log_every, ckpt_every = cfg.get("log_every", 50), cfg.get("ckpt_every", 1000)
+    sample_every, t0 = cfg.get("sample_every", 0), time.time()
+    bar = Progress(total, step, name, disable=rank != 0)
+    sums, counts = {}, {}
+    with GracefulStop(enabled=world == 1) as stop:
+        while step < total:
+            torch.manual_seed(step_seed(seed, step, rank, stream))
+            losses = step_fn(step, None if batches is None else next(batches))
+            step += 1
+            for k, v in losses.items():
+                sums[k], counts[k] = sums.get(k, 0.0) + v, counts.get(k, 0) + 1
+            save_now = step % ckpt_every == 0 or step == total or stop.requested
+            show = mean_losses(sums, counts, step, path, advice) if save_now or step % log_every == 0 else {}
+            bar.update(**show)
+            if grid and rank == 0 and sample_every and step % sample_every == 0 and step < total:
+                with torch.no_grad():
+                    save_grid(grid(16), os.path.join(os.path.dirname(path), f"samples_{step:06d}.png"))
+            if save_now and rank == 0:
+                save(step)
+            stop.check(step, total, path)
+    bar.close()
+    if rank == 0:
+        print(f"{name}: trained to step {step} in {time.time() - t0:.1f}s; checkpoint {path}")
+    if world > 1:
+        dist.barrier()
+    return step
+
+
+def train(script, args, cfg, build_model, objective, ck=None, data=None, extra_state=None, final_grid=True):
+    """--train for a denoising network, build_model(cfg) (ddpm.py, ddim.py, guided.py, ldm.py): AdamW with
+    warm-up, gradient clipping and an EMA of the weights, on --data (or `data`), through train_loop.
+    objective(cfg, device) -> (loss_fn, sample_fn), called once the config and device are final:
+    loss_fn(net, x, y, captions) -> scalar; sample_fn(ema, n) -> (n, C, H, W) in [-1, 1] for the periodic grids
+    and, with final_grid, --n-samples (36) at the end. Resumes exactly (--resume, or the checkpoint `ck` of
+    resume_config). extra_state() -> more checkpoint entries. Returns (ema, cfg)."""
+    run = start_training(script, args, cfg, ck, data)
+    cfg, device = run.cfg, run.device
     torch.manual_seed(args.seed)
     model = build_model(cfg).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = make_optimizer(model.parameters(), cfg["lr"], cfg.get("weight_decay", 0.0), device=device)
-    step = 0
-    if ck is not None:
-        load_state(model, ck["model"], ckpt_path)
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
-        step = ck["step"]
+    state = {"model": model, "ema": ema, "opt": opt}
+    step = restore(state, run.ck, run.path)
     if already_done(script, step, cfg["max_steps"]):
         return ema, cfg
     loss_fn, sample_fn = objective(cfg, device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    model = model.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
+    model.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
     net = torch.compile(model) if args.compile else model
-    if world > 1:
+    if run.world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     amp = autocast(device, args.dtype)
-    it = batches(data, cfg["batch_size"], args.seed, step, rank, world, flip=cfg.get("flip", False) and not data.endless)
-    log_every, sample_every, ckpt_every = cfg.get("log_every", 50), cfg.get("sample_every", 0), cfg.get("ckpt_every", 1000)
+
+    def step_fn(step, batch):
+        x, y, captions = batch
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        set_lr(opt, lr_at(step, cfg["lr"], cfg.get("warmup", 0)))
+        with amp:
+            loss = loss_fn(net, x, y.to(device, non_blocking=True), captions)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.get("grad_clip"):
+            nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"], foreach=True)
+        opt.step()
+        ema_update(ema, model, ema_decay(step, cfg["ema"]))
+        return {"loss": loss.detach()}
+
+    def grid(n):
+        with amp:
+            return sample_fn(ema, n)
 
     def save(step):
-        if rank == 0:
-            if not (all_finite(model) and all_finite(ema)):
-                raise UserError(f"weights are not finite at step {step}; kept the last good checkpoint {ckpt_path}")
-            save_checkpoint({"script": script, "config": cfg, "model": model.state_dict(), "ema": ema.state_dict(),
-                             "opt": opt.state_dict(), "step": step, "seed": args.seed,
-                             **(extra_state() if extra_state else {})}, ckpt_path)
+        save_state(run.path, state, step, script=script, config=cfg, seed=args.seed,
+                   **(extra_state() if extra_state else {}))
 
-    if rank == 0:
-        print(f"{script}: {count_params(model) / 1e6:.2f}M parameters, device {device}, world size {world}, "
-              f"global batch {cfg['batch_size'] * world} = {cfg['batch_size']} x {world}, "
-              f"steps {step} -> {cfg['max_steps']}, out {out}", flush=True)
-    bar = Progress(cfg["max_steps"], step, script, disable=rank != 0)
-    t0, loss_sum = time.time(), torch.zeros((), device=device)
+    if run.rank == 0:
+        print(f"{script}: {count_params(model) / 1e6:.2f}M parameters, {describe(run, step)}", flush=True)
     model.train()
-    with GracefulStop(enabled=world == 1) as stop:
-        while step < cfg["max_steps"]:
-            torch.manual_seed(step_seed(args.seed, step, rank))  # per-rank, per-step: exact resume
-            x, y, caps = next(it)
-            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            y = y.to(device, non_blocking=True)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg["lr"], cfg.get("warmup", 0))
-            with amp:
-                loss = loss_fn(net, x, y, caps)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.get("grad_clip"):
-                nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"], foreach=True)
-            opt.step()
-            ema_update(ema, model, ema_decay(step, cfg["ema"]))
-            step += 1
-            loss_sum += loss.detach()
-            numbers = {}
-            if step % log_every == 0 or step == cfg["max_steps"]:
-                n = (step - 1) % log_every + 1
-                avg = loss_sum.item() / n  # the only host sync, every log_every steps
-                loss_sum.zero_()
-                if not math.isfinite(avg):
-                    raise UserError(f"loss became {avg} by step {step}; stopped without saving, the last good "
-                                    f"checkpoint {ckpt_path} is kept; try a lower --lr")
-                numbers = {"loss": f"{avg:.4f}"}
-            bar.update(**numbers)
-            if rank == 0 and sample_every and step % sample_every == 0 and step < cfg["max_steps"]:
-                with torch.no_grad(), amp:
-                    save_grid(sample_fn(ema, 16), os.path.join(out, f"samples_{step:06d}.png"))
-            if step % ckpt_every == 0 or step == cfg["max_steps"] or stop.requested:
-                save(step)
-            stop.check(step, cfg["max_steps"], ckpt_path)
-    bar.close()
-    if rank == 0:
-        print(f"trained to step {step} in {time.time() - t0:.1f}s; checkpoint {ckpt_path}")
-        if final_grid:
-            torch.manual_seed(args.seed)
-            path = os.path.join(out, "samples.png")
-            with torch.no_grad(), amp:
-                save_grid(sample_fn(ema, args.n_samples or 36), path)
-            print(f"samples: {path}")
-    if world > 1:
-        dist.barrier()
+    data_batches = batches(run.data, cfg["batch_size"], args.seed, step, run.rank, run.world,
+                           flip=cfg.get("flip", False) and not run.data.endless)
+    train_loop(script, step_fn, save, step, cfg["max_steps"], run.path, cfg, data_batches, args.seed,
+               rank=run.rank, world=run.world, grid=grid)
+    if run.rank == 0 and final_grid:
+        torch.manual_seed(args.seed)
+        path = os.path.join(args.out, "samples.png")
+        with torch.no_grad():
+            save_grid(grid(args.n_samples or 36), path)
+        print(f"samples: {path}")
     return ema, cfg
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation: FID and KID on a small "judge" CNN, attribute accuracy, optional Inception FID
-# ---------------------------------------------------------------------------------------------
+def describe(run, step):
+    """The header line's account of a training run: where it runs, its batch, its steps and its folder."""
+    batch = run.cfg["batch_size"]
+    return (f"device {run.device}, world size {run.world}, global batch {batch * run.world} = {batch} x "
+            f"{run.world}, steps {step} -> {run.cfg['max_steps']}, out {run.args.out}")
+
+
+#################################################################################
+#          Evaluation: FID and KID on a judge, accuracy, Inception FID          #
+#################################################################################
 # The standard FID network (Inception-v3) cannot be downloaded here, so FID (Heusel et al. 2017)
 # and KID (Binkowski et al. 2018) are computed on the penultimate features of a small CNN, the
 # judge, trained on the data's own attributes (shapes) or class labels and cached in out/judge/.

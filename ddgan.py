@@ -339,92 +339,44 @@ def lr_at(step, lr, cfg):
 
 
 def train(args, cfg):
-    """Train G and D on --data. Exact resume (--resume): G, D, EMA, both optimizers and the step are restored;
-    every random draw of step k is seeded from (seed, rank, k) and the data batch is a function of k. Rank 0
-    writes atomic checkpoints; a non-finite loss stops with a message and the last good checkpoint is kept;
-    Ctrl-C saves the current step (common.GracefulStop)."""
-    device, rank, world = common.setup_distributed(args.device)
-    out = args.out
-    ckpt_path = os.path.join(out, "ckpt.pt")
-    if args.resume:
-        cfg, ck = common.resume_config("ddgan", args)
-    data = common.load_data(args.data, cfg["image_size"], cfg["channels"], seed=args.seed)
-    common.check_batch(data, cfg["batch_size"], world)
+    """--train: G and D on --data through common.train_loop, the loop of every script here (exact --resume,
+    atomic checkpoints, Ctrl-C, a stop when the losses diverge); a step is train_step, then the EMA of G."""
+    run = common.start_training("ddgan", args, cfg)
+    cfg, device = run.cfg, run.device
     sched = schedule_from(cfg, device)
     torch.manual_seed(args.seed)
     G, D = Generator(cfg).to(device), Discriminator(cfg).to(device)
     ema = copy.deepcopy(G).eval().requires_grad_(False)
     opt_g = common.make_optimizer(G.parameters(), cfg["lr"], betas=(0.5, 0.9), device=device)
     opt_d = common.make_optimizer(D.parameters(), cfg["lr_d"], betas=(0.5, 0.9), device=device)
-    step = 0
-    if args.resume:
-        common.load_state(G, ck["G"], ckpt_path)
-        D.load_state_dict(ck["D"])
-        ema.load_state_dict(ck["ema"])
-        opt_g.load_state_dict(ck["opt_g"])
-        opt_d.load_state_dict(ck["opt_d"])
-        step = ck["step"]
+    state = {"G": G, "D": D, "ema": ema, "opt_g": opt_g, "opt_d": opt_d}
+    step = common.restore(state, run.ck, run.path)
     if common.already_done("ddgan", step, cfg["max_steps"]):
         return None, cfg
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     amp = common.autocast(device, args.dtype)
-    it = common.batches(data, cfg["batch_size"], args.seed, step, rank, world,
-                        flip=cfg.get("flip", False) and not data.endless)
-    log_every, ckpt_every = cfg.get("log_every", 50), cfg.get("ckpt_every", 1000)
-    sample_every = cfg.get("sample_every", 0)
     shape = (cfg["channels"], cfg["image_size"], cfg["image_size"])
 
-    def save(step):
-        if rank == 0:
-            if not all(common.all_finite(m) for m in (G, D, ema)):
-                raise common.UserError(f"weights are not finite at step {step}; kept the last good checkpoint "
-                                       f"{ckpt_path}")
-            common.save_checkpoint({"script": "ddgan", "config": cfg, "G": G.state_dict(), "D": D.state_dict(),
-                                    "ema": ema.state_dict(), "opt_g": opt_g.state_dict(),
-                                    "opt_d": opt_d.state_dict(), "step": step, "seed": args.seed}, ckpt_path)
+    def step_fn(step, batch):
+        common.set_lr(opt_g, lr_at(step, cfg["lr"], cfg))
+        common.set_lr(opt_d, lr_at(step, cfg["lr_d"], cfg))
+        loss_d, loss_g, r1 = train_step(G, D, opt_g, opt_d, sched, batch[0].to(device, non_blocking=True), cfg,
+                                        step, amp, run.world)
+        common.ema_update(ema, G, common.ema_decay(step, cfg["ema"]))
+        return {"d": loss_d, "g": loss_g, "r1": r1}
 
-    if rank == 0:
-        print(f"ddgan: G {common.count_params(G) / 1e6:.2f}M + D {common.count_params(D) / 1e6:.2f}M parameters, "
-              f"T = {sched.T}, device {device}, world size {world}, global batch {cfg['batch_size'] * world} = "
-              f"{cfg['batch_size']} x {world}, steps {step} -> {cfg['max_steps']}, out {out}", flush=True)
-    bar = common.Progress(cfg["max_steps"], step, "ddgan", disable=rank != 0)
-    t0, sums, n = time.time(), torch.zeros(3, device=device), 0
-    G.train(), D.train()
-    with common.GracefulStop(enabled=world == 1) as stop:
-        while step < cfg["max_steps"]:
-            torch.manual_seed(common.step_seed(args.seed, step, rank))  # per-rank, per-step: exact resume
-            x = next(it)[0].to(device, non_blocking=True)
-            for o, lr in ((opt_g, cfg["lr"]), (opt_d, cfg["lr_d"])):
-                for g in o.param_groups:
-                    g["lr"] = lr_at(step, lr, cfg)
-            losses = train_step(G, D, opt_g, opt_d, sched, x, cfg, step, amp, world)
-            common.ema_update(ema, G, common.ema_decay(step, cfg["ema"]))
-            step += 1
-            sums += torch.stack(losses)
-            n += 1
-            numbers = {}
-            if step % log_every == 0 or step % ckpt_every == 0 or step == cfg["max_steps"] or stop.requested:
-                avg = (sums / n).tolist()  # the only host sync
-                sums.zero_()
-                n = 0
-                if not all(map(math.isfinite, avg)):
-                    raise common.UserError(f"training diverged: losses D {avg[0]}, G {avg[1]}, R1 {avg[2]} by step "
-                                           f"{step}; stopped without saving, the last good checkpoint {ckpt_path} is "
-                                           f"kept; try a lower --lr/--lr-d or a larger --r1-gamma")
-                numbers = {"d": f"{avg[0]:.3f}", "g": f"{avg[1]:.3f}"}
-            bar.update(**numbers)
-            if rank == 0 and sample_every and step % sample_every == 0 and step < cfg["max_steps"]:
-                save_path = os.path.join(out, f"samples_{step:06d}.png")
-                common.save_grid(sample(ema, sched, 16, shape, device, amp)[0], save_path)
-            if step % ckpt_every == 0 or step == cfg["max_steps"] or stop.requested:
-                save(step)
-            stop.check(step, cfg["max_steps"], ckpt_path)
-    bar.close()
-    if rank == 0:
-        print(f"trained to step {step} in {time.time() - t0:.1f}s; checkpoint {ckpt_path}")
-    if world > 1:
-        dist.barrier()
+    def save(step):
+        common.save_state(run.path, state, step, script="ddgan", config=cfg, seed=args.seed)
+
+    if run.rank == 0:
+        print(f"ddgan: G {common.count_params(G) / 1e6:.2f}M + D {common.count_params(D) / 1e6:.2f}M "
+              f"parameters, T = {sched.T}, {common.describe(run, step)}", flush=True)
+    G.train()
+    D.train()
+    data = common.batches(run.data, cfg["batch_size"], args.seed, step, run.rank, run.world,
+                          flip=cfg.get("flip", False) and not run.data.endless)
+    common.train_loop("ddgan", step_fn, save, step, cfg["max_steps"], run.path, cfg, data, args.seed,
+                      rank=run.rank, world=run.world, grid=lambda n: sample(ema, sched, n, shape, device, amp)[0],
+                      advice="try a lower --lr/--lr-d or a larger --r1-gamma")
     return ema, cfg
 
 
