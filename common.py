@@ -68,7 +68,7 @@ def beta_schedule(name, T, beta_start=1e-4, beta_end=0.02):
 def alphas_cumprod(cfg):
     """abar_t = prod_{s <= t} (1 - beta_s), t = 0..T-1, of a config's schedule, float64 on the CPU: samplers
     read Python floats from it, losses a float32 copy on the device (on_device)."""
-    b = beta_schedule(cfg["schedule"], cfg["timesteps"], cfg["beta_start"], cfg["beta_end"])
+    b = beta_schedule(cfg["schedule"], cfg["timesteps"], cfg.get("beta_start", 1e-4), cfg.get("beta_end", 0.02))
     return torch.cumprod(1 - torch.as_tensor(b, dtype=torch.float64), 0)
 
 
@@ -392,6 +392,28 @@ def resize_unet(cfg, size):
 
 def count_params(model):
     return sum(p.numel() for p in model.parameters())
+
+
+# The presets of ddpm.py and of ddim.py, which trains DDPM's network with DDPM's objective, so that either
+# script's checkpoint builds the same network and each samples the other's.
+DDPM_PRESETS = {
+    # seconds, for tests
+    "tiny": dict(image_size=16, channels=3, ch=16, ch_mult=[1, 2], num_res_blocks=1, attn_res=[8], heads=2,
+                 dropout=0.0, timesteps=100, schedule="linear", objective="eps", var="large",
+                 batch_size=8, max_steps=20, lr=1e-3, warmup=0, grad_clip=1.0, ema=0.99,
+                 log_every=5, sample_every=0, ckpt_every=10, judge_steps=30),
+    # the default: minutes on a 2-core CPU
+    "cpu": dict(image_size=32, channels=3, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_res=[8], heads=4,
+                dropout=0.0, timesteps=1000, schedule="linear", objective="eps", var="large",
+                batch_size=32, max_steps=2400, lr=2e-3, warmup=200, grad_clip=1.0, ema=0.995,
+                log_every=25, sample_every=1200, ckpt_every=500),
+    # Ho et al. 2020, CIFAR-10 (Appendix B): 35.7M parameters, lr 2e-4, batch 128, 800K steps
+    "paper": dict(image_size=32, channels=3, ch=128, ch_mult=[1, 2, 2, 2], num_res_blocks=2, attn_res=[16], heads=1,
+                  dropout=0.1, timesteps=1000, schedule="linear", objective="eps", var="large",
+                  batch_size=128, max_steps=800_000, lr=2e-4, warmup=5000, grad_clip=1.0, ema=0.9999,
+                  flip=True, log_every=100, sample_every=10_000, ckpt_every=5000),
+}
+
 
 #################################################################################
 #              Latent diffusion's networks (LDM, Stable Diffusion)              #
@@ -795,6 +817,75 @@ def load_ldm(path, scripts=("ldm",)):
 
 
 #################################################################################
+#         Latent diffusion's sampler: DDIM with classifier-free guidance        #
+#################################################################################
+# How ldm.py and dreambooth.py draw, as Stable Diffusion's release does: classifier-free guidance (Ho & Salimans
+# 2022, eq. 6) against the null condition, and the DDIM step (Song et al. 2021, eq. 12; ddim.py) on latents.
+
+def cfg_eps(eps_cond, eps_uncond, s):
+    """Classifier-free guidance: eps~ = eps(z, empty) + s (eps(z, c) - eps(z, empty)); s = 1: the
+    conditional model, s = 0: the unconditional one, s > 1: guided (s = 1 + w of Ho & Salimans)."""
+    return eps_uncond + s * (eps_cond - eps_uncond)
+
+
+def guided_eps_fn(model, c, c_null, s):
+    """eps_fn(z, t) for an int t with guidance scale s, for an LDM: the context is encoded once, and the
+    conditional and unconditional predictions come from one batched U-Net call (one evaluation when s is
+    0 or 1)."""
+    ctx, mask = model.context(c)
+    nctx, nmask = model.context(c_null)
+    both_mask = None if mask is None else torch.cat([mask, nmask])
+
+    def eps_fn(z, t):
+        tt = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
+        if s == 1:
+            return model.unet(z, tt, context=ctx, mask=mask).float()
+        if s == 0:
+            return model.unet(z, tt, context=nctx, mask=nmask).float()
+        e = model.unet(torch.cat([z, z]), torch.cat([tt, tt]), context=torch.cat([ctx, nctx]), mask=both_mask)
+        e_c, e_u = e.float().chunk(2)
+        return cfg_eps(e_c, e_u, s)
+    return eps_fn
+
+
+def ddim_latent_step(z, eps, a, a_prev, eta=0.0):
+    """DDIM (Song et al. eq. 12) with sigma(eta) of eq. 16; eta = 1 is DDPM's ancestral step with the
+    posterior variance. z0_hat is not clipped: latents are not bounded like pixels."""
+    z0 = (z - (1 - a) ** 0.5 * eps) / a ** 0.5
+    sigma = eta * ((1 - a_prev) / (1 - a)) ** 0.5 * (1 - a / a_prev) ** 0.5
+    z = a_prev ** 0.5 * z0 + max(0.0, 1 - a_prev - sigma ** 2) ** 0.5 * eps
+    return z + sigma * torch.randn_like(z) if sigma > 0 else z
+
+
+@torch.no_grad()
+def sample_latents(eps_fn, z, abar, steps, eta=0.0, progress=False, offset=0):
+    """From z_T over the timesteps i T / S + offset, i = S-1 .. 0, abar as Python floats. offset 0 (ours): the
+    last step ends at abar = 1 (not abar_0), so that it returns the predicted z_0 itself (DDIM eq. 12 with
+    alpha_0 = 1). offset 1: Stable Diffusion's released sampler, whose last step ends at abar_0."""
+    T = len(abar)
+    if not 1 <= steps <= T:
+        raise UserError(f"--steps {steps}: use 1..{T}, the model's number of timesteps T")
+    ts = [min(i * T // steps + offset, T - 1) for i in range(steps)]
+    for i in steps_bar(reversed(range(steps)), steps, "sampling", progress):
+        prev = ts[i - 1] if i > 0 else ts[0] - 1           # below the first timestep: abar_0, or 1 at t = -1
+        a_prev = float(abar[prev]) if prev >= 0 else 1.0
+        z = ddim_latent_step(z, eps_fn(z, ts[i]), float(abar[ts[i]]), a_prev, eta)
+    return z
+
+
+@torch.no_grad()
+def draw_latent(model, ae, cfg, c, c_null, scale, steps, eta=0.0, progress=False):
+    """Images (n, C, H, W) in [-1, 1] from an LDM and its autoencoder for conditions c (n, ...): z_T ~ N(0, I),
+    guided DDIM in latent space (sample_latents with the config's ddim_offset), then D(z / scale_factor)."""
+    r = cfg["image_size"] // cfg["f"]
+    eps_fn = guided_eps_fn(model, c, c_null, scale)
+    z = torch.randn(c.shape[0], cfg["z_ch"], r, r, device=c.device)
+    abar = alphas_cumprod(cfg).tolist()
+    z = sample_latents(eps_fn, z, abar, steps, eta, progress, cfg.get("ddim_offset", 0))
+    return ae.decode(z / cfg["scale_factor"]).float().clamp(-1, 1)
+
+
+#################################################################################
 #                Released weights: reading, recognising, renaming               #
 #################################################################################
 # Like nanoGPT's GPT.from_pretrained, the papers' own networks run through the readable code: a mapping only
@@ -1164,6 +1255,16 @@ def load_diffusers_ddpm(path, script):
     return cfg, unet_from_diffusers(tensors, cfg["num_res_blocks"]), what
 
 
+def load_released_ddpm(args, script):
+    """--weights of ddpm.py and ddim.py -> (config, common.UNet with DDPM's released weights, on the CPU, what
+    it is); --image-size runs the same network at another size."""
+    cfg, tensors, what = load_diffusers_ddpm(args.weights, script)
+    if args.image_size:
+        cfg = resize_unet(cfg, args.image_size)
+        check_unet_size(cfg)
+    return cfg, load_mapped(build_unet(cfg), tensors, args.weights), what
+
+
 # OpenAI's U-Net (improved-diffusion, Nichol & Dhariwal 2021; guided-diffusion, Dhariwal & Nichol 2021)
 
 OPENAI_BLOCK_NAMES = [(r"\.in_layers\.0\.", ".norm1."), (r"\.in_layers\.2\.", ".conv1."),
@@ -1236,6 +1337,158 @@ def openai_unet_structure(tensors, path):
                 channels=tensors["input_blocks.0.0.weight"].shape[1], out_ch=tensors["out.2.weight"].shape[0],
                 scale_shift=emb == 2 * widths[0],
                 resblock_updown=f"input_blocks.{n + 1}.0.in_layers.0.weight" in tensors)
+
+# What the released models' tensors do not show (guided.py --weights), from the two repositories' READMEs, keyed by what they do
+# show (common.openai_unet_structure): base width, multipliers, residual blocks per level, the levels with
+# attention (0 = full size), classes, BigGAN up/down. qkv: the fused attention's order (common.split_qkv);
+# rescale: the network takes t * 1000 / T (IDDPM's rescale_timesteps); scale, steps: the README's guidance
+# scale and respaced steps.
+ADM_256 = dict(image_size=256, head_channels=64, qkv="legacy", schedule="linear", timesteps=1000, steps=250)
+IDDPM = dict(qkv="legacy", heads=4, schedule="cosine", timesteps=4000, rescale=True)
+OPENAI_RELEASED = {
+    (192, (1, 2, 3, 4), 3, (1, 2, 3), 1000, True): dict(
+        files="64x64_diffusion.pt", image_size=64, head_channels=64, qkv="new", schedule="cosine",
+        timesteps=1000, scale=1.0, steps=250),
+    (256, (1, 1, 2, 3, 4), 2, (2, 3, 4), 1000, True): dict(
+        files="128x128_diffusion.pt", image_size=128, heads=4, qkv="legacy", schedule="linear",
+        timesteps=1000, scale=0.5, steps=250),
+    (256, (1, 1, 2, 2, 4, 4), 2, (3, 4, 5), 1000, True): dict(
+        files="256x256_diffusion.pt", scale=1.0, **ADM_256),
+    (256, (1, 1, 2, 2, 4, 4), 2, (3, 4, 5), None, True): dict(
+        files="256x256_diffusion_uncond.pt, lsun_bedroom/cat/horse(_nodropout).pt", scale=10.0, **ADM_256),
+    (128, (1, 2, 2, 2), 3, (1, 2), None, False): dict(
+        files="cifar10_uncond_50M_500K.pt, cifar10_uncond_vlb_50M_500K.pt", image_size=32, **IDDPM),
+    (128, (1, 2, 3, 4), 3, (2, 3), None, False): dict(
+        files="imagenet64_uncond_100M_1500K.pt, imagenet64_uncond_vlb_100M_1500K.pt", image_size=64, **IDDPM),
+    (192, (1, 2, 3, 4), 3, (2, 3), 1000, False): dict(
+        files="imagenet64_cond_270M_250K.pt", image_size=64, **{**IDDPM, "rescale": False}),
+    (128, (1, 1, 2, 2, 4, 4), 2, (4,), None, False): dict(
+        files="lsun_uncond_100M_1200K_bs128.pt, lsun_uncond_100M_2400K_bs64.pt", image_size=256, heads=1,
+        qkv="legacy", schedule="linear", timesteps=1000),
+}
+# ADM's classifiers (create_classifier: width 128, 64 channels per head, attention at 32, 16 and 8 pixels,
+# the multipliers fixed by the image size), keyed by (width, number of input blocks); trained with T = 1000.
+OPENAI_CLASSIFIERS = {
+    (128, 20): dict(files="64x64_classifier.pt", image_size=64, ch_mult=[1, 2, 3, 4], depth=4),
+    (128, 15): dict(files="128x128_classifier.pt", image_size=128, ch_mult=[1, 1, 2, 3, 4], depth=2),
+    (128, 18): dict(files="256x256_classifier.pt", image_size=256, ch_mult=[1, 1, 2, 2, 4, 4], depth=2),
+}
+
+
+
+
+def openai_released_config(s, args, path):
+    """An OpenAI U-Net's config: the structure `s` its tensors show, the OPENAI_RELEASED entry it matches,
+    then guided.py's override flags (--image-size, --heads/--head-channels, --qkv-order, --schedule,
+    --timesteps, --rescale-timesteps). UserError naming the flags still needed for a model that is none of
+    the released ones."""
+    key = (s["ch"], tuple(s["ch_mult"]), s["num_res_blocks"], tuple(s["attn_levels"]), s["num_classes"],
+           s["resblock_updown"])
+    r = dict(OPENAI_RELEASED.get(key, {}))
+    if args.heads or args.head_channels:
+        r.pop("heads", None)
+        r.pop("head_channels", None)
+    flags = dict(image_size=args.image_size, heads=args.heads, head_channels=args.head_channels,
+                 qkv=args.qkv_order, schedule=args.schedule, timesteps=args.timesteps,
+                 rescale={"yes": True, "no": False}.get(args.rescale_timesteps))
+    r.update({k: v for k, v in flags.items() if v is not None})
+    need = [flag for flag, have in (("--image-size", "image_size" in r), ("--qkv-order", "qkv" in r),
+                                    ("--heads or --head-channels", "heads" in r or "head_channels" in r),
+                                    ("--schedule", "schedule" in r), ("--timesteps", "timesteps" in r))
+            if not have]
+    if need:
+        raise UserError(f"--weights {path}: an OpenAI U-Net that is none of the released ones (width "
+                        f"{s['ch']}, multipliers {s['ch_mult']}, {s['num_res_blocks']} blocks per level); give "
+                        f"{', '.join(need)}")
+    widths = [s["ch"] * s["ch_mult"][level] for level in s["attn_levels"]] + [s["ch"] * s["ch_mult"][-1]]
+    split = r.get("head_channels") or r["heads"]
+    if any(w % split for w in widths):
+        what = f"heads of {split} channels" if r.get("head_channels") else f"{split} heads"
+        raise UserError(f"--weights {path}: attention widths {widths} do not split into {what}")
+    return dict(image_size=r["image_size"], channels=s["channels"], out_ch=s["out_ch"], ch=s["ch"],
+                ch_mult=s["ch_mult"], num_res_blocks=s["num_res_blocks"],
+                attn_res=[r["image_size"] >> level for level in s["attn_levels"]], heads=r.get("heads"),
+                head_channels=r.get("head_channels"), num_classes=s["num_classes"], null_label=False,
+                scale_shift=s["scale_shift"], resblock_updown=s["resblock_updown"], norm_groups=32,
+                emb_cos_first=True, timesteps=r["timesteps"], schedule=r["schedule"],
+                var="learned" if s["out_ch"] == 2 * s["channels"] else "large", qkv=r["qkv"],
+                rescale_timesteps=r.get("rescale", False), released=r.get("files"),
+                guidance_scale=r.get("scale"), sample_steps=r.get("steps"))
+
+
+def load_openai_unet(args):
+    """guided.py --weights: a released ADM or Improved DDPM model -> (config, common.UNet with its weights, on
+    the CPU)."""
+    path = args.weights
+    tensors = read_weights(path)[0]
+    check_layout(path, tensors, ["openai-unet"], "guided")
+    with complete(path):
+        cfg = openai_released_config(openai_unet_structure(tensors, path), args, path)
+    check_unet_size(cfg)
+
+    def heads_of(width):
+        return width // cfg["head_channels"] if cfg["head_channels"] else cfg["heads"]
+    return cfg, load_mapped(build_unet(cfg), unet_from_openai(tensors, heads_of, cfg["qkv"]), path)
+
+
+def add_openai_flags(p):
+    """guided.py's flags for OpenAI's released files: a classifier to guide with, and the settings of a U-Net
+    that its tensors do not show (openai_released_config reads them)."""
+    p.add_argument("--classifier-weights", metavar="PATH", goes_with="--sample or --eval", excludes="--classifier",
+                   help="a released ADM classifier (64x64_classifier.pt, 128x128_classifier.pt, "
+                        "256x256_classifier.pt) to guide with; with --weights the default --scale is then the "
+                        "README's (1, 0.5, 1; 10 for the unconditional 256x256 model), else 0")
+    p.add_argument("--heads", type=positive_int, goes_with="--weights", excludes="--head-channels",
+                   help="attention heads (default: the released model's)")
+    p.add_argument("--head-channels", type=positive_int, goes_with="--weights",
+                   help="channels per attention head instead of --heads")
+    p.add_argument("--qkv-order", choices=["legacy", "new"], goes_with="--weights", help="the fused qkv's "
+                   "order: legacy (heads, then q/k/v) or new (q/k/v, then heads); default: the released model's")
+    p.add_argument("--timesteps", type=positive_int, goes_with="--weights", help="the number of "
+                   "diffusion steps T the model was trained with (default: the released model's)")
+    p.add_argument("--rescale-timesteps", choices=["yes", "no"], goes_with="--weights", help="the network "
+                   "takes t * 1000 / T (Improved DDPM's models: yes; default: the released model's)")
+
+
+def classifier_from_openai(tensors, heads_of):
+    """guided-diffusion classifier names (EncoderUNetModel) -> guided.Classifier names: input_blocks[1:] and
+    middle_block are its blocks, module for module in order; out.0 is out_norm, out.2 the attention pool,
+    whose fused qkv is already in our order ('new') and whose position table is stored transposed."""
+    found = [re.match(r"input_blocks\.(\d+)\.(\d+)\.", k) for k in tensors]
+    trunk = sorted({(int(m[1]), int(m[2])) for m in found if m and m[1] != "0"})
+    index = {f"input_blocks.{n}.{j}.": f"blocks.{i}." for i, (n, j) in enumerate(trunk)}
+    index.update({f"middle_block.{j}.": f"blocks.{len(trunk) + j}." for j in range(3)})
+    names = [(r"^time_embed\.", "time_mlp."), (r"^input_blocks\.0\.0\.", "conv_in."),
+             (r"^(input_blocks\.\d+\.\d+\.|middle_block\.\d\.)", lambda m: index[m[1]]),
+             (r"^out\.0\.", "out_norm."), (r"^out\.2\.qkv_proj\.", "pool.qkv."),
+             (r"^out\.2\.c_proj\.", "pool.proj."), (r"^out\.2\.positional_embedding$", "pool.pos")]
+    out = openai_to_ours(tensors, names, heads_of, "legacy")
+    out["pool.pos"] = out["pool.pos"].t()                                   # (C, HW + 1) -> (HW + 1, C)
+    return out
+
+
+def load_openai_classifier(path, T, image_size, build):
+    """guided.py --classifier-weights: one of ADM's released classifiers -> (config, build(config) with its
+    weights, on the CPU), for a diffusion model of T steps making image_size images."""
+    flag = "--classifier-weights"
+    tensors = read_weights(path, flag)[0]
+    check_layout(path, tensors, ["openai-classifier"], "guided", flag)
+    with complete(path, flag):
+        width, classes = tensors["time_embed.0.weight"].shape[1], tensors["out.2.c_proj.weight"].shape[0]
+    blocks = len({k.split(".")[1] for k in tensors if k.startswith("input_blocks.")})
+    r = OPENAI_CLASSIFIERS.get((width, blocks))
+    if r is None:
+        known = ", ".join(c["files"] for c in OPENAI_CLASSIFIERS.values())
+        raise UserError(f"{flag} {path}: a classifier of width {width} with {blocks} input blocks, none of "
+                        f"{known}")
+    if (r["image_size"], 1000) != (image_size, T):
+        raise UserError(f"{flag} {path}: {r['files']} judges {r['image_size']}px images at T = 1000; the "
+                        f"diffusion model makes {image_size}px images with T = {T}")
+    ccfg = dict(num_classes=classes, ch=width, ch_mult=r["ch_mult"], depth=r["depth"], attn_res=[32, 16, 8],
+                head_channels=64, image_size=image_size, channels=tensors["input_blocks.0.0.weight"].shape[1],
+                timesteps=1000, norm_groups=32, emb_cos_first=True, released=r["files"])
+    return ccfg, load_mapped(build(ccfg), classifier_from_openai(tensors, lambda c: c // 64), path, flag)
+
 
 # Stable Diffusion v1 (Rombach et al. 2022, the text-to-image model of Sec. 4.3 as released by CompVis and
 # Stability AI) -> common.LDM, common.AutoencoderKL and ClipTokenizer. One CompVis file holds all three
@@ -1541,6 +1794,7 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MIN_SIDE = 8                    # smaller images are refused rather than upscaled
 HELD_OUT = 0.2                  # data with no test split of its own keeps this fraction of each class apart ...
 HELD_OUT_MAX = 2000             # ... and at most this many images in all
+HELD_OUT_SEED = 10_000_019      # shapes' held-out part: the images of seed + this, which training never draws
 
 
 def held_out_split(labels, fraction=HELD_OUT, cap=HELD_OUT_MAX):
@@ -1716,7 +1970,7 @@ def load_data(spec, image_size=32, channels=3, seed=0, train=True):
     folder of images. train=False gives the held-out part (shapes: another seed; CIFAR-10 and MNIST: their
     test split; a folder, or a dataset with one split only: held_out_split's part, never trained on)."""
     if spec == "shapes":
-        return ShapesData(image_size, channels, seed=seed if train else seed + 10_000_019)
+        return ShapesData(image_size, channels, seed=seed if train else seed + HELD_OUT_SEED)
     if not os.path.exists(spec):
         raise UserError(f"--data {spec}: no such file or folder; give 'shapes' or a path to images, "
                         "CIFAR-10 (cifar-10-batches-py) or MNIST IDX files")
@@ -2872,6 +3126,20 @@ def quantize(x):
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
 
 
+def eval_order(held, n):
+    """The order evaluate() takes held-out items in: the first 2n of endless data, else a fixed permutation (the
+    first n are compared with the samples, the next n give the real-vs-real floor)."""
+    if held.endless:
+        return list(range(2 * n))
+    return torch.randperm(len(held), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def held_out_images(spec, image_size, channels, n):
+    """The (at most n) held-out images evaluate() compares n samples with, in its order: (N, C, H, W)."""
+    held = load_data(spec, image_size, channels, train=False)
+    return torch.stack([held[i][0] for i in eval_order(held, n)[:n]])
+
+
 def evaluate(script, args, cfg, sample_fn, nfe, device, cond=None, info=None):
     """--eval: draw --n-samples images (default 1000) with sample_fn(k, wanted) -> (k, C, H, W) in
     [-1, 1], in batches of --batch-size (default 100 on CPU, 500 on CUDA), and time them. wanted is
@@ -2890,8 +3158,7 @@ def evaluate(script, args, cfg, sample_fn, nfe, device, cond=None, info=None):
     inception = InceptionFID.load(args.fid_weights).to(device) if args.fid_weights else None
     judge = get_judge(args.data, size, ch, device, steps=cfg.get("judge_steps", JUDGE_STEPS))
     held = load_data(args.data, size, ch, train=False)
-    order = list(range(2 * n)) if held.endless else \
-        torch.randperm(len(held), generator=torch.Generator().manual_seed(0)).tolist()
+    order = eval_order(held, n)
     items = [held[i] for i in order[:n]]
     real = torch.stack([it[0] for it in items])                              # (<=n, C, H, W)
     wanted = None if cond is None else [items[i % len(items)][1 if cond == "label" else 2] for i in range(n)]
@@ -2921,3 +3188,43 @@ def evaluate(script, args, cfg, sample_fn, nfe, device, cond=None, info=None):
           + (f", accuracy {res['acc']:.3f}" if "acc" in res else "") + f"; {sec:.4f} s/image at {nfe} NFE; {grid}")
     print(json.dumps(res))
     return res
+
+
+#################################################################################
+#                  Sweeps: one --eval per setting, then tables                  #
+#################################################################################
+
+def sweep(args, settings, evaluate_one, folder):
+    """--eval --sweep: evaluate_one(setting) -> a result row, for each setting in turn, each writing its
+    eval_samples.png into its own <out>/sweep_<folder(setting)>/. Returns the rows."""
+    rows, out = [], args.out
+    for setting in settings:
+        args.out = os.path.join(out, f"sweep_{folder(setting)}")
+        rows.append(evaluate_one(setting))
+    args.out = out
+    return rows
+
+
+def table(rows, columns):
+    """Print a markdown table, a line per row; columns: (title, key, format) as ("FID", "fid", "{:.2f}")."""
+    print("\n| " + " | ".join(title for title, _, _ in columns) + " |")
+    print("|---" * len(columns) + "|")
+    for r in rows:
+        print("| " + " | ".join(fmt.format(r.get(key, math.nan)) for _, key, fmt in columns) + " |")
+
+
+def cross_table(rows, corner, line_key, column_key, value, fmt, column_title="S={}"):
+    """Print a markdown table of `value`: a line per distinct line_key (in order of appearance), a column per
+    distinct column_key (sorted); '-' where no row has the pair."""
+    lines = list(dict.fromkeys(r[line_key] for r in rows))
+    columns = sorted({r[column_key] for r in rows})
+    cells = {(r[line_key], r[column_key]): fmt.format(r[value]) for r in rows}
+    print(f"\n| {corner} | " + " | ".join(column_title.format(c) for c in columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for line in lines:
+        print(f"| {line} | " + " | ".join(cells.get((line, c), "-") for c in columns) + " |")
+
+
+def print_sweep(script, rows, n):
+    """The sweep's result as one JSON object, the last line printed."""
+    print(json.dumps({"script": script, "mode": "sweep", "n_samples": n, "rows": rows}))

@@ -305,7 +305,7 @@ def test_cli_train_sample_invert_interpolate_sweep_and_ddpm_checkpoints(tmp_path
     (["--sample", "--eta", "-0.1"], "--eta -0.1"),
     (["--sample", "--sigma-hat", "--eta", "1"], "--sigma-hat"),
     (["--sample", "--sweep"], "--sweep goes with --eval"),
-    (["--eval", "--sweep", "--steps", "10"], "drop --steps"),
+    (["--eval", "--sweep", "--steps", "10"], "give --sweep or --steps, not both"),
     (["--eval", "--invert"], "--invert goes with --sample"),
     (["--sample", "--invert", "--interpolate"], "not both"),
     (["--sample", "--ckpt", "missing.pt"], "not found"),

@@ -296,7 +296,7 @@ def test_cli_train_resume_sample_and_eval(tmp_path, monkeypatch, capsys):
     (["--sample", "--eta", "0.5"], "--sampler ddim"),
     (["--eval", "--class", "1"], "--class goes with --sample"),
     (["--sample", "--sweep"], "--sweep goes with --eval"),
-    (["--eval", "--scales", "1", "2"], "go with --eval --sweep"),
+    (["--eval", "--scales", "1", "2"], "goes with --eval --sweep"),
     (["--eval", "--sweep", "--scales", "-1"], "--scales -1: use a number >= 0"),
     (["--sample", "--var", "learned", "--ckpt", "{fixed}"], "fixed variances"),
     (["--sample", "--ckpt", "{run}/classifier.pt"], "not the diffusion model"),
