@@ -874,13 +874,14 @@ def sample_latents(eps_fn, z, abar, steps, eta=0.0, progress=False, offset=0):
 
 
 @torch.no_grad()
-def draw_latent(model, ae, cfg, c, c_null, scale, steps, eta=0.0, progress=False):
+def draw_latent(model, ae, cfg, c, c_null, scale, steps, eta=0.0, progress=False, abar=None):
     """Images (n, C, H, W) in [-1, 1] from an LDM and its autoencoder for conditions c (n, ...): z_T ~ N(0, I),
-    guided DDIM in latent space (sample_latents with the config's ddim_offset), then D(z / scale_factor)."""
+    guided DDIM in latent space (sample_latents with the config's ddim_offset), then D(z / scale_factor).
+    abar: the config's schedule as Python floats, where the caller has it already."""
     r = cfg["image_size"] // cfg["f"]
     eps_fn = guided_eps_fn(model, c, c_null, scale)
     z = torch.randn(c.shape[0], cfg["z_ch"], r, r, device=c.device)
-    abar = alphas_cumprod(cfg).tolist()
+    abar = abar or alphas_cumprod(cfg).tolist()
     z = sample_latents(eps_fn, z, abar, steps, eta, progress, cfg.get("ddim_offset", 0))
     return ae.decode(z / cfg["scale_factor"]).float().clamp(-1, 1)
 
@@ -2804,6 +2805,23 @@ def judge_accuracy(judge, x, y):
     return acc
 
 
+def fit_judge(judge, x, y, steps, device, batch_size=64, cosine=True, seed=0):
+    """Train a Judge on images x (uint8, or float in [-1, 1]) with targets y {head: (N,) long}: AdamW at 2e-3
+    (decayed to 0 on a cosine with cosine=True), batches drawn with a fixed seed. Returns it in eval mode."""
+    opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    for step in steps_bar(range(steps), steps, "training the judge"):
+        i = torch.randint(len(x), (batch_size,), generator=g)
+        if cosine:
+            set_lr(opt, 2e-3 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        logits = judge(_float_images(x[i]).to(device))
+        loss = sum(F.cross_entropy(logits[k], y[k][i].to(device)) for k in y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return judge.eval()
+
+
 def train_judge(data_spec, image_size, channels, device, steps=JUDGE_STEPS, batch_size=64, seed=0):
     """Train a Judge deterministically (fixed seed and data order). shapes: up to 5000 generated images,
     accuracy on 1000 of the held-out split; labelled data: the training part, accuracy on the held-out
@@ -2822,19 +2840,7 @@ def train_judge(data_spec, image_size, channels, device, steps=JUDGE_STEPS, batc
         xtr, ytr = _judge_set(data, range(len(data)))
         xte, yte = _judge_set(held, range(len(held)))
     torch.manual_seed(seed)
-    judge = Judge(heads, channels).to(device)
-    opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
-    g = torch.Generator().manual_seed(seed)
-    for step in steps_bar(range(steps), steps, "training the judge"):
-        i = torch.randint(len(xtr), (batch_size,), generator=g)
-        for group in opt.param_groups:  # cosine decay to 0
-            group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
-        logits = judge(_float_images(xtr[i]).to(device))
-        loss = sum(F.cross_entropy(logits[k], ytr[k][i].to(device)) for k in heads)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    judge.eval()
+    judge = fit_judge(Judge(heads, channels).to(device), xtr, ytr, steps, device, batch_size, seed=seed)
     judge.scale.fill_(features(judge, xte).square().mean().rsqrt().item())
     return {"script": "judge", "data": data_spec, "image_size": image_size, "channels": channels,
             "steps": steps, "heads": heads, "model": {k: v.cpu() for k, v in judge.state_dict().items()},

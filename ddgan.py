@@ -42,7 +42,6 @@ import copy
 import json
 import math
 import os
-import time
 from contextlib import nullcontext
 
 import torch

@@ -45,7 +45,6 @@ Architecture      common.UNet with ADM's options (ADM Sec. 3): more depth (resid
 Not here          IDDPM's importance sampling of t for L_vlb alone (Sec. 3.3; the hybrid loss samples t
                   uniformly), fp16 training, the upsampler models, classifier-free guidance (see ldm.py).
 """
-import json
 import math
 import os
 

@@ -118,8 +118,8 @@ def test_ldm_both_stages_and_guided_latent_sampler():
     abar_dev, abar_list = common.on_device(CPU)(abar), abar.tolist()
     z0 = ldm.DiagonalGaussian(*ae.encode(x)).sample().detach()
     no_float64(sgd_step(net, lambda: ldm.ldm_loss(net, z0, cond.drop(cond(caps), 0.1), abar_dev)))
-    eps_fn = ldm.guided_eps_fn(net.eval(), cond(caps), cond.null(2), 3.0)
-    no_float64(lambda: ae.decode(ldm.sample_latents(eps_fn, torch.randn_like(z0), abar_list, 3)))
+    eps_fn = common.guided_eps_fn(net.eval(), cond(caps), cond.null(2), 3.0)
+    no_float64(lambda: ae.decode(common.sample_latents(eps_fn, torch.randn_like(z0), abar_list, 3)))
 
 
 def test_dreambooth_loss_and_sampler(tmp_path):

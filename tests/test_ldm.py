@@ -166,9 +166,9 @@ def test_cross_attention_changes_with_context_and_ignores_padded_tokens():
 def test_cfg_scale_one_is_conditional_and_zero_unconditional(cond):
     torch.manual_seed(0)
     ec, eu = torch.randn(3, 4), torch.randn(3, 4)
-    torch.testing.assert_close(ldm.cfg_eps(ec, eu, 1.0), ec)
-    torch.testing.assert_close(ldm.cfg_eps(ec, eu, 0.0), eu)
-    torch.testing.assert_close(ldm.cfg_eps(ec, eu, 3.0), 3 * ec - 2 * eu)
+    torch.testing.assert_close(common.cfg_eps(ec, eu, 1.0), ec)
+    torch.testing.assert_close(common.cfg_eps(ec, eu, 0.0), eu)
+    torch.testing.assert_close(common.cfg_eps(ec, eu, 3.0), 3 * ec - 2 * eu)
     cfg = tiny_cfg(cond)
     model = jitter(common.LDM(cfg)).eval()
     cd = ldm.Conditioner(cfg)
@@ -179,11 +179,11 @@ def test_cfg_scale_one_is_conditional_and_zero_unconditional(cond):
     with torch.no_grad():
         e_c, e_u = model(z, t, c), model(z, t, null)
         assert (e_c - e_u).abs().max() > 1e-3
-        torch.testing.assert_close(ldm.guided_eps_fn(model, c, null, 1.0)(z, 300), e_c)
-        torch.testing.assert_close(ldm.guided_eps_fn(model, c, null, 0.0)(z, 300), e_u)
+        torch.testing.assert_close(common.guided_eps_fn(model, c, null, 1.0)(z, 300), e_c)
+        torch.testing.assert_close(common.guided_eps_fn(model, c, null, 0.0)(z, 300), e_u)
         # s = 1 and s = 0 through the batched (cond, uncond) call as well
         for s, want in [(1.0, e_c), (0.0, e_u), (5.0, e_u + 5 * (e_c - e_u))]:
-            got = ldm.guided_eps_fn(model, c, null, s + 1e-12 if s in (0, 1) else s)(z, 300)
+            got = common.guided_eps_fn(model, c, null, s + 1e-12 if s in (0, 1) else s)(z, 300)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -205,8 +205,8 @@ def test_ddim_step_recovers_z0_with_the_true_noise():
     z0, eps = torch.randn(2, 4, 4, 4, dtype=torch.float64), torch.randn(2, 4, 4, 4, dtype=torch.float64)
     t = torch.tensor([700, 700])
     zt = ldm.q_sample(z0, t, eps, abar)
-    torch.testing.assert_close(ldm.ddim_step(zt, eps, abar[700].item(), 1.0), z0, rtol=1e-5, atol=1e-5)
-    z_s = ldm.ddim_step(zt, eps, abar[700].item(), abar[300].item())     # eta = 0 stays on the same (z0, eps)
+    torch.testing.assert_close(common.ddim_latent_step(zt, eps, abar[700].item(), 1.0), z0, rtol=1e-5, atol=1e-5)
+    z_s = common.ddim_latent_step(zt, eps, abar[700].item(), abar[300].item())     # eta = 0 stays on the same (z0, eps)
     torch.testing.assert_close(z_s, ldm.q_sample(z0, torch.tensor([300, 300]), eps, abar), rtol=1e-5, atol=1e-5)
 
 
