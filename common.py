@@ -1006,15 +1006,19 @@ def read_weights(path, flag="--weights"):
     safetensors = file.endswith(".safetensors") or (len(head) == 9 and head[8:9] == b"{")
     tensors = read_safetensors(file, flag) if safetensors else read_torch_weights(file, flag)
     folder = os.path.dirname(os.path.abspath(file))
-    cfg_path = os.path.join(folder, "config.json")
-    config = {}
-    if os.path.isfile(cfg_path):
-        try:
-            with open(cfg_path) as f:
-                config = json.load(f)
-        except ValueError as e:
-            raise UserError(f"{flag} {path}: {cfg_path} is not valid JSON ({e})")
-    return tensors, config, folder
+    return tensors, read_json(os.path.join(folder, "config.json"), f"{flag} {path}: "), folder
+
+
+def read_json(path, what=""):
+    """A JSON file's content, {} where there is no such file; UserError where it is not JSON (`what` prefixes
+    the message)."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise UserError(f"{what}{path} is not valid JSON ({e})")
 
 
 # What a state dict is, told from its tensor names: (layout, in words, the script that loads it)
@@ -1242,16 +1246,10 @@ def load_diffusers_ddpm(path, script):
         with complete(path):
             config = ddpm_released_config(tensors, path)
         what = config["_name"] + " (settings from its released configuration)"
-    sched = {}
-    for p in (os.path.join(folder, "scheduler_config.json"), os.path.join(folder, "..", "scheduler",
-                                                                           "scheduler_config.json")):
-        if os.path.isfile(p):
-            try:
-                with open(p) as f:
-                    sched = json.load(f)
-            except ValueError as e:
-                raise UserError(f"--weights {path}: {p} is not valid JSON ({e})")
-            break
+    beside = [os.path.join(folder, "scheduler_config.json"),
+              os.path.join(folder, "..", "scheduler", "scheduler_config.json")]
+    found = [p for p in beside if os.path.isfile(p)]
+    sched = read_json(found[0], f"--weights {path}: ") if found else {}
     cfg = {**unet_config_from_diffusers(config, path), **diffusion_config_from_diffusers(sched, path)}
     return cfg, unet_from_diffusers(tensors, cfg["num_res_blocks"]), what
 
@@ -1606,13 +1604,6 @@ def sd_config(unet, ae, text, image_size, heads, text_heads):
     latent = image_size // cfg["f"]
     text_heads = text_heads or max(1, text["pos"].shape[1] // 64)     # CLIP: one head per 64 channels
     return dict(cfg, attn_res=[latent >> lv for lv in attn], text_heads=text_heads)
-
-
-def read_json(path):
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
 
 
 def read_sd_folder(path):
@@ -2436,6 +2427,16 @@ def claim_out(out):
     finally:
         del _HELD[os.path.abspath(out)]
         f.close()  # closing the file releases the lock
+
+
+def run(args, train, sample, evaluate):
+    """The mode the flags ask for, with --out claimed for the whole run (claim_out): sample(args, device) for
+    --sample, evaluate(args, device) for --eval, else train() (--train, or a script's own training mode)."""
+    with claim_out(args.out):
+        if not (args.sample or args.eval):
+            return train()
+        device = get_device(args.device)
+        return sample(args, device) if args.sample else evaluate(args, device)
 
 
 class Progress:

@@ -347,6 +347,9 @@ def lr_at(step, lr, cfg):
 def train(args, cfg):
     """--train: G and D on --data through common.train_loop, the loop of every script here (exact --resume,
     atomic checkpoints, Ctrl-C, a stop when the losses diverge); a step is train_step, then the EMA of G."""
+    if args.steps is not None and args.steps != cfg["timesteps"]:
+        raise common.UserError(f"--steps {args.steps}: DDGAN samples in exactly its T = {cfg['timesteps']} "
+                               "steps; set T with --timesteps")
     run = common.start_training("ddgan", args, cfg)
     cfg, device = run.cfg, run.device
     sched = schedule_from(cfg, device)
@@ -493,16 +496,7 @@ def main(argv=None):
                    help="discriminator learning rate (--lr is the generator's)")
     args = p.parse_args(argv)
     cfg = common.make_config(args, PRESETS, keys=("timesteps", "nz", "r1_gamma", "lazy_reg", "lr_d"))
-    with common.claim_out(args.out):
-        if args.train:
-            if args.steps is not None and args.steps != cfg["timesteps"]:
-                raise common.UserError(f"--steps {args.steps}: DDGAN samples in exactly its T = "
-                                       f"{cfg['timesteps']} steps; set T with --timesteps")
-            return train(args, cfg)
-        device = common.get_device(args.device)
-        if args.eval:
-            return evaluate(args, device)
-        return sample_images(args, device)
+    return common.run(args, lambda: train(args, cfg), sample_images, evaluate)
 
 
 if __name__ == "__main__":

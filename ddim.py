@@ -234,7 +234,12 @@ def source(ck):
 
 
 def sample_images(args, device):
-    """--sample: a grid of samples and GIFs of x_t and of the x0 predictions along the way."""
+    """--sample: a grid of samples and GIFs of x_t and of the x0 predictions along the way (or --invert,
+    --interpolate)."""
+    if args.invert:
+        return invert_images(args, device)
+    if args.interpolate:
+        return interpolate_images(args, device)
     eps_fn, abar, c, ck, S = load_model(args, device)
     torch.manual_seed(args.seed)
     x_T = torch.randn(args.n_samples or 64, c["channels"], c["image_size"], c["image_size"], device=device)
@@ -389,17 +394,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     common.check_weights_flags(args)
     cfg = None if args.weights else common.make_config(args, PRESETS)
-    with common.claim_out(args.out):
-        if args.train:
-            return common.train("ddim", args, cfg, common.build_unet, objective)
-        device = common.get_device(args.device)
-        if args.eval:
-            return evaluate(args, device)
-        if args.invert:
-            return invert_images(args, device)
-        if args.interpolate:
-            return interpolate_images(args, device)
-        return sample_images(args, device)
+    return common.run(args, lambda: common.train("ddim", args, cfg, common.build_unet, objective),
+                      sample_images, evaluate)
 
 
 if __name__ == "__main__":

@@ -193,9 +193,8 @@ def load_model(args, device):
     return load(args.ckpt or os.path.join(args.out, "ckpt.pt"), device)
 
 
-def sample_images(args):
+def sample_images(args, device):
     """--sample: a grid of --n-samples (64) and a GIF of the reverse process, in --steps (all T) steps."""
-    device = common.get_device(args.device)
     model, diff, ck = load_model(args, device)
     c = ck["config"]
     d = respace(diff, args.steps or diff.T)
@@ -217,9 +216,8 @@ def sample_images(args):
 #                                   Evaluation                                  #
 #################################################################################
 
-def evaluate(args):
+def evaluate(args, device):
     """--eval: FID/KID on common.py's judge; --steps S < T samples on S respaced timesteps."""
-    device = common.get_device(args.device)
     model, diff, ck = load_model(args, device)
     c = ck["config"]
     steps = args.steps or diff.T
@@ -252,12 +250,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     common.check_weights_flags(args)
     cfg = None if args.weights else common.make_config(args, PRESETS, keys=("objective", "var", "schedule"))
-    with common.claim_out(args.out):
-        if args.train:
-            return common.train("ddpm", args, cfg, common.build_unet, objective(args))
-        if args.sample:
-            return sample_images(args)
-        return evaluate(args)
+    return common.run(args, lambda: common.train("ddpm", args, cfg, common.build_unet, objective(args)),
+                      sample_images, evaluate)
 
 
 if __name__ == "__main__":

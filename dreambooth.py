@@ -547,13 +547,7 @@ def main(argv=None):
     if args.weights and args.preset is None:
         args.preset = "paper"                        # Stable Diffusion's fine-tuning settings
     dcfg = common.make_config(args, PRESETS)
-    with common.claim_out(args.out):
-        if args.train:
-            return train(args, dcfg)
-        device = common.get_device(args.device)
-        if args.eval:
-            return evaluate(args, device)
-        return sample_images(args, device)
+    return common.run(args, lambda: train(args, dcfg), sample_images, evaluate)
 
 
 if __name__ == "__main__":

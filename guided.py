@@ -808,13 +808,7 @@ def main(argv=None):
     cfg = None
     if not args.weights:
         cfg = common.make_config(args, PRESETS, keys=("var", "schedule", "class_cond", "clf_steps"))
-    with common.claim_out(args.out):
-        if args.train:
-            return train(args, cfg)
-        device = common.get_device(args.device)
-        if args.eval:
-            return evaluate(args, device)
-        return sample_images(args, device)
+    return common.run(args, lambda: train(args, cfg), sample_images, evaluate)
 
 
 if __name__ == "__main__":

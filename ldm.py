@@ -391,7 +391,11 @@ def stage1(args, cfg, device, world, data, ae_path):
 
 def train(args, cfg):
     """--train: the autoencoder first (stage1), then stage 2 through common.train: eq. 3 on the scaled latents
-    of the frozen autoencoder, the condition dropped to the null one p_uncond of the time."""
+    of the frozen autoencoder, the condition dropped to the null one p_uncond of the time. --train-ae: stage 1
+    alone."""
+    if args.train_ae:
+        ae_path = args.ae or os.path.join(args.out, "ae.pt")
+        return train_autoencoder(args, cfg, common.get_device(args.device), ae_path)
     device, rank, world = common.setup_distributed(args.device)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     ae_path = args.ae or os.path.join(args.out, "ae.pt")
@@ -569,7 +573,10 @@ def psnr(x, rec):
 
 
 def evaluate(args, device):
-    """--eval: FID/KID and caption (or class) accuracy at one scale, or with --sweep for every s."""
+    """--eval: FID/KID and caption (or class) accuracy at one scale, or with --sweep for every s (or
+    --recon)."""
+    if args.recon:
+        return evaluate_ae(args, device)
     smp = Sampler(args.ckpt or os.path.join(args.out, "ckpt.pt"), device)
     c = smp.cfg
     eta, steps = eta_steps(args, c["timesteps"])
@@ -659,18 +666,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     common.check_weights_flags(args)
     cfg = common.make_config(args, PRESETS, keys=("cond", "f", "ae_steps"))
-    with common.claim_out(args.out):
-        if args.train_ae:
-            ae_path = args.ae or os.path.join(args.out, "ae.pt")
-            return train_autoencoder(args, cfg, common.get_device(args.device), ae_path)
-        if args.train:
-            return train(args, cfg)
-        device = common.get_device(args.device)
-        if args.eval and args.recon:
-            return evaluate_ae(args, device)
-        if args.eval:
-            return evaluate(args, device)
-        return sample_images(args, device)
+    return common.run(args, lambda: train(args, cfg), sample_images, evaluate)
 
 
 if __name__ == "__main__":
