@@ -618,8 +618,10 @@ def byte_alphabet():
 
 def char_kind(c):
     """What CLIP's pre-tokenizer groups by: 'L' letters, 'N' numbers, ' ' white space, '?' anything else."""
+    if c.isspace():
+        return " "
     cat = unicodedata.category(c)[0]
-    return " " if c.isspace() else cat if cat in "LN" else "?"
+    return cat if cat in "LN" else "?"
 
 
 CLIP_CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
@@ -1079,8 +1081,10 @@ def load_folder(root, image_size, channels):
         images.append(torch.from_numpy(pixels.copy()))
         labels.append(class_names.index(r.split(os.sep)[0]) if labelled else 0)
         txt = os.path.splitext(f)[0] + ".txt"
-        captions.append(open(txt).read().strip() if os.path.exists(txt) else
-                        (r.split(os.sep)[0] if labelled else ""))
+        caption = r.split(os.sep)[0] if labelled else ""                  # no .txt: the class name
+        if os.path.exists(txt):
+            caption = open(txt).read().strip()
+        captions.append(caption)
     if not images:
         raise UserError(f"--data {root}: none of the {len(files)} image files could be read")
     if bad:
@@ -2438,7 +2442,8 @@ def evaluate(script, args, cfg, sample_fn, nfe, device, cond=None, info=None):
     order = eval_order(held, n)
     items = [held[i] for i in order[:n]]
     real = torch.stack([it[0] for it in items])                              # (<=n, C, H, W)
-    wanted = None if cond is None else [items[i % len(items)][1 if cond == "label" else 2] for i in range(n)]
+    field = 1 if cond == "label" else 2                                      # the label or the caption
+    wanted = None if cond is None else [items[i % len(items)][field] for i in range(n)]
     bs = args.batch_size or (500 if device.type == "cuda" else 100)
     torch.manual_seed(args.seed)
     fake, t0 = [], time.time()

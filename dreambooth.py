@@ -517,8 +517,8 @@ def main(argv=None):
     p.rule("--image-size", goes_with="--weights")       # else the base checkpoint's
     p.add_argument("--tokenizer", metavar="PATH", goes_with="--train --weights",
                    type=common.existing_path("CLIP's bpe_simple_vocab_16e6.txt.gz or a tokenizer/ folder"),
-                   help="CLIP's bpe_simple_vocab_16e6.txt.gz or a tokenizer/ folder; a diffusers folder needs "
-                        "none")
+                   help="CLIP's bpe_simple_vocab_16e6.txt.gz or a tokenizer/ folder; a diffusers folder "
+                        "needs none")
     p.add_argument("--base", default=BASE, help=f"the ldm.py checkpoint to fine-tune (default {BASE})")
     p.add_argument("--instance-dir", metavar="DIR", help="3-5 images of the subject (default: 4 generated "
                    "images of the shapes subject, a ring); --data DIR says the same")

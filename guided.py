@@ -533,7 +533,8 @@ def train_classifier(args, cfg, data, device):
         common.save_state(path, state, step, script="guided", kind="classifier", config=ccfg, seed=args.seed,
                           **extra)
 
-    print(f"guided: classifier {common.count_params(clf) / 1e6:.2f}M parameters, steps {step} -> {ccfg['steps']}")
+    print(f"guided: classifier {common.count_params(clf) / 1e6:.2f}M parameters, steps {step} -> "
+          f"{ccfg['steps']}")
     clf.train()
     batches = common.batches(data, ccfg["batch_size"], args.seed + CLASSIFIER_SEED, step,
                              flip=cfg.get("flip", False) and not data.endless)
@@ -543,8 +544,8 @@ def train_classifier(args, cfg, data, device):
     held = common.load_data(args.data, cfg["image_size"], cfg["channels"], seed=args.seed, train=False)
     acc = classifier_accuracy(clf, diff, held, device)
     save(step, accuracy=acc)
-    print(f"classifier: held-out accuracy {acc['t0']:.3f} on x_0, {acc['t_uniform']:.3f} on x_t at uniform t; "
-          f"{path}")
+    print(f"classifier: held-out accuracy {acc['t0']:.3f} on x_0, {acc['t_uniform']:.3f} on x_t at uniform "
+          f"t; {path}")
     return clf
 
 
@@ -587,7 +588,8 @@ def load_weights(args, device):
     checkpoint-like dict)."""
     cfg, model = common.load_openai_unet(args)
     model = model.to(device, memory_format=torch.channels_last).eval()
-    return model, released_diffusion(cfg, device=device), {"config": cfg, "step": None, "weights": args.weights}
+    ck = {"config": cfg, "step": None, "weights": args.weights}
+    return model, released_diffusion(cfg, device=device), ck
 
 
 def load_classifier_weights(path, device, T, image_size):
@@ -632,7 +634,9 @@ class Sampler:
             need_classifier = self.scale > 0
         if need_classifier:
             self.classifier, self.clf_ck = self.load_classifier(path)
-        self.num_classes = self.clf_ck["config"]["num_classes"] if self.clf_ck else self.cfg.get("num_classes")
+        self.num_classes = self.cfg.get("num_classes")
+        if self.clf_ck:
+            self.num_classes = self.clf_ck["config"]["num_classes"]
 
     def load_classifier(self, path):
         """The classifier guidance needs: a released one (--classifier-weights) or a guided.py one."""
@@ -654,7 +658,8 @@ class Sampler:
             raise common.UserError(f"--class {k}: this model is unconditional and there is no guidance "
                                    "(--scale 0); give --scale > 0 to steer it with the classifier")
         if not 0 <= k < self.num_classes:
-            raise common.UserError(f"--class {k}: use 0..{self.num_classes - 1} (the classes this model knows)")
+            raise common.UserError(f"--class {k}: use 0..{self.num_classes - 1} (the classes this model "
+                                   "knows)")
 
     def sample(self, n, labels, scale, steps, frames=0, progress=False):
         """n images for class labels (n,) (or None: unconditional), guided with `scale`, on `steps` respaced
@@ -683,7 +688,8 @@ def sample_images(args, device):
         s.check_class(args.cls)
         labels, what = [args.cls] * n, f"class {args.cls}"
     elif steered and s.num_classes > MAX_COLUMNS:
-        labels = torch.randint(0, s.num_classes, (n,), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        g = torch.Generator().manual_seed(args.seed)
+        labels = torch.randint(0, s.num_classes, (n,), generator=g).tolist()
         what = f"random classes ({', '.join(map(str, labels[:8]))}{', ...' if n > 8 else ''})"
     elif steered:
         labels, nrow, what = [i % s.num_classes for i in range(n)], s.num_classes, "one class per column"
@@ -753,11 +759,11 @@ def evaluate(args, device):
                    for v in ("large", "small")]
     settings = [(name, m, S) for name, m in models for S in args.sweep_steps or SWEEP_STEPS if S <= m.diff.T]
     rows += common.sweep(args, settings, steps_row, lambda st: f"{st[0].replace(' ', '_')}_S{st[2]}")
-    print(f"\nClassifier guidance at small scale ({n} samples per row, {steps} {args.sampler} steps, judge FID; "
-          f"real-vs-real floor {rows[0].get('fid_floor', math.nan):.2f}):")
+    print(f"\nClassifier guidance at small scale ({n} samples per row, {steps} {args.sampler} steps, judge "
+          f"FID; real-vs-real floor {rows[0].get('fid_floor', math.nan):.2f}):")
     common.table([r for r in rows if r["table"] == "scale"], [
-        ("scale", "scale", "{:g}"), ("FID", "fid", "{:.2f}"), ("KID", "kid", "{:.4f}"), ("accuracy", "acc", "{:.3f}"),
-        ("precision", "precision", "{:.3f}"), ("recall", "recall", "{:.3f}")])
+        ("scale", "scale", "{:g}"), ("FID", "fid", "{:.2f}"), ("KID", "kid", "{:.4f}"),
+        ("accuracy", "acc", "{:.3f}"), ("precision", "precision", "{:.3f}"), ("recall", "recall", "{:.3f}")])
     print("\nRespaced sampling, no guidance (judge FID):")
     common.cross_table([r for r in rows if r["table"] == "steps"], "model", "model", "steps", "fid", "{:.2f}")
     common.print_sweep("guided", rows, n)
@@ -783,8 +789,8 @@ def main(argv=None):
     p.add_argument("--eta", type=common.unit_float, goes_with="--sampler ddim",
                    help="the DDIM noise eta in [0, 1] (default 0)")
     p.add_argument("--var", choices=["learned", "large", "small"], help="--train: learned sigmas with the "
-                   "hybrid loss (default) or a fixed sigma^2 = beta_t (large) / beta~_t (small) with L_simple; "
-                   "--sample/--eval: sample a learned model with a fixed variance instead")
+                   "hybrid loss (default) or a fixed sigma^2 = beta_t (large) / beta~_t (small) with "
+                   "L_simple; --sample/--eval: sample a learned model with a fixed variance instead")
     p.add_argument("--schedule", choices=["cosine", "linear"], goes_with="--train or --weights",
                    help="--train: beta schedule (default cosine); --weights: override the released model's")
     p.add_argument("--class-cond", action="store_true", goes_with="--train", help="a class-conditional "
@@ -795,14 +801,17 @@ def main(argv=None):
     common.add_openai_flags(p)
     p.add_argument("--no-clip", action="store_true", help="do not clip x0_hat to [-1, 1] when sampling")
     p.add_argument("--sweep", action="store_true", goes_with="--eval", excludes=("--scale", "--var"),
-                   help=f"scales {SWEEP_SCALES} (FID, KID, accuracy, precision, recall) at --steps (default "
-                        f"{DEFAULT_STEPS}), then no guidance at {SWEEP_STEPS} respaced steps; --n-samples per row")
+                   help=f"scales {SWEEP_SCALES} (FID, KID, accuracy, precision, recall) at --steps "
+                        f"(default {DEFAULT_STEPS}), then no guidance at {SWEEP_STEPS} respaced steps; "
+                        "--n-samples per row")
     p.add_argument("--scales", type=common.nonneg_float, nargs="+", metavar="S", goes_with="--eval --sweep",
                    help=f"the guidance scales (default {' '.join(f'{x:g}' for x in SWEEP_SCALES)})")
-    p.add_argument("--sweep-steps", type=common.positive_int, nargs="+", metavar="N", goes_with="--eval --sweep",
+    p.add_argument("--sweep-steps", type=common.positive_int, nargs="+", metavar="N",
+                   goes_with="--eval --sweep",
                    help=f"the respaced steps (default {' '.join(map(str, SWEEP_STEPS))})")
-    p.add_argument("--baseline", metavar="CKPT", goes_with="--eval --sweep", help="a fixed-variance guided.py "
-                   "model (--train --var large) to compare at the same respaced steps, with beta_t and beta~_t")
+    p.add_argument("--baseline", metavar="CKPT", goes_with="--eval --sweep", help="a fixed-variance "
+                   "guided.py model (--train --var large) to compare at the same respaced steps, with beta_t "
+                   "and beta~_t")
     args = p.parse_args(argv)
     common.check_weights_flags(args)
     cfg = None

@@ -540,7 +540,9 @@ def sample_images(args, device):
     c = smp.cfg
     eta, steps = eta_steps(args, c["timesteps"])
     asked = args.prompt is not None or args.label is not None
-    n = args.n_samples or (1 if args.weights else 16 if asked else 36)
+    n = args.n_samples or (16 if asked else 36)
+    if args.weights and not args.n_samples:
+        n = 1                                        # Stable Diffusion: one 512px image at a time
     captions, labels = asked_conditions(args, smp, n)
     nrow, what = None, "held-out conditions"
     if asked:

@@ -652,7 +652,9 @@ def main(argv=None):
     if args.worker:
         return worker(args)
     t_start = time.monotonic()
-    dev = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    dev = args.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda: CUDA is not available here; use --device cpu", file=sys.stderr)
         return 2
