@@ -33,7 +33,8 @@ def test_one_statement_per_line():
     for p in python_files():
         starts = [node.lineno for node in ast.walk(ast.parse(open(p, encoding="utf-8").read()))
                   if isinstance(node, ast.stmt)]
-        crowded += [f"{os.path.relpath(p, ROOT)}:{line}" for line in sorted(set(starts)) if starts.count(line) > 1]
+        crowded += [f"{os.path.relpath(p, ROOT)}:{line}" for line in sorted(set(starts))
+                    if starts.count(line) > 1]
     assert not crowded, "\n".join(crowded)
 
 
