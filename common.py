@@ -671,9 +671,9 @@ class ClipTokenizer:
 
     @classmethod
     def load(cls, path, flag="--tokenizer"):
-        """bpe_simple_vocab_16e6.txt.gz (CLIP's: a header line, then merges; CLIP uses the first 49152 - 256
-        - 2
-        of them), or a tokenizer/ folder (vocab.json + merges.txt; a diffusers pipeline folder holds one)."""
+        """bpe_simple_vocab_16e6.txt.gz (CLIP's: a header line, then merges; CLIP uses the first
+        49152 - 256 - 2 of them), or a tokenizer/ folder (vocab.json + merges.txt; a diffusers pipeline
+        folder holds one)."""
         folder = os.path.join(path, "tokenizer") if os.path.isdir(os.path.join(path, "tokenizer")) else path
         try:
             if os.path.isdir(folder):
@@ -692,8 +692,7 @@ class ClipTokenizer:
                 lines = [m for m in f.read().split("\n")[1:49152 - 256 - 2 + 1] if m]
         except (OSError, ValueError, UnicodeDecodeError) as e:
             raise UserError(f"{flag} {path}: not CLIP's {cls.VOCAB_FILE} nor a tokenizer/ folder with "
-                            f"vocab.json "
-                            f"and merges.txt ({e.__class__.__name__}: {e})")
+                            f"vocab.json and merges.txt ({e.__class__.__name__}: {e})")
         return cls([tuple(m.split()) for m in lines])
 
     def bpe(self, piece):
@@ -822,8 +821,7 @@ def load_ldm(path, scripts=("ldm",)):
     ck = load_checkpoint(path, list(scripts))
     if ck["script"] == "ldm" and ck.get("kind") != "ldm":
         raise UserError(f"{path} is ldm.py's {ck.get('kind', 'unknown')} checkpoint, not the latent "
-                        f"diffusion "
-                        "model; pass <ldm out>/ckpt.pt")
+                        "diffusion model; pass <ldm out>/ckpt.pt")
     if "ae" not in ck:
         raise UserError(f"{path} holds no autoencoder; retrain with `python ldm.py --train`")
     model = load_state(LDM(ck["config"]), ck["ema"] if ck["script"] == "ldm" else ck["model"], path)
@@ -1240,6 +1238,14 @@ def grid_items(data, n, max_classes=16):
     return [data[i] for i in idx], per
 
 
+# How the streams of random numbers that one --seed gives are kept apart: each is seed * stride + its index,
+# with strides larger than any index they meet (and prime, so that no two streams line up).
+EPOCH_STRIDE = 1000            # batches: the shuffle of each epoch
+FLIP_STRIDE = 7919             # batches: the flips of each step and rank
+STEP_STRIDE = 1_000_003        # step_seed: the random draws of each step (+ stream, for other loops) ...
+RANK_STRIDE = 7919             # ... and of each rank
+
+
 def batches(data, batch_size, seed, step=0, rank=0, world=1, flip=False):
     """Endless batches (x, y, captions) for one rank, starting at `step`. Batch k is a pure function
     of (seed, k, rank), so a resumed run sees exactly the data an uninterrupted one would.
@@ -1250,14 +1256,15 @@ def batches(data, batch_size, seed, step=0, rank=0, world=1, flip=False):
         else:
             per_epoch = max(1, len(data) // (batch_size * world))
             epoch, k = divmod(step, per_epoch)
-            perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+            g = torch.Generator().manual_seed(seed * EPOCH_STRIDE + epoch)
+            perm = torch.randperm(len(data), generator=g)
             start = (k * world + rank) * batch_size
             idx = perm[start:start + batch_size].tolist()
             idx += perm[:batch_size - len(idx)].tolist()  # datasets smaller than one batch
         items = [data[i] for i in idx]
         x = torch.stack([it[0] for it in items])
         if flip:
-            g = torch.Generator().manual_seed(seed * 7919 + step * world + rank)
+            g = torch.Generator().manual_seed(seed * FLIP_STRIDE + step * world + rank)
             m = torch.rand(len(x), generator=g) < 0.5
             x[m] = x[m].flip(-1)
         yield x, torch.tensor([it[1] for it in items]), [it[2] for it in items]
@@ -1271,7 +1278,7 @@ def batches(data, batch_size, seed, step=0, rank=0, world=1, flip=False):
 def step_seed(seed, step, rank=0, stream=0):
     """The seed of every random draw of training step `step`: a pure function of (seed, rank, step),
     so --resume continues exactly. `stream` keeps apart loops that share --seed (e.g. a classifier's)."""
-    return seed * 1_000_003 + rank * 7919 + stream + step
+    return seed * STEP_STRIDE + rank * RANK_STRIDE + stream + step
 
 
 def get_device(name="auto"):
@@ -3119,8 +3126,8 @@ def load_openai_classifier(path, T, image_size, build):
 
 # Stable Diffusion v1 (Rombach et al. 2022, the text-to-image model of Sec. 4.3 as released by CompVis and
 # Stability AI) -> common.LDM, common.AutoencoderKL and ClipTokenizer. One CompVis file holds all three
-# networks
-# under the prefixes below; a diffusers folder keeps them in unet/, vae/, text_encoder/ and tokenizer/.
+# networks under the prefixes below; a diffusers folder keeps them in unet/, vae/, text_encoder/ and
+# tokenizer/.
 
 # What no tensor shows: the released v1 configuration (v1-inference.yaml) and sampling settings
 SD_V1 = dict(cond="text", text="clip", image_size=512, channels=3, f=8, heads=8, norm_groups=32, ae_groups=32,
@@ -3273,8 +3280,7 @@ def read_sd_file(path):
     if not all(part.values()):
         missing = [SD_PREFIXES[n] + "*" for n, v in part.items() if not v]
         raise UserError(f"--weights {path}: no {', '.join(missing)} tensors; a Stable Diffusion v1 file "
-                        f"holds the "
-                        "U-Net, the autoencoder and the CLIP text encoder")
+                        "holds the U-Net, the autoencoder and the CLIP text encoder")
     return unet_from_sd(part["unet"], "compvis"), ae_from_sd(part["ae"], "compvis"), text_from_clip(
         {SD_PREFIXES["text"] + k: v for k, v in part["text"].items()}), {}
 

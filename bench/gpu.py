@@ -162,7 +162,7 @@ def train_setup(name, size, dev):
 
     def loss(net):  # ldm.py's loss_fn: encode with the frozen autoencoder, tokenize, drop 10%, eq. 3
         with torch.no_grad():
-            z0 = ae.encode(x).sample() * cfg["scale_factor"]
+            z0 = ldm.DiagonalGaussian(*ae.encode(x)).sample() * cfg["scale_factor"]
         return ldm.ldm_loss(net, z0.float(), cond.drop(cond(caps), cfg["p_uncond"]).to(dev), abar)
     return model, loss, f"ldm.py {size['ldm']} (latent)"
 
