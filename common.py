@@ -1993,6 +1993,7 @@ def main_guard(fn):
 
 JUDGE_DIR = os.path.join("out", "judge")   # relative to the working directory
 JUDGE_STEPS = 800                          # about a minute on one CPU core; tiny presets set judge_steps
+SUBJECT_JUDGE_SEED = 77                    # seed + this: the subject judge's images, apart from the data's
 SHAPE_HEADS = {"shape": SHAPES, "color": list(COLORS), "size": SIZES, "position": POSITIONS}
 
 
@@ -2121,6 +2122,39 @@ def train_judge(data_spec, image_size, channels, device, steps=JUDGE_STEPS, batc
             "steps": steps, "heads": heads, "model": {k: v.cpu() for k, v in judge.state_dict().items()},
             "accuracy": judge_accuracy(judge, xte, yte), "n_train": len(xtr), "n_test": len(xte),
             "train_seconds": time.time() - t0, "train_cpu_seconds": time.process_time() - c0}
+
+
+def subject_judge(size, channels, device, steps=400, seed=0):
+    """dreambooth.py's judge of its shapes subject: a Judge with one head, {ordinary, subject}, trained on
+    circles with and without the subject's hole (ShapesData(subject=True) vs the same attributes drawn
+    plainly); cached in out/judge/."""
+    path = os.path.join(JUDGE_DIR, f"subject_ring_{size}_{channels}_s{steps}.pt")
+    heads = {"subject": ["ordinary", "subject"]}
+    judge = Judge(heads, channels)
+    if os.path.exists(path):
+        ck = load_checkpoint(path, ["judge"])
+        judge.load_state_dict(ck["model"])
+        judge.accuracy = ck["accuracy"]["subject"]
+        return judge.to(device).eval()
+
+    def batch(start, n):
+        data = ShapesData(size, channels, seed=seed + SUBJECT_JUDGE_SEED, subject=True)
+        xs = []
+        for i in range(start, start + n):
+            a = {**data.attributes(i), "subject": bool(i % 2)}
+            xs.append(to_tensor(draw_shape(a, size, channels, a["jitter"])))
+        return torch.stack(xs), torch.arange(start, start + n) % 2
+
+    print(f"training the subject judge ({steps} steps), cached in {path}")
+    torch.manual_seed(seed)
+    x, y = batch(0, min(4000, steps * 32))
+    judge = fit_judge(judge.to(device), x, {"subject": y}, steps, device, 32, cosine=False, seed=seed)
+    xt, yt = batch(10 ** 6, 400)
+    judge.accuracy = (judge_predict(judge, xt)["subject"] == yt).float().mean().item()
+    save_checkpoint({"script": "judge", "heads": heads, "accuracy": {"subject": judge.accuracy},
+                     "model": {k: v.cpu() for k, v in judge.state_dict().items()}}, path)
+    print(f"subject judge: held-out accuracy {judge.accuracy:.3f}")
+    return judge
 
 
 def judge_path(data_spec, image_size, channels, steps=JUDGE_STEPS, cache_dir=JUDGE_DIR):

@@ -71,7 +71,6 @@ SETTINGS = ("base", "weights", "tokenizer", "instance_dir", "identifier", "class
 IDENTIFIER_SEED = 8191      # the identifier's new embedding row
 INSTANCE_SEED = 4242        # the default subject's instance images
 CLASS_IMAGES_SEED = 1234    # the class images (+ how many exist already: the missing ones are new draws)
-SUBJECT_JUDGE_SEED = 77     # the subject judge's training images
 SUBJECT_EVAL_SEED = 99      # --eval's held-out subject images
 
 
@@ -391,38 +390,6 @@ def sample_images(args, device):
 #    Evaluation: subject fidelity, prompt fidelity, language drift (Sec. 4)     #
 #################################################################################
 
-def subject_judge(size, channels, device, steps=400, seed=0):
-    """A common.Judge with one head, {ordinary, subject}, trained on circles with and without the subject's
-    hole (ShapesData(subject=True) vs the same attributes drawn plainly); cached in out/judge/."""
-    path = os.path.join(common.JUDGE_DIR, f"subject_ring_{size}_{channels}_s{steps}.pt")
-    heads = {"subject": ["ordinary", "subject"]}
-    judge = common.Judge(heads, channels)
-    if os.path.exists(path):
-        ck = common.load_checkpoint(path, ["judge"])
-        judge.load_state_dict(ck["model"])
-        judge.accuracy = ck["accuracy"]["subject"]
-        return judge.to(device).eval()
-
-    def batch(start, n):
-        data = common.ShapesData(size, channels, seed=seed + SUBJECT_JUDGE_SEED, subject=True)
-        xs = []
-        for i in range(start, start + n):
-            a = {**data.attributes(i), "subject": bool(i % 2)}
-            xs.append(common.to_tensor(common.draw_shape(a, size, channels, a["jitter"])))
-        return torch.stack(xs), torch.arange(start, start + n) % 2
-
-    print(f"training the subject judge ({steps} steps), cached in {path}")
-    torch.manual_seed(seed)
-    x, y = batch(0, min(4000, steps * 32))
-    judge = common.fit_judge(judge.to(device), x, {"subject": y}, steps, device, 32, cosine=False, seed=seed)
-    xt, yt = batch(10 ** 6, 400)
-    judge.accuracy = (common.judge_predict(judge, xt)["subject"] == yt).float().mean().item()
-    common.save_checkpoint({"script": "judge", "heads": heads, "accuracy": {"subject": judge.accuracy},
-                            "model": {k: v.cpu() for k, v in judge.state_dict().items()}}, path)
-    print(f"subject judge: held-out accuracy {judge.accuracy:.3f}")
-    return judge
-
-
 def diversity(judge, x):
     """Mean pairwise L2 distance of judge features (the paper's DIV uses LPIPS, not available offline)."""
     f = common.features(judge, x).float()
@@ -450,7 +417,7 @@ def evaluate(args, device):
     steps = args.steps or DEFAULT_STEPS
     judge_steps = PRESETS[args.preset].get("judge_steps", common.JUDGE_STEPS)
     judge = common.get_judge("shapes", size, ch, device, steps=judge_steps)
-    sj = subject_judge(size, ch, device, steps=PRESETS[args.preset].get("subject_judge_steps", 400))
+    sj = common.subject_judge(size, ch, device, PRESETS[args.preset].get("subject_judge_steps", 400))
     ident, noun = db["identifier"], db["class_noun"]
     rng = np.random.default_rng(args.seed)
     recontext = [f"a {rng.choice(common.SIZES)} {rng.choice(list(common.COLORS))} {ident} {noun} "
