@@ -309,7 +309,10 @@ def train(args, dcfg):
           f"({sum(p.numel() for p in params) / 1e6:.2f}M parameters), steps {step} -> {dcfg['max_steps']}, "
           f"batch {bs}{cls_batch}, lr {dcfg['lr']:g}, device {device}", flush=True)
     model.train()
-    step = common.train_loop("dreambooth", step_fn, save, step, dcfg["max_steps"], path, dcfg)
+    # a checkpoint at the end and on Ctrl-C, none on the way: fine-tuning is short and a fine-tuned Stable
+    # Diffusion checkpoint is gigabytes
+    every = {**dcfg, "ckpt_every": dcfg["max_steps"]}
+    step = common.train_loop("dreambooth", step_fn, save, step, dcfg["max_steps"], path, every)
     model.eval().requires_grad_(False)
     common.save_grid(x_inst, os.path.join(args.out, "instance_images.png"))
     torch.manual_seed(args.seed)
