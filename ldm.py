@@ -251,6 +251,14 @@ def partial_caption(caption, keep):
     return " ".join(words + ([common.POSITION_WORDS[a["position"]]] if keep[2] else []))
 
 
+def augment_captions(captions, p_partial):
+    """A fraction p_partial of the captions made partial (partial_caption), each phrase kept with
+    probability 1/2."""
+    u = torch.rand(len(captions), 4).tolist()
+    return [partial_caption(c, [v >= 0.5 for v in r[1:]]) if r[0] < p_partial else c
+            for c, r in zip(captions, u)]
+
+
 #################################################################################
 #                 The paper's networks: the patch discriminator                 #
 #################################################################################
@@ -428,9 +436,7 @@ def train(args, cfg):
             with torch.no_grad():
                 z0 = DiagonalGaussian(*ae.encode(x)).sample() * cfg["scale_factor"]
             if cfg["cond"] == "text" and cfg.get("p_partial", 0) > 0:
-                u = torch.rand(len(caps), 4).tolist()    # p_partial of them lose each phrase with p = 1/2
-                caps = [partial_caption(c, [v >= 0.5 for v in r[1:]]) if r[0] < cfg["p_partial"] else c
-                        for c, r in zip(caps, u)]
+                caps = augment_captions(caps, cfg["p_partial"])
             c = cond.drop(cond(caps, y.cpu()), cfg["p_uncond"]).to(x.device)
             return ldm_loss(net, z0.float(), c, abar)
         return loss_fn, grid
