@@ -142,6 +142,7 @@ def test_loss_is_zero_for_the_true_noise_and_positive_otherwise():
     assert d.loss(lambda xt, t: torch.zeros_like(xt), x0).item() > 0.5
     for obj in ("x0", "v"):
         dd = ddpm.Diffusion(d.betas, objective=obj)
+
         def pred(xt, t):
             return x0 if obj == "x0" else dd.v_target(x0, t, dd.eps_from_x0(xt, t, x0))
         assert dd.loss(pred, x0).item() < 1e-6
