@@ -1,9 +1,26 @@
 """
-Shared utilities for the six paper scripts: noise schedules, the U-Net and its blocks, data,
-training plumbing (device, DDP, EMA, AdamW, atomic checkpoints), images and the CLI contract.
+What the six paper scripts share, and only that: the networks several papers use, data, the training loop,
+checkpoints, the command line, evaluation and the loading of released weights. The papers' own maths (losses,
+samplers, guidance, GAN objectives) is NOT here: it lives in each script next to the equation it implements.
+Copy a script together with this file and it runs.
 
-The papers' own math (losses, samplers, guidance, GAN objectives) is NOT here: it lives in each
-script next to the equation it implements. Copy a script together with this file and it runs.
+Contents, in the order of the banner sections below:
+    Errors                UserError (one line `error: ...`, exit status 2), Interrupted (Ctrl-C, 130)
+    Noise schedules       beta_schedule, alphas_cumprod, on_device, extract
+    The U-Net             timestep_embedding, ResBlock, Attention, AttnBlock, SpatialTransformer, UNet,
+                          build_unet; DDPM_PRESETS (ddpm.py's and ddim.py's)
+    Latent networks       AutoencoderKL, WordTokenizer, ClipTokenizer, TextEncoder, LDM, load_ldm
+    Latent sampler        cfg_eps, guided_eps_fn, sample_latents, draw_latent (ldm.py, dreambooth.py)
+    Data                  shapes, image folders, CIFAR-10, MNIST; load_data, held-out splits, batches
+    Training plumbing     step_seed, devices and DDP, autocast, EMA, AdamW, checkpoints (atomic, safe)
+    The training loop     start_training, restore, save_state, train_loop (every network's loop), train
+    Images                grids and GIFs
+    The command line      argparse types, Parser (flags with goes_with/excludes), make_parser, make_config,
+                          claim_out, Progress, GracefulStop, run, main_guard
+    Evaluation            the judge, FID, KID, precision/recall, accuracy, InceptionFID, evaluate
+    Sweeps                sweep, table, cross_table: the --eval --sweep tables
+    Released weights      safetensors and torch files, layouts, and the renamings of DDPM's (diffusers), ADM's
+                          and Improved DDPM's (OpenAI) and Stable Diffusion's weights onto these networks
 """
 import argparse
 import copy
@@ -21,6 +38,7 @@ import struct
 import sys
 import threading
 import time
+import types
 import unicodedata
 from contextlib import contextmanager, nullcontext
 
@@ -33,6 +51,10 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 
+#################################################################################
+#                                     Errors                                    #
+#################################################################################
+
 class UserError(Exception):
     """Bad input from the user: printed as one line `error: ...` and exit status 2."""
 
@@ -41,9 +63,10 @@ class Interrupted(Exception):
     """Ctrl-C in a training loop, after the checkpoint of the current step was saved: exit status 130."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Noise schedules: computed in float64, cast by the caller.
-# ---------------------------------------------------------------------------------------------
+#################################################################################
+#                                Noise schedules                                #
+#################################################################################
+# Computed in float64, cast by the caller (on_device).
 
 def beta_schedule(name, T, beta_start=1e-4, beta_end=0.02):
     """betas (T,) float64. linear: Ho et al. 2020 (1e-4 .. 0.02 for T=1000); cosine: Nichol &
@@ -66,7 +89,8 @@ def beta_schedule(name, T, beta_start=1e-4, beta_end=0.02):
 def alphas_cumprod(cfg):
     """abar_t = prod_{s <= t} (1 - beta_s), t = 0..T-1, of a config's schedule, float64 on the CPU: samplers
     read Python floats from it, losses a float32 copy on the device (on_device)."""
-    b = beta_schedule(cfg["schedule"], cfg["timesteps"], cfg["beta_start"], cfg["beta_end"])
+    start, end = cfg.get("beta_start", 1e-4), cfg.get("beta_end", 0.02)
+    b = beta_schedule(cfg["schedule"], cfg["timesteps"], start, end)
     return torch.cumprod(1 - torch.as_tensor(b, dtype=torch.float64), 0)
 
 
@@ -85,9 +109,10 @@ def extract(a, t, shape):
     return a[t].reshape(-1, *([1] * (len(shape) - 1)))
 
 
-# ---------------------------------------------------------------------------------------------
-# U-Net (Ho et al. 2020 / ADM, Dhariwal & Nichol 2021) with the options later papers need.
-# ---------------------------------------------------------------------------------------------
+#################################################################################
+#                      The U-Net (DDPM, ADM) and its blocks                     #
+#################################################################################
+# Ho et al. 2020 / Dhariwal & Nichol 2021, with the options later papers need.
 
 def timestep_embedding(t, dim, max_period=10000, shift=0, cos_first=False):
     """Sinusoidal embedding (Transformer positional encoding) of timesteps t (B,) -> (B, dim): [sin, cos] of
@@ -142,7 +167,9 @@ class ResBlock(nn.Module):
     def __init__(self, cin, cout, emb_dim, dropout=0.0, scale_shift=False, up=False, down=False,
                  skip_rescale=False, groups=None, eps=1e-5, style_dim=None):
         super().__init__()
-        gn = (lambda c: StyleNorm(c, style_dim, groups, eps)) if style_dim else (lambda c: norm(c, groups, eps))
+
+        def gn(c):
+            return StyleNorm(c, style_dim, groups, eps) if style_dim else norm(c, groups, eps)
         self.norm1, self.conv1 = gn(cin), nn.Conv2d(cin, cout, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * cout if scale_shift else cout)
         self.norm2, self.drop = gn(cout), nn.Dropout(dropout)
@@ -390,11 +417,34 @@ def resize_unet(cfg, size):
 def count_params(model):
     return sum(p.numel() for p in model.parameters())
 
-# ---------------------------------------------------------------------------------------------
-# Latent diffusion's networks (Rombach et al. 2022), shared by ldm.py and dreambooth.py: the KL autoencoder,
-# the text encoders and their tokenizers, and the model that holds a U-Net and its conditioning encoder. The
-# paper's own math (the autoencoder's loss, latent scaling, guidance) stays in ldm.py.
-# ---------------------------------------------------------------------------------------------
+
+# The presets of ddpm.py and of ddim.py, which trains DDPM's network with DDPM's objective, so that either
+# script's checkpoint builds the same network and each samples the other's.
+DDPM_PRESETS = {
+    # seconds, for tests
+    "tiny": dict(image_size=16, channels=3, ch=16, ch_mult=[1, 2], num_res_blocks=1, attn_res=[8], heads=2,
+                 dropout=0.0, timesteps=100, schedule="linear", objective="eps", var="large",
+                 batch_size=8, max_steps=20, lr=1e-3, warmup=0, grad_clip=1.0, ema=0.99,
+                 log_every=5, sample_every=0, ckpt_every=10, judge_steps=30),
+    # the default: minutes on a 2-core CPU
+    "cpu": dict(image_size=32, channels=3, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_res=[8], heads=4,
+                dropout=0.0, timesteps=1000, schedule="linear", objective="eps", var="large",
+                batch_size=32, max_steps=2400, lr=2e-3, warmup=200, grad_clip=1.0, ema=0.995,
+                log_every=25, sample_every=1200, ckpt_every=500),
+    # Ho et al. 2020, CIFAR-10 (Appendix B): 35.7M parameters, lr 2e-4, batch 128, 800K steps
+    "paper": dict(image_size=32, channels=3, ch=128, ch_mult=[1, 2, 2, 2], num_res_blocks=2, attn_res=[16],
+                  heads=1, dropout=0.1, timesteps=1000, schedule="linear", objective="eps", var="large",
+                  batch_size=128, max_steps=800_000, lr=2e-4, warmup=5000, grad_clip=1.0, ema=0.9999,
+                  flip=True, log_every=100, sample_every=10_000, ckpt_every=5000),
+}
+
+
+#################################################################################
+#              Latent diffusion's networks (LDM, Stable Diffusion)              #
+#################################################################################
+# Rombach et al. 2022, shared by ldm.py and dreambooth.py: the KL autoencoder, the text encoders and their
+# tokenizers, and the model that holds a U-Net and its conditioning encoder. The paper's own maths (the
+# autoencoder's loss, latent scaling, the conditioning and its loss) stays in ldm.py.
 
 def ae_levels(acfg):
     """The channel multipliers of the autoencoder's resolution levels: log2(f) downsamplings."""
@@ -568,8 +618,10 @@ def byte_alphabet():
 
 def char_kind(c):
     """What CLIP's pre-tokenizer groups by: 'L' letters, 'N' numbers, ' ' white space, '?' anything else."""
+    if c.isspace():
+        return " "
     cat = unicodedata.category(c)[0]
-    return " " if c.isspace() else cat if cat in "LN" else "?"
+    return cat if cat in "LN" else "?"
 
 
 CLIP_CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
@@ -619,9 +671,9 @@ class ClipTokenizer:
 
     @classmethod
     def load(cls, path, flag="--tokenizer"):
-        """bpe_simple_vocab_16e6.txt.gz (CLIP's: a header line, then merges; CLIP uses the first 49152 - 256
-        - 2
-        of them), or a tokenizer/ folder (vocab.json + merges.txt; a diffusers pipeline folder holds one)."""
+        """bpe_simple_vocab_16e6.txt.gz (CLIP's: a header line, then merges; CLIP uses the first
+        49152 - 256 - 2 of them), or a tokenizer/ folder (vocab.json + merges.txt; a diffusers pipeline
+        folder holds one)."""
         folder = os.path.join(path, "tokenizer") if os.path.isdir(os.path.join(path, "tokenizer")) else path
         try:
             if os.path.isdir(folder):
@@ -640,8 +692,7 @@ class ClipTokenizer:
                 lines = [m for m in f.read().split("\n")[1:49152 - 256 - 2 + 1] if m]
         except (OSError, ValueError, UnicodeDecodeError) as e:
             raise UserError(f"{flag} {path}: not CLIP's {cls.VOCAB_FILE} nor a tokenizer/ folder with "
-                            f"vocab.json "
-                            f"and merges.txt ({e.__class__.__name__}: {e})")
+                            f"vocab.json and merges.txt ({e.__class__.__name__}: {e})")
         return cls([tuple(m.split()) for m in lines])
 
     def bpe(self, piece):
@@ -764,6 +815,601 @@ class LDM(nn.Module):
         return self.unet(z, t, context=ctx, mask=mask)
 
 
+def load_ldm(path, scripts=("ldm",)):
+    """An ldm.py checkpoint (its EMA weights; or a fine-tuned one of dreambooth.py, with 'dreambooth' in
+    scripts) -> (LDM, AutoencoderKL, config, checkpoint), both networks frozen in eval mode."""
+    ck = load_checkpoint(path, list(scripts))
+    if ck["script"] == "ldm" and ck.get("kind") != "ldm":
+        raise UserError(f"{path} is ldm.py's {ck.get('kind', 'unknown')} checkpoint, not the latent "
+                        "diffusion model; pass <ldm out>/ckpt.pt")
+    if "ae" not in ck:
+        raise UserError(f"{path} holds no autoencoder; retrain with `python ldm.py --train`")
+    model = load_state(LDM(ck["config"]), ck["ema"] if ck["script"] == "ldm" else ck["model"], path)
+    ae = load_state(AutoencoderKL(ck["ae_config"]), ck["ae"], path)
+    return model.eval().requires_grad_(False), ae.eval().requires_grad_(False), ck["config"], ck
+
+
+#################################################################################
+#         Latent diffusion's sampler: DDIM with classifier-free guidance        #
+#################################################################################
+# How ldm.py and dreambooth.py draw, as Stable Diffusion's release does: classifier-free guidance (Ho &
+# Salimans 2022, eq. 6) against the null condition, and the DDIM step (Song et al. 2021, eq. 12; ddim.py) on
+# latents.
+
+def cfg_eps(eps_cond, eps_uncond, s):
+    """Classifier-free guidance: eps~ = eps(z, empty) + s (eps(z, c) - eps(z, empty)); s = 1: the
+    conditional model, s = 0: the unconditional one, s > 1: guided (s = 1 + w of Ho & Salimans)."""
+    return eps_uncond + s * (eps_cond - eps_uncond)
+
+
+def guided_eps_fn(model, c, c_null, s):
+    """eps_fn(z, t) for an int t with guidance scale s, for an LDM: the context is encoded once, and the
+    conditional and unconditional predictions come from one batched U-Net call (one evaluation when s is
+    0 or 1)."""
+    ctx, mask = model.context(c)
+    nctx, nmask = model.context(c_null)
+    both_mask = None if mask is None else torch.cat([mask, nmask])
+
+    def eps_fn(z, t):
+        tt = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
+        if s == 1:
+            return model.unet(z, tt, context=ctx, mask=mask).float()
+        if s == 0:
+            return model.unet(z, tt, context=nctx, mask=nmask).float()
+        e = model.unet(torch.cat([z, z]), torch.cat([tt, tt]), context=torch.cat([ctx, nctx]), mask=both_mask)
+        e_c, e_u = e.float().chunk(2)
+        return cfg_eps(e_c, e_u, s)
+    return eps_fn
+
+
+def ddim_latent_step(z, eps, a, a_prev, eta=0.0):
+    """DDIM (Song et al. eq. 12) with sigma(eta) of eq. 16; eta = 1 is DDPM's ancestral step with the
+    posterior variance. z0_hat is not clipped: latents are not bounded like pixels."""
+    z0 = (z - (1 - a) ** 0.5 * eps) / a ** 0.5
+    sigma = eta * ((1 - a_prev) / (1 - a)) ** 0.5 * (1 - a / a_prev) ** 0.5
+    z = a_prev ** 0.5 * z0 + max(0.0, 1 - a_prev - sigma ** 2) ** 0.5 * eps
+    return z + sigma * torch.randn_like(z) if sigma > 0 else z
+
+
+@torch.no_grad()
+def sample_latents(eps_fn, z, abar, steps, eta=0.0, progress=False, offset=0):
+    """From z_T over the timesteps i T / S + offset, i = S-1 .. 0, abar as Python floats. offset 0 (ours): the
+    last step ends at abar = 1 (not abar_0), so that it returns the predicted z_0 itself (DDIM eq. 12 with
+    alpha_0 = 1). offset 1: Stable Diffusion's released sampler, whose last step ends at abar_0."""
+    T = len(abar)
+    if not 1 <= steps <= T:
+        raise UserError(f"--steps {steps}: use 1..{T}, the model's number of timesteps T")
+    ts = [min(i * T // steps + offset, T - 1) for i in range(steps)]
+    for i in steps_bar(reversed(range(steps)), steps, "sampling", progress):
+        prev = ts[i - 1] if i > 0 else ts[0] - 1           # below the first timestep: abar_0, or 1 at t = -1
+        a_prev = float(abar[prev]) if prev >= 0 else 1.0
+        z = ddim_latent_step(z, eps_fn(z, ts[i]), float(abar[ts[i]]), a_prev, eta)
+    return z
+
+
+@torch.no_grad()
+def draw_latent(model, ae, cfg, c, c_null, scale, steps, eta=0.0, progress=False, abar=None):
+    """Images (n, C, H, W) in [-1, 1] from an LDM and its autoencoder for conditions c (n, ...): z_T ~ N(0,
+    I), guided DDIM in latent space (sample_latents with the config's ddim_offset), then D(z / scale_factor).
+    abar: the config's schedule as Python floats, where the caller has it already."""
+    r = cfg["image_size"] // cfg["f"]
+    eps_fn = guided_eps_fn(model, c, c_null, scale)
+    z = torch.randn(c.shape[0], cfg["z_ch"], r, r, device=c.device)
+    abar = abar or alphas_cumprod(cfg).tolist()
+    z = sample_latents(eps_fn, z, abar, steps, eta, progress, cfg.get("ddim_offset", 0))
+    return ae.decode(z / cfg["scale_factor"]).float().clamp(-1, 1)
+
+
+#################################################################################
+#                                      Data                                     #
+#################################################################################
+# Every dataset yields (image in [-1, 1] as (C, H, W) float, label int, caption str).
+
+SHAPES = ["circle", "square", "triangle", "cross"]
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 235),
+          "yellow": (235, 210, 40), "purple": (150, 60, 210), "white": (240, 240, 240)}
+SIZES = ["small", "large"]
+POSITIONS = ["left", "center", "right"]
+POSITION_WORDS = {"left": "on the left", "center": "in the center", "right": "on the right"}
+BACKGROUND = (24, 24, 32)
+
+
+def shape_caption(a):
+    """'a small red circle on the left' from an attribute dict."""
+    return f"a {a['size']} {a['color']} {a['shape']} {POSITION_WORDS[a['position']]}"
+
+
+def draw_shape(a, image_size=32, channels=3, jitter=(0.0, 0.0, 1.0), supersample=4):
+    """Render one shape with attributes `a` (shape, color, size, position) on a plain background.
+    jitter = (dx, dy, scale) in fractions of the image. Drawn at 4x and box-filtered (antialiased).
+    With a['subject'] true, the circle is DreamBooth's "subject": a ring (a hole of 0.55 r in the middle)."""
+    S = image_size * supersample
+    img = Image.new("RGB", (S, S), BACKGROUND)
+    d = ImageDraw.Draw(img)
+    cx = S * ({"left": 0.25, "center": 0.5, "right": 0.75}[a["position"]] + jitter[0])
+    cy = S * (0.5 + jitter[1])
+    r = S * (0.11 if a["size"] == "small" else 0.2) * jitter[2]
+    col = COLORS[a["color"]]
+    if a["shape"] == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=col)
+        if a.get("subject"):
+            # a distinctive instance the ordinary data never draws (coarse enough that ldm.py's f = 4
+            # autoencoder, trained on plain shapes, keeps it; thin stripes it erased)
+            h = 0.55 * r
+            d.ellipse([cx - h, cy - h, cx + h, cy + h], fill=BACKGROUND)
+    elif a["shape"] == "square":
+        q = r * 0.88
+        d.rectangle([cx - q, cy - q, cx + q, cy + q], fill=col)
+    elif a["shape"] == "triangle":
+        d.polygon([(cx, cy - r), (cx + r * 0.95, cy + r * 0.8), (cx - r * 0.95, cy + r * 0.8)], fill=col)
+    elif a["shape"] == "cross":
+        w = r * 0.36
+        d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=col)
+        d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=col)
+    img = img.resize((image_size, image_size), Image.BOX)
+    return img.convert("L") if channels == 1 else img
+
+
+def to_tensor(img):
+    """PIL image -> (C, H, W) float in [-1, 1]."""
+    a = np.asarray(img, dtype=np.float32)
+    a = a[:, :, None] if a.ndim == 2 else a
+    return torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1
+
+
+class ShapesData:
+    """Endless, deterministic colored shapes: item i is drawn from numpy's RNG seeded by (seed, i).
+    Label = shape index; caption like 'a small red circle on the left'. No download."""
+    endless = True
+
+    def __init__(self, image_size=32, channels=3, seed=0, subject=False):
+        self.image_size, self.channels, self.seed, self.subject = image_size, channels, seed, subject
+        self.class_names = list(SHAPES)
+        self.num_classes = len(SHAPES)
+
+    def attributes(self, i):
+        rng = np.random.default_rng([self.seed, i])
+        a = {"shape": SHAPES[rng.integers(4)], "color": list(COLORS)[rng.integers(len(COLORS))],
+             "size": SIZES[rng.integers(2)], "position": POSITIONS[rng.integers(3)]}
+        if self.subject:
+            a["shape"], a["subject"] = "circle", True
+        a["jitter"] = (rng.uniform(-0.04, 0.04), rng.uniform(-0.1, 0.1), rng.uniform(0.9, 1.1))
+        return a
+
+    def __getitem__(self, i):
+        a = self.attributes(i)
+        img = draw_shape(a, self.image_size, self.channels, a["jitter"])
+        return to_tensor(img), SHAPES.index(a["shape"]), shape_caption(a)
+
+    def label(self, i):
+        return SHAPES.index(self.attributes(i)["shape"])  # without drawing
+
+
+class TensorData:
+    """Images held in memory as uint8 (N, C, H, W) with labels; folders, CIFAR-10 and MNIST load to this."""
+    endless = False
+
+    def __init__(self, images, labels, class_names, captions=None):
+        self.images, self.labels, self.class_names, self.captions = images, labels, class_names, captions
+        self.num_classes = len(class_names) if class_names else None
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        cap = ""
+        if self.captions:
+            cap = self.captions[i]
+        elif self.class_names:
+            cap = self.class_names[self.labels[i]]
+        return self.images[i].float() / 127.5 - 1, int(self.labels[i]), cap
+
+    def label(self, i):
+        return int(self.labels[i])
+
+    def subset(self, idx):
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return TensorData(self.images[idx], self.labels[idx], self.class_names,
+                          [self.captions[i] for i in idx.tolist()] if self.captions else None)
+
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MIN_SIDE = 8                    # smaller images are refused rather than upscaled
+HELD_OUT = 0.2                  # data with no test split of its own keeps this fraction of each class ...
+HELD_OUT_MAX = 2000             # ... and at most this many images in all
+HELD_OUT_SEED = 10_000_019      # shapes' held-out part: the images of seed + this, which training never draws
+
+
+def held_out_split(labels, fraction=HELD_OUT, cap=HELD_OUT_MAX):
+    """(train, held-out) indices of a dataset without a test split of its own, stratified: the same fraction
+    of every class (at least one image of a class with two or more), chosen by a fixed permutation, so every
+    run and every script holds out the same images. The held-out part is never trained on: it is the FID
+    reference and the data of every held-out figure."""
+    labels = torch.as_tensor(labels)
+    f = min(fraction, cap / len(labels))
+    g = torch.Generator().manual_seed(0)
+    train, held = [], []
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero()[:, 0]
+        idx = idx[torch.randperm(len(idx), generator=g)].tolist()
+        k = max(int(len(idx) * f), 1 if len(idx) > 1 else 0)
+        held += idx[:k]
+        train += idx[k:]
+    return sorted(train), sorted(held)
+
+
+def resize_crop(img, size):
+    """Resize the short side to `size` (bicubic; up or down), then center-crop to size x size."""
+    w, h = img.size
+    s = size / min(w, h)
+    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def load_folder(root, image_size, channels):
+    """A folder of images, searched recursively. The first-level subfolder is the class label
+    (only when every image sits in a subfolder); a .txt beside an image is its caption. Images are
+    resized to image_size (upscaled when smaller, as torchvision's Resize does; one note says how many)."""
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
+                   if f.lower().endswith(IMAGE_EXTS))
+    if not files:
+        raise UserError(f"--data {root}: no images found (looked for {', '.join(IMAGE_EXTS)} recursively)")
+    rel = [os.path.relpath(f, root) for f in files]
+    labelled = all(os.sep in r for r in rel)
+    class_names = sorted({r.split(os.sep)[0] for r in rel}) if labelled else None
+    images, labels, captions, bad, small = [], [], [], 0, []
+    for f, r in zip(files, rel):
+        try:
+            with Image.open(f) as im:
+                im.load()
+                if min(im.size) < MIN_SIDE:
+                    raise UserError(f"--data {root}: image {r} is {im.size[0]}x{im.size[1]}, below "
+                                    f"{MIN_SIDE} pixels; remove it")
+                if min(im.size) < image_size:
+                    small.append(im.size)
+                im = resize_crop(im.convert("L" if channels == 1 else "RGB"), image_size)
+        except UserError:
+            raise
+        except Exception:
+            bad += 1
+            continue
+        pixels = np.asarray(im, dtype=np.uint8).reshape(image_size, image_size, channels)
+        images.append(torch.from_numpy(pixels.copy()))
+        labels.append(class_names.index(r.split(os.sep)[0]) if labelled else 0)
+        txt = os.path.splitext(f)[0] + ".txt"
+        caption = r.split(os.sep)[0] if labelled else ""                  # no .txt: the class name
+        if os.path.exists(txt):
+            caption = open(txt).read().strip()
+        captions.append(caption)
+    if not images:
+        raise UserError(f"--data {root}: none of the {len(files)} image files could be read")
+    if bad:
+        warn(f"skipped {bad} unreadable image file(s) in {root}")
+    if small:
+        w, h = min(small, key=min)
+        print(f"note: upscaled {len(small)} of {len(images)} images in {root} to {image_size}x{image_size} "
+              f"(the smallest is {w}x{h})", file=sys.stderr)
+    return TensorData(torch.stack(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels),
+                      class_names, captions)
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """CIFAR-10's python batches are pickles; allow only what they need (numpy arrays, builtins)."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def load_cifar10(root, image_size, channels, names):
+    """CIFAR-10 python format (the cifar-10-batches-py folder): the batch files `names`."""
+    xs, ys = [], []
+    for n in names:
+        try:
+            with open(os.path.join(root, n), "rb") as fh:
+                d = _NumpyOnlyUnpickler(fh, encoding="bytes").load()
+            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(d[b"labels"]))
+        except Exception as e:
+            raise UserError(f"--data {root}: {n} is not a CIFAR-10 python batch ({e})")
+    x = torch.from_numpy(np.concatenate(xs))
+    labels = torch.from_numpy(np.concatenate(ys)).long()
+    return TensorData(_fit(x, image_size, channels), labels, CIFAR_CLASSES)
+
+
+def _fit(x, image_size, channels):
+    """uint8 (N, C, h, w) -> uint8 (N, channels, image_size, image_size)."""
+    if channels == 1 and x.shape[1] == 3:
+        x = (x.float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    elif channels == 3 and x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if x.shape[-1] != image_size:
+        x = F.interpolate(x.float(), size=(image_size, image_size), mode="bilinear", antialias=True,
+                          align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).contiguous()
+
+
+def _read_idx(path):
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise UserError(f"--data: {path} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(shape)):
+        raise UserError(f"--data: {path} is truncated ({arr.size} bytes for shape {shape})")
+    return arr.reshape(shape)
+
+
+def load_mnist(root, image_size, channels, prefix):
+    """MNIST IDX files (gzipped or not) <prefix>-images-idx3-ubyte[.gz] and the labels beside them."""
+    for ext in ("", ".gz"):
+        img = os.path.join(root, f"{prefix}-images-idx3-ubyte{ext}")
+        lab = os.path.join(root, f"{prefix}-labels-idx1-ubyte{ext}")
+        if os.path.exists(img) and os.path.exists(lab):
+            x, y = _read_idx(img), _read_idx(lab)
+            if len(x) != len(y):
+                raise UserError(f"--data {root}: {len(x)} images but {len(y)} labels")
+            x = torch.from_numpy(x.copy())[:, None]
+            return TensorData(_fit(x, image_size, channels), torch.from_numpy(y.astype(np.int64)),
+                              [str(i) for i in range(10)])
+    return None
+
+
+@functools.lru_cache(maxsize=2)
+def _load_splits(spec, image_size, channels, signature):
+    """(training part, held-out part) of a dataset on disk. CIFAR-10 and MNIST use their own test split when
+    both are there; anything else is split by held_out_split. Cached: every script asks several times."""
+    sub = os.path.join(spec, "cifar-10-batches-py")
+    root = sub if os.path.isdir(sub) else spec
+    files = os.listdir(root)
+    if any(f.startswith("data_batch_") for f in files) or "test_batch" in files:
+        train = sorted(f for f in files if re.fullmatch(r"data_batch_\d+", f))
+        parts = [load_cifar10(root, image_size, channels, names) for names in (train, ["test_batch"])
+                 if names and all(n in files for n in names)]
+    elif any("idx3-ubyte" in f for f in files):
+        parts = [load_mnist(spec, image_size, channels, p) for p in ("train", "t10k")]
+        parts = [d for d in parts if d is not None]
+        if not parts:
+            raise UserError(f"--data {spec}: no MNIST IDX pair (train-images-idx3-ubyte[.gz] + labels) found")
+    else:
+        parts = [load_folder(spec, image_size, channels)]
+    if len(parts) == 2:
+        return parts[0], parts[1]
+    data = parts[0]
+    if len(data) < 2:
+        raise UserError(f"--data {spec}: one image is not a dataset (nothing to hold out); give at least two")
+    train, held = held_out_split(data.labels)
+    return data.subset(train), data.subset(held)
+
+
+def load_data(spec, image_size=32, channels=3, seed=0, train=True):
+    """--data: 'shapes' (default, generated), a CIFAR-10 python folder, an MNIST IDX folder, or a
+    folder of images. train=False gives the held-out part (shapes: another seed; CIFAR-10 and MNIST: their
+    test split; a folder, or a dataset with one split only: held_out_split's part, never trained on)."""
+    if spec == "shapes":
+        return ShapesData(image_size, channels, seed=seed if train else seed + HELD_OUT_SEED)
+    if not os.path.exists(spec):
+        raise UserError(f"--data {spec}: no such file or folder; give 'shapes' or a path to images, "
+                        "CIFAR-10 (cifar-10-batches-py) or MNIST IDX files")
+    if not os.path.isdir(spec):
+        raise UserError(f"--data {spec}: is a file; give the folder that holds the images or dataset files")
+    folders = [d for d in (spec, os.path.join(spec, "cifar-10-batches-py")) if os.path.isdir(d)]
+    # the cache sees files added or changed
+    signature = [(d, e.name, e.stat().st_mtime_ns, e.stat().st_size) for d in folders for e in os.scandir(d)]
+    return _load_splits(os.path.abspath(spec), image_size, channels, tuple(signature))[0 if train else 1]
+
+
+def check_batch(data, batch_size, world=1, flag="--batch-size"):
+    """Before any training: a finite dataset must fill one batch on every rank."""
+    if not data.endless and len(data) < batch_size * world:
+        raise UserError(f"{flag} {batch_size}{f' x {world} processes' if world > 1 else ''} is more than the "
+                        f"{len(data)} training images; use {flag} {max(1, len(data) // world)} or less")
+
+
+def grid_items(data, n, max_classes=16):
+    """n items of `data` (the held-out part) for a conditional model's grid, spread evenly over the classes:
+    with 2..max_classes classes, one row per class of ceil(n / classes) items each (so the grid may hold a
+    few more than n; a class with fewer held-out items repeats them); otherwise the first n items.
+    Returns (items, images per row or None)."""
+    k = data.num_classes or 0
+    if not 2 <= k <= max_classes:
+        return [data[i if data.endless else i % len(data)] for i in range(n)], None
+    per = math.ceil(n / k)
+    rows = {c: [] for c in range(k)}
+    for i in range(100 * k * per if data.endless else len(data)):
+        c = data.label(i)
+        if len(rows[c]) < per:
+            rows[c].append(i)
+        if all(len(r) == per for r in rows.values()):
+            break
+    idx = [r[j % len(r)] for r in rows.values() if r for j in range(per)]
+    return [data[i] for i in idx], per
+
+
+# How the streams of random numbers that one --seed gives are kept apart: each is seed * stride + its index,
+# with strides larger than any index they meet (and prime, so that no two streams line up).
+EPOCH_STRIDE = 1000            # batches: the shuffle of each epoch
+FLIP_STRIDE = 7919             # batches: the flips of each step and rank
+STEP_STRIDE = 1_000_003        # step_seed: the random draws of each step (+ stream, for other loops) ...
+RANK_STRIDE = 7919             # ... and of each rank
+
+
+def batches(data, batch_size, seed, step=0, rank=0, world=1, flip=False):
+    """Endless batches (x, y, captions) for one rank, starting at `step`. Batch k is a pure function
+    of (seed, k, rank), so a resumed run sees exactly the data an uninterrupted one would.
+    Finite data: one shuffle per epoch, sharded across ranks; optional random horizontal flip."""
+    while True:
+        if data.endless:
+            idx = [(step * world + rank) * batch_size + j for j in range(batch_size)]
+        else:
+            per_epoch = max(1, len(data) // (batch_size * world))
+            epoch, k = divmod(step, per_epoch)
+            g = torch.Generator().manual_seed(seed * EPOCH_STRIDE + epoch)
+            perm = torch.randperm(len(data), generator=g)
+            start = (k * world + rank) * batch_size
+            idx = perm[start:start + batch_size].tolist()
+            idx += perm[:batch_size - len(idx)].tolist()  # datasets smaller than one batch
+        items = [data[i] for i in idx]
+        x = torch.stack([it[0] for it in items])
+        if flip:
+            g = torch.Generator().manual_seed(seed * FLIP_STRIDE + step * world + rank)
+            m = torch.rand(len(x), generator=g) < 0.5
+            x[m] = x[m].flip(-1)
+        yield x, torch.tensor([it[1] for it in items]), [it[2] for it in items]
+        step += 1
+
+
+#################################################################################
+#          Training plumbing: device, DDP, EMA, optimizer, checkpoints          #
+#################################################################################
+
+def step_seed(seed, step, rank=0, stream=0):
+    """The seed of every random draw of training step `step`: a pure function of (seed, rank, step),
+    so --resume continues exactly. `stream` keeps apart loops that share --seed (e.g. a classifier's)."""
+    return seed * STEP_STRIDE + rank * RANK_STRIDE + stream + step
+
+
+def get_device(name="auto"):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device name; use auto, cpu, cuda, cuda:N or mps")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return dev
+
+
+def setup_distributed(device_arg):
+    """Under torchrun: init the process group (nccl on GPU, gloo on CPU) and pick this rank's
+    device. Returns (device, rank, world_size)."""
+    if "RANK" not in os.environ:
+        return get_device(device_arg), 0, 1
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() and device_arg in ("auto", "cuda")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local), rank, world
+    return torch.device("cpu"), rank, world
+
+
+def autocast(device, dtype):
+    """bf16 autocast where asked (default on CUDA); fp32 otherwise."""
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if dtype == "float32":
+        return nullcontext()
+    if dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    raise UserError(f"--dtype {dtype}: use auto, float32 or bfloat16")
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, parameters and buffers."""
+    e, m = list(ema.parameters()), list(model.parameters())
+    torch._foreach_lerp_(e, m, 1 - decay)
+    for be, bm in zip(ema.buffers(), model.buffers()):
+        be.copy_(bm)
+
+
+def ema_decay(step, target):
+    """EMA with warm-up: min(target, (1 + n) / (10 + n)), so early averages are not stuck at init."""
+    return min(target, (1 + step) / (10 + step))
+
+
+def make_optimizer(params, lr, weight_decay=0.0, betas=(0.9, 0.999), device=None):
+    fused = device is not None and device.type == "cuda"
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=1e-8,
+                             **({"fused": True} if fused else {"foreach": True}))
+
+
+def lr_at(step, lr, warmup):
+    """Linear warm-up over `warmup` steps, then constant (Ho et al. 2020)."""
+    return lr * min(1.0, (step + 1) / max(1, warmup))
+
+
+def save_checkpoint(obj, path):
+    """Atomic: write a temp file beside `path`, fsync, then rename over it. A crash mid-write
+    leaves the previous checkpoint intact."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def describe_unreadable(path, err):
+    """What a file that torch.load could not read is, in words, for a one-line error."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(64)
+    msg = ANSI.sub("", str(err))
+    if size == 0:
+        return "is empty (0 bytes)"
+    if head.startswith(b"PK\x03\x04"):
+        return (f"is a damaged or truncated checkpoint ({size} bytes; its zip archive does not read: "
+                f"{msg.splitlines()[0] if msg else type(err).__name__})")
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
+        return "is a .safetensors weights file, not a checkpoint of this repository; pass it with --weights"
+    if head[:1] == b"\x80":
+        return f"is a pickle that torch.load cannot read as a checkpoint ({size} bytes)"
+    text = head.decode("utf-8", errors="replace")
+    if all(c.isprintable() or c.isspace() for c in text):
+        return f"is a text file, not a checkpoint (it starts with {text.splitlines()[0][:40]!r})"
+    return (f"is not a PyTorch checkpoint (neither a zip archive nor a pickle: it starts with "
+            f"{head[:4].hex()})")
+
+
+def load_checkpoint(path, scripts):
+    """torch.load(weights_only=True): tensors and plain data only, never code. `scripts` lists the
+    scripts whose checkpoints this caller accepts."""
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint {path} not found; train one first with `python {scripts[0]}.py --train`")
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path} is a folder; pass the checkpoint file (e.g. {path}/ckpt.pt)")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = ANSI.sub("", str(e))
+        what = [line for line in msg.splitlines() if "GLOBAL" in line]
+        if not what:
+            raise UserError(f"{path} {describe_unreadable(path, e)}")
+        raise UserError(f"{path} holds more than tensors and plain data; refused to load it "
+                        f"(weights_only=True): {what[0].strip()}")
+    except Exception as e:
+        raise UserError(f"{path} {describe_unreadable(path, e)}")
+    if not isinstance(ck, dict) or ck.get("script") not in scripts:
+        what = ck.get("script") if isinstance(ck, dict) else None
+        raise UserError(f"{path} is {'a ' + what + '.py' if what else 'not a'} checkpoint, not one of "
+                        f"{', '.join(s + '.py' for s in scripts)}; pass --ckpt with the right file")
+    return ck
+
+
 def load_state(module, state, path):
     """load_state_dict, or one UserError where the checkpoint was made by an older version of the network."""
     missing, extra, bad = check_mapping(module, state)
@@ -775,26 +1421,1144 @@ def load_state(module, state, path):
     return module
 
 
-def load_ldm(path, scripts=("ldm",)):
-    """An ldm.py checkpoint (its EMA weights; or a fine-tuned one of dreambooth.py, with 'dreambooth' in
-    scripts) -> (LDM, AutoencoderKL, config, checkpoint), both networks frozen in eval mode."""
-    ck = load_checkpoint(path, list(scripts))
-    if ck["script"] == "ldm" and ck.get("kind") != "ldm":
-        raise UserError(f"{path} is ldm.py's {ck.get('kind', 'unknown')} checkpoint, not the latent "
-                        f"diffusion "
-                        "model; pass <ldm out>/ckpt.pt")
-    if "ae" not in ck:
-        raise UserError(f"{path} holds no autoencoder; retrain with `python ldm.py --train`")
-    model = load_state(LDM(ck["config"]), ck["ema"] if ck["script"] == "ldm" else ck["model"], path)
-    ae = load_state(AutoencoderKL(ck["ae_config"]), ck["ae"], path)
-    return model.eval().requires_grad_(False), ae.eval().requires_grad_(False), ck["config"], ck
+def unwrap(model):
+    """The plain module under DDP and torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
 
 
-# ---------------------------------------------------------------------------------------------
-# Released weights: reading the files, recognising their layout, renaming their tensors onto common.UNet.
+def all_finite(module):
+    return all(torch.isfinite(p).all() for p in module.parameters())
+
+
+#################################################################################
+#                               The training loop                               #
+#################################################################################
+
+def resume_config(script, args, path=None, changeable=("max_steps",)):
+    """--train --resume continues the checkpoint's run with its own config: only the `changeable` keys
+    (--max-steps) may be given anew; without them the checkpoint's hold. A flag given with a value other
+    than the checkpoint's is named in a warning, not dropped silently. Returns (config, checkpoint)."""
+    path = path or os.path.join(args.out, "ckpt.pt")
+    ck = load_checkpoint(path, [script])
+    cfg, given = dict(ck["config"]), getattr(args, "given", {})
+    for k, v in given.items():
+        if k in changeable:
+            cfg[k] = v
+        elif k in cfg and cfg[k] != v:
+            flag = "--" + k.replace("_", "-")
+            warn(f"--resume continues with the checkpoint's {flag} {cfg[k]}; {flag} {v} is ignored")
+    return cfg, ck
+
+
+def already_done(script, step, max_steps):
+    """True, with a message, when --resume finds the run at its --max-steps already."""
+    if step < max_steps:
+        return False
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"{script}: already at step {step} (--max-steps {max_steps}); nothing to train; give a larger "
+              f"--max-steps to continue")
+    return True
+
+
+def start_training(script, args, cfg, ck=None, data=None):
+    """What every --train needs before its networks exist: the device and, under torchrun, the process group;
+    --resume's config and checkpoint (resume_config; or `ck`, read already); the training data (--data, or
+    `data`), which must fill a batch on every rank. Returns a namespace: script, args, cfg, ck, data, device,
+    rank, world and path, the checkpoint <out>/ckpt.pt."""
+    device, rank, world = setup_distributed(args.device)
+    if args.resume and ck is None:
+        cfg, ck = resume_config(script, args)
+    data = data or load_data(args.data, cfg["image_size"], cfg["channels"], seed=args.seed)
+    check_batch(data, cfg["batch_size"], world)
+    if cfg.get("num_classes") == "data":
+        cfg["num_classes"] = data.num_classes
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return types.SimpleNamespace(script=script, args=args, cfg=cfg, ck=ck, data=data, device=device,
+                                 rank=rank, world=world, path=os.path.join(args.out, "ckpt.pt"))
+
+
+def restore(state, ck, path):
+    """--resume: the checkpoint's entries into the networks and optimizers of `state` ({checkpoint key: module
+    or optimizer}). Returns the step to continue from (0 without a checkpoint)."""
+    if ck is None:
+        return 0
+    for name, part in state.items():
+        if isinstance(part, nn.Module):
+            load_state(part, ck[name], path)
+        else:
+            part.load_state_dict(ck[name])
+    return ck["step"]
+
+
+def save_state(path, state, step, **header):
+    """The checkpoint of `state` at `step` (atomic), with the header's entries (script, config, seed, ...).
+    Never one with weights that are not finite: then UserError, and the last good checkpoint stays."""
+    if not all(all_finite(part) for part in state.values() if isinstance(part, nn.Module)):
+        raise UserError(f"weights are not finite at step {step}; kept the last good checkpoint {path}")
+    save_checkpoint({**header, **{k: part.state_dict() for k, part in state.items()}, "step": step}, path)
+
+
+def set_lr(opt, lr):
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def mean_losses(sums, counts, step, path, advice):
+    """The mean of each loss since the last call, for the progress bar (the loop's only host sync); one that
+    is not finite stops training before anything is saved."""
+    means = {k: float(total) / counts[k] for k, total in sums.items()}
+    sums.clear()
+    counts.clear()
+    if not all(math.isfinite(v) for v in means.values()):
+        losses = ", ".join(f"{k} {v}" for k, v in means.items())
+        raise UserError(f"training diverged: {losses} by step {step}; stopped without saving, the last good "
+                        f"checkpoint {path} is kept; {advice}")
+    return {k: f"{v:.4f}" for k, v in means.items()}
+
+
+def train_loop(name, step_fn, save, step, total, path, cfg, batches=None, seed=0, stream=0, rank=0, world=1,
+               grid=None, advice="try a lower --lr"):
+    """The training loop of every network here, from `step` to `total`. Each step first seeds every random
+    draw from (seed, rank, step, stream) (step_seed), so that --resume continues exactly; then
+    step_fn(step, batch) makes one update and returns its losses {name: scalar}; batch is the next of
+    `batches` (None: step_fn draws its own). Every cfg log_every steps, and before every save, the mean
+    losses are shown (Progress) and checked: one that is not finite stops training (`advice` says what to
+    try) and keeps the last good checkpoint. save(step) writes the checkpoint `path` every ckpt_every steps,
+    at the end and on Ctrl-C, which stops after the current step (GracefulStop). grid(n) -> n images: a grid
+    of 16 beside it every sample_every steps. Under torchrun every rank steps; rank 0 alone saves and draws.
+    Returns the last step."""
+    log_every, ckpt_every = cfg.get("log_every", 50), cfg.get("ckpt_every", 1000)
+    sample_every, t0 = cfg.get("sample_every", 0), time.time()
+    bar = Progress(total, step, name, disable=rank != 0)
+    sums, counts = {}, {}
+    with GracefulStop(enabled=world == 1) as stop:
+        while step < total:
+            torch.manual_seed(step_seed(seed, step, rank, stream))
+            losses = step_fn(step, None if batches is None else next(batches))
+            step += 1
+            for k, v in losses.items():
+                sums[k], counts[k] = sums.get(k, 0.0) + v, counts.get(k, 0) + 1
+            save_now = step % ckpt_every == 0 or step == total or stop.requested
+            show = mean_losses(sums, counts, step, path, advice) if save_now or step % log_every == 0 else {}
+            bar.update(**show)
+            if grid and rank == 0 and sample_every and step % sample_every == 0 and step < total:
+                with torch.no_grad():
+                    save_grid(grid(16), os.path.join(os.path.dirname(path), f"samples_{step:06d}.png"))
+            if save_now and rank == 0:
+                save(step)
+            stop.check(step, total, path)
+    bar.close()
+    if rank == 0:
+        print(f"{name}: trained to step {step} in {time.time() - t0:.1f}s; checkpoint {path}")
+    if world > 1:
+        dist.barrier()
+    return step
+
+
+def train(script, args, cfg, build_model, objective, ck=None, data=None, extra_state=None, final_grid=True):
+    """--train for a denoising network, build_model(cfg) (ddpm.py, ddim.py, guided.py, ldm.py): AdamW with
+    warm-up, gradient clipping and an EMA of the weights, on --data (or `data`), through train_loop.
+    objective(cfg, device) -> (loss_fn, sample_fn), called once the config and device are final:
+    loss_fn(net, x, y, captions) -> scalar; sample_fn(ema, n) -> (n, C, H, W) in [-1, 1] for the periodic
+    grids and, with final_grid, --n-samples (36) at the end. Resumes exactly (--resume, or the checkpoint
+    `ck` of resume_config). extra_state() -> more checkpoint entries. Returns (ema, cfg)."""
+    run = start_training(script, args, cfg, ck, data)
+    cfg, device = run.cfg, run.device
+    torch.manual_seed(args.seed)
+    model = build_model(cfg).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = make_optimizer(model.parameters(), cfg["lr"], cfg.get("weight_decay", 0.0), device=device)
+    state = {"model": model, "ema": ema, "opt": opt}
+    step = restore(state, run.ck, run.path)
+    if already_done(script, step, cfg["max_steps"]):
+        return ema, cfg
+    loss_fn, sample_fn = objective(cfg, device)
+    model.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
+    net = torch.compile(model) if args.compile else model
+    if run.world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(net, device_ids=ids)
+    amp = autocast(device, args.dtype)
+
+    def step_fn(step, batch):
+        x, y, captions = batch
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        set_lr(opt, lr_at(step, cfg["lr"], cfg.get("warmup", 0)))
+        with amp:
+            loss = loss_fn(net, x, y.to(device, non_blocking=True), captions)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.get("grad_clip"):
+            nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"], foreach=True)
+        opt.step()
+        ema_update(ema, model, ema_decay(step, cfg["ema"]))
+        return {"loss": loss.detach()}
+
+    def grid(n):
+        with amp:
+            return sample_fn(ema, n)
+
+    def save(step):
+        save_state(run.path, state, step, script=script, config=cfg, seed=args.seed,
+                   **(extra_state() if extra_state else {}))
+
+    if run.rank == 0:
+        print(f"{script}: {count_params(model) / 1e6:.2f}M parameters, {describe(run, step)}", flush=True)
+    model.train()
+    data_batches = batches(run.data, cfg["batch_size"], args.seed, step, run.rank, run.world,
+                           flip=cfg.get("flip", False) and not run.data.endless)
+    train_loop(script, step_fn, save, step, cfg["max_steps"], run.path, cfg, data_batches, args.seed,
+               rank=run.rank, world=run.world, grid=grid)
+    if run.rank == 0 and final_grid:
+        torch.manual_seed(args.seed)
+        path = os.path.join(args.out, "samples.png")
+        with torch.no_grad():
+            save_grid(grid(args.n_samples or 36), path)
+        print(f"samples: {path}")
+    return ema, cfg
+
+
+def describe(run, step):
+    """The header line's account of a training run: where it runs, its batch, its steps and its folder."""
+    batch = run.cfg["batch_size"]
+    return (f"device {run.device}, world size {run.world}, global batch {batch * run.world} = {batch} x "
+            f"{run.world}, steps {step} -> {run.cfg['max_steps']}, out {run.args.out}")
+
+
+#################################################################################
+#                                     Images                                    #
+#################################################################################
+
+def to_uint8(x):
+    """(N, C, H, W) in [-1, 1] -> uint8 numpy (N, H, W, C)."""
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def make_grid(x, nrow=None, pad=2):
+    """(N, C, H, W) in [-1, 1] -> PIL image grid."""
+    a = to_uint8(x)
+    n, h, w, c = a.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    g = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), np.uint8)
+    for i in range(n):
+        r, k = divmod(i, nrow)
+        g[pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = a[i]
+    return Image.fromarray(g[:, :, 0] if c == 1 else g)
+
+
+def save_grid(x, path, nrow=None):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    make_grid(x, nrow).save(path)
+
+
+def save_gif(frames, path, nrow=None, duration=60):
+    """frames: list of (N, C, H, W) in [-1, 1] (e.g. a reverse-process trajectory) -> animated GIF;
+    the last frame is held for a second."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    ims = [make_grid(f, nrow).convert("RGB") for f in frames]
+    ims[0].save(path, save_all=True, append_images=ims[1:], loop=0,
+                duration=[duration] * (len(ims) - 1) + [1000])
+
+
+#################################################################################
+#                   The command line shared by all six scripts                  #
+#################################################################################
+
+def _checked(kind, ok, what):
+    """An argparse type: kind(text), refused unless ok(value), with 'use <what>' as the message."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not {'an integer' if kind is int else 'a number'}")
+        if not (math.isfinite(v) and ok(v)):
+            raise argparse.ArgumentTypeError(f"{text}: use {what}")
+        return v
+    return parse
+
+
+positive_int = _checked(int, lambda v: v >= 1, "an integer >= 1")
+nonneg_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _checked(float, lambda v: v > 0, "a number > 0")
+nonneg_float = _checked(float, lambda v: v >= 0, "a number >= 0")
+unit_float = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+image_size = _checked(int, lambda v: v >= 8, "at least 8 (pixels)")
+
+
+def existing_path(what, folder=False):
+    """An argparse type for a path that must exist (a folder, with folder=True); `what` says what to give."""
+    def parse(text):
+        if not (os.path.isdir(text) if folder else os.path.exists(text)):
+            raise argparse.ArgumentTypeError(f"{text}: no such {'folder' if folder else 'file or folder'}; "
+                                             f"give {what}")
+        return text
+    return parse
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the contract's errors (one line `error: ...`, exit status 2, through UserError). A flag
+    may be declared with the flags it needs and those it excludes: add_argument(..., goes_with="--sample",
+    excludes="--eta"), checked once the flags are read (see holds). --threads applies at once, before any
+    tensor work."""
+
+    weights = None  # what --weights loads into this script, in words (None: nothing yet)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rules = []
+
+    def add_argument(self, *names, goes_with=None, excludes=(), **kwargs):
+        action = super().add_argument(*names, **kwargs)
+        self.rule(names[0], goes_with, excludes)
+        return action
+
+    def rule(self, flag, goes_with=None, excludes=()):
+        """`flag` is refused without `goes_with` (a need, see holds) and beside any flag of `excludes`."""
+        if goes_with or excludes:
+            self.rules.append((flag, goes_with, [excludes] if isinstance(excludes, str) else list(excludes)))
+
+    def given(self, args, flag, value=""):
+        """Whether --flag was given (a switch: set; a value: not None), or given as `value`."""
+        v = getattr(args, self._option_string_actions[flag].dest)
+        return str(v) == value if value else v not in (None, False)
+
+    def holds(self, args, need):
+        """A need: '--eval' (given), '--sampler ddim' (given with that value), '--eval --sweep' (all of them),
+        '--train or --weights' (either)."""
+        for alternative in need.split(" or "):
+            flags = re.findall(r"(--[\w-]+) ?([^-\s]\S*)?", alternative)        # [(flag, value or '')]
+            if all(self.given(args, flag, value) for flag, value in flags):
+                return True
+        return False
+
+    def error(self, message):
+        message = re.sub(r"^argument (\S+): (\S+): ", r"\1 \2: ", message)  # '--lr -1: use a number > 0'
+        raise UserError(f"{message} (python {self.prog} --help lists the flags)")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        if getattr(parsed, "threads", None):
+            torch.set_num_threads(parsed.threads)
+        if getattr(parsed, "weights", None) and not self.weights:
+            raise UserError(f"--weights: {self.prog} loads no released weights (the papers' published "
+                            "models load into ddpm.py, ddim.py, guided.py, ldm.py and dreambooth.py; see the "
+                            "README's 'Released weights')")
+        for flag, need, excludes in self.rules:
+            if self.given(parsed, flag) and need and not self.holds(parsed, need):
+                raise UserError(f"{flag} goes with {need}")
+            for other in excludes:
+                if self.given(parsed, flag) and self.given(parsed, other):
+                    raise UserError(f"give {flag} or {other}, not both")
+        return parsed
+
+
+def make_parser(script, description, presets, modes=(), gifs=False, weights=None):
+    """The flags every script shares. `modes`: extra (flag, help) pairs exclusive with --train,
+    --sample and --eval (e.g. ldm.py's --train-ae). gifs: the script's --sample writes GIFs (--no-gif).
+    weights: what --weights loads into this script, in words; without it --weights is refused."""
+    p = Parser(f"{script}.py", description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.weights = weights
+    mode = p.add_mutually_exclusive_group(required=True)
+    for flag, text in modes:
+        mode.add_argument(flag, action="store_true", help=text)
+    mode.add_argument("--train", action="store_true", help="train (resumable; checkpoints in --out)")
+    mode.add_argument("--sample", action="store_true",
+                      help="write a PNG grid (and GIF) of samples from --ckpt")
+    mode.add_argument("--eval", action="store_true",
+                      help="sample and score; the last line printed is one JSON object")
+    p.add_argument("--preset", choices=list(presets),
+                   help="tiny: seconds, for tests; cpu: the default, minutes on a laptop CPU; "
+                        "paper: the paper's configuration, for a GPU")
+    p.add_argument("--data", default="shapes",
+                   help="'shapes' (generated, default), or a folder of images (subfolders = classes, "
+                        ".txt beside an image = caption), a CIFAR-10 cifar-10-batches-py folder, or an MNIST "
+                        "IDX folder")
+    p.add_argument("--image-size", type=image_size, help="image side in pixels (default: from the preset)")
+    p.add_argument("--channels", type=int, choices=[1, 3], help="1 (grayscale) or 3 (RGB; default)")
+    p.add_argument("--out", default=f"out/{script}", help=f"output folder (default out/{script}/)")
+    p.add_argument("--ckpt", help="checkpoint to sample/eval from (default <out>/ckpt.pt)")
+    p.add_argument("--weights", metavar="PATH", help="--sample/--eval: a released model instead of --ckpt, a "
+                   "file or folder you downloaded (never downloaded here): "
+                   f"{weights or 'none loads into this script yet'}")
+    p.add_argument("--resume", action="store_true", help="continue training from <out>/ckpt.pt exactly, with "
+                   "its config (only --max-steps may change; default: the checkpoint's own)")
+    p.add_argument("--max-steps", type=positive_int, help="total training steps (default: from the preset)")
+    p.add_argument("--batch-size", type=positive_int, help="per-process batch size (default: from the "
+                   "preset); --eval: the sampling batch (default 100; 500 on CUDA)")
+    p.add_argument("--lr", type=positive_float, help="peak learning rate (default: from the preset)")
+    p.add_argument("--n-samples", type=positive_int, help="images to sample (--sample: 64; --eval: 1000)")
+    p.add_argument("--steps", type=positive_int, help="sampling steps, for --sample and --eval alike "
+                   "(default: the script's own; ddpm.py: all T)")
+    p.add_argument("--fid-weights", metavar="PATH", goes_with="--eval",
+                   type=existing_path("pt_inception-2015-12-05-6726825d.pth, pytorch-fid's FID weights "
+                                      "(nothing is downloaded here)"),
+                   help="--eval: also the standard Inception FID, from this pt_inception-2015-12-05 weights "
+                        "file (never downloaded)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto (bfloat16 autocast on CUDA, float32 elsewhere), float32, bfloat16")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (slow to start; off by default)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for PyTorch (default: PyTorch's "
+                   "choice); --threads 1 is much faster on a CPU that other programs keep busy")
+    if gifs:
+        p.add_argument("--no-gif", action="store_true",
+                       help="--sample: write only the PNG grid, not the GIF(s)")
+    return p
+
+
+def make_config(args, presets, keys=()):
+    """The preset's plain dict, overridden by the flags the user gave: the contract's and the script's own
+    `keys` (flag --a-b sets cfg['a_b']). args.given keeps those overrides, for --resume's warnings."""
+    args.given = {k: getattr(args, k) for k in ("preset", "image_size", "channels", "max_steps", "batch_size",
+                                                "lr", *keys) if getattr(args, k, None) is not None}
+    args.preset = args.preset or "cpu"
+    cfg = {**presets[args.preset], "preset": args.preset, **args.given}
+    check_unet_size(cfg, presets[args.preset])
+    check_unet_size(cfg, presets[args.preset], "clf_")
+    return cfg
+
+
+def check_unet_size(cfg, preset=None, prefix=""):
+    """The U-Net halves its input len(ch_mult) - 1 times (ldm.py: its latent, image_size / f), and attends at
+    the attn_res resolutions among those it visits: say so before any work when --image-size (or --f) does
+    not allow it. prefix: another network's keys in the same config (guided.py's classifier: clf_). preset:
+    the values to suggest (None for released weights, which have no preset)."""
+    preset = preset or {}
+    if prefix + "ch_mult" not in cfg:
+        return
+    f, size, levels = cfg.get("f", 1), cfg["image_size"], len(cfg[prefix + "ch_mult"])
+    down, what = 2 ** (levels - 1), f"--image-size {size}" + (f" with --f {f}" if f > 1 else "")
+    if size % (f * down):
+        raise UserError(f"{what}: the input of this preset's U-Net ({size // f}px) must be divisible by "
+                        f"{down}; use a multiple of {f * down}")
+    seen = [size // f // 2 ** k for k in range(levels)]
+    missing = [r for r in cfg.get(prefix + "attn_res", []) if r not in seen]
+    if missing:
+        fix = [f"--{k.replace('_', '-')} {preset[k]}" for k in ("image_size", "f")
+               if k in preset and cfg[k] != preset[k]]
+        raise UserError(f"{what}: the preset's attention at {missing[0]}px never occurs (the "
+                        f"{'classifier' if prefix else 'U-Net'} works at {', '.join(map(str, seen))}px); "
+                        f"use {' and '.join(fix) or 'another --image-size'}")
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+_HELD = {}  # --out folder -> its open, locked .lock file, while this process runs there
+
+
+@contextmanager
+def claim_out(out):
+    """--out for the whole run: created and proved writable at start-up (not after the work is done), and
+    locked so that a second run writing there at the same time stops with an error. The lock is the OS's
+    lock on <out>/.lock (flock; msvcrt on Windows), which ends with the process however it ends, so a
+    crashed run leaves no stale lock. Under torchrun only rank 0 writes, so only rank 0 claims."""
+    if int(os.environ.get("RANK", 0)) != 0 or os.path.abspath(out) in _HELD:
+        yield
+        return
+    try:
+        os.makedirs(out, exist_ok=True)
+        f = open(os.path.join(out, ".lock"), "a+")
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write there ({e.strerror or e}); give a folder you can write "
+                        "to")
+    try:
+        if os.name == "nt":
+            import msvcrt
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        who = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"--out {out} is in use by another run ({who}); wait for it to end or give another "
+                        "--out")
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}: {' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:])}"[:300])
+    f.flush()
+    _HELD[os.path.abspath(out)] = f
+    try:
+        yield
+    finally:
+        del _HELD[os.path.abspath(out)]
+        f.close()  # closing the file releases the lock
+
+
+def run(args, train, sample, evaluate):
+    """The mode the flags ask for, with --out claimed for the whole run (claim_out): sample(args, device) for
+    --sample, evaluate(args, device) for --eval, else train() (--train, or a script's own training mode)."""
+    with claim_out(args.out):
+        if not (args.sample or args.eval):
+            return train()
+        device = get_device(args.device)
+        return sample(args, device) if args.sample else evaluate(args, device)
+
+
+class Progress:
+    """A training loop's progress: tqdm's bar on a terminal; in a log file (stderr redirected) a plain line
+    each time the loop reports numbers, instead of tqdm's carriage returns. update(**numbers) per step."""
+
+    def __init__(self, total, initial=0, desc="", disable=False):
+        self.tty, self.quiet = sys.stderr.isatty(), disable
+        self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
+                        disable=disable or not self.tty)
+        self.total, self.n, self.n0, self.desc, self.t0 = total, initial, initial, desc, time.time()
+
+    def update(self, **numbers):
+        self.n += 1
+        self.bar.update(1)
+        if numbers:
+            self.bar.set_postfix(numbers)
+            if not (self.tty or self.quiet):
+                rate = (self.n - self.n0) / max(time.time() - self.t0, 1e-9)
+                shown = ", ".join(f"{k} {v}" for k, v in numbers.items())
+                print(f"{self.desc}: step {self.n}/{self.total}, {shown}, {rate:.2f} steps/s, "
+                      f"{(self.total - self.n) / rate / 60:.1f} min left", file=sys.stderr, flush=True)
+
+    def close(self):
+        self.bar.close()
+
+
+def steps_bar(iterable, total, desc, show=True):
+    """tqdm over a sampler's steps, shown only on a terminal (disable=None) and only when `show`."""
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True,
+                disable=None if show else True)
+
+
+class GracefulStop:
+    """Ctrl-C in a training loop: the loop finishes its step, saves a checkpoint of it (atomically, as
+    always) and stops; a second Ctrl-C stops at once, and the atomic save keeps the previous checkpoint.
+    Single-process runs only: under torchrun the ranks would have to agree on the step, so there Ctrl-C
+    stops at once and the last periodic checkpoint is what remains."""
+
+    def __init__(self, enabled=True):
+        self.requested, self.enabled, self.previous = False, enabled, None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def check(self, step, total, path):
+        """After the save of `step`: raise Interrupted if Ctrl-C was pressed."""
+        if self.requested:
+            raise Interrupted(f"stopped at step {step} of {total}; saved {path}; continue with --train "
+                              "--resume")
+
+
+def main_guard(fn):
+    """Run a script's main(): UserError -> one line on stderr and exit status 2; Ctrl-C -> status 130."""
+    try:
+        fn()
+    except UserError as e:
+        print(f"error: {ANSI.sub('', str(e))}", file=sys.stderr)
+        sys.exit(2)
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+#################################################################################
+#          Evaluation: FID and KID on a judge, accuracy, Inception FID          #
+#################################################################################
+# The standard FID network (Inception-v3) cannot be downloaded here, so FID (Heusel et al. 2017)
+# and KID (Binkowski et al. 2018) are computed on the penultimate features of a small CNN, the
+# judge, trained on the data's own attributes (shapes) or class labels and cached in out/judge/.
+# Its numbers compare runs and scripts of this repository, not papers; where the user has the
+# standard weights file, --fid-weights adds the Inception FID that papers report.
+
+JUDGE_DIR = os.path.join("out", "judge")   # relative to the working directory
+JUDGE_STEPS = 800                          # about a minute on one CPU core; tiny presets set judge_steps
+SUBJECT_JUDGE_SEED = 77                    # seed + this: the subject judge's images, apart from the data's
+SHAPE_HEADS = {"shape": SHAPES, "color": list(COLORS), "size": SIZES, "position": POSITIONS}
+
+
+class Judge(nn.Module):
+    """A small CNN with one classification head per attribute. heads: {name: [class names]}, e.g.
+    SHAPE_HEADS on shapes or {"label": class_names} on labelled data. features(x) is the layer FID
+    and KID compare, times a fixed `scale` that gives held-out real images a mean square of 1 (so
+    the numbers do not depend on an arbitrary activation scale); forward(x) gives {head: logits}."""
+
+    def __init__(self, heads, channels=3, width=32, dim=128):
+        super().__init__()
+        self.classes = {k: list(v) for k, v in heads.items()}
+        w = width
+
+        def conv(cin, cout, stride):
+            return [nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU()]
+
+        # (N, 4w, 4, 4) before the linear layer: the features keep where things are
+        self.body = nn.Sequential(*conv(channels, w, 1), *conv(w, w, 2),           # (N, w, H/2, W/2)
+                                  *conv(w, 2 * w, 1), *conv(2 * w, 2 * w, 2),       # (N, 2w, H/4, W/4)
+                                  *conv(2 * w, 4 * w, 2), nn.AdaptiveAvgPool2d(4),  # (N, 4w, 4, 4)
+                                  nn.Flatten(), nn.Linear(64 * w, dim), nn.SiLU())  # (N, dim)
+        self.heads = nn.ModuleDict({k: nn.Linear(dim, len(v)) for k, v in self.classes.items()})
+        self.register_buffer("scale", torch.ones(()))
+
+    def features(self, x):
+        return self.body(x) * self.scale
+
+    def forward(self, x):
+        f = self.body(x)
+        return {k: head(f) for k, head in self.heads.items()}
+
+
+def _float_images(x):
+    """uint8 images -> [-1, 1]; float images pass through."""
+    return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
+
+
+@torch.no_grad()
+def features(net, x, batch=250):
+    """net.features over images x (N, C, H, W) (uint8, or float in [-1, 1]) in batches on the net's
+    device -> (N, D) float32 on the CPU (the statistics cast to float64 there: MPS has no float64)."""
+    dev = next(net.parameters()).device
+    return torch.cat([net.features(_float_images(x[i:i + batch]).to(dev)).float().cpu()
+                      for i in range(0, len(x), batch)])
+
+
+@torch.no_grad()
+def judge_predict(judge, x, batch=250):
+    """The judge's class index per head for images x -> {head: (N,) long}."""
+    dev = next(judge.parameters()).device
+    out = [{k: v.argmax(1).cpu() for k, v in judge(_float_images(x[i:i + batch]).to(dev)).items()}
+           for i in range(0, len(x), batch)]
+    return {k: torch.cat([o[k] for o in out]) for k in judge.classes}
+
+
+@torch.no_grad()
+def judge_confident(judge, x, threshold=0.9, batch=250):
+    """The fraction of images x that the judge puts in one class with probability > threshold on every head:
+    samples that look like some class rather than in between (for an unconditional model: readable ones)."""
+    dev = next(judge.parameters()).device
+    sure = [torch.stack([v.softmax(1).amax(1) for v in judge(_float_images(x[i:i + batch]).to(dev)).values()])
+            .amin(0).cpu() > threshold for i in range(0, len(x), batch)]
+    return torch.cat(sure).float().mean().item()
+
+
+def _judge_set(data, idx):
+    """Items idx of `data` -> images uint8 (N, C, H, W) and targets {head: (N,) long}."""
+    if isinstance(data, ShapesData):
+        x = torch.stack([data[i][0] for i in idx])
+        attrs = [data.attributes(i) for i in idx]
+        y = {k: torch.tensor([names.index(a[k]) for a in attrs]) for k, names in SHAPE_HEADS.items()}
+        return ((x + 1) * 127.5).round().to(torch.uint8), y
+    idx = torch.as_tensor(list(idx), dtype=torch.long)
+    return data.images[idx], {"label": data.labels[idx].long()}
+
+
+def judge_accuracy(judge, x, y):
+    """Accuracy per head on images x with targets y, and "all" (every head right) with several heads."""
+    pred = judge_predict(judge, x)
+    hits = {k: pred[k] == y[k] for k in y}
+    acc = {k: h.float().mean().item() for k, h in hits.items()}
+    if len(hits) > 1:
+        acc["all"] = torch.stack(list(hits.values())).all(0).float().mean().item()
+    return acc
+
+
+def fit_judge(judge, x, y, steps, device, batch_size=64, cosine=True, seed=0):
+    """Train a Judge on images x (uint8, or float in [-1, 1]) with targets y {head: (N,) long}: AdamW at 2e-3
+    (decayed to 0 on a cosine with cosine=True), batches drawn with a fixed seed. Returns it in eval mode."""
+    opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    for step in steps_bar(range(steps), steps, "training the judge"):
+        i = torch.randint(len(x), (batch_size,), generator=g)
+        if cosine:
+            set_lr(opt, 2e-3 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        logits = judge(_float_images(x[i]).to(device))
+        loss = sum(F.cross_entropy(logits[k], y[k][i].to(device)) for k in y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return judge.eval()
+
+
+def train_judge(data_spec, image_size, channels, device, steps=JUDGE_STEPS, batch_size=64, seed=0):
+    """Train a Judge deterministically (fixed seed and data order). shapes: up to 5000 generated images,
+    accuracy on 1000 of the held-out split; labelled data: the training part, accuracy on the held-out
+    part (load_data). Returns the checkpoint dict, or None for data without class labels."""
+    t0, c0 = time.time(), time.process_time()
+    data = load_data(data_spec, image_size, channels, seed=0, train=True)
+    held = load_data(data_spec, image_size, channels, seed=0, train=False)
+    if isinstance(data, ShapesData):
+        heads = SHAPE_HEADS
+        xtr, ytr = _judge_set(data, range(min(5000, steps * batch_size)))
+        xte, yte = _judge_set(held, range(1000))
+    else:
+        if not data.class_names or len(data.class_names) < 2:
+            return None
+        heads = {"label": data.class_names}
+        xtr, ytr = _judge_set(data, range(len(data)))
+        xte, yte = _judge_set(held, range(len(held)))
+    torch.manual_seed(seed)
+    judge = fit_judge(Judge(heads, channels).to(device), xtr, ytr, steps, device, batch_size, seed=seed)
+    judge.scale.fill_(features(judge, xte).square().mean().rsqrt().item())
+    return {"script": "judge", "data": data_spec, "image_size": image_size, "channels": channels,
+            "steps": steps, "heads": heads, "model": {k: v.cpu() for k, v in judge.state_dict().items()},
+            "accuracy": judge_accuracy(judge, xte, yte), "n_train": len(xtr), "n_test": len(xte),
+            "train_seconds": time.time() - t0, "train_cpu_seconds": time.process_time() - c0}
+
+
+def subject_judge(size, channels, device, steps=400, seed=0):
+    """dreambooth.py's judge of its shapes subject: a Judge with one head, {ordinary, subject}, trained on
+    circles with and without the subject's hole (ShapesData(subject=True) vs the same attributes drawn
+    plainly); cached in out/judge/."""
+    path = os.path.join(JUDGE_DIR, f"subject_ring_{size}_{channels}_s{steps}.pt")
+    heads = {"subject": ["ordinary", "subject"]}
+    judge = Judge(heads, channels)
+    if os.path.exists(path):
+        ck = load_checkpoint(path, ["judge"])
+        judge.load_state_dict(ck["model"])
+        judge.accuracy = ck["accuracy"]["subject"]
+        return judge.to(device).eval()
+
+    def batch(start, n):
+        data = ShapesData(size, channels, seed=seed + SUBJECT_JUDGE_SEED, subject=True)
+        xs = []
+        for i in range(start, start + n):
+            a = {**data.attributes(i), "subject": bool(i % 2)}
+            xs.append(to_tensor(draw_shape(a, size, channels, a["jitter"])))
+        return torch.stack(xs), torch.arange(start, start + n) % 2
+
+    print(f"training the subject judge ({steps} steps), cached in {path}")
+    torch.manual_seed(seed)
+    x, y = batch(0, min(4000, steps * 32))
+    judge = fit_judge(judge.to(device), x, {"subject": y}, steps, device, 32, cosine=False, seed=seed)
+    xt, yt = batch(10 ** 6, 400)
+    judge.accuracy = (judge_predict(judge, xt)["subject"] == yt).float().mean().item()
+    save_checkpoint({"script": "judge", "heads": heads, "accuracy": {"subject": judge.accuracy},
+                     "model": {k: v.cpu() for k, v in judge.state_dict().items()}}, path)
+    print(f"subject judge: held-out accuracy {judge.accuracy:.3f}")
+    return judge
+
+
+def judge_path(data_spec, image_size, channels, steps=JUDGE_STEPS, cache_dir=JUDGE_DIR):
+    """out/judge/judge_<data>_<size>_<channels>[_s<steps>].pt; <data> is 'shapes' or the folder's
+    name plus a hash of its absolute path."""
+    name = "shapes"
+    if data_spec != "shapes":
+        p = os.path.abspath(data_spec)
+        name = f"{os.path.basename(p) or 'data'}-{hashlib.sha1(p.encode()).hexdigest()[:8]}"
+    tag = "" if steps == JUDGE_STEPS else f"_s{steps}"
+    return os.path.join(cache_dir, f"judge_{name}_{image_size}_{channels}{tag}.pt")
+
+
+def get_judge(data_spec, image_size, channels, device, steps=JUDGE_STEPS, cache_dir=JUDGE_DIR):
+    """The judge for --data at this size: loaded from its cache file, or trained and cached there
+    (atomically). Data without class labels (a folder of loose images) is judged with the shapes
+    judge's features instead. judge.accuracy holds its held-out accuracy, which is printed."""
+    path = judge_path(data_spec, image_size, channels, steps, cache_dir)
+    if os.path.exists(path):
+        ck = load_checkpoint(path, ["judge"])
+    else:
+        print(f"training the judge for --data {data_spec} at {image_size}px ({steps} steps), cached in "
+              f"{path}")
+        ck = train_judge(data_spec, image_size, channels, device, steps)
+        if ck is None:
+            print(f"note: --data {data_spec} has no class labels; FID/KID use the shapes judge's features",
+                  file=sys.stderr)
+            return get_judge("shapes", image_size, channels, device, steps, cache_dir)
+        try:
+            save_checkpoint(ck, path)
+        except OSError as e:
+            warn(f"could not cache the judge in {path} ({e.strerror or e}); it is trained again next time")
+        print(f"trained the judge in {ck['train_seconds']:.0f}s")
+    judge = Judge(ck["heads"], channels)
+    try:
+        judge.load_state_dict(ck["model"])
+    except RuntimeError:
+        raise UserError(f"{path} does not fit this version's judge; delete it and it is retrained")
+    judge.accuracy = ck["accuracy"]
+    print(f"judge {path}: held-out accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in judge.accuracy.items()))
+    return judge.to(device).eval()
+
+
+def feature_stats(f):
+    """Mean (D,) and covariance (D, D) of features f (N, D), in float64."""
+    f = f.double()
+    mu = f.mean(0)
+    d = f - mu
+    return mu, d.T @ d / (len(f) - 1)
+
+
+def sqrtm_psd(a):
+    """Square root of a symmetric positive semi-definite matrix, via its eigendecomposition."""
+    w, v = torch.linalg.eigh(a)
+    return (v * w.clamp(min=0).sqrt()) @ v.T
+
+
+def frechet_distance(mu1, s1, mu2, s2):
+    """Frechet distance between N(mu1, s1) and N(mu2, s2), in float64:
+    ||mu1 - mu2||^2 + tr(s1) + tr(s2) - 2 tr((s1 s2)^(1/2)). With r = s1^(1/2), s1 s2 = r (r s2 r) r^-1
+    has the eigenvalues of the symmetric PSD r s2 r, so tr((s1 s2)^(1/2)) = sum sqrt(eig(r s2 r))."""
+    mu1, s1, mu2, s2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, s1, mu2, s2))
+    r = sqrtm_psd(s1)
+    m = r @ s2 @ r
+    tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+    return ((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * tr_covmean).item()
+
+
+def kid(f1, f2, subsets=100, subset_size=1000, seed=0):
+    """Kernel Inception Distance: the unbiased estimate of MMD^2 with the kernel k(x, y) =
+    (x.y / D + 1)^3, averaged over random subsets (one pass over everything when both sets fit)."""
+    f1, f2 = f1.double(), f2.double()
+    m = min(len(f1), len(f2), subset_size)
+    if m == len(f1) == len(f2):
+        subsets = 1
+    g = torch.Generator().manual_seed(seed)
+    vals = []
+    for _ in range(subsets):
+        x = f1[torch.randperm(len(f1), generator=g)[:m]]
+        y = f2[torch.randperm(len(f2), generator=g)[:m]]
+        kxx, kyy, kxy = [(a @ b.T / f1.shape[1] + 1) ** 3 for a, b in ((x, x), (y, y), (x, y))]
+        off = lambda k: (k.sum() - k.diagonal().sum()) / (m * (m - 1))  # drop the i = j terms
+        vals.append((off(kxx) + off(kyy) - 2 * kxy.mean()).item())
+    return float(np.mean(vals))
+
+
+def precision_recall(real, fake, k=3):
+    """Improved precision and recall (Kynkaanniemi et al. 2019) on features (N, D): each set's manifold is
+    the union of balls reaching each point's k-th nearest neighbour in its own set. Precision: the fraction
+    of fake points inside the real manifold (fidelity); recall: of real points inside the fake one
+    (diversity, mode coverage)."""
+    real, fake = real.double(), fake.double()
+    radius = lambda f: torch.cdist(f, f).kthvalue(min(k, len(f) - 1) + 1, dim=1).values  # + 1: itself at 0
+    d = torch.cdist(fake, real)                                            # (N_fake, N_real)
+    return {"precision": (d <= radius(real)[None]).any(1).double().mean().item(),
+            "recall": (d.T <= radius(fake)[None]).any(1).double().mean().item()}
+
+
+def fid_kid(net, fake, real):
+    """FID and KID between two image sets (N, C, H, W) on net.features (the judge, or InceptionFID)."""
+    f1, f2 = features(net, fake), features(net, real)
+    return {"fid": frechet_distance(*feature_stats(f1), *feature_stats(f2)), "kid": kid(f1, f2)}
+
+
+def parse_caption(caption):
+    """The attributes a caption names, the inverse of shape_caption: 'a red circle on the left' ->
+    {'color': 'red', 'shape': 'circle', 'position': 'left'}. Attributes not named are left out."""
+    vocab = {w: ("shape", s) for s in SHAPES for w in (s, s + ("es" if s.endswith("s") else "s"))}
+    vocab.update({c: ("color", c) for c in COLORS})
+    vocab.update({s: ("size", s) for s in SIZES})
+    vocab.update({p: ("position", p) for p in POSITIONS})
+    out = {}
+    for word in re.findall(r"[a-z]+", caption.lower()):
+        if word in vocab:
+            key, value = vocab[word]
+            if out.get(key, value) != value:
+                raise UserError(f"caption '{caption}' names two {key}s ({out[key]} and {value})")
+            out[key] = value
+    return out
+
+
+def _wanted(judge, w):
+    """What was asked, as {head: class name}: a class label (int), a caption or an attribute dict."""
+    if isinstance(w, (int, np.integer)) or (torch.is_tensor(w) and w.ndim == 0):
+        head = "label" if "label" in judge.classes else "shape"  # the shapes label is the shape index
+        return {head: judge.classes[head][int(w)]}
+    if isinstance(w, str):
+        return {"label": w} if "label" in judge.classes else parse_caption(w)
+    return {k: v for k, v in w.items() if k in judge.classes}  # drops jitter, subject
+
+
+def attribute_accuracy(judge, images, wanted):
+    """Fraction of images (N, C, H, W) whose judged attributes match what was asked: wanted[i] is a
+    class label, a caption or an attribute dict. An image counts only if every named attribute matches."""
+    pred = judge_predict(judge, images)
+    ok = 0
+    for i, w in enumerate(wanted):
+        w = _wanted(judge, w)
+        for k, v in w.items():
+            if v not in judge.classes[k]:
+                raise UserError(f"cannot judge {k} '{v}': the judge knows {', '.join(judge.classes[k])}")
+        ok += all(judge.classes[k][pred[k][i]] == v for k, v in w.items())
+    return ok / len(wanted)
+
+
+# The standard FID network: Inception-v3 as in TensorFlow's 2015-12-05 graph (the pytorch-fid port).
+
+class ConvBN(nn.Module):
+    """conv (no bias) -> BatchNorm (eps 1e-3) -> ReLU, named like the weights file's keys."""
+
+    def __init__(self, cin, cout, kernel, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=1e-3)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+class Mixed(nn.Module):
+    """One Inception block: parallel branches concatenated on channels. A branch is a chain of links
+    (name, cin, cout, kernel, stride, padding); a link given as a list is several convs side by side
+    (InceptionE). The pool branch: 'avg' (3x3, averaging only real pixels as TF does) or 'max' (3x3,
+    stride 1), each followed by the conv branch_pool; or 'down' (3x3 stride-2 max pool, no conv)."""
+
+    def __init__(self, branches, pool, cin=None, pool_ch=None):
+        super().__init__()
+        self.chains, self.pool = [], pool
+        for chain in branches:
+            links = [link if isinstance(link, list) else [link] for link in chain]
+            for name, *conv in (c for link in links for c in link):
+                setattr(self, name, ConvBN(*conv))
+            self.chains.append([[c[0] for c in link] for link in links])
+        if pool != "down":
+            self.branch_pool = ConvBN(cin, pool_ch, 1)
+
+    def forward(self, x):
+        outs = []
+        for chain in self.chains:
+            h = x
+            for names in chain:
+                h = torch.cat([getattr(self, n)(h) for n in names], 1)
+            outs.append(h)
+        if self.pool == "down":
+            return torch.cat(outs + [F.max_pool2d(x, 3, 2)], 1)
+        if self.pool == "avg":
+            p = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+        else:
+            p = F.max_pool2d(x, 3, 1, 1)
+        return torch.cat(outs + [self.branch_pool(p)], 1)
+
+
+def _inception_a(cin, pool_ch):  # 35x35: cin -> 224 + pool_ch channels
+    return Mixed([[("branch1x1", cin, 64, 1)],
+                  [("branch5x5_1", cin, 48, 1), ("branch5x5_2", 48, 64, 5, 1, 2)],
+                  [("branch3x3dbl_1", cin, 64, 1), ("branch3x3dbl_2", 64, 96, 3, 1, 1),
+                   ("branch3x3dbl_3", 96, 96, 3, 1, 1)]], "avg", cin, pool_ch)
+
+
+def _inception_b(cin):  # 35x35 -> 17x17, cin -> 480 + cin
+    return Mixed([[("branch3x3", cin, 384, 3, 2)],
+                  [("branch3x3dbl_1", cin, 64, 1), ("branch3x3dbl_2", 64, 96, 3, 1, 1),
+                   ("branch3x3dbl_3", 96, 96, 3, 2)]], "down")
+
+
+def _inception_c(cin, c7):  # 17x17, factorized 7x7 convs: cin -> 768
+    one_seven, seven_one = ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0))
+    return Mixed([[("branch1x1", cin, 192, 1)],
+                  [("branch7x7_1", cin, c7, 1), ("branch7x7_2", c7, c7, *one_seven),
+                   ("branch7x7_3", c7, 192, *seven_one)],
+                  [("branch7x7dbl_1", cin, c7, 1), ("branch7x7dbl_2", c7, c7, *seven_one),
+                   ("branch7x7dbl_3", c7, c7, *one_seven), ("branch7x7dbl_4", c7, c7, *seven_one),
+                   ("branch7x7dbl_5", c7, 192, *one_seven)]], "avg", cin, 192)
+
+
+def _inception_d(cin):  # 17x17 -> 8x8, cin -> 512 + cin
+    return Mixed([[("branch3x3_1", cin, 192, 1), ("branch3x3_2", 192, 320, 3, 2)],
+                  [("branch7x7x3_1", cin, 192, 1), ("branch7x7x3_2", 192, 192, (1, 7), 1, (0, 3)),
+                   ("branch7x7x3_3", 192, 192, (7, 1), 1, (3, 0)), ("branch7x7x3_4", 192, 192, 3, 2)]],
+                 "down")
+
+
+def _inception_e(cin, pool):  # 8x8: cin -> 2048
+    fork = lambda p: [(p + "a", 384, 384, (1, 3), 1, (0, 1)), (p + "b", 384, 384, (3, 1), 1, (1, 0))]
+    return Mixed([[("branch1x1", cin, 320, 1)],
+                  [("branch3x3_1", cin, 384, 1), fork("branch3x3_2")],
+                  [("branch3x3dbl_1", cin, 448, 1), ("branch3x3dbl_2", 448, 384, 3, 1, 1),
+                   fork("branch3x3dbl_3")]], pool, cin, 192)
+
+
+class InceptionFID(nn.Module):
+    """The FID Inception-v3 (torchvision's layout, TF's average pools, a max pool in Mixed_7c), to load
+    pt_inception-2015-12-05-6726825d.pth with InceptionFID.load(path); nothing is ever downloaded.
+    features(x): images (N, C, H, W) in [-1, 1], resized to 299x299 -> pool3 features (N, 2048)."""
+    BLOCKS = ["Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+              "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"]
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3, self.Conv2d_2a_3x3 = ConvBN(3, 32, 3, 2), ConvBN(32, 32, 3)
+        self.Conv2d_2b_3x3, self.Conv2d_3b_1x1 = ConvBN(32, 64, 3, 1, 1), ConvBN(64, 80, 1)
+        self.Conv2d_4a_3x3 = ConvBN(80, 192, 3)
+        self.Mixed_5b, self.Mixed_5c = _inception_a(192, 32), _inception_a(256, 64)
+        self.Mixed_5d = _inception_a(288, 64)
+        self.Mixed_6a = _inception_b(288)
+        self.Mixed_6b, self.Mixed_6c = _inception_c(768, 128), _inception_c(768, 160)
+        self.Mixed_6d, self.Mixed_6e = _inception_c(768, 160), _inception_c(768, 192)
+        self.Mixed_7a = _inception_d(768)
+        self.Mixed_7b, self.Mixed_7c = _inception_e(1280, "avg"), _inception_e(2048, "max")
+        self.fc = nn.Linear(2048, 1008)  # ImageNet logits: in the weights file, not used by FID
+
+    def features(self, x):
+        x = x.float().expand(-1, 3, -1, -1)                                   # grayscale -> RGB
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))    # (N, 64, 147, 147)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, 2)))    # (N, 192, 71, 71)
+        x = F.max_pool2d(x, 3, 2)                                            # (N, 192, 35, 35)
+        for name in self.BLOCKS:
+            x = getattr(self, name)(x)                                       # ... (N, 2048, 8, 8)
+        return x.mean((2, 3))                                                # (N, 2048)
+
+    @classmethod
+    def load(cls, path):
+        """The network with the weights in `path` (weights_only load); UserError unless it is exactly
+        the FID Inception's state dict."""
+        if not os.path.isfile(path):
+            raise UserError(f"--fid-weights {path}: no such file; get pt_inception-2015-12-05-6726825d.pth "
+                            "(pytorch-fid's FID weights) yourself, nothing is downloaded here")
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"--fid-weights {path}: not a readable weights file ({str(e).splitlines()[0]})")
+        net = cls()
+        counter = "num_batches_tracked"
+        want = {k: tuple(v.shape) for k, v in net.state_dict().items() if not k.endswith(counter)}
+        got = {k: v for k, v in sd.items() if not k.endswith(counter)} if isinstance(sd, dict) else {}
+        missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+        bad = sorted(k for k in want.keys() & got.keys()
+                     if not torch.is_tensor(got[k]) or tuple(got[k].shape) != want[k])
+        if missing or extra or bad:
+            first = (missing + extra + bad)[0]
+            raise UserError(f"--fid-weights {path}: not the pt_inception-2015-12-05 FID weights "
+                            f"({len(missing)} missing, {len(extra)} unexpected, {len(bad)} wrongly shaped "
+                            f"keys, e.g. {first})")
+        net.load_state_dict(got, strict=False)  # strict on everything but BatchNorm's step counters
+        return net.eval()
+
+
+def quantize(x):
+    """Round images in [-1, 1] to the 256 levels a saved PNG has."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+
+def eval_order(held, n):
+    """The order evaluate() takes held-out items in: the first 2n of endless data, else a fixed permutation
+    (the first n are compared with the samples, the next n give the real-vs-real floor)."""
+    if held.endless:
+        return list(range(2 * n))
+    return torch.randperm(len(held), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def held_out_images(spec, image_size, channels, n):
+    """The (at most n) held-out images evaluate() compares n samples with, in its order: (N, C, H, W)."""
+    held = load_data(spec, image_size, channels, train=False)
+    return torch.stack([held[i][0] for i in eval_order(held, n)[:n]])
+
+
+def evaluate(script, args, cfg, sample_fn, nfe, device, cond=None, info=None):
+    """--eval: draw --n-samples images (default 1000) with sample_fn(k, wanted) -> (k, C, H, W) in
+    [-1, 1], in batches of --batch-size (default 100 on CPU, 500 on CUDA), and time them. wanted is
+    None (cond=None), or the k class labels (cond='label') or captions (cond='caption') of the
+    held-out images the samples are compared with. Scores: FID and KID against as many held-out real
+    images on the judge's features; fid_floor, the FID of the other held-out images (n of them, or at least
+    half as many: fid_floor_n) against the same ones, what a perfect model would score; confident (and
+    confident_real, of those real images), the fraction the judge puts in one class with probability
+    > 0.9; acc, the fraction of samples the judge finds to be what was asked (conditional only);
+    fid_inception with --fid-weights. nfe (network evaluations per image)
+    and info go into the result as they are. Prints it as JSON, the last line of stdout, and returns it."""
+    n = args.n_samples or 1000
+    if n < 2:
+        raise UserError(f"--n-samples {n}: --eval needs at least 2 samples")
+    size, ch = cfg["image_size"], cfg["channels"]
+    inception = InceptionFID.load(args.fid_weights).to(device) if args.fid_weights else None
+    judge = get_judge(args.data, size, ch, device, steps=cfg.get("judge_steps", JUDGE_STEPS))
+    held = load_data(args.data, size, ch, train=False)
+    order = eval_order(held, n)
+    items = [held[i] for i in order[:n]]
+    real = torch.stack([it[0] for it in items])                              # (<=n, C, H, W)
+    field = 1 if cond == "label" else 2                                      # the label or the caption
+    wanted = None if cond is None else [items[i % len(items)][field] for i in range(n)]
+    bs = args.batch_size or (500 if device.type == "cuda" else 100)
+    torch.manual_seed(args.seed)
+    fake, t0 = [], time.time()
+    for s in steps_bar(range(0, n, bs), math.ceil(n / bs), f"{script} --eval: sampling"):
+        fake.append(sample_fn(min(bs, n - s), None if wanted is None else wanted[s:s + bs]).float().cpu())
+    sec = (time.time() - t0) / n
+    fake = quantize(torch.cat(fake))                                         # (n, C, H, W)
+    res = {"script": script, "data": args.data, "n_samples": n, **(info or {}), "nfe": nfe,
+           "sec_per_image": round(sec, 5), **fid_kid(judge, fake, real)}
+    rest = order[n:2 * n]
+    if len(rest) >= max(2, n // 2):
+        real2 = torch.stack([held[i][0] for i in rest])
+        res["fid_floor"], res["fid_floor_n"] = fid_kid(judge, real2, real)["fid"], len(rest)
+    res["confident"], res["confident_real"] = judge_confident(judge, fake), judge_confident(judge, real)
+    if cond is not None:
+        res["acc"] = attribute_accuracy(judge, fake, wanted)
+    res["judge_acc"] = judge.accuracy.get("all", judge.accuracy.get("label"))
+    if inception is not None:
+        res["fid_inception"] = fid_kid(inception, fake, real)["fid"]
+    grid = os.path.join(args.out, "eval_samples.png")
+    save_grid(fake[:64], grid)
+    accuracy = f", accuracy {res['acc']:.3f}" if "acc" in res else ""
+    print(f"{script} --eval: FID {res['fid']:.4f} (real-vs-real floor {res.get('fid_floor', math.nan):.4f}), "
+          f"KID {res['kid']:.5f}, judged with confidence > 0.9: {res['confident']:.3f}{accuracy}; "
+          f"{sec:.4f} s/image at {nfe} NFE; {grid}")
+    print(json.dumps(res))
+    return res
+
+
+#################################################################################
+#                  Sweeps: one --eval per setting, then tables                  #
+#################################################################################
+
+def sweep(args, settings, evaluate_one, folder):
+    """--eval --sweep: evaluate_one(setting) -> a result row, for each setting in turn, each writing its
+    eval_samples.png into its own <out>/sweep_<folder(setting)>/. Returns the rows."""
+    rows, out = [], args.out
+    for setting in settings:
+        args.out = os.path.join(out, f"sweep_{folder(setting)}")
+        rows.append(evaluate_one(setting))
+    args.out = out
+    return rows
+
+
+def table(rows, columns):
+    """Print a markdown table, a line per row; columns: (title, key, format) as ("FID", "fid", "{:.2f}")."""
+    print("\n| " + " | ".join(title for title, _, _ in columns) + " |")
+    print("|---" * len(columns) + "|")
+    for r in rows:
+        print("| " + " | ".join(fmt.format(r.get(key, math.nan)) for _, key, fmt in columns) + " |")
+
+
+def cross_table(rows, corner, line_key, column_key, value, fmt, column_title="S={}"):
+    """Print a markdown table of `value`: a line per distinct line_key (in order of appearance), a column per
+    distinct column_key (sorted); '-' where no row has the pair."""
+    lines = list(dict.fromkeys(r[line_key] for r in rows))
+    columns = sorted({r[column_key] for r in rows})
+    cells = {(r[line_key], r[column_key]): fmt.format(r[value]) for r in rows}
+    print(f"\n| {corner} | " + " | ".join(column_title.format(c) for c in columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for line in lines:
+        print(f"| {line} | " + " | ".join(cells.get((line, c), "-") for c in columns) + " |")
+
+
+def print_sweep(script, rows, n):
+    """The sweep's result as one JSON object, the last line printed."""
+    print(json.dumps({"script": script, "mode": "sweep", "n_samples": n, "rows": rows}))
+
+
+#################################################################################
+#                Released weights: reading, recognising, renaming               #
+#################################################################################
 # Like nanoGPT's GPT.from_pretrained, the papers' own networks run through the readable code: a mapping only
 # renames tensors, splits fused ones and permutes axes; it never changes a weight. Nothing is downloaded.
-# ---------------------------------------------------------------------------------------------
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
@@ -910,15 +2674,19 @@ def read_weights(path, flag="--weights"):
     safetensors = file.endswith(".safetensors") or (len(head) == 9 and head[8:9] == b"{")
     tensors = read_safetensors(file, flag) if safetensors else read_torch_weights(file, flag)
     folder = os.path.dirname(os.path.abspath(file))
-    cfg_path = os.path.join(folder, "config.json")
-    config = {}
-    if os.path.isfile(cfg_path):
-        try:
-            with open(cfg_path) as f:
-                config = json.load(f)
-        except ValueError as e:
-            raise UserError(f"{flag} {path}: {cfg_path} is not valid JSON ({e})")
-    return tensors, config, folder
+    return tensors, read_json(os.path.join(folder, "config.json"), f"{flag} {path}: "), folder
+
+
+def read_json(path, what=""):
+    """A JSON file's content, {} where there is no such file; UserError where it is not JSON (`what` prefixes
+    the message)."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise UserError(f"{what}{path} is not valid JSON ({e})")
 
 
 # What a state dict is, told from its tensor names: (layout, in words, the script that loads it)
@@ -1146,18 +2914,22 @@ def load_diffusers_ddpm(path, script):
         with complete(path):
             config = ddpm_released_config(tensors, path)
         what = config["_name"] + " (settings from its released configuration)"
-    sched = {}
-    for p in (os.path.join(folder, "scheduler_config.json"), os.path.join(folder, "..", "scheduler",
-                                                                           "scheduler_config.json")):
-        if os.path.isfile(p):
-            try:
-                with open(p) as f:
-                    sched = json.load(f)
-            except ValueError as e:
-                raise UserError(f"--weights {path}: {p} is not valid JSON ({e})")
-            break
+    beside = [os.path.join(folder, "scheduler_config.json"),
+              os.path.join(folder, "..", "scheduler", "scheduler_config.json")]
+    found = [p for p in beside if os.path.isfile(p)]
+    sched = read_json(found[0], f"--weights {path}: ") if found else {}
     cfg = {**unet_config_from_diffusers(config, path), **diffusion_config_from_diffusers(sched, path)}
     return cfg, unet_from_diffusers(tensors, cfg["num_res_blocks"]), what
+
+
+def load_released_ddpm(args, script):
+    """--weights of ddpm.py and ddim.py -> (config, common.UNet with DDPM's released weights, on the CPU, what
+    it is); --image-size runs the same network at another size."""
+    cfg, tensors, what = load_diffusers_ddpm(args.weights, script)
+    if args.image_size:
+        cfg = resize_unet(cfg, args.image_size)
+        check_unet_size(cfg)
+    return cfg, load_mapped(build_unet(cfg), tensors, args.weights), what
 
 
 # OpenAI's U-Net (improved-diffusion, Nichol & Dhariwal 2021; guided-diffusion, Dhariwal & Nichol 2021)
@@ -1233,10 +3005,163 @@ def openai_unet_structure(tensors, path):
                 scale_shift=emb == 2 * widths[0],
                 resblock_updown=f"input_blocks.{n + 1}.0.in_layers.0.weight" in tensors)
 
+# What the released models' tensors do not show (guided.py --weights), from the two repositories' READMEs,
+# keyed by what they do show (openai_unet_structure): base width, multipliers, residual blocks per level, the
+# levels with attention (0 = full size), classes, BigGAN up/down. qkv: the fused attention's order
+# (split_qkv); rescale: the network takes t * 1000 / T (IDDPM's rescale_timesteps); scale, steps: the
+# README's guidance scale and respaced steps.
+ADM_256 = dict(image_size=256, head_channels=64, qkv="legacy", schedule="linear", timesteps=1000, steps=250)
+IDDPM = dict(qkv="legacy", heads=4, schedule="cosine", timesteps=4000, rescale=True)
+OPENAI_RELEASED = {
+    (192, (1, 2, 3, 4), 3, (1, 2, 3), 1000, True): dict(
+        files="64x64_diffusion.pt", image_size=64, head_channels=64, qkv="new", schedule="cosine",
+        timesteps=1000, scale=1.0, steps=250),
+    (256, (1, 1, 2, 3, 4), 2, (2, 3, 4), 1000, True): dict(
+        files="128x128_diffusion.pt", image_size=128, heads=4, qkv="legacy", schedule="linear",
+        timesteps=1000, scale=0.5, steps=250),
+    (256, (1, 1, 2, 2, 4, 4), 2, (3, 4, 5), 1000, True): dict(
+        files="256x256_diffusion.pt", scale=1.0, **ADM_256),
+    (256, (1, 1, 2, 2, 4, 4), 2, (3, 4, 5), None, True): dict(
+        files="256x256_diffusion_uncond.pt, lsun_bedroom/cat/horse(_nodropout).pt", scale=10.0, **ADM_256),
+    (128, (1, 2, 2, 2), 3, (1, 2), None, False): dict(
+        files="cifar10_uncond_50M_500K.pt, cifar10_uncond_vlb_50M_500K.pt", image_size=32, **IDDPM),
+    (128, (1, 2, 3, 4), 3, (2, 3), None, False): dict(
+        files="imagenet64_uncond_100M_1500K.pt, imagenet64_uncond_vlb_100M_1500K.pt", image_size=64, **IDDPM),
+    (192, (1, 2, 3, 4), 3, (2, 3), 1000, False): dict(
+        files="imagenet64_cond_270M_250K.pt", image_size=64, **{**IDDPM, "rescale": False}),
+    (128, (1, 1, 2, 2, 4, 4), 2, (4,), None, False): dict(
+        files="lsun_uncond_100M_1200K_bs128.pt, lsun_uncond_100M_2400K_bs64.pt", image_size=256, heads=1,
+        qkv="legacy", schedule="linear", timesteps=1000),
+}
+# ADM's classifiers (create_classifier: width 128, 64 channels per head, attention at 32, 16 and 8 pixels,
+# the multipliers fixed by the image size), keyed by (width, number of input blocks); trained with T = 1000.
+OPENAI_CLASSIFIERS = {
+    (128, 20): dict(files="64x64_classifier.pt", image_size=64, ch_mult=[1, 2, 3, 4], depth=4),
+    (128, 15): dict(files="128x128_classifier.pt", image_size=128, ch_mult=[1, 1, 2, 3, 4], depth=2),
+    (128, 18): dict(files="256x256_classifier.pt", image_size=256, ch_mult=[1, 1, 2, 2, 4, 4], depth=2),
+}
+
+
+
+
+def openai_released_config(s, args, path):
+    """An OpenAI U-Net's config: the structure `s` its tensors show, the OPENAI_RELEASED entry it matches,
+    then guided.py's override flags (--image-size, --heads/--head-channels, --qkv-order, --schedule,
+    --timesteps, --rescale-timesteps). UserError naming the flags still needed for a model that is none of
+    the released ones."""
+    key = (s["ch"], tuple(s["ch_mult"]), s["num_res_blocks"], tuple(s["attn_levels"]), s["num_classes"],
+           s["resblock_updown"])
+    r = dict(OPENAI_RELEASED.get(key, {}))
+    if args.heads or args.head_channels:
+        r.pop("heads", None)
+        r.pop("head_channels", None)
+    flags = dict(image_size=args.image_size, heads=args.heads, head_channels=args.head_channels,
+                 qkv=args.qkv_order, schedule=args.schedule, timesteps=args.timesteps,
+                 rescale={"yes": True, "no": False}.get(args.rescale_timesteps))
+    r.update({k: v for k, v in flags.items() if v is not None})
+    need = [flag for flag, have in (("--image-size", "image_size" in r), ("--qkv-order", "qkv" in r),
+                                    ("--heads or --head-channels", "heads" in r or "head_channels" in r),
+                                    ("--schedule", "schedule" in r), ("--timesteps", "timesteps" in r))
+            if not have]
+    if need:
+        raise UserError(f"--weights {path}: an OpenAI U-Net that is none of the released ones (width "
+                        f"{s['ch']}, multipliers {s['ch_mult']}, {s['num_res_blocks']} blocks per level); "
+                        f"give {', '.join(need)}")
+    widths = [s["ch"] * s["ch_mult"][level] for level in s["attn_levels"]] + [s["ch"] * s["ch_mult"][-1]]
+    split = r.get("head_channels") or r["heads"]
+    if any(w % split for w in widths):
+        what = f"heads of {split} channels" if r.get("head_channels") else f"{split} heads"
+        raise UserError(f"--weights {path}: attention widths {widths} do not split into {what}")
+    return dict(image_size=r["image_size"], channels=s["channels"], out_ch=s["out_ch"], ch=s["ch"],
+                ch_mult=s["ch_mult"], num_res_blocks=s["num_res_blocks"],
+                attn_res=[r["image_size"] >> level for level in s["attn_levels"]], heads=r.get("heads"),
+                head_channels=r.get("head_channels"), num_classes=s["num_classes"], null_label=False,
+                scale_shift=s["scale_shift"], resblock_updown=s["resblock_updown"], norm_groups=32,
+                emb_cos_first=True, timesteps=r["timesteps"], schedule=r["schedule"],
+                var="learned" if s["out_ch"] == 2 * s["channels"] else "large", qkv=r["qkv"],
+                rescale_timesteps=r.get("rescale", False), released=r.get("files"),
+                guidance_scale=r.get("scale"), sample_steps=r.get("steps"))
+
+
+def load_openai_unet(args):
+    """guided.py --weights: a released ADM or Improved DDPM model -> (config, common.UNet with its weights, on
+    the CPU)."""
+    path = args.weights
+    tensors = read_weights(path)[0]
+    check_layout(path, tensors, ["openai-unet"], "guided")
+    with complete(path):
+        cfg = openai_released_config(openai_unet_structure(tensors, path), args, path)
+    check_unet_size(cfg)
+
+    def heads_of(width):
+        return width // cfg["head_channels"] if cfg["head_channels"] else cfg["heads"]
+    return cfg, load_mapped(build_unet(cfg), unet_from_openai(tensors, heads_of, cfg["qkv"]), path)
+
+
+def add_openai_flags(p):
+    """guided.py's flags for OpenAI's released files: a classifier to guide with, and the settings of a U-Net
+    that its tensors do not show (openai_released_config reads them)."""
+    p.add_argument("--classifier-weights", metavar="PATH", goes_with="--sample or --eval",
+                   excludes="--classifier", help="a released ADM classifier (64x64_classifier.pt, "
+                   "128x128_classifier.pt, 256x256_classifier.pt) to guide with; with --weights the default "
+                   "--scale is then the README's (1, 0.5, 1; 10 for the unconditional 256x256 model), else 0")
+    p.add_argument("--heads", type=positive_int, goes_with="--weights", excludes="--head-channels",
+                   help="attention heads (default: the released model's)")
+    p.add_argument("--head-channels", type=positive_int, goes_with="--weights",
+                   help="channels per attention head instead of --heads")
+    p.add_argument("--qkv-order", choices=["legacy", "new"], goes_with="--weights",
+                   help="the fused qkv's order: legacy (heads, then q/k/v) or new (q/k/v, then heads); "
+                        "default: the released model's")
+    p.add_argument("--timesteps", type=positive_int, goes_with="--weights", help="the number of "
+                   "diffusion steps T the model was trained with (default: the released model's)")
+    p.add_argument("--rescale-timesteps", choices=["yes", "no"], goes_with="--weights", help="the network "
+                   "takes t * 1000 / T (Improved DDPM's models: yes; default: the released model's)")
+
+
+def classifier_from_openai(tensors, heads_of):
+    """guided-diffusion classifier names (EncoderUNetModel) -> guided.Classifier names: input_blocks[1:] and
+    middle_block are its blocks, module for module in order; out.0 is out_norm, out.2 the attention pool,
+    whose fused qkv is already in our order ('new') and whose position table is stored transposed."""
+    found = [re.match(r"input_blocks\.(\d+)\.(\d+)\.", k) for k in tensors]
+    trunk = sorted({(int(m[1]), int(m[2])) for m in found if m and m[1] != "0"})
+    index = {f"input_blocks.{n}.{j}.": f"blocks.{i}." for i, (n, j) in enumerate(trunk)}
+    index.update({f"middle_block.{j}.": f"blocks.{len(trunk) + j}." for j in range(3)})
+    names = [(r"^time_embed\.", "time_mlp."), (r"^input_blocks\.0\.0\.", "conv_in."),
+             (r"^(input_blocks\.\d+\.\d+\.|middle_block\.\d\.)", lambda m: index[m[1]]),
+             (r"^out\.0\.", "out_norm."), (r"^out\.2\.qkv_proj\.", "pool.qkv."),
+             (r"^out\.2\.c_proj\.", "pool.proj."), (r"^out\.2\.positional_embedding$", "pool.pos")]
+    out = openai_to_ours(tensors, names, heads_of, "legacy")
+    out["pool.pos"] = out["pool.pos"].t()                                   # (C, HW + 1) -> (HW + 1, C)
+    return out
+
+
+def load_openai_classifier(path, T, image_size, build):
+    """guided.py --classifier-weights: one of ADM's released classifiers -> (config, build(config) with its
+    weights, on the CPU), for a diffusion model of T steps making image_size images."""
+    flag = "--classifier-weights"
+    tensors = read_weights(path, flag)[0]
+    check_layout(path, tensors, ["openai-classifier"], "guided", flag)
+    with complete(path, flag):
+        width, classes = tensors["time_embed.0.weight"].shape[1], tensors["out.2.c_proj.weight"].shape[0]
+    blocks = len({k.split(".")[1] for k in tensors if k.startswith("input_blocks.")})
+    r = OPENAI_CLASSIFIERS.get((width, blocks))
+    if r is None:
+        known = ", ".join(c["files"] for c in OPENAI_CLASSIFIERS.values())
+        raise UserError(f"{flag} {path}: a classifier of width {width} with {blocks} input blocks, none of "
+                        f"{known}")
+    if (r["image_size"], 1000) != (image_size, T):
+        raise UserError(f"{flag} {path}: {r['files']} judges {r['image_size']}px images at T = 1000; the "
+                        f"diffusion model makes {image_size}px images with T = {T}")
+    ccfg = dict(num_classes=classes, ch=width, ch_mult=r["ch_mult"], depth=r["depth"], attn_res=[32, 16, 8],
+                head_channels=64, image_size=image_size, channels=tensors["input_blocks.0.0.weight"].shape[1],
+                timesteps=1000, norm_groups=32, emb_cos_first=True, released=r["files"])
+    return ccfg, load_mapped(build(ccfg), classifier_from_openai(tensors, lambda c: c // 64), path, flag)
+
+
 # Stable Diffusion v1 (Rombach et al. 2022, the text-to-image model of Sec. 4.3 as released by CompVis and
 # Stability AI) -> common.LDM, common.AutoencoderKL and ClipTokenizer. One CompVis file holds all three
-# networks
-# under the prefixes below; a diffusers folder keeps them in unet/, vae/, text_encoder/ and tokenizer/.
+# networks under the prefixes below; a diffusers folder keeps them in unet/, vae/, text_encoder/ and
+# tokenizer/.
 
 # What no tensor shows: the released v1 configuration (v1-inference.yaml) and sampling settings
 SD_V1 = dict(cond="text", text="clip", image_size=512, channels=3, f=8, heads=8, norm_groups=32, ae_groups=32,
@@ -1350,13 +3275,6 @@ def sd_config(unet, ae, text, image_size, heads, text_heads):
     return dict(cfg, attn_res=[latent >> lv for lv in attn], text_heads=text_heads)
 
 
-def read_json(path):
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
 def read_sd_folder(path):
     """A diffusers Stable Diffusion folder -> (unet, ae, text) tensors renamed for us, and the settings its
     config files give (heads, image size, latent scale, schedule)."""
@@ -1396,8 +3314,7 @@ def read_sd_file(path):
     if not all(part.values()):
         missing = [SD_PREFIXES[n] + "*" for n, v in part.items() if not v]
         raise UserError(f"--weights {path}: no {', '.join(missing)} tensors; a Stable Diffusion v1 file "
-                        f"holds the "
-                        "U-Net, the autoencoder and the CLIP text encoder")
+                        "holds the U-Net, the autoencoder and the CLIP text encoder")
     return unet_from_sd(part["unet"], "compvis"), ae_from_sd(part["ae"], "compvis"), text_from_clip(
         {SD_PREFIXES["text"] + k: v for k, v in part["text"].items()}), {}
 
@@ -1423,1386 +3340,3 @@ def load_stable_diffusion(path, tokenizer=None, image_size=None):
     load_mapped(model.text, text, path)
     ae_net = load_mapped(AutoencoderKL(cfg), ae, path)
     return model.eval().requires_grad_(False), ae_net.eval().requires_grad_(False), tok, cfg
-
-
-
-# ---------------------------------------------------------------------------------------------
-# Data. Every dataset yields (image in [-1, 1] as (C, H, W) float, label int, caption str).
-# ---------------------------------------------------------------------------------------------
-
-SHAPES = ["circle", "square", "triangle", "cross"]
-COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 235),
-          "yellow": (235, 210, 40), "purple": (150, 60, 210), "white": (240, 240, 240)}
-SIZES = ["small", "large"]
-POSITIONS = ["left", "center", "right"]
-POSITION_WORDS = {"left": "on the left", "center": "in the center", "right": "on the right"}
-BACKGROUND = (24, 24, 32)
-
-
-def shape_caption(a):
-    """'a small red circle on the left' from an attribute dict."""
-    return f"a {a['size']} {a['color']} {a['shape']} {POSITION_WORDS[a['position']]}"
-
-
-def draw_shape(a, image_size=32, channels=3, jitter=(0.0, 0.0, 1.0), supersample=4):
-    """Render one shape with attributes `a` (shape, color, size, position) on a plain background.
-    jitter = (dx, dy, scale) in fractions of the image. Drawn at 4x and box-filtered (antialiased).
-    With a['subject'] true, the circle is DreamBooth's "subject": a ring (a hole of 0.55 r in the middle)."""
-    S = image_size * supersample
-    img = Image.new("RGB", (S, S), BACKGROUND)
-    d = ImageDraw.Draw(img)
-    cx = S * ({"left": 0.25, "center": 0.5, "right": 0.75}[a["position"]] + jitter[0])
-    cy = S * (0.5 + jitter[1])
-    r = S * (0.11 if a["size"] == "small" else 0.2) * jitter[2]
-    col = COLORS[a["color"]]
-    if a["shape"] == "circle":
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=col)
-        if a.get("subject"):  # a distinctive instance the ordinary data never draws (coarse enough that
-            h = 0.55 * r      # ldm.py's f = 4 autoencoder, trained on plain shapes, keeps it; thin stripes it erased)
-            d.ellipse([cx - h, cy - h, cx + h, cy + h], fill=BACKGROUND)
-    elif a["shape"] == "square":
-        q = r * 0.88
-        d.rectangle([cx - q, cy - q, cx + q, cy + q], fill=col)
-    elif a["shape"] == "triangle":
-        d.polygon([(cx, cy - r), (cx + r * 0.95, cy + r * 0.8), (cx - r * 0.95, cy + r * 0.8)], fill=col)
-    elif a["shape"] == "cross":
-        w = r * 0.36
-        d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=col)
-        d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=col)
-    img = img.resize((image_size, image_size), Image.BOX)
-    return img.convert("L") if channels == 1 else img
-
-
-def to_tensor(img):
-    """PIL image -> (C, H, W) float in [-1, 1]."""
-    a = np.asarray(img, dtype=np.float32)
-    a = a[:, :, None] if a.ndim == 2 else a
-    return torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1
-
-
-class ShapesData:
-    """Endless, deterministic colored shapes: item i is drawn from numpy's RNG seeded by (seed, i).
-    Label = shape index; caption like 'a small red circle on the left'. No download."""
-    endless = True
-
-    def __init__(self, image_size=32, channels=3, seed=0, subject=False):
-        self.image_size, self.channels, self.seed, self.subject = image_size, channels, seed, subject
-        self.class_names = list(SHAPES)
-        self.num_classes = len(SHAPES)
-
-    def attributes(self, i):
-        rng = np.random.default_rng([self.seed, i])
-        a = {"shape": SHAPES[rng.integers(4)], "color": list(COLORS)[rng.integers(len(COLORS))],
-             "size": SIZES[rng.integers(2)], "position": POSITIONS[rng.integers(3)]}
-        if self.subject:
-            a["shape"], a["subject"] = "circle", True
-        a["jitter"] = (rng.uniform(-0.04, 0.04), rng.uniform(-0.1, 0.1), rng.uniform(0.9, 1.1))
-        return a
-
-    def __getitem__(self, i):
-        a = self.attributes(i)
-        img = draw_shape(a, self.image_size, self.channels, a["jitter"])
-        return to_tensor(img), SHAPES.index(a["shape"]), shape_caption(a)
-
-    def label(self, i):
-        return SHAPES.index(self.attributes(i)["shape"])  # without drawing
-
-
-class TensorData:
-    """Images held in memory as uint8 (N, C, H, W) with labels; folders, CIFAR-10 and MNIST load to this."""
-    endless = False
-
-    def __init__(self, images, labels, class_names, captions=None):
-        self.images, self.labels, self.class_names, self.captions = images, labels, class_names, captions
-        self.num_classes = len(class_names) if class_names else None
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        cap = self.captions[i] if self.captions else (self.class_names[self.labels[i]] if self.class_names else "")
-        return self.images[i].float() / 127.5 - 1, int(self.labels[i]), cap
-
-    def label(self, i):
-        return int(self.labels[i])
-
-    def subset(self, idx):
-        idx = torch.as_tensor(idx, dtype=torch.long)
-        return TensorData(self.images[idx], self.labels[idx], self.class_names,
-                          [self.captions[i] for i in idx.tolist()] if self.captions else None)
-
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-MIN_SIDE = 8                    # smaller images are refused rather than upscaled
-HELD_OUT = 0.2                  # data with no test split of its own keeps this fraction of each class apart ...
-HELD_OUT_MAX = 2000             # ... and at most this many images in all
-
-
-def held_out_split(labels, fraction=HELD_OUT, cap=HELD_OUT_MAX):
-    """(train, held-out) indices of a dataset without a test split of its own, stratified: the same fraction
-    of every class (at least one image of a class with two or more), chosen by a fixed permutation, so every
-    run and every script holds out the same images. The held-out part is never trained on: it is the FID
-    reference and the data of every held-out figure."""
-    labels = torch.as_tensor(labels)
-    f = min(fraction, cap / len(labels))
-    g = torch.Generator().manual_seed(0)
-    train, held = [], []
-    for c in labels.unique().tolist():
-        idx = (labels == c).nonzero()[:, 0]
-        idx = idx[torch.randperm(len(idx), generator=g)].tolist()
-        k = max(int(len(idx) * f), 1 if len(idx) > 1 else 0)
-        held += idx[:k]
-        train += idx[k:]
-    return sorted(train), sorted(held)
-
-
-def resize_crop(img, size):
-    """Resize the short side to `size` (bicubic; up or down), then center-crop to size x size."""
-    w, h = img.size
-    s = size / min(w, h)
-    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return img.crop((left, top, left + size, top + size))
-
-
-def load_folder(root, image_size, channels):
-    """A folder of images, searched recursively. The first-level subfolder is the class label
-    (only when every image sits in a subfolder); a .txt beside an image is its caption. Images are
-    resized to image_size (upscaled when smaller, as torchvision's Resize does; one note says how many)."""
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
-                   if f.lower().endswith(IMAGE_EXTS))
-    if not files:
-        raise UserError(f"--data {root}: no images found (looked for {', '.join(IMAGE_EXTS)} recursively)")
-    rel = [os.path.relpath(f, root) for f in files]
-    labelled = all(os.sep in r for r in rel)
-    class_names = sorted({r.split(os.sep)[0] for r in rel}) if labelled else None
-    images, labels, captions, bad, small = [], [], [], 0, []
-    for f, r in zip(files, rel):
-        try:
-            with Image.open(f) as im:
-                im.load()
-                if min(im.size) < MIN_SIDE:
-                    raise UserError(f"--data {root}: image {r} is {im.size[0]}x{im.size[1]}, below {MIN_SIDE} "
-                                    "pixels; remove it")
-                if min(im.size) < image_size:
-                    small.append(im.size)
-                im = resize_crop(im.convert("L" if channels == 1 else "RGB"), image_size)
-        except UserError:
-            raise
-        except Exception:
-            bad += 1
-            continue
-        images.append(torch.from_numpy(np.asarray(im, dtype=np.uint8).reshape(image_size, image_size, channels).copy()))
-        labels.append(class_names.index(r.split(os.sep)[0]) if labelled else 0)
-        txt = os.path.splitext(f)[0] + ".txt"
-        captions.append(open(txt).read().strip() if os.path.exists(txt) else
-                        (r.split(os.sep)[0] if labelled else ""))
-    if not images:
-        raise UserError(f"--data {root}: none of the {len(files)} image files could be read")
-    if bad:
-        warn(f"skipped {bad} unreadable image file(s) in {root}")
-    if small:
-        w, h = min(small, key=min)
-        print(f"note: upscaled {len(small)} of {len(images)} images in {root} to {image_size}x{image_size} "
-              f"(the smallest is {w}x{h})", file=sys.stderr)
-    return TensorData(torch.stack(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels),
-                      class_names, captions)
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """CIFAR-10's python batches are pickles; allow only what they need (numpy arrays, builtins)."""
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return super().find_class(module, name)
-
-
-CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-def load_cifar10(root, image_size, channels, names):
-    """CIFAR-10 python format (the cifar-10-batches-py folder): the batch files `names`."""
-    xs, ys = [], []
-    for n in names:
-        try:
-            with open(os.path.join(root, n), "rb") as fh:
-                d = _NumpyOnlyUnpickler(fh, encoding="bytes").load()
-            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(d[b"labels"]))
-        except Exception as e:
-            raise UserError(f"--data {root}: {n} is not a CIFAR-10 python batch ({e})")
-    x = torch.from_numpy(np.concatenate(xs))
-    return TensorData(_fit(x, image_size, channels), torch.from_numpy(np.concatenate(ys)).long(), CIFAR_CLASSES)
-
-
-def _fit(x, image_size, channels):
-    """uint8 (N, C, h, w) -> uint8 (N, channels, image_size, image_size)."""
-    if channels == 1 and x.shape[1] == 3:
-        x = (x.float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    elif channels == 3 and x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    if x.shape[-1] != image_size:
-        x = F.interpolate(x.float(), size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8).contiguous()
-
-
-def _read_idx(path):
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise UserError(f"--data: {path} is not an unsigned-byte IDX file")
-    ndim = data[3]
-    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
-    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if arr.size != int(np.prod(shape)):
-        raise UserError(f"--data: {path} is truncated ({arr.size} bytes for shape {shape})")
-    return arr.reshape(shape)
-
-
-def load_mnist(root, image_size, channels, prefix):
-    """MNIST IDX files (gzipped or not) <prefix>-images-idx3-ubyte[.gz] and the labels beside them."""
-    for ext in ("", ".gz"):
-        img = os.path.join(root, f"{prefix}-images-idx3-ubyte{ext}")
-        lab = os.path.join(root, f"{prefix}-labels-idx1-ubyte{ext}")
-        if os.path.exists(img) and os.path.exists(lab):
-            x, y = _read_idx(img), _read_idx(lab)
-            if len(x) != len(y):
-                raise UserError(f"--data {root}: {len(x)} images but {len(y)} labels")
-            x = torch.from_numpy(x.copy())[:, None]
-            return TensorData(_fit(x, image_size, channels), torch.from_numpy(y.astype(np.int64)),
-                              [str(i) for i in range(10)])
-    return None
-
-
-@functools.lru_cache(maxsize=2)
-def _load_splits(spec, image_size, channels, signature):
-    """(training part, held-out part) of a dataset on disk. CIFAR-10 and MNIST use their own test split when
-    both are there; anything else is split by held_out_split. Cached: every script asks several times."""
-    sub = os.path.join(spec, "cifar-10-batches-py")
-    root = sub if os.path.isdir(sub) else spec
-    files = os.listdir(root)
-    if any(f.startswith("data_batch_") for f in files) or "test_batch" in files:
-        train = sorted(f for f in files if re.fullmatch(r"data_batch_\d+", f))
-        parts = [load_cifar10(root, image_size, channels, names) for names in (train, ["test_batch"])
-                 if names and all(n in files for n in names)]
-    elif any("idx3-ubyte" in f for f in files):
-        parts = [d for d in (load_mnist(spec, image_size, channels, p) for p in ("train", "t10k")) if d is not None]
-        if not parts:
-            raise UserError(f"--data {spec}: no MNIST IDX pair (train-images-idx3-ubyte[.gz] + labels) found")
-    else:
-        parts = [load_folder(spec, image_size, channels)]
-    if len(parts) == 2:
-        return parts[0], parts[1]
-    data = parts[0]
-    if len(data) < 2:
-        raise UserError(f"--data {spec}: one image is not a dataset (nothing to hold out); give at least two")
-    train, held = held_out_split(data.labels)
-    return data.subset(train), data.subset(held)
-
-
-def load_data(spec, image_size=32, channels=3, seed=0, train=True):
-    """--data: 'shapes' (default, generated), a CIFAR-10 python folder, an MNIST IDX folder, or a
-    folder of images. train=False gives the held-out part (shapes: another seed; CIFAR-10 and MNIST: their
-    test split; a folder, or a dataset with one split only: held_out_split's part, never trained on)."""
-    if spec == "shapes":
-        return ShapesData(image_size, channels, seed=seed if train else seed + 10_000_019)
-    if not os.path.exists(spec):
-        raise UserError(f"--data {spec}: no such file or folder; give 'shapes' or a path to images, "
-                        "CIFAR-10 (cifar-10-batches-py) or MNIST IDX files")
-    if not os.path.isdir(spec):
-        raise UserError(f"--data {spec}: is a file; give the folder that holds the images or dataset files")
-    signature = [(d, e.name, e.stat().st_mtime_ns, e.stat().st_size) for d in (spec, os.path.join(spec, "cifar-10-batches-py"))
-                 if os.path.isdir(d) for e in os.scandir(d)]    # the cache sees files added or changed
-    return _load_splits(os.path.abspath(spec), image_size, channels, tuple(signature))[0 if train else 1]
-
-
-def check_batch(data, batch_size, world=1, flag="--batch-size"):
-    """Before any training: a finite dataset must fill one batch on every rank."""
-    if not data.endless and len(data) < batch_size * world:
-        raise UserError(f"{flag} {batch_size}{f' x {world} processes' if world > 1 else ''} is more than the "
-                        f"{len(data)} training images; use {flag} {max(1, len(data) // world)} or less")
-
-
-def grid_items(data, n, max_classes=16):
-    """n items of `data` (the held-out part) for a conditional model's grid, spread evenly over the classes:
-    with 2..max_classes classes, one row per class of ceil(n / classes) items each (so the grid may hold a
-    few more than n; a class with fewer held-out items repeats them); otherwise the first n items.
-    Returns (items, images per row or None)."""
-    k = data.num_classes or 0
-    if not 2 <= k <= max_classes:
-        return [data[i if data.endless else i % len(data)] for i in range(n)], None
-    per = math.ceil(n / k)
-    rows = {c: [] for c in range(k)}
-    for i in range(100 * k * per if data.endless else len(data)):
-        c = data.label(i)
-        if len(rows[c]) < per:
-            rows[c].append(i)
-        if all(len(r) == per for r in rows.values()):
-            break
-    idx = [r[j % len(r)] for r in rows.values() if r for j in range(per)]
-    return [data[i] for i in idx], per
-
-
-def batches(data, batch_size, seed, step=0, rank=0, world=1, flip=False):
-    """Endless batches (x, y, captions) for one rank, starting at `step`. Batch k is a pure function
-    of (seed, k, rank), so a resumed run sees exactly the data an uninterrupted one would.
-    Finite data: one shuffle per epoch, sharded across ranks; optional random horizontal flip."""
-    while True:
-        if data.endless:
-            idx = [(step * world + rank) * batch_size + j for j in range(batch_size)]
-        else:
-            per_epoch = max(1, len(data) // (batch_size * world))
-            epoch, k = divmod(step, per_epoch)
-            perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-            start = (k * world + rank) * batch_size
-            idx = perm[start:start + batch_size].tolist()
-            idx += perm[:batch_size - len(idx)].tolist()  # datasets smaller than one batch
-        items = [data[i] for i in idx]
-        x = torch.stack([it[0] for it in items])
-        if flip:
-            g = torch.Generator().manual_seed(seed * 7919 + step * world + rank)
-            m = torch.rand(len(x), generator=g) < 0.5
-            x[m] = x[m].flip(-1)
-        yield x, torch.tensor([it[1] for it in items]), [it[2] for it in items]
-        step += 1
-
-
-# ---------------------------------------------------------------------------------------------
-# Training plumbing
-# ---------------------------------------------------------------------------------------------
-
-def step_seed(seed, step, rank=0, stream=0):
-    """The seed of every random draw of training step `step`: a pure function of (seed, rank, step),
-    so --resume continues exactly. `stream` keeps apart loops that share --seed (e.g. a classifier's)."""
-    return seed * 1_000_003 + rank * 7919 + stream + step
-
-
-def get_device(name="auto"):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name}: not a device name; use auto, cpu, cuda, cuda:N or mps")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return dev
-
-
-def setup_distributed(device_arg):
-    """Under torchrun: init the process group (nccl on GPU, gloo on CPU) and pick this rank's
-    device. Returns (device, rank, world_size)."""
-    if "RANK" not in os.environ:
-        return get_device(device_arg), 0, 1
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = torch.cuda.is_available() and device_arg in ("auto", "cuda")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local), rank, world
-    return torch.device("cpu"), rank, world
-
-
-def autocast(device, dtype):
-    """bf16 autocast where asked (default on CUDA); fp32 otherwise."""
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    if dtype == "float32":
-        return nullcontext()
-    if dtype == "bfloat16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    raise UserError(f"--dtype {dtype}: use auto, float32 or bfloat16")
-
-
-@torch.no_grad()
-def ema_update(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, parameters and buffers."""
-    e, m = list(ema.parameters()), list(model.parameters())
-    torch._foreach_lerp_(e, m, 1 - decay)
-    for be, bm in zip(ema.buffers(), model.buffers()):
-        be.copy_(bm)
-
-
-def ema_decay(step, target):
-    """EMA with warm-up: min(target, (1 + n) / (10 + n)), so early averages are not stuck at init."""
-    return min(target, (1 + step) / (10 + step))
-
-
-def make_optimizer(params, lr, weight_decay=0.0, betas=(0.9, 0.999), device=None):
-    fused = device is not None and device.type == "cuda"
-    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=1e-8,
-                             **({"fused": True} if fused else {"foreach": True}))
-
-
-def lr_at(step, lr, warmup):
-    """Linear warm-up over `warmup` steps, then constant (Ho et al. 2020)."""
-    return lr * min(1.0, (step + 1) / max(1, warmup))
-
-
-def save_checkpoint(obj, path):
-    """Atomic: write a temp file beside `path`, fsync, then rename over it. A crash mid-write
-    leaves the previous checkpoint intact."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def describe_unreadable(path, err):
-    """What a file that torch.load could not read is, in words, for a one-line error."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(64)
-    msg = ANSI.sub("", str(err))
-    if size == 0:
-        return "is empty (0 bytes)"
-    if head.startswith(b"PK\x03\x04"):
-        return (f"is a damaged or truncated checkpoint ({size} bytes; its zip archive does not read: "
-                f"{msg.splitlines()[0] if msg else type(err).__name__})")
-    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
-        return "is a .safetensors weights file, not a checkpoint of this repository; pass it with --weights"
-    if head[:1] == b"\x80":
-        return f"is a pickle that torch.load cannot read as a checkpoint ({size} bytes)"
-    text = head.decode("utf-8", errors="replace")
-    if all(c.isprintable() or c.isspace() for c in text):
-        return f"is a text file, not a checkpoint (it starts with {text.splitlines()[0][:40]!r})"
-    return f"is not a PyTorch checkpoint (neither a zip archive nor a pickle: it starts with {head[:4].hex()})"
-
-
-def load_checkpoint(path, scripts):
-    """torch.load(weights_only=True): tensors and plain data only, never code. `scripts` lists the
-    scripts whose checkpoints this caller accepts."""
-    if not os.path.exists(path):
-        raise UserError(f"checkpoint {path} not found; train one first with `python {scripts[0]}.py --train`")
-    if os.path.isdir(path):
-        raise UserError(f"checkpoint {path} is a folder; pass the checkpoint file (e.g. {path}/ckpt.pt)")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        msg = ANSI.sub("", str(e))
-        what = [line for line in msg.splitlines() if "GLOBAL" in line]
-        if not what:
-            raise UserError(f"{path} {describe_unreadable(path, e)}")
-        raise UserError(f"{path} holds more than tensors and plain data; refused to load it "
-                        f"(weights_only=True): {what[0].strip()}")
-    except Exception as e:
-        raise UserError(f"{path} {describe_unreadable(path, e)}")
-    if not isinstance(ck, dict) or ck.get("script") not in scripts:
-        what = ck.get("script") if isinstance(ck, dict) else None
-        raise UserError(f"{path} is {'a ' + what + '.py' if what else 'not a'} checkpoint, not one of "
-                        f"{', '.join(s + '.py' for s in scripts)}; pass --ckpt with the right file")
-    return ck
-
-
-def unwrap(model):
-    """The plain module under DDP and torch.compile wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
-def all_finite(module):
-    return all(torch.isfinite(p).all() for p in module.parameters())
-
-
-# ---------------------------------------------------------------------------------------------
-# Images
-# ---------------------------------------------------------------------------------------------
-
-def to_uint8(x):
-    """(N, C, H, W) in [-1, 1] -> uint8 numpy (N, H, W, C)."""
-    return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def make_grid(x, nrow=None, pad=2):
-    """(N, C, H, W) in [-1, 1] -> PIL image grid."""
-    a = to_uint8(x)
-    n, h, w, c = a.shape
-    nrow = nrow or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / nrow)
-    g = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), np.uint8)
-    for i in range(n):
-        r, k = divmod(i, nrow)
-        g[pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = a[i]
-    return Image.fromarray(g[:, :, 0] if c == 1 else g)
-
-
-def save_grid(x, path, nrow=None):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    make_grid(x, nrow).save(path)
-
-
-def save_gif(frames, path, nrow=None, duration=60):
-    """frames: list of (N, C, H, W) in [-1, 1] (e.g. a reverse-process trajectory) -> animated GIF;
-    the last frame is held for a second."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    ims = [make_grid(f, nrow).convert("RGB") for f in frames]
-    ims[0].save(path, save_all=True, append_images=ims[1:], loop=0,
-                duration=[duration] * (len(ims) - 1) + [1000])
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI contract shared by all six scripts
-# ---------------------------------------------------------------------------------------------
-
-def _checked(kind, ok, what):
-    """An argparse type: kind(text), refused unless ok(value), with 'use <what>' as the message."""
-    def parse(text):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not {'an integer' if kind is int else 'a number'}")
-        if not (math.isfinite(v) and ok(v)):
-            raise argparse.ArgumentTypeError(f"{text}: use {what}")
-        return v
-    return parse
-
-
-positive_int = _checked(int, lambda v: v >= 1, "an integer >= 1")
-nonneg_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
-positive_float = _checked(float, lambda v: v > 0, "a number > 0")
-nonneg_float = _checked(float, lambda v: v >= 0, "a number >= 0")
-unit_float = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-image_size = _checked(int, lambda v: v >= 8, "at least 8 (pixels)")
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with the contract's errors (one line `error: ...`, exit status 2, through UserError), which
-    applies --threads as soon as the flags are read, before any tensor work."""
-
-    def error(self, message):
-        message = re.sub(r"^argument (\S+): (\S+): use", r"\1 \2: use", message)  # '--lr -1: use a number > 0'
-        raise UserError(f"{message} (python {self.prog} --help lists the flags)")
-
-    weights = None  # what --weights loads into this script, in words (None: nothing yet)
-
-    def parse_args(self, args=None, namespace=None):
-        parsed = super().parse_args(args, namespace)
-        if getattr(parsed, "threads", None):
-            torch.set_num_threads(parsed.threads)
-        if getattr(parsed, "weights", None) and not self.weights:
-            raise UserError(f"--weights: {self.prog} loads no released weights (the papers' published "
-                            "models load into ddpm.py, ddim.py, guided.py, ldm.py and dreambooth.py; see the "
-                            "README's 'Released weights')")
-        return parsed
-
-
-def make_parser(script, description, presets, modes=(), gifs=False, weights=None):
-    """The flags every script shares. `modes`: extra (flag, help) pairs exclusive with --train,
-    --sample and --eval (e.g. ldm.py's --train-ae). gifs: the script's --sample writes GIFs (--no-gif).
-    weights: what --weights loads into this script, in words; without it --weights is refused."""
-    p = Parser(f"{script}.py", description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.weights = weights
-    mode = p.add_mutually_exclusive_group(required=True)
-    for flag, text in modes:
-        mode.add_argument(flag, action="store_true", help=text)
-    mode.add_argument("--train", action="store_true", help="train (resumable; checkpoints in --out)")
-    mode.add_argument("--sample", action="store_true", help="write a PNG grid (and GIF) of samples from --ckpt")
-    mode.add_argument("--eval", action="store_true", help="sample and score; the last line printed is one JSON object")
-    p.add_argument("--preset", choices=list(presets),
-                   help="tiny: seconds, for tests; cpu: the default, minutes on a laptop CPU; "
-                        "paper: the paper's configuration, for a GPU")
-    p.add_argument("--data", default="shapes",
-                   help="'shapes' (generated, default), or a folder of images (subfolders = classes, "
-                        ".txt beside an image = caption), a CIFAR-10 cifar-10-batches-py folder, or an MNIST IDX folder")
-    p.add_argument("--image-size", type=image_size, help="image side in pixels (default: from the preset)")
-    p.add_argument("--channels", type=int, choices=[1, 3], help="1 (grayscale) or 3 (RGB; default)")
-    p.add_argument("--out", default=f"out/{script}", help=f"output folder (default out/{script}/)")
-    p.add_argument("--ckpt", help="checkpoint to sample/eval from (default <out>/ckpt.pt)")
-    p.add_argument("--weights", metavar="PATH", help="--sample/--eval: a released model instead of --ckpt, a "
-                   "file or folder you downloaded (never downloaded here): "
-                   f"{weights or 'none loads into this script yet'}")
-    p.add_argument("--resume", action="store_true", help="continue training from <out>/ckpt.pt exactly, with its "
-                   "config (only --max-steps may change; default: the checkpoint's own)")
-    p.add_argument("--max-steps", type=positive_int, help="total training steps (default: from the preset)")
-    p.add_argument("--batch-size", type=positive_int, help="per-process batch size (default: from the preset); "
-                   "--eval: the sampling batch (default 100; 500 on CUDA)")
-    p.add_argument("--lr", type=positive_float, help="peak learning rate (default: from the preset)")
-    p.add_argument("--n-samples", type=positive_int, help="images to sample (--sample: 64; --eval: 1000)")
-    p.add_argument("--steps", type=positive_int, help="sampling steps, for --sample and --eval alike (default: "
-                   "the script's own; ddpm.py: all T)")
-    p.add_argument("--fid-weights", metavar="PATH", help="--eval: also the standard Inception FID, from this "
-                   "pt_inception-2015-12-05 weights file (never downloaded)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 autocast on CUDA, float32 elsewhere), float32, bfloat16")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network (slow to start; off by default)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--threads", type=positive_int, help="CPU threads for PyTorch (default: PyTorch's choice); "
-                   "--threads 1 is much faster on a CPU that other programs keep busy")
-    if gifs:
-        p.add_argument("--no-gif", action="store_true", help="--sample: write only the PNG grid, not the GIF(s)")
-    return p
-
-
-def make_config(args, presets, keys=()):
-    """The preset's plain dict, overridden by the flags the user gave: the contract's and the script's own
-    `keys` (flag --a-b sets cfg['a_b']). args.given keeps those overrides, for --resume's warnings."""
-    args.given = {k: getattr(args, k) for k in ("preset", "image_size", "channels", "max_steps", "batch_size",
-                                                "lr", *keys) if getattr(args, k, None) is not None}
-    args.preset = args.preset or "cpu"
-    cfg = {**presets[args.preset], "preset": args.preset, **args.given}
-    check_unet_size(cfg, presets[args.preset])
-    check_unet_size(cfg, presets[args.preset], "clf_")
-    return cfg
-
-
-def check_unet_size(cfg, preset=None, prefix=""):
-    """The U-Net halves its input len(ch_mult) - 1 times (ldm.py: its latent, image_size / f), and attends at
-    the attn_res resolutions among those it visits: say so before any work when --image-size (or --f) does
-    not allow it. prefix: another network's keys in the same config (guided.py's classifier: clf_). preset:
-    the values to suggest (None for released weights, which have no preset)."""
-    preset = preset or {}
-    if prefix + "ch_mult" not in cfg:
-        return
-    f, size, levels = cfg.get("f", 1), cfg["image_size"], len(cfg[prefix + "ch_mult"])
-    down, what = 2 ** (levels - 1), f"--image-size {size}" + (f" with --f {f}" if f > 1 else "")
-    if size % (f * down):
-        raise UserError(f"{what}: the input of this preset's U-Net ({size // f}px) must be divisible by {down}; "
-                        f"use a multiple of {f * down}")
-    seen = [size // f // 2 ** k for k in range(levels)]
-    missing = [r for r in cfg.get(prefix + "attn_res", []) if r not in seen]
-    if missing:
-        fix = [f"--{k.replace('_', '-')} {preset[k]}" for k in ("image_size", "f") if k in preset and cfg[k] != preset[k]]
-        raise UserError(f"{what}: the preset's attention at {missing[0]}px never occurs (the "
-                        f"{'classifier' if prefix else 'U-Net'} works at {', '.join(map(str, seen))}px); "
-                        f"use {' and '.join(fix) or 'another --image-size'}")
-
-
-def warn(message):
-    print(f"warning: {message}", file=sys.stderr)
-
-
-_HELD = {}  # --out folder -> its open, locked .lock file, while this process runs there
-
-
-@contextmanager
-def claim_out(out):
-    """--out for the whole run: created and proved writable at start-up (not after the work is done), and
-    locked so that a second run writing there at the same time stops with an error. The lock is the OS's
-    lock on <out>/.lock (flock; msvcrt on Windows), which ends with the process however it ends, so a
-    crashed run leaves no stale lock. Under torchrun only rank 0 writes, so only rank 0 claims."""
-    if int(os.environ.get("RANK", 0)) != 0 or os.path.abspath(out) in _HELD:
-        yield
-        return
-    try:
-        os.makedirs(out, exist_ok=True)
-        f = open(os.path.join(out, ".lock"), "a+")
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot write there ({e.strerror or e}); give a folder you can write to")
-    try:
-        if os.name == "nt":
-            import msvcrt
-            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-        else:
-            import fcntl
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        who = f.read().strip() or "another process"
-        f.close()
-        raise UserError(f"--out {out} is in use by another run ({who}); wait for it to end or give another --out")
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()}: {' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:])}"[:300])
-    f.flush()
-    _HELD[os.path.abspath(out)] = f
-    try:
-        yield
-    finally:
-        del _HELD[os.path.abspath(out)]
-        f.close()  # closing the file releases the lock
-
-
-class Progress:
-    """A training loop's progress: tqdm's bar on a terminal; in a log file (stderr redirected) a plain line
-    each time the loop reports numbers, instead of tqdm's carriage returns. update(**numbers) per step."""
-
-    def __init__(self, total, initial=0, desc="", disable=False):
-        self.tty, self.quiet = sys.stderr.isatty(), disable
-        self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
-                        disable=disable or not self.tty)
-        self.total, self.n, self.n0, self.desc, self.t0 = total, initial, initial, desc, time.time()
-
-    def update(self, **numbers):
-        self.n += 1
-        self.bar.update(1)
-        if numbers:
-            self.bar.set_postfix(numbers)
-            if not (self.tty or self.quiet):
-                rate = (self.n - self.n0) / max(time.time() - self.t0, 1e-9)
-                print(f"{self.desc}: step {self.n}/{self.total}, " + ", ".join(f"{k} {v}" for k, v in numbers.items())
-                      + f", {rate:.2f} steps/s, {(self.total - self.n) / rate / 60:.1f} min left",
-                      file=sys.stderr, flush=True)
-
-    def close(self):
-        self.bar.close()
-
-
-def steps_bar(iterable, total, desc, show=True):
-    """tqdm over a sampler's steps, shown only on a terminal (disable=None) and only when `show`."""
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None if show else True)
-
-
-class GracefulStop:
-    """Ctrl-C in a training loop: the loop finishes its step, saves a checkpoint of it (atomically, as
-    always) and stops; a second Ctrl-C stops at once, and the atomic save keeps the previous checkpoint.
-    Single-process runs only: under torchrun the ranks would have to agree on the step, so there Ctrl-C
-    stops at once and the last periodic checkpoint is what remains."""
-
-    def __init__(self, enabled=True):
-        self.requested, self.enabled, self.previous = False, enabled, None
-
-    def _handler(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)",
-              file=sys.stderr, flush=True)
-
-    def __enter__(self):
-        if self.enabled and threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-    def check(self, step, total, path):
-        """After the save of `step`: raise Interrupted if Ctrl-C was pressed."""
-        if self.requested:
-            raise Interrupted(f"stopped at step {step} of {total}; saved {path}; continue with --train --resume")
-
-
-def main_guard(fn):
-    """Run a script's main(): UserError -> one line on stderr and exit status 2; Ctrl-C -> status 130."""
-    try:
-        fn()
-    except UserError as e:
-        print(f"error: {ANSI.sub('', str(e))}", file=sys.stderr)
-        sys.exit(2)
-    except Interrupted as e:
-        print(f"interrupted: {e}", file=sys.stderr)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
-
-
-# ---------------------------------------------------------------------------------------------
-# The training loop shared by the diffusion scripts
-# ---------------------------------------------------------------------------------------------
-
-def resume_config(script, args, path=None, changeable=("max_steps",)):
-    """--train --resume continues the checkpoint's run with its own config: only the `changeable` keys
-    (--max-steps) may be given anew; without them the checkpoint's hold. A flag given with a value other
-    than the checkpoint's is named in a warning, not dropped silently. Returns (config, checkpoint)."""
-    path = path or os.path.join(args.out, "ckpt.pt")
-    ck = load_checkpoint(path, [script])
-    cfg, given = dict(ck["config"]), getattr(args, "given", {})
-    for k, v in given.items():
-        if k in changeable:
-            cfg[k] = v
-        elif k in cfg and cfg[k] != v:
-            flag = "--" + k.replace("_", "-")
-            warn(f"--resume continues with the checkpoint's {flag} {cfg[k]}; {flag} {v} is ignored")
-    return cfg, ck
-
-
-def already_done(script, step, max_steps):
-    """True, with a message, when --resume finds the run at its --max-steps already."""
-    if step < max_steps:
-        return False
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"{script}: already at step {step} (--max-steps {max_steps}); nothing to train; give a larger "
-              f"--max-steps to continue")
-    return True
-
-
-def train(script, args, cfg, build_model, objective, ck=None, data=None, extra_state=None, final_grid=True):
-    """Train `build_model(cfg)` on --data (or `data`). objective(cfg, device) -> (loss_fn, sample_fn), called
-    once the config and device are final: loss_fn(net, x, y, captions) -> scalar; sample_fn(ema, n) ->
-    (n, C, H, W) in [-1, 1] for the periodic grids and, with final_grid, --n-samples (36) at the end.
-
-    Resumes exactly (--resume, or the checkpoint `ck` of resume_config): the model, EMA, optimizer and step
-    are restored, and every random draw of step k is seeded from (seed, rank, k), as is the data.
-    Checkpoints (atomic) and grids go to --out on rank 0 only. A non-finite loss stops training with a
-    message and never overwrites the last good checkpoint; Ctrl-C saves the current step (GracefulStop)."""
-    device, rank, world = setup_distributed(args.device)
-    out = args.out
-    ckpt_path = os.path.join(out, "ckpt.pt")
-    if args.resume and ck is None:
-        cfg, ck = resume_config(script, args)
-    data = data or load_data(args.data, cfg["image_size"], cfg["channels"], seed=args.seed)
-    check_batch(data, cfg["batch_size"], world)
-    if cfg.get("num_classes") == "data":
-        cfg["num_classes"] = data.num_classes
-    torch.manual_seed(args.seed)
-    model = build_model(cfg).to(device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = make_optimizer(model.parameters(), cfg["lr"], cfg.get("weight_decay", 0.0), device=device)
-    step = 0
-    if ck is not None:
-        load_state(model, ck["model"], ckpt_path)
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
-        step = ck["step"]
-    if already_done(script, step, cfg["max_steps"]):
-        return ema, cfg
-    loss_fn, sample_fn = objective(cfg, device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    model = model.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
-    net = torch.compile(model) if args.compile else model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    amp = autocast(device, args.dtype)
-    it = batches(data, cfg["batch_size"], args.seed, step, rank, world, flip=cfg.get("flip", False) and not data.endless)
-    log_every, sample_every, ckpt_every = cfg.get("log_every", 50), cfg.get("sample_every", 0), cfg.get("ckpt_every", 1000)
-
-    def save(step):
-        if rank == 0:
-            if not (all_finite(model) and all_finite(ema)):
-                raise UserError(f"weights are not finite at step {step}; kept the last good checkpoint {ckpt_path}")
-            save_checkpoint({"script": script, "config": cfg, "model": model.state_dict(), "ema": ema.state_dict(),
-                             "opt": opt.state_dict(), "step": step, "seed": args.seed,
-                             **(extra_state() if extra_state else {})}, ckpt_path)
-
-    if rank == 0:
-        print(f"{script}: {count_params(model) / 1e6:.2f}M parameters, device {device}, world size {world}, "
-              f"global batch {cfg['batch_size'] * world} = {cfg['batch_size']} x {world}, "
-              f"steps {step} -> {cfg['max_steps']}, out {out}", flush=True)
-    bar = Progress(cfg["max_steps"], step, script, disable=rank != 0)
-    t0, loss_sum = time.time(), torch.zeros((), device=device)
-    model.train()
-    with GracefulStop(enabled=world == 1) as stop:
-        while step < cfg["max_steps"]:
-            torch.manual_seed(step_seed(args.seed, step, rank))  # per-rank, per-step: exact resume
-            x, y, caps = next(it)
-            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            y = y.to(device, non_blocking=True)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg["lr"], cfg.get("warmup", 0))
-            with amp:
-                loss = loss_fn(net, x, y, caps)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.get("grad_clip"):
-                nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"], foreach=True)
-            opt.step()
-            ema_update(ema, model, ema_decay(step, cfg["ema"]))
-            step += 1
-            loss_sum += loss.detach()
-            numbers = {}
-            if step % log_every == 0 or step == cfg["max_steps"]:
-                n = (step - 1) % log_every + 1
-                avg = loss_sum.item() / n  # the only host sync, every log_every steps
-                loss_sum.zero_()
-                if not math.isfinite(avg):
-                    raise UserError(f"loss became {avg} by step {step}; stopped without saving, the last good "
-                                    f"checkpoint {ckpt_path} is kept; try a lower --lr")
-                numbers = {"loss": f"{avg:.4f}"}
-            bar.update(**numbers)
-            if rank == 0 and sample_every and step % sample_every == 0 and step < cfg["max_steps"]:
-                with torch.no_grad(), amp:
-                    save_grid(sample_fn(ema, 16), os.path.join(out, f"samples_{step:06d}.png"))
-            if step % ckpt_every == 0 or step == cfg["max_steps"] or stop.requested:
-                save(step)
-            stop.check(step, cfg["max_steps"], ckpt_path)
-    bar.close()
-    if rank == 0:
-        print(f"trained to step {step} in {time.time() - t0:.1f}s; checkpoint {ckpt_path}")
-        if final_grid:
-            torch.manual_seed(args.seed)
-            path = os.path.join(out, "samples.png")
-            with torch.no_grad(), amp:
-                save_grid(sample_fn(ema, args.n_samples or 36), path)
-            print(f"samples: {path}")
-    if world > 1:
-        dist.barrier()
-    return ema, cfg
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation: FID and KID on a small "judge" CNN, attribute accuracy, optional Inception FID
-# ---------------------------------------------------------------------------------------------
-# The standard FID network (Inception-v3) cannot be downloaded here, so FID (Heusel et al. 2017)
-# and KID (Binkowski et al. 2018) are computed on the penultimate features of a small CNN, the
-# judge, trained on the data's own attributes (shapes) or class labels and cached in out/judge/.
-# Its numbers compare runs and scripts of this repository, not papers; where the user has the
-# standard weights file, --fid-weights adds the Inception FID that papers report.
-
-JUDGE_DIR = os.path.join("out", "judge")   # relative to the working directory
-JUDGE_STEPS = 800                          # about a minute on one CPU core; tiny presets set judge_steps
-SHAPE_HEADS = {"shape": SHAPES, "color": list(COLORS), "size": SIZES, "position": POSITIONS}
-
-
-class Judge(nn.Module):
-    """A small CNN with one classification head per attribute. heads: {name: [class names]}, e.g.
-    SHAPE_HEADS on shapes or {"label": class_names} on labelled data. features(x) is the layer FID
-    and KID compare, times a fixed `scale` that gives held-out real images a mean square of 1 (so
-    the numbers do not depend on an arbitrary activation scale); forward(x) gives {head: logits}."""
-
-    def __init__(self, heads, channels=3, width=32, dim=128):
-        super().__init__()
-        self.classes = {k: list(v) for k, v in heads.items()}
-        w = width
-
-        def conv(cin, cout, stride):
-            return [nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU()]
-
-        self.body = nn.Sequential(*conv(channels, w, 1), *conv(w, w, 2),         # (N, w, H/2, W/2)
-                                  *conv(w, 2 * w, 1), *conv(2 * w, 2 * w, 2),     # (N, 2w, H/4, W/4)
-                                  *conv(2 * w, 4 * w, 2), nn.AdaptiveAvgPool2d(4),  # (N, 4w, 4, 4): keeps where
-                                  nn.Flatten(), nn.Linear(64 * w, dim), nn.SiLU())  # (N, dim)
-        self.heads = nn.ModuleDict({k: nn.Linear(dim, len(v)) for k, v in self.classes.items()})
-        self.register_buffer("scale", torch.ones(()))
-
-    def features(self, x):
-        return self.body(x) * self.scale
-
-    def forward(self, x):
-        f = self.body(x)
-        return {k: head(f) for k, head in self.heads.items()}
-
-
-def _float_images(x):
-    """uint8 images -> [-1, 1]; float images pass through."""
-    return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
-
-
-@torch.no_grad()
-def features(net, x, batch=250):
-    """net.features over images x (N, C, H, W) (uint8, or float in [-1, 1]) in batches on the net's
-    device -> (N, D) float32 on the CPU (the statistics cast to float64 there: MPS has no float64)."""
-    dev = next(net.parameters()).device
-    return torch.cat([net.features(_float_images(x[i:i + batch]).to(dev)).float().cpu()
-                      for i in range(0, len(x), batch)])
-
-
-@torch.no_grad()
-def judge_predict(judge, x, batch=250):
-    """The judge's class index per head for images x -> {head: (N,) long}."""
-    dev = next(judge.parameters()).device
-    out = [{k: v.argmax(1).cpu() for k, v in judge(_float_images(x[i:i + batch]).to(dev)).items()}
-           for i in range(0, len(x), batch)]
-    return {k: torch.cat([o[k] for o in out]) for k in judge.classes}
-
-
-@torch.no_grad()
-def judge_confident(judge, x, threshold=0.9, batch=250):
-    """The fraction of images x that the judge puts in one class with probability > threshold on every head:
-    samples that look like some class rather than in between (for an unconditional model: readable ones)."""
-    dev = next(judge.parameters()).device
-    sure = [torch.stack([v.softmax(1).amax(1) for v in judge(_float_images(x[i:i + batch]).to(dev)).values()])
-            .amin(0).cpu() > threshold for i in range(0, len(x), batch)]
-    return torch.cat(sure).float().mean().item()
-
-
-def _judge_set(data, idx):
-    """Items idx of `data` -> images uint8 (N, C, H, W) and targets {head: (N,) long}."""
-    if isinstance(data, ShapesData):
-        x = torch.stack([data[i][0] for i in idx])
-        attrs = [data.attributes(i) for i in idx]
-        y = {k: torch.tensor([names.index(a[k]) for a in attrs]) for k, names in SHAPE_HEADS.items()}
-        return ((x + 1) * 127.5).round().to(torch.uint8), y
-    idx = torch.as_tensor(list(idx), dtype=torch.long)
-    return data.images[idx], {"label": data.labels[idx].long()}
-
-
-def judge_accuracy(judge, x, y):
-    """Accuracy per head on images x with targets y, and "all" (every head right) with several heads."""
-    pred = judge_predict(judge, x)
-    hits = {k: pred[k] == y[k] for k in y}
-    acc = {k: h.float().mean().item() for k, h in hits.items()}
-    if len(hits) > 1:
-        acc["all"] = torch.stack(list(hits.values())).all(0).float().mean().item()
-    return acc
-
-
-def train_judge(data_spec, image_size, channels, device, steps=JUDGE_STEPS, batch_size=64, seed=0):
-    """Train a Judge deterministically (fixed seed and data order). shapes: up to 5000 generated images,
-    accuracy on 1000 of the held-out split; labelled data: the training part, accuracy on the held-out
-    part (load_data). Returns the checkpoint dict, or None for data without class labels."""
-    t0, c0 = time.time(), time.process_time()
-    data = load_data(data_spec, image_size, channels, seed=0, train=True)
-    held = load_data(data_spec, image_size, channels, seed=0, train=False)
-    if isinstance(data, ShapesData):
-        heads = SHAPE_HEADS
-        xtr, ytr = _judge_set(data, range(min(5000, steps * batch_size)))
-        xte, yte = _judge_set(held, range(1000))
-    else:
-        if not data.class_names or len(data.class_names) < 2:
-            return None
-        heads = {"label": data.class_names}
-        xtr, ytr = _judge_set(data, range(len(data)))
-        xte, yte = _judge_set(held, range(len(held)))
-    torch.manual_seed(seed)
-    judge = Judge(heads, channels).to(device)
-    opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
-    g = torch.Generator().manual_seed(seed)
-    for step in steps_bar(range(steps), steps, "training the judge"):
-        i = torch.randint(len(xtr), (batch_size,), generator=g)
-        for group in opt.param_groups:  # cosine decay to 0
-            group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
-        logits = judge(_float_images(xtr[i]).to(device))
-        loss = sum(F.cross_entropy(logits[k], ytr[k][i].to(device)) for k in heads)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    judge.eval()
-    judge.scale.fill_(features(judge, xte).square().mean().rsqrt().item())
-    return {"script": "judge", "data": data_spec, "image_size": image_size, "channels": channels,
-            "steps": steps, "heads": heads, "model": {k: v.cpu() for k, v in judge.state_dict().items()},
-            "accuracy": judge_accuracy(judge, xte, yte), "n_train": len(xtr), "n_test": len(xte),
-            "train_seconds": time.time() - t0, "train_cpu_seconds": time.process_time() - c0}
-
-
-def judge_path(data_spec, image_size, channels, steps=JUDGE_STEPS, cache_dir=JUDGE_DIR):
-    """out/judge/judge_<data>_<size>_<channels>[_s<steps>].pt; <data> is 'shapes' or the folder's
-    name plus a hash of its absolute path."""
-    name = "shapes"
-    if data_spec != "shapes":
-        p = os.path.abspath(data_spec)
-        name = f"{os.path.basename(p) or 'data'}-{hashlib.sha1(p.encode()).hexdigest()[:8]}"
-    tag = "" if steps == JUDGE_STEPS else f"_s{steps}"
-    return os.path.join(cache_dir, f"judge_{name}_{image_size}_{channels}{tag}.pt")
-
-
-def get_judge(data_spec, image_size, channels, device, steps=JUDGE_STEPS, cache_dir=JUDGE_DIR):
-    """The judge for --data at this size: loaded from its cache file, or trained and cached there
-    (atomically). Data without class labels (a folder of loose images) is judged with the shapes
-    judge's features instead. judge.accuracy holds its held-out accuracy, which is printed."""
-    path = judge_path(data_spec, image_size, channels, steps, cache_dir)
-    if os.path.exists(path):
-        ck = load_checkpoint(path, ["judge"])
-    else:
-        print(f"training the judge for --data {data_spec} at {image_size}px ({steps} steps), cached in {path}")
-        ck = train_judge(data_spec, image_size, channels, device, steps)
-        if ck is None:
-            print(f"note: --data {data_spec} has no class labels; FID/KID use the shapes judge's features",
-                  file=sys.stderr)
-            return get_judge("shapes", image_size, channels, device, steps, cache_dir)
-        try:
-            save_checkpoint(ck, path)
-        except OSError as e:
-            warn(f"could not cache the judge in {path} ({e.strerror or e}); it is trained again next time")
-        print(f"trained the judge in {ck['train_seconds']:.0f}s")
-    judge = Judge(ck["heads"], channels)
-    try:
-        judge.load_state_dict(ck["model"])
-    except RuntimeError:
-        raise UserError(f"{path} does not fit this version's judge; delete it and it is retrained")
-    judge.accuracy = ck["accuracy"]
-    print(f"judge {path}: held-out accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in judge.accuracy.items()))
-    return judge.to(device).eval()
-
-
-def feature_stats(f):
-    """Mean (D,) and covariance (D, D) of features f (N, D), in float64."""
-    f = f.double()
-    mu = f.mean(0)
-    d = f - mu
-    return mu, d.T @ d / (len(f) - 1)
-
-
-def sqrtm_psd(a):
-    """Square root of a symmetric positive semi-definite matrix, via its eigendecomposition."""
-    w, v = torch.linalg.eigh(a)
-    return (v * w.clamp(min=0).sqrt()) @ v.T
-
-
-def frechet_distance(mu1, s1, mu2, s2):
-    """Frechet distance between N(mu1, s1) and N(mu2, s2), in float64:
-    ||mu1 - mu2||^2 + tr(s1) + tr(s2) - 2 tr((s1 s2)^(1/2)). With r = s1^(1/2), s1 s2 = r (r s2 r) r^-1
-    has the eigenvalues of the symmetric PSD r s2 r, so tr((s1 s2)^(1/2)) = sum sqrt(eig(r s2 r))."""
-    mu1, s1, mu2, s2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, s1, mu2, s2))
-    r = sqrtm_psd(s1)
-    m = r @ s2 @ r
-    tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
-    return ((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * tr_covmean).item()
-
-
-def kid(f1, f2, subsets=100, subset_size=1000, seed=0):
-    """Kernel Inception Distance: the unbiased estimate of MMD^2 with the kernel k(x, y) =
-    (x.y / D + 1)^3, averaged over random subsets (one pass over everything when both sets fit)."""
-    f1, f2 = f1.double(), f2.double()
-    m = min(len(f1), len(f2), subset_size)
-    if m == len(f1) == len(f2):
-        subsets = 1
-    g = torch.Generator().manual_seed(seed)
-    vals = []
-    for _ in range(subsets):
-        x = f1[torch.randperm(len(f1), generator=g)[:m]]
-        y = f2[torch.randperm(len(f2), generator=g)[:m]]
-        kxx, kyy, kxy = [(a @ b.T / f1.shape[1] + 1) ** 3 for a, b in ((x, x), (y, y), (x, y))]
-        off = lambda k: (k.sum() - k.diagonal().sum()) / (m * (m - 1))  # drop the i = j terms
-        vals.append((off(kxx) + off(kyy) - 2 * kxy.mean()).item())
-    return float(np.mean(vals))
-
-
-def precision_recall(real, fake, k=3):
-    """Improved precision and recall (Kynkaanniemi et al. 2019) on features (N, D): each set's manifold is the
-    union of balls reaching each point's k-th nearest neighbour in its own set. Precision: the fraction of fake
-    points inside the real manifold (fidelity); recall: of real points inside the fake one (diversity, mode
-    coverage)."""
-    real, fake = real.double(), fake.double()
-    radius = lambda f: torch.cdist(f, f).kthvalue(min(k, len(f) - 1) + 1, dim=1).values  # + 1: itself at 0
-    d = torch.cdist(fake, real)                                            # (N_fake, N_real)
-    return {"precision": (d <= radius(real)[None]).any(1).double().mean().item(),
-            "recall": (d.T <= radius(fake)[None]).any(1).double().mean().item()}
-
-
-def fid_kid(net, fake, real):
-    """FID and KID between two image sets (N, C, H, W) on net.features (the judge, or InceptionFID)."""
-    f1, f2 = features(net, fake), features(net, real)
-    return {"fid": frechet_distance(*feature_stats(f1), *feature_stats(f2)), "kid": kid(f1, f2)}
-
-
-def parse_caption(caption):
-    """The attributes a caption names, the inverse of shape_caption: 'a red circle on the left' ->
-    {'color': 'red', 'shape': 'circle', 'position': 'left'}. Attributes not named are left out."""
-    vocab = {w: ("shape", s) for s in SHAPES for w in (s, s + ("es" if s.endswith("s") else "s"))}
-    vocab.update({c: ("color", c) for c in COLORS})
-    vocab.update({s: ("size", s) for s in SIZES})
-    vocab.update({p: ("position", p) for p in POSITIONS})
-    out = {}
-    for word in re.findall(r"[a-z]+", caption.lower()):
-        if word in vocab:
-            key, value = vocab[word]
-            if out.get(key, value) != value:
-                raise UserError(f"caption '{caption}' names two {key}s ({out[key]} and {value})")
-            out[key] = value
-    return out
-
-
-def _wanted(judge, w):
-    """What was asked, as {head: class name}: a class label (int), a caption or an attribute dict."""
-    if isinstance(w, (int, np.integer)) or (torch.is_tensor(w) and w.ndim == 0):
-        head = "label" if "label" in judge.classes else "shape"  # the shapes label is the shape index
-        return {head: judge.classes[head][int(w)]}
-    if isinstance(w, str):
-        return {"label": w} if "label" in judge.classes else parse_caption(w)
-    return {k: v for k, v in w.items() if k in judge.classes}  # drops jitter, subject
-
-
-def attribute_accuracy(judge, images, wanted):
-    """Fraction of images (N, C, H, W) whose judged attributes match what was asked: wanted[i] is a
-    class label, a caption or an attribute dict. An image counts only if every named attribute matches."""
-    pred = judge_predict(judge, images)
-    ok = 0
-    for i, w in enumerate(wanted):
-        w = _wanted(judge, w)
-        for k, v in w.items():
-            if v not in judge.classes[k]:
-                raise UserError(f"cannot judge {k} '{v}': the judge knows {', '.join(judge.classes[k])}")
-        ok += all(judge.classes[k][pred[k][i]] == v for k, v in w.items())
-    return ok / len(wanted)
-
-
-# The standard FID network: Inception-v3 as in TensorFlow's 2015-12-05 graph (the pytorch-fid port).
-
-class ConvBN(nn.Module):
-    """conv (no bias) -> BatchNorm (eps 1e-3) -> ReLU, named like the weights file's keys."""
-
-    def __init__(self, cin, cout, kernel, stride=1, padding=0):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel, stride, padding, bias=False)
-        self.bn = nn.BatchNorm2d(cout, eps=1e-3)
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
-
-
-class Mixed(nn.Module):
-    """One Inception block: parallel branches concatenated on channels. A branch is a chain of links
-    (name, cin, cout, kernel, stride, padding); a link given as a list is several convs side by side
-    (InceptionE). The pool branch: 'avg' (3x3, averaging only real pixels as TF does) or 'max' (3x3,
-    stride 1), each followed by the conv branch_pool; or 'down' (3x3 stride-2 max pool, no conv)."""
-
-    def __init__(self, branches, pool, cin=None, pool_ch=None):
-        super().__init__()
-        self.chains, self.pool = [], pool
-        for chain in branches:
-            links = [link if isinstance(link, list) else [link] for link in chain]
-            for name, *conv in (c for link in links for c in link):
-                setattr(self, name, ConvBN(*conv))
-            self.chains.append([[c[0] for c in link] for link in links])
-        if pool != "down":
-            self.branch_pool = ConvBN(cin, pool_ch, 1)
-
-    def forward(self, x):
-        outs = []
-        for chain in self.chains:
-            h = x
-            for names in chain:
-                h = torch.cat([getattr(self, n)(h) for n in names], 1)
-            outs.append(h)
-        if self.pool == "down":
-            return torch.cat(outs + [F.max_pool2d(x, 3, 2)], 1)
-        p = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False) if self.pool == "avg" else F.max_pool2d(x, 3, 1, 1)
-        return torch.cat(outs + [self.branch_pool(p)], 1)
-
-
-def _inception_a(cin, pool_ch):  # 35x35: cin -> 224 + pool_ch channels
-    return Mixed([[("branch1x1", cin, 64, 1)],
-                  [("branch5x5_1", cin, 48, 1), ("branch5x5_2", 48, 64, 5, 1, 2)],
-                  [("branch3x3dbl_1", cin, 64, 1), ("branch3x3dbl_2", 64, 96, 3, 1, 1),
-                   ("branch3x3dbl_3", 96, 96, 3, 1, 1)]], "avg", cin, pool_ch)
-
-
-def _inception_b(cin):  # 35x35 -> 17x17, cin -> 480 + cin
-    return Mixed([[("branch3x3", cin, 384, 3, 2)],
-                  [("branch3x3dbl_1", cin, 64, 1), ("branch3x3dbl_2", 64, 96, 3, 1, 1),
-                   ("branch3x3dbl_3", 96, 96, 3, 2)]], "down")
-
-
-def _inception_c(cin, c7):  # 17x17, factorized 7x7 convs: cin -> 768
-    one_seven, seven_one = ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0))
-    return Mixed([[("branch1x1", cin, 192, 1)],
-                  [("branch7x7_1", cin, c7, 1), ("branch7x7_2", c7, c7, *one_seven),
-                   ("branch7x7_3", c7, 192, *seven_one)],
-                  [("branch7x7dbl_1", cin, c7, 1), ("branch7x7dbl_2", c7, c7, *seven_one),
-                   ("branch7x7dbl_3", c7, c7, *one_seven), ("branch7x7dbl_4", c7, c7, *seven_one),
-                   ("branch7x7dbl_5", c7, 192, *one_seven)]], "avg", cin, 192)
-
-
-def _inception_d(cin):  # 17x17 -> 8x8, cin -> 512 + cin
-    return Mixed([[("branch3x3_1", cin, 192, 1), ("branch3x3_2", 192, 320, 3, 2)],
-                  [("branch7x7x3_1", cin, 192, 1), ("branch7x7x3_2", 192, 192, (1, 7), 1, (0, 3)),
-                   ("branch7x7x3_3", 192, 192, (7, 1), 1, (3, 0)), ("branch7x7x3_4", 192, 192, 3, 2)]], "down")
-
-
-def _inception_e(cin, pool):  # 8x8: cin -> 2048
-    fork = lambda p: [(p + "a", 384, 384, (1, 3), 1, (0, 1)), (p + "b", 384, 384, (3, 1), 1, (1, 0))]
-    return Mixed([[("branch1x1", cin, 320, 1)],
-                  [("branch3x3_1", cin, 384, 1), fork("branch3x3_2")],
-                  [("branch3x3dbl_1", cin, 448, 1), ("branch3x3dbl_2", 448, 384, 3, 1, 1),
-                   fork("branch3x3dbl_3")]], pool, cin, 192)
-
-
-class InceptionFID(nn.Module):
-    """The FID Inception-v3 (torchvision's layout, TF's average pools, a max pool in Mixed_7c), to load
-    pt_inception-2015-12-05-6726825d.pth with InceptionFID.load(path); nothing is ever downloaded.
-    features(x): images (N, C, H, W) in [-1, 1], resized to 299x299 -> pool3 features (N, 2048)."""
-    BLOCKS = ["Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
-              "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"]
-
-    def __init__(self):
-        super().__init__()
-        self.Conv2d_1a_3x3, self.Conv2d_2a_3x3 = ConvBN(3, 32, 3, 2), ConvBN(32, 32, 3)
-        self.Conv2d_2b_3x3, self.Conv2d_3b_1x1 = ConvBN(32, 64, 3, 1, 1), ConvBN(64, 80, 1)
-        self.Conv2d_4a_3x3 = ConvBN(80, 192, 3)
-        self.Mixed_5b, self.Mixed_5c = _inception_a(192, 32), _inception_a(256, 64)
-        self.Mixed_5d = _inception_a(288, 64)
-        self.Mixed_6a = _inception_b(288)
-        self.Mixed_6b, self.Mixed_6c = _inception_c(768, 128), _inception_c(768, 160)
-        self.Mixed_6d, self.Mixed_6e = _inception_c(768, 160), _inception_c(768, 192)
-        self.Mixed_7a = _inception_d(768)
-        self.Mixed_7b, self.Mixed_7c = _inception_e(1280, "avg"), _inception_e(2048, "max")
-        self.fc = nn.Linear(2048, 1008)  # ImageNet logits: in the weights file, not used by FID
-
-    def features(self, x):
-        x = x.float().expand(-1, 3, -1, -1)                                   # grayscale -> RGB
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))    # (N, 64, 147, 147)
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, 2)))    # (N, 192, 71, 71)
-        x = F.max_pool2d(x, 3, 2)                                            # (N, 192, 35, 35)
-        for name in self.BLOCKS:
-            x = getattr(self, name)(x)                                       # ... (N, 2048, 8, 8)
-        return x.mean((2, 3))                                                # (N, 2048)
-
-    @classmethod
-    def load(cls, path):
-        """The network with the weights in `path` (weights_only load); UserError unless it is exactly
-        the FID Inception's state dict."""
-        if not os.path.isfile(path):
-            raise UserError(f"--fid-weights {path}: no such file; get pt_inception-2015-12-05-6726825d.pth "
-                            "(pytorch-fid's FID weights) yourself, nothing is downloaded here")
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"--fid-weights {path}: not a readable weights file ({str(e).splitlines()[0]})")
-        net = cls()
-        want = {k: tuple(v.shape) for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
-        got = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")} if isinstance(sd, dict) else {}
-        missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
-        bad = sorted(k for k in want.keys() & got.keys()
-                     if not torch.is_tensor(got[k]) or tuple(got[k].shape) != want[k])
-        if missing or extra or bad:
-            first = (missing + extra + bad)[0]
-            raise UserError(f"--fid-weights {path}: not the pt_inception-2015-12-05 FID weights ({len(missing)} "
-                            f"missing, {len(extra)} unexpected, {len(bad)} wrongly shaped keys, e.g. {first})")
-        net.load_state_dict(got, strict=False)  # strict on everything but BatchNorm's step counters
-        return net.eval()
-
-
-def quantize(x):
-    """Round images in [-1, 1] to the 256 levels a saved PNG has."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
-
-
-def evaluate(script, args, cfg, sample_fn, nfe, device, cond=None, info=None):
-    """--eval: draw --n-samples images (default 1000) with sample_fn(k, wanted) -> (k, C, H, W) in
-    [-1, 1], in batches of --batch-size (default 100 on CPU, 500 on CUDA), and time them. wanted is
-    None (cond=None), or the k class labels (cond='label') or captions (cond='caption') of the
-    held-out images the samples are compared with. Scores: FID and KID against as many held-out real
-    images on the judge's features; fid_floor, the FID of the other held-out images (n of them, or at least
-    half as many: fid_floor_n) against the same ones, what a perfect model would score; confident (and
-    confident_real, of those real images), the fraction the judge puts in one class with probability
-    > 0.9; acc, the fraction of samples the judge finds to be what was asked (conditional only);
-    fid_inception with --fid-weights. nfe (network evaluations per image)
-    and info go into the result as they are. Prints it as JSON, the last line of stdout, and returns it."""
-    n = args.n_samples or 1000
-    if n < 2:
-        raise UserError(f"--n-samples {n}: --eval needs at least 2 samples")
-    size, ch = cfg["image_size"], cfg["channels"]
-    inception = InceptionFID.load(args.fid_weights).to(device) if args.fid_weights else None
-    judge = get_judge(args.data, size, ch, device, steps=cfg.get("judge_steps", JUDGE_STEPS))
-    held = load_data(args.data, size, ch, train=False)
-    order = list(range(2 * n)) if held.endless else \
-        torch.randperm(len(held), generator=torch.Generator().manual_seed(0)).tolist()
-    items = [held[i] for i in order[:n]]
-    real = torch.stack([it[0] for it in items])                              # (<=n, C, H, W)
-    wanted = None if cond is None else [items[i % len(items)][1 if cond == "label" else 2] for i in range(n)]
-    bs = args.batch_size or (500 if device.type == "cuda" else 100)
-    torch.manual_seed(args.seed)
-    fake, t0 = [], time.time()
-    for s in steps_bar(range(0, n, bs), math.ceil(n / bs), f"{script} --eval: sampling"):
-        fake.append(sample_fn(min(bs, n - s), None if wanted is None else wanted[s:s + bs]).float().cpu())
-    sec = (time.time() - t0) / n
-    fake = quantize(torch.cat(fake))                                         # (n, C, H, W)
-    res = {"script": script, "data": args.data, "n_samples": n, **(info or {}), "nfe": nfe,
-           "sec_per_image": round(sec, 5), **fid_kid(judge, fake, real)}
-    rest = order[n:2 * n]
-    if len(rest) >= max(2, n // 2):
-        real2 = torch.stack([held[i][0] for i in rest])
-        res["fid_floor"], res["fid_floor_n"] = fid_kid(judge, real2, real)["fid"], len(rest)
-    res["confident"], res["confident_real"] = judge_confident(judge, fake), judge_confident(judge, real)
-    if cond is not None:
-        res["acc"] = attribute_accuracy(judge, fake, wanted)
-    res["judge_acc"] = judge.accuracy.get("all", judge.accuracy.get("label"))
-    if inception is not None:
-        res["fid_inception"] = fid_kid(inception, fake, real)["fid"]
-    grid = os.path.join(args.out, "eval_samples.png")
-    save_grid(fake[:64], grid)
-    print(f"{script} --eval: FID {res['fid']:.4f} (real-vs-real floor {res.get('fid_floor', float('nan')):.4f}), "
-          f"KID {res['kid']:.5f}, judged with confidence > 0.9: {res['confident']:.3f}"
-          + (f", accuracy {res['acc']:.3f}" if "acc" in res else "") + f"; {sec:.4f} s/image at {nfe} NFE; {grid}")
-    print(json.dumps(res))
-    return res

@@ -8,8 +8,8 @@ https://arxiv.org/abs/2112.07804 -- a diffusion model whose few, large denoising
     python ddgan.py --eval                               # FID/KID, nfe = T, sec/image, recall, coverage
 
 Schedule      the VP SDE discretised at t_i = i/T (1 - 1e-3) + 1e-3, i = 0..T: abar(t) = exp(-t^2 (b_max -
-              b_min)/2 - t b_min), b_min 0.1, b_max 20; beta_i = 1 - abar(t_i)/abar(t_{i-1}), with 1e-8 in front
-              (Sec. 4 / appendix; official code)
+              b_min)/2 - t b_min), b_min 0.1, b_max 20; beta_i = 1 - abar(t_i)/abar(t_{i-1}), with 1e-8 in
+              front (Sec. 4 / appendix; official code)
 Forward       q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)                     (Sec. 2, eq. 1)
 Generator     p_theta(x_{t-1} | x_t) = int p_theta(x_0 | x_t) q(x_{t-1} | x_t, x_0) dx_0, with the implicit
               x_0' = G_theta(x_t, z, t), z ~ N(0, I_100): sample x_0', then x_{t-1} ~ q(x_{t-1} | x_t, x_0')
@@ -42,7 +42,6 @@ import copy
 import json
 import math
 import os
-import time
 from contextlib import nullcontext
 
 import torch
@@ -77,9 +76,9 @@ PRESETS = {
 ETA_MIN = 1e-5   # the cosine decay's floor (official code)
 
 
-# ---------------------------------------------------------------------------------------------
-# The discretised VP schedule, training pairs and the posterior
-# ---------------------------------------------------------------------------------------------
+#################################################################################
+#        The paper's maths: the discretised VP schedule and its posterior       #
+#################################################################################
 
 class Schedule:
     """The T-step discretisation of the VP SDE that DDGAN uses (official code), computed in float64 and kept
@@ -88,12 +87,14 @@ class Schedule:
 
     def __init__(self, T=4, beta_min=0.1, beta_max=20.0, eps=1e-3, device=None):
         if T < 1:
-            raise common.UserError(f"--timesteps {T}: use 1 or more (the paper: 4 on CIFAR-10, 2 on CelebA-HQ)")
+            raise common.UserError(f"--timesteps {T}: use 1 or more (the paper: 4 on CIFAR-10, 2 on "
+                                   "CelebA-HQ)")
         keep = common.on_device(device)
         self.T = T
         i = torch.arange(T + 1, dtype=torch.float64)
         self.tc = i / T * (1 - eps) + eps                                          # t_i in [1e-3, 1]
-        abar_c = torch.exp(-0.5 * self.tc ** 2 * (beta_max - beta_min) - self.tc * beta_min)  # VP SDE marginal
+        # abar(t_i), the marginal of the VP SDE
+        abar_c = torch.exp(-0.5 * self.tc ** 2 * (beta_max - beta_min) - self.tc * beta_min)
         self.betas = torch.cat([torch.full((1,), 1e-8, dtype=torch.float64), 1 - abar_c[1:] / abar_c[:-1]])
         a = (1 - self.betas).sqrt()                      # one step: x_{t+1} = a x_t + sigma eps   (eq. 1)
         a_cum = torch.cumprod(a, 0)                      # q(x_t | x_0) = N(a_cum x_0, sigma_cum^2 I)
@@ -111,10 +112,12 @@ class Schedule:
     def q_sample(self, x0, t, noise=None):
         """x_t ~ q(x_t | x_0) = N(a_cum_t x_0, sigma_cum_t^2 I) for pair indices t (B,) in 0..T-1."""
         noise = torch.randn_like(x0) if noise is None else noise
-        return common.extract(self.a_cum, t, x0.shape) * x0 + common.extract(self.sigma_cum, t, x0.shape) * noise
+        mean_scale = common.extract(self.a_cum, t, x0.shape)
+        return mean_scale * x0 + common.extract(self.sigma_cum, t, x0.shape) * noise
 
     def q_sample_pairs(self, x0, t):
-        """A real pair (x_t, x_{t+1}) ~ q(x_t | x_0) q(x_{t+1} | x_t) (eq. 1): what D must call real (Sec. 3.2)."""
+        """A real pair (x_t, x_{t+1}) ~ q(x_t | x_0) q(x_{t+1} | x_t) (eq. 1): what D must call real
+        (Sec. 3.2)."""
         xt = self.q_sample(x0, t)
         a, sigma = common.extract(self.a, t + 1, x0.shape), common.extract(self.sigma, t + 1, x0.shape)
         xt1 = a * xt + sigma * torch.randn_like(x0)
@@ -122,7 +125,8 @@ class Schedule:
 
     def posterior(self, x0, xt1, t):
         """Mean and log-variance of q(x_t | x_{t+1}, x_0) (Sec. 3.3; DDPM eq. 7)."""
-        mean = common.extract(self.post_c0, t, x0.shape) * x0 + common.extract(self.post_ct, t, x0.shape) * xt1
+        c0, ct = common.extract(self.post_c0, t, x0.shape), common.extract(self.post_ct, t, x0.shape)
+        mean = c0 * x0 + ct * xt1
         return mean, common.extract(self.post_logvar, t, x0.shape)
 
     def sample_posterior(self, x0, xt1, t):
@@ -136,103 +140,9 @@ def schedule_from(cfg, device=None):
     return Schedule(cfg["timesteps"], cfg.get("beta_min", 0.1), cfg.get("beta_max", 20.0), device=device)
 
 
-# ---------------------------------------------------------------------------------------------
-# Networks
-# ---------------------------------------------------------------------------------------------
-
-class PixelNorm(nn.Module):
-    """z / sqrt(mean(z^2)) per sample (StyleGAN's mapping network input)."""
-
-    def forward(self, z):
-        return z * torch.rsqrt(z.square().mean(1, keepdim=True) + 1e-8)
-
-
-class Generator(nn.Module):
-    """G(x_{t+1}, z, t) -> x_0' in [-1, 1] (Sec. 3.3): common.UNet whose residual blocks take t as an added
-    bias and the latent z, through a mapping network w = MLP(PixelNorm(z)), as the scale and shift of both of
-    their GroupNorms (AdaGN of w), as the official NCSN++ generator does."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.nz, d = cfg["nz"], cfg.get("z_dim", 4 * cfg["ch"])
-        self.unet = common.build_unet({**cfg, "scale_shift": False, "style_dim": d})
-        layers = [PixelNorm(), nn.Linear(self.nz, d), nn.SiLU()]
-        for _ in range(cfg.get("n_mlp", 4)):
-            layers += [nn.Linear(d, d), nn.SiLU()]
-        self.mapping = nn.Sequential(*layers)
-
-    def forward(self, x, t, z):
-        return torch.tanh(self.unet(x, t, style=self.mapping(z)))
-
-
-def blur_down(x):
-    """[1,3,3,1] FIR low-pass then stride 2, in plain torch (the official code compiles a CUDA op for it)."""
-    k = torch.tensor([1.0, 3.0, 3.0, 1.0], device=x.device, dtype=x.dtype)
-    k = (k[:, None] * k[None, :]) / 64
-    C = x.shape[1]
-    return F.conv2d(F.pad(x, (1, 1, 1, 1)), k.expand(C, 1, 4, 4), stride=2, groups=C)
-
-
-class DownBlock(nn.Module):
-    """LeakyReLU -> conv -> + dense(t_emb) -> LeakyReLU -> (blur, stride 2) -> conv (zero init), plus a 1x1
-    skip (blurred and strided too), summed and scaled by 1/sqrt(2)."""
-
-    def __init__(self, cin, cout, tdim, down):
-        super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(cin, cout, 3, padding=1), common.zero(nn.Conv2d(cout, cout, 3, padding=1))
-        self.dense = nn.Linear(tdim, cout)
-        self.skip = nn.Conv2d(cin, cout, 1, bias=False)
-        self.down = down
-
-    def forward(self, x, temb):
-        h = self.conv1(F.leaky_relu(x, 0.2)) + self.dense(temb)[:, :, None, None]
-        h = F.leaky_relu(h, 0.2)
-        if self.down:
-            h, x = blur_down(h), blur_down(x)
-        return (self.conv2(h) + self.skip(x)) * 2 ** -0.5
-
-
-class Discriminator(nn.Module):
-    """D(x_{t-1}, x_t, t) -> logit (B,): the pair concatenated on channels (Sec. 3.2), a 1x1 conv, one block per
-    entry of d_mult (every block after the first halves the resolution), minibatch stddev (groups of 4),
-    conv, LeakyReLU, sum over pixels, linear. t: sinusoidal embedding -> 2-layer MLP."""
-
-    def __init__(self, cfg, mbstd=True):
-        super().__init__()
-        ch, C = cfg["d_ch"], cfg["channels"]
-        tdim = 2 * ch
-        self.tdim, self.mbstd = tdim, mbstd
-        self.t_mlp = nn.Sequential(nn.Linear(tdim, tdim), nn.LeakyReLU(0.2), nn.Linear(tdim, tdim), nn.LeakyReLU(0.2))
-        self.conv_in = nn.Conv2d(2 * C, ch, 1)
-        self.blocks, c = nn.ModuleList(), ch
-        for i, m in enumerate(cfg["d_mult"]):
-            self.blocks.append(DownBlock(c, ch * m, tdim, down=i > 0))
-            c = ch * m
-        self.conv_out = nn.Conv2d(c + (1 if mbstd else 0), c, 3, padding=1)
-        self.head = nn.Linear(c, 1)
-
-    def minibatch_std(self, h, group=4):
-        """Append the across-group std of the features, averaged, as one more channel (StyleGAN)."""
-        B, C, H, W = h.shape
-        g = math.gcd(B, group)
-        s = h.view(g, -1, C, H, W)
-        s = (s.var(0, unbiased=False) + 1e-8).sqrt().mean((1, 2, 3))        # (B / g,)
-        return torch.cat([h, s.view(-1, 1, 1, 1).repeat(g, 1, H, W)], 1)
-
-    def forward(self, x_prev, x_t, t):
-        temb = self.t_mlp(common.timestep_embedding(t, self.tdim).to(x_prev.dtype))
-        h = self.conv_in(torch.cat([x_prev, x_t], 1))
-        for b in self.blocks:
-            h = b(h, temb)
-        if self.mbstd:
-            h = self.minibatch_std(h)
-        h = F.leaky_relu(self.conv_out(h), 0.2).sum((2, 3))
-        return self.head(h).squeeze(1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Losses and one training step (Sec. 3.2)
-# ---------------------------------------------------------------------------------------------
+#################################################################################
+#          The paper's maths: the adversarial losses, one training step         #
+#################################################################################
 
 def discriminator_loss(d_real, d_fake):
     """Non-saturating GAN, D side: E softplus(-D(real)) + E softplus(D(fake)) (Sec. 3.2)."""
@@ -306,14 +216,14 @@ def train_step(G, D, opt_g, opt_d, sched, x0, cfg, step, amp=None, world=1):
     return loss_d.detach(), loss_g.detach(), r1.detach()
 
 
-# ---------------------------------------------------------------------------------------------
-# Sampling: T network evaluations (Sec. 3.3, Algorithm in the appendix)
-# ---------------------------------------------------------------------------------------------
+#################################################################################
+#               The paper's maths: sampling in T steps (Sec. 3.3)               #
+#################################################################################
 
 @torch.inference_mode()
 def sample(G, sched, n, shape, device, amp=None):
-    """x_T ~ N(0, I); for t = T-1..0: x_0' = G(x_{t+1}, z, t), x_t ~ q(x_t | x_{t+1}, x_0'). Returns x_0 (n, C, H, W)
-    and the trajectory [x_T, ..., x_0] (T + 1 frames, on the CPU)."""
+    """x_T ~ N(0, I); for t = T-1..0: x_0' = G(x_{t+1}, z, t), x_t ~ q(x_t | x_{t+1}, x_0'). Returns x_0
+    (n, C, H, W) and the trajectory [x_T, ..., x_0] (T + 1 frames, on the CPU)."""
     amp = amp or nullcontext()
     x = torch.randn(n, *shape, device=device)
     traj = [x.cpu()]
@@ -326,9 +236,105 @@ def sample(G, sched, n, shape, device, amp=None):
     return x.clamp(-1, 1), traj
 
 
-# ---------------------------------------------------------------------------------------------
-# Training loop: two networks, two optimizers (common.train's resume and NaN rules)
-# ---------------------------------------------------------------------------------------------
+#################################################################################
+#           The paper's networks: the generator and the discriminator           #
+#################################################################################
+
+class PixelNorm(nn.Module):
+    """z / sqrt(mean(z^2)) per sample (StyleGAN's mapping network input)."""
+
+    def forward(self, z):
+        return z * torch.rsqrt(z.square().mean(1, keepdim=True) + 1e-8)
+
+
+class Generator(nn.Module):
+    """G(x_{t+1}, z, t) -> x_0' in [-1, 1] (Sec. 3.3): common.UNet whose residual blocks take t as an added
+    bias and the latent z, through a mapping network w = MLP(PixelNorm(z)), as the scale and shift of both of
+    their GroupNorms (AdaGN of w), as the official NCSN++ generator does."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.nz, d = cfg["nz"], cfg.get("z_dim", 4 * cfg["ch"])
+        self.unet = common.build_unet({**cfg, "scale_shift": False, "style_dim": d})
+        layers = [PixelNorm(), nn.Linear(self.nz, d), nn.SiLU()]
+        for _ in range(cfg.get("n_mlp", 4)):
+            layers += [nn.Linear(d, d), nn.SiLU()]
+        self.mapping = nn.Sequential(*layers)
+
+    def forward(self, x, t, z):
+        return torch.tanh(self.unet(x, t, style=self.mapping(z)))
+
+
+def blur_down(x):
+    """[1,3,3,1] FIR low-pass then stride 2, in plain torch (the official code compiles a CUDA op for it)."""
+    k = torch.tensor([1.0, 3.0, 3.0, 1.0], device=x.device, dtype=x.dtype)
+    k = (k[:, None] * k[None, :]) / 64
+    C = x.shape[1]
+    return F.conv2d(F.pad(x, (1, 1, 1, 1)), k.expand(C, 1, 4, 4), stride=2, groups=C)
+
+
+class DownBlock(nn.Module):
+    """LeakyReLU -> conv -> + dense(t_emb) -> LeakyReLU -> (blur, stride 2) -> conv (zero init), plus a 1x1
+    skip (blurred and strided too), summed and scaled by 1/sqrt(2)."""
+
+    def __init__(self, cin, cout, tdim, down):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.conv2 = common.zero(nn.Conv2d(cout, cout, 3, padding=1))
+        self.dense = nn.Linear(tdim, cout)
+        self.skip = nn.Conv2d(cin, cout, 1, bias=False)
+        self.down = down
+
+    def forward(self, x, temb):
+        h = self.conv1(F.leaky_relu(x, 0.2)) + self.dense(temb)[:, :, None, None]
+        h = F.leaky_relu(h, 0.2)
+        if self.down:
+            h, x = blur_down(h), blur_down(x)
+        return (self.conv2(h) + self.skip(x)) * 2 ** -0.5
+
+
+class Discriminator(nn.Module):
+    """D(x_{t-1}, x_t, t) -> logit (B,): the pair concatenated on channels (Sec. 3.2), a 1x1 conv, one block
+    per entry of d_mult (every block after the first halves the resolution), minibatch stddev (groups of 4),
+    conv, LeakyReLU, sum over pixels, linear. t: sinusoidal embedding -> 2-layer MLP."""
+
+    def __init__(self, cfg, mbstd=True):
+        super().__init__()
+        ch, C = cfg["d_ch"], cfg["channels"]
+        tdim = 2 * ch
+        self.tdim, self.mbstd = tdim, mbstd
+        self.t_mlp = nn.Sequential(nn.Linear(tdim, tdim), nn.LeakyReLU(0.2), nn.Linear(tdim, tdim),
+                                   nn.LeakyReLU(0.2))
+        self.conv_in = nn.Conv2d(2 * C, ch, 1)
+        self.blocks, c = nn.ModuleList(), ch
+        for i, m in enumerate(cfg["d_mult"]):
+            self.blocks.append(DownBlock(c, ch * m, tdim, down=i > 0))
+            c = ch * m
+        self.conv_out = nn.Conv2d(c + (1 if mbstd else 0), c, 3, padding=1)
+        self.head = nn.Linear(c, 1)
+
+    def minibatch_std(self, h, group=4):
+        """Append the across-group std of the features, averaged, as one more channel (StyleGAN)."""
+        B, C, H, W = h.shape
+        g = math.gcd(B, group)
+        s = h.view(g, -1, C, H, W)
+        s = (s.var(0, unbiased=False) + 1e-8).sqrt().mean((1, 2, 3))        # (B / g,)
+        return torch.cat([h, s.view(-1, 1, 1, 1).repeat(g, 1, H, W)], 1)
+
+    def forward(self, x_prev, x_t, t):
+        temb = self.t_mlp(common.timestep_embedding(t, self.tdim).to(x_prev.dtype))
+        h = self.conv_in(torch.cat([x_prev, x_t], 1))
+        for b in self.blocks:
+            h = b(h, temb)
+        if self.mbstd:
+            h = self.minibatch_std(h)
+        h = F.leaky_relu(self.conv_out(h), 0.2).sum((2, 3))
+        return self.head(h).squeeze(1)
+
+
+#################################################################################
+#                                    Training                                   #
+#################################################################################
 
 def lr_at(step, lr, cfg):
     """Constant, or cosine from lr to ETA_MIN over max_steps (the official code anneals per epoch)."""
@@ -339,98 +345,101 @@ def lr_at(step, lr, cfg):
 
 
 def train(args, cfg):
-    """Train G and D on --data. Exact resume (--resume): G, D, EMA, both optimizers and the step are restored;
-    every random draw of step k is seeded from (seed, rank, k) and the data batch is a function of k. Rank 0
-    writes atomic checkpoints; a non-finite loss stops with a message and the last good checkpoint is kept;
-    Ctrl-C saves the current step (common.GracefulStop)."""
-    device, rank, world = common.setup_distributed(args.device)
-    out = args.out
-    ckpt_path = os.path.join(out, "ckpt.pt")
-    if args.resume:
-        cfg, ck = common.resume_config("ddgan", args)
-    data = common.load_data(args.data, cfg["image_size"], cfg["channels"], seed=args.seed)
-    common.check_batch(data, cfg["batch_size"], world)
+    """--train: G and D on --data through common.train_loop, the loop of every script here (exact --resume,
+    atomic checkpoints, Ctrl-C, a stop when the losses diverge); a step is train_step, then the EMA of G."""
+    if args.steps is not None and args.steps != cfg["timesteps"]:
+        raise common.UserError(f"--steps {args.steps}: DDGAN samples in exactly its T = {cfg['timesteps']} "
+                               "steps; set T with --timesteps")
+    run = common.start_training("ddgan", args, cfg)
+    cfg, device = run.cfg, run.device
     sched = schedule_from(cfg, device)
     torch.manual_seed(args.seed)
     G, D = Generator(cfg).to(device), Discriminator(cfg).to(device)
     ema = copy.deepcopy(G).eval().requires_grad_(False)
     opt_g = common.make_optimizer(G.parameters(), cfg["lr"], betas=(0.5, 0.9), device=device)
     opt_d = common.make_optimizer(D.parameters(), cfg["lr_d"], betas=(0.5, 0.9), device=device)
-    step = 0
-    if args.resume:
-        common.load_state(G, ck["G"], ckpt_path)
-        D.load_state_dict(ck["D"])
-        ema.load_state_dict(ck["ema"])
-        opt_g.load_state_dict(ck["opt_g"])
-        opt_d.load_state_dict(ck["opt_d"])
-        step = ck["step"]
+    state = {"G": G, "D": D, "ema": ema, "opt_g": opt_g, "opt_d": opt_d}
+    step = common.restore(state, run.ck, run.path)
     if common.already_done("ddgan", step, cfg["max_steps"]):
         return None, cfg
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     amp = common.autocast(device, args.dtype)
-    it = common.batches(data, cfg["batch_size"], args.seed, step, rank, world,
-                        flip=cfg.get("flip", False) and not data.endless)
-    log_every, ckpt_every = cfg.get("log_every", 50), cfg.get("ckpt_every", 1000)
-    sample_every = cfg.get("sample_every", 0)
     shape = (cfg["channels"], cfg["image_size"], cfg["image_size"])
 
-    def save(step):
-        if rank == 0:
-            if not all(common.all_finite(m) for m in (G, D, ema)):
-                raise common.UserError(f"weights are not finite at step {step}; kept the last good checkpoint "
-                                       f"{ckpt_path}")
-            common.save_checkpoint({"script": "ddgan", "config": cfg, "G": G.state_dict(), "D": D.state_dict(),
-                                    "ema": ema.state_dict(), "opt_g": opt_g.state_dict(),
-                                    "opt_d": opt_d.state_dict(), "step": step, "seed": args.seed}, ckpt_path)
+    def step_fn(step, batch):
+        common.set_lr(opt_g, lr_at(step, cfg["lr"], cfg))
+        common.set_lr(opt_d, lr_at(step, cfg["lr_d"], cfg))
+        x0 = batch[0].to(device, non_blocking=True)
+        loss_d, loss_g, r1 = train_step(G, D, opt_g, opt_d, sched, x0, cfg, step, amp, run.world)
+        common.ema_update(ema, G, common.ema_decay(step, cfg["ema"]))
+        return {"d": loss_d, "g": loss_g, "r1": r1}
 
-    if rank == 0:
-        print(f"ddgan: G {common.count_params(G) / 1e6:.2f}M + D {common.count_params(D) / 1e6:.2f}M parameters, "
-              f"T = {sched.T}, device {device}, world size {world}, global batch {cfg['batch_size'] * world} = "
-              f"{cfg['batch_size']} x {world}, steps {step} -> {cfg['max_steps']}, out {out}", flush=True)
-    bar = common.Progress(cfg["max_steps"], step, "ddgan", disable=rank != 0)
-    t0, sums, n = time.time(), torch.zeros(3, device=device), 0
-    G.train(), D.train()
-    with common.GracefulStop(enabled=world == 1) as stop:
-        while step < cfg["max_steps"]:
-            torch.manual_seed(common.step_seed(args.seed, step, rank))  # per-rank, per-step: exact resume
-            x = next(it)[0].to(device, non_blocking=True)
-            for o, lr in ((opt_g, cfg["lr"]), (opt_d, cfg["lr_d"])):
-                for g in o.param_groups:
-                    g["lr"] = lr_at(step, lr, cfg)
-            losses = train_step(G, D, opt_g, opt_d, sched, x, cfg, step, amp, world)
-            common.ema_update(ema, G, common.ema_decay(step, cfg["ema"]))
-            step += 1
-            sums += torch.stack(losses)
-            n += 1
-            numbers = {}
-            if step % log_every == 0 or step % ckpt_every == 0 or step == cfg["max_steps"] or stop.requested:
-                avg = (sums / n).tolist()  # the only host sync
-                sums.zero_()
-                n = 0
-                if not all(map(math.isfinite, avg)):
-                    raise common.UserError(f"training diverged: losses D {avg[0]}, G {avg[1]}, R1 {avg[2]} by step "
-                                           f"{step}; stopped without saving, the last good checkpoint {ckpt_path} is "
-                                           f"kept; try a lower --lr/--lr-d or a larger --r1-gamma")
-                numbers = {"d": f"{avg[0]:.3f}", "g": f"{avg[1]:.3f}"}
-            bar.update(**numbers)
-            if rank == 0 and sample_every and step % sample_every == 0 and step < cfg["max_steps"]:
-                save_path = os.path.join(out, f"samples_{step:06d}.png")
-                common.save_grid(sample(ema, sched, 16, shape, device, amp)[0], save_path)
-            if step % ckpt_every == 0 or step == cfg["max_steps"] or stop.requested:
-                save(step)
-            stop.check(step, cfg["max_steps"], ckpt_path)
-    bar.close()
-    if rank == 0:
-        print(f"trained to step {step} in {time.time() - t0:.1f}s; checkpoint {ckpt_path}")
-    if world > 1:
-        dist.barrier()
+    def save(step):
+        common.save_state(run.path, state, step, script="ddgan", config=cfg, seed=args.seed)
+
+    def grid(n):
+        return sample(ema, sched, n, shape, device, amp)[0]
+
+    if run.rank == 0:
+        print(f"ddgan: G {common.count_params(G) / 1e6:.2f}M + D {common.count_params(D) / 1e6:.2f}M "
+              f"parameters, T = {sched.T}, {common.describe(run, step)}", flush=True)
+    G.train()
+    D.train()
+    data = common.batches(run.data, cfg["batch_size"], args.seed, step, run.rank, run.world,
+                          flip=cfg.get("flip", False) and not run.data.endless)
+    common.train_loop("ddgan", step_fn, save, step, cfg["max_steps"], run.path, cfg, data, args.seed,
+                      rank=run.rank, world=run.world, grid=grid,
+                      advice="try a lower --lr/--lr-d or a larger --r1-gamma")
+    if run.rank == 0:
+        torch.manual_seed(args.seed)
+        path = os.path.join(args.out, "samples.png")
+        common.save_grid(sample(ema, sched, args.n_samples or 36, shape, device)[0], path)
+        print(f"samples: {path}")
     return ema, cfg
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation extras: mode coverage
-# ---------------------------------------------------------------------------------------------
+#################################################################################
+#                                    Sampling                                   #
+#################################################################################
+
+def load(path, device):
+    """EMA generator and schedule from a ddgan.py checkpoint."""
+    ck = common.load_checkpoint(path, ["ddgan"])
+    G = common.load_state(Generator(ck["config"]), ck["ema"], path)
+    return G.to(device).eval(), schedule_from(ck["config"], device), ck
+
+
+def load_model(args, device):
+    """--sample's and --eval's generator (the EMA of --ckpt, default <out>/ckpt.pt), its schedule and
+    checkpoint; DDGAN samples in exactly the T steps it was trained for."""
+    G, sched, ck = load(args.ckpt or os.path.join(args.out, "ckpt.pt"), device)
+    if args.timesteps is not None and args.timesteps != sched.T:
+        raise common.UserError(f"--timesteps {args.timesteps}: this checkpoint was trained with T = "
+                               f"{sched.T}; DDGAN samples in exactly the T steps it was trained for")
+    if args.steps is not None and args.steps != sched.T:
+        raise common.UserError(f"--steps {args.steps}: DDGAN samples in exactly T = {sched.T} steps (its "
+                               "training T)")
+    return G, sched, ck
+
+
+def sample_images(args, device):
+    """--sample: a grid and a GIF of the T denoising steps."""
+    G, sched, ck = load_model(args, device)
+    c = ck["config"]
+    torch.manual_seed(args.seed)
+    amp = common.autocast(device, args.dtype)
+    shape = (c["channels"], c["image_size"], c["image_size"])
+    x, traj = sample(G, sched, args.n_samples or 64, shape, device, amp)
+    paths = [os.path.join(args.out, "samples.png")]
+    common.save_grid(x, paths[0])
+    if not args.no_gif:
+        paths.append(os.path.join(args.out, "reverse.gif"))
+        common.save_gif(traj, paths[1], duration=400)
+    print(f"wrote {' and '.join(paths)} ({sched.T} network evaluations per image)")
+
+
+#################################################################################
+#                   Evaluation: FID at T steps, mode coverage                   #
+#################################################################################
 
 def mode_coverage(args, cfg, fake, device):
     """recall/precision on the judge's features against the held-out images evaluate() used, and on shapes the
@@ -438,10 +447,7 @@ def mode_coverage(args, cfg, fake, device):
     1% of the samples, at least one)."""
     size, ch, n = cfg["image_size"], cfg["channels"], len(fake)
     judge = common.get_judge(args.data, size, ch, device, steps=cfg.get("judge_steps", common.JUDGE_STEPS))
-    held = common.load_data(args.data, size, ch, train=False)
-    order = list(range(n)) if held.endless else \
-        torch.randperm(len(held), generator=torch.Generator().manual_seed(0)).tolist()[:n]
-    real = torch.stack([held[i][0] for i in order])
+    real = common.held_out_images(args.data, size, ch, n)
     res = common.precision_recall(common.features(judge, real), common.features(judge, fake))
     if {"shape", "color"} <= set(judge.classes):
         p = common.judge_predict(judge, fake)
@@ -451,68 +457,13 @@ def mode_coverage(args, cfg, fake, device):
     return res
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------
-
-def load(path, device):
-    """EMA generator and schedule from a ddgan.py checkpoint."""
-    ck = common.load_checkpoint(path, ["ddgan"])
-    G = common.load_state(Generator(ck["config"]), ck["ema"], path)
-    return G.to(device).eval(), schedule_from(ck["config"], device), ck
-
-
-def main(argv=None):
-    p = common.make_parser("ddgan", __doc__, PRESETS, gifs=True)
-    p.add_argument("--timesteps", type=common.positive_int, help="denoising steps T (default 4; 1 = a one-step "
-                   "GAN); --train only")
-    p.add_argument("--nz", type=common.positive_int, help="latent z size (default 100)")
-    p.add_argument("--r1-gamma", type=common.nonneg_float, help="R1 weight gamma on real pairs (default 0.02; "
-                   "0 = off)")
-    p.add_argument("--lazy-reg", type=common.positive_int, help="apply R1 every k steps (default 15; tiny 3)")
-    p.add_argument("--lr-d", type=common.positive_float, help="discriminator learning rate (--lr is the "
-                   "generator's)")
-    args = p.parse_args(argv)
-    cfg = common.make_config(args, PRESETS, keys=("timesteps", "nz", "r1_gamma", "lazy_reg", "lr_d"))
-    with common.claim_out(args.out):
-        if args.train:
-            if args.steps is not None and args.steps != cfg["timesteps"]:
-                raise common.UserError(f"--steps {args.steps}: DDGAN samples in exactly its T = {cfg['timesteps']} "
-                                       "steps; set T with --timesteps")
-            ema, cfg = train(args, cfg)
-            if ema is not None and int(os.environ.get("RANK", 0)) == 0:
-                dev = next(ema.parameters()).device
-                torch.manual_seed(args.seed)
-                x = sample(ema, schedule_from(cfg, dev), args.n_samples or 36,
-                           (cfg["channels"], cfg["image_size"], cfg["image_size"]), dev)[0]
-                common.save_grid(x, os.path.join(args.out, "samples.png"))
-                print(f"samples: {os.path.join(args.out, 'samples.png')}")
-            return
-        return sample_or_evaluate(args)
-
-
-def sample_or_evaluate(args):
-    """--sample (grid + GIF of the T steps) or --eval (FID/KID, recall, coverage) of a trained generator."""
-    device = common.get_device(args.device)
-    G, sched, ck = load(args.ckpt or os.path.join(args.out, "ckpt.pt"), device)
+def evaluate(args, device):
+    """--eval: FID/KID (common.evaluate) at nfe = T, then precision, recall and mode coverage of the same
+    samples."""
+    G, sched, ck = load_model(args, device)
     c = ck["config"]
-    if args.timesteps is not None and args.timesteps != sched.T:
-        raise common.UserError(f"--timesteps {args.timesteps}: this checkpoint was trained with T = {sched.T}; "
-                               f"DDGAN samples in exactly the T steps it was trained for")
-    if args.steps is not None and args.steps != sched.T:
-        raise common.UserError(f"--steps {args.steps}: DDGAN samples in exactly T = {sched.T} steps (its training T)")
     shape = (c["channels"], c["image_size"], c["image_size"])
     amp = common.autocast(device, args.dtype)
-    if args.sample:
-        torch.manual_seed(args.seed)
-        x, traj = sample(G, sched, args.n_samples or 64, shape, device, amp)
-        paths = [os.path.join(args.out, "samples.png")]
-        common.save_grid(x, paths[0])
-        if not args.no_gif:
-            paths.append(os.path.join(args.out, "reverse.gif"))
-            common.save_gif(traj, paths[1], duration=400)
-        print(f"wrote {' and '.join(paths)} ({sched.T} network evaluations per image)")
-        return
     kept = []
 
     def sample_fn(n, wanted):
@@ -520,12 +471,32 @@ def sample_or_evaluate(args):
         kept.append(x.float().cpu())
         return x
 
-    res = common.evaluate("ddgan", args, c, sample_fn, nfe=sched.T, device=device, info={"timesteps": sched.T})
+    info = {"timesteps": sched.T}
+    res = common.evaluate("ddgan", args, c, sample_fn, nfe=sched.T, device=device, info=info)
     extra = mode_coverage(args, c, common.quantize(torch.cat(kept)), device)
     res.update(extra)
     print("ddgan --eval: " + ", ".join(f"{k} {v:.4f}" for k, v in extra.items()))
     print(json.dumps(res))
     return res
+
+
+#################################################################################
+#                                  Command line                                 #
+#################################################################################
+
+def main(argv=None):
+    p = common.make_parser("ddgan", __doc__, PRESETS, gifs=True)
+    p.add_argument("--timesteps", type=common.positive_int,
+                   help="denoising steps T (default 4; 1 = a one-step GAN); --train only")
+    p.add_argument("--nz", type=common.positive_int, help="latent z size (default 100)")
+    p.add_argument("--r1-gamma", type=common.nonneg_float,
+                   help="R1 weight gamma on real pairs (default 0.02; 0 = off)")
+    p.add_argument("--lazy-reg", type=common.positive_int, help="apply R1 every k steps (default 15; tiny 3)")
+    p.add_argument("--lr-d", type=common.positive_float,
+                   help="discriminator learning rate (--lr is the generator's)")
+    args = p.parse_args(argv)
+    cfg = common.make_config(args, PRESETS, keys=("timesteps", "nz", "r1_gamma", "lazy_reg", "lr_d"))
+    return common.run(args, lambda: train(args, cfg), sample_images, evaluate)
 
 
 if __name__ == "__main__":

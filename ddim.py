@@ -12,17 +12,18 @@ The paper writes alpha_t for what ddpm.py (and this file) calls abar_t = prod_{s
 Timesteps are 0-indexed as in ddpm.py; the network is the same, so are its checkpoints.
 
 Forward marginal   q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)                             (eq. 4)
-Objective          L_1 = E || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t) ||^2     (eq. 5, gamma = 1)
-Predicted x_0      f_theta(x_t) = (x_t - sqrt(1 - abar_t) eps_theta(x_t, t)) / sqrt(abar_t)       (eq. 9)
+Objective          L_1 = E || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t) ||^2
+                   (eq. 5 with gamma = 1: DDPM's L_simple)
+Predicted x_0      f_theta(x_t) = (x_t - sqrt(1 - abar_t) eps_theta(x_t, t)) / sqrt(abar_t)         (eq. 9)
 Generalized step   x_s = sqrt(abar_s) f_theta(x_t) + sqrt(1 - abar_s - sigma^2) eps_theta(x_t, t) + sigma z
                    from t = tau_i to s = tau_{i-1} of a subsequence tau_1 < ... < tau_S of 0..T-1
-                   (Sec. 4.2), and abar_s = 1 after tau_1, so the last step returns f_theta exactly  (eq. 12)
-Noise level        sigma(eta) = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s)   (eq. 16)
+                   (Sec. 4.2), and abar_s = 1 after tau_1, so the last step returns f_theta exactly (eq. 12)
+Noise level        sigma(eta) = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s)     (eq. 16)
                    eta = 1 is the DDPM posterior (variance beta~), eta = 0 the deterministic DDIM.
 sigma-hat          sigma^ = sqrt(1 - abar_t / abar_s), more noise than eta = 1: DDPM's "large"
                    variance beta_t at S = T (Sec. 5.1; x_0 clipped, as in the official code).
-Clipping           x0_hat clipped to [-1, 1] (and eps re-derived) when sampling, as ddpm.py does; --no-clip
-                   for the official DDIM sampler, which does not clip (sigma-hat always clips).
+Clipping           x0_hat clipped to [-1, 1] (and eps re-derived) when sampling, as ddpm.py does;
+                   --no-clip for the official DDIM sampler, which does not clip (sigma-hat always clips).
 Inversion          the eta = 0 step run from x_0 up to x_T: Euler steps of the ODE of eqs. 13-14
                    forward in time (Sec. 4.3), for reconstruction (Sec. 5.4).
 Interpolation      slerp(z_0, z_1, a) = sin((1 - a) th) / sin(th) z_0 + sin(a th) / sin(th) z_1,
@@ -35,41 +36,23 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 import common
 
-PRESETS = {  # the same keys and values as ddpm.py, so either script's checkpoint builds the same network
-    # seconds, for tests
-    "tiny": dict(image_size=16, channels=3, ch=16, ch_mult=[1, 2], num_res_blocks=1, attn_res=[8], heads=2,
-                 dropout=0.0, timesteps=100, schedule="linear", objective="eps", var="large",
-                 batch_size=8, max_steps=20, lr=1e-3, warmup=0, grad_clip=1.0, ema=0.99,
-                 log_every=5, sample_every=0, ckpt_every=10, judge_steps=30),
-    # the default: minutes on a 2-core CPU
-    "cpu": dict(image_size=32, channels=3, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_res=[8], heads=4,
-                dropout=0.0, timesteps=1000, schedule="linear", objective="eps", var="large",
-                batch_size=32, max_steps=2400, lr=2e-3, warmup=200, grad_clip=1.0, ema=0.995,
-                log_every=25, sample_every=1200, ckpt_every=500),
-    # Song et al. 2021 use the DDPM CIFAR-10 network and training as they are (Ho et al. 2020, App. B)
-    "paper": dict(image_size=32, channels=3, ch=128, ch_mult=[1, 2, 2, 2], num_res_blocks=2, attn_res=[16], heads=1,
-                  dropout=0.1, timesteps=1000, schedule="linear", objective="eps", var="large",
-                  batch_size=128, max_steps=800_000, lr=2e-4, warmup=5000, grad_clip=1.0, ema=0.9999,
-                  flip=True, log_every=100, sample_every=10_000, ckpt_every=5000),
-}
+PRESETS = common.DDPM_PRESETS   # Song et al. 2021 sample DDPM's networks, trained as DDPM trains them
 DEFAULT_STEPS = 50
 GIF_FRAMES = 20   # snapshots of x_t and of the x_0 predictions in the GIFs
 SWEEP_STEPS = [10, 20, 50, 100, 1000]
-SWEEP_SAMPLERS = [("eta=0", 0.0, False), ("eta=0.5", 0.5, False), ("eta=1", 1.0, False), ("sigma-hat", 1.0, True)]
+SWEEP_SAMPLERS = [("eta=0", 0.0, False), ("eta=0.5", 0.5, False), ("eta=1", 1.0, False),
+                  ("sigma-hat", 1.0, True)]
 
 
-# ---------------------------------------------------------------------------------------------
-# The paper's equations
-# ---------------------------------------------------------------------------------------------
+#################################################################################
+#         The paper's maths: the generalized step, its noise, inversion         #
+#################################################################################
+# The network is DDPM's (common.UNet); ddpm.py's checkpoints and released weights sample here as they are.
 
-def alphas_cumprod(cfg):
-    """abar_t for t = 0..T-1 (float64 on the CPU), from the checkpoint's beta schedule: the paper's alpha_t.
-    The samplers read it as Python floats (abar.tolist()); the loss as float32 on the device."""
-    betas = common.beta_schedule(cfg["schedule"], cfg["timesteps"], cfg.get("beta_start", 1e-4),
-                                 cfg.get("beta_end", 0.02))
-    return torch.cumprod(1 - torch.as_tensor(betas), 0)
+alphas_cumprod = common.alphas_cumprod   # abar_t of the checkpoint's schedule: the paper's alpha_t
 
 
 def q_sample(x0, t, eps, abar):
@@ -179,10 +162,6 @@ def slerp(z0, z1, alpha):
     return (torch.sin((1 - alpha) * theta) * z0 + torch.sin(alpha * theta) * z1) / torch.sin(theta)
 
 
-# ---------------------------------------------------------------------------------------------
-# The network, from a ddim.py or ddpm.py checkpoint
-# ---------------------------------------------------------------------------------------------
-
 def eps_model(net, abar, objective="eps"):
     """eps_theta(x, t) for an int t, from a network that predicts eps, x_0 or v = sqrt(abar) eps -
     sqrt(1 - abar) x_0 (ddpm.py --objective), converted with x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps."""
@@ -198,70 +177,76 @@ def eps_model(net, abar, objective="eps"):
     return eps_fn
 
 
+#################################################################################
+#                                    Training                                   #
+#################################################################################
+
+def objective(cfg, device):
+    """common.train's objective: L_1 (eq. 5) and the grids' sampler (eq. 12, eta = 0)."""
+    abar = alphas_cumprod(cfg)
+    abar_dev, abar_list = common.on_device(device)(abar), abar.tolist()
+    S = min(DEFAULT_STEPS, len(abar_list))
+
+    def sample_fn(ema, n):
+        x_T = torch.randn(n, cfg["channels"], cfg["image_size"], cfg["image_size"], device=device)
+        return ddim_sample(eps_model(ema, abar_list), x_T, abar_list, S, clip=True)[0]
+    return (lambda net, x, y, caps: loss_simple(net, x, abar_dev)), sample_fn
+
+
+#################################################################################
+#        Sampling: grids, inversion (Sec. 5.4), interpolation (Sec. 5.3)        #
+#################################################################################
+
 def load(path, device):
     """The EMA network of a ddim.py or ddpm.py checkpoint, its abar (T Python floats) and the checkpoint."""
     ck = common.load_checkpoint(path, ["ddim", "ddpm"])
     model = common.build_unet(ck["config"])
     common.load_state(model, ck["ema"], path)
-    model = model.to(device, memory_format=torch.channels_last)  # faster convolutions, on CPU too
-    return model.eval(), alphas_cumprod(ck["config"]).tolist(), ck
+    model = model.to(device, memory_format=torch.channels_last).eval()
+    return model, alphas_cumprod(ck["config"]).tolist(), ck
 
 
 def load_weights(args, device):
     """--weights: DDPM's released models (the diffusers ports, google/ddpm-*), the network this paper samples
     from (Sec. 5 uses DDPM's CIFAR-10 model as it is) -> network, abar, a checkpoint-like dict."""
-    cfg, tensors, what = common.load_diffusers_ddpm(args.weights, "ddim")
-    if args.image_size:
-        cfg = common.resize_unet(cfg, args.image_size)
-        common.check_unet_size(cfg)
-    model = common.load_mapped(common.build_unet(cfg), tensors, args.weights)
-    model = model.to(device, memory_format=torch.channels_last)
-    return model.eval(), alphas_cumprod(cfg).tolist(), {"config": cfg, "script": "released", "step": None,
-                                                        "weights": what}
+    cfg, model, what = common.load_released_ddpm(args, "ddim")
+    model = model.to(device, memory_format=torch.channels_last).eval()
+    return model, alphas_cumprod(cfg).tolist(), {"config": cfg, "script": "released", "step": None,
+                                                 "weights": what}
 
 
 def load_model(args, device):
-    """--weights, else the --ckpt (default <out>/ckpt.pt) of ddim.py or ddpm.py."""
-    if args.weights:
-        return load_weights(args, device)
-    return load(args.ckpt or os.path.join(args.out, "ckpt.pt"), device)
+    """--sample's and --eval's eps_theta (eps_model) of --weights, else of the --ckpt (default <out>/ckpt.pt)
+    of ddim.py or ddpm.py -> (eps_fn, abar, config, checkpoint, the steps S (--steps, else 50))."""
+    model, abar, ck = load_weights(args, device) if args.weights else load(
+        args.ckpt or os.path.join(args.out, "ckpt.pt"), device)
+    S = args.steps or DEFAULT_STEPS
+    if not args.sweep:
+        timestep_subsequence(len(abar), S, args.skip)  # a bad --steps fails before any work
+    return eps_model(model, abar, ck["config"].get("objective", "eps")), abar, ck["config"], ck, S
 
 
 def source(ck):
     """Where the network came from, for the messages."""
-    return f"released weights {ck['weights']}" if ck.get("weights") else \
-        f"{ck['script']}.py checkpoint at step {ck['step']}"
-
-
-# ---------------------------------------------------------------------------------------------
-# The command line
-# ---------------------------------------------------------------------------------------------
-
-def check_args(args):
-    if args.sigma_hat and args.eta is not None:
-        raise common.UserError("--sigma-hat sets the noise itself; give it without --eta")
-    if args.sweep and not args.eval:
-        raise common.UserError("--sweep goes with --eval")
-    if args.sweep and (args.steps or args.eta is not None or args.sigma_hat):
-        raise common.UserError("--sweep runs every S in {10, 20, 50, 100, 1000} and eta in {0, 0.5, 1} and "
-                               "sigma-hat itself; drop --steps/--eta/--sigma-hat")
-    if (args.invert or args.interpolate) and not args.sample:
-        raise common.UserError(f"{'--invert' if args.invert else '--interpolate'} goes with --sample")
-    if args.invert and args.interpolate:
-        raise common.UserError("give --invert or --interpolate, not both")
+    if ck.get("weights"):
+        return f"released weights {ck['weights']}"
+    return f"{ck['script']}.py checkpoint at step {ck['step']}"
 
 
 def sample_images(args, device):
-    """--sample: a grid of samples and GIFs of x_t and of the x0 predictions along the way."""
-    model, abar, ck = load_model(args, device)
-    c, S = ck["config"], args.steps or DEFAULT_STEPS
-    eps_fn = eps_model(model, abar, c.get("objective", "eps"))
-    timestep_subsequence(len(abar), S, args.skip)  # bad --steps fail before any work
+    """--sample: a grid of samples and GIFs of x_t and of the x0 predictions along the way (or --invert,
+    --interpolate)."""
+    if args.invert:
+        return invert_images(args, device)
+    if args.interpolate:
+        return interpolate_images(args, device)
+    eps_fn, abar, c, ck, S = load_model(args, device)
     torch.manual_seed(args.seed)
     x_T = torch.randn(args.n_samples or 64, c["channels"], c["image_size"], c["image_size"], device=device)
+    frames = 0 if args.no_gif else min(S, GIF_FRAMES)
     with common.autocast(device, args.dtype):
-        x, traj = ddim_sample(eps_fn, x_T, abar, S, args.eta or 0.0, args.skip, args.sigma_hat, not args.no_clip,
-                              frames=0 if args.no_gif else min(S, GIF_FRAMES), progress=True)
+        x, traj = ddim_sample(eps_fn, x_T, abar, S, args.eta or 0.0, args.skip, args.sigma_hat,
+                              not args.no_clip, frames=frames, progress=True)
     paths = [os.path.join(args.out, f) for f in ("samples.png", "reverse.gif", "x0_pred.gif")]
     common.save_grid(x, paths[0])
     if args.no_gif:
@@ -269,17 +254,14 @@ def sample_images(args, device):
     else:
         common.save_gif([xt for xt, _ in traj], paths[1])
         common.save_gif([x0 for _, x0 in traj], paths[2])
-    print(f"{S} steps ({args.skip}), {'sigma-hat' if args.sigma_hat else f'eta {args.eta or 0.0:g}'}"
-          f"{', unclipped' if args.no_clip and not args.sigma_hat else ''}, "
-          f"{source(ck)}: wrote {', '.join(paths)}")
+    noise = "sigma-hat" if args.sigma_hat else f"eta {args.eta or 0.0:g}"
+    unclipped = ", unclipped" if args.no_clip and not args.sigma_hat else ""
+    print(f"{S} steps ({args.skip}), {noise}{unclipped}, {source(ck)}: wrote {', '.join(paths)}")
 
 
 def invert_images(args, device):
     """--sample --invert: DDIM-invert held-out images, decode the latents again with eta = 0."""
-    model, abar, ck = load_model(args, device)
-    c, S = ck["config"], args.steps or DEFAULT_STEPS
-    eps_fn = eps_model(model, abar, c.get("objective", "eps"))
-    timestep_subsequence(len(abar), S, args.skip)
+    eps_fn, abar, c, ck, S = load_model(args, device)
     held = common.load_data(args.data, c["image_size"], c["channels"], train=False)
     n = args.n_samples or 16
     if not held.endless and n > len(held):
@@ -304,10 +286,7 @@ def invert_images(args, device):
 
 def interpolate_images(args, device):
     """--sample --interpolate: rows of slerp(z_0, z_1, a) for a in [0, 1], decoded with eta = 0."""
-    model, abar, ck = load_model(args, device)
-    c, S = ck["config"], args.steps or DEFAULT_STEPS
-    eps_fn = eps_model(model, abar, c.get("objective", "eps"))
-    timestep_subsequence(len(abar), S, args.skip)
+    eps_fn, abar, c, ck, S = load_model(args, device)
     rows, cols = args.n_samples or 4, 11
     torch.manual_seed(args.seed)
     shape = (rows, c["channels"], c["image_size"], c["image_size"])
@@ -320,17 +299,21 @@ def interpolate_images(args, device):
     grid, gif = os.path.join(args.out, "interpolate.png"), os.path.join(args.out, "interpolate.gif")
     common.save_grid(x.flatten(0, 1), grid, nrow=cols)
     if not args.no_gif:
-        common.save_gif([x[:, k] for k in list(range(cols)) + list(range(cols - 2, 0, -1))], gif, duration=120)
+        there_and_back = list(range(cols)) + list(range(cols - 2, 0, -1))
+        common.save_gif([x[:, k] for k in there_and_back], gif, duration=120)
     step = (x[:, 1:] - x[:, :-1]).square().flatten(2).mean(2).sqrt()  # RMS change between neighbours
     print(f"slerp between {rows} pairs of noises, {cols} points each, {S} DDIM steps: RMS change between "
           f"neighbours mean {step.mean():.4f}, max {step.max():.4f}; wrote {grid} and {gif}")
 
 
+#################################################################################
+#                       Evaluation: Table 1 at small scale                      #
+#################################################################################
+
 def evaluate(args, device):
-    """--eval: FID/KID on common.py's judge for one sampler, or with --sweep the paper's Table 1 grid."""
-    model, abar, ck = load_model(args, device)
-    c = ck["config"]
-    eps_fn = eps_model(model, abar, c.get("objective", "eps"))
+    """--eval: FID/KID on common.py's judge for one sampler, or with --sweep the paper's Table 1 grid (S x
+    eta, and sigma-hat) and its consistency (Sec. 5.2)."""
+    eps_fn, abar, c, ck, S = load_model(args, device)
     shape = (c["channels"], c["image_size"], c["image_size"])
 
     def run(S, eta, use_sigma_hat, keep=None):
@@ -344,93 +327,75 @@ def evaluate(args, device):
                 keep.append(x.float().cpu())
             return x
 
-        info = {"steps": S, "eta": None if use_sigma_hat else eta, "sigma_hat": use_sigma_hat, "skip": args.skip,
-                "clip": not args.no_clip or use_sigma_hat, "ckpt_script": ck["script"],
+        info = {"steps": S, "eta": None if use_sigma_hat else eta, "sigma_hat": use_sigma_hat,
+                "skip": args.skip, "clip": not args.no_clip or use_sigma_hat, "ckpt_script": ck["script"],
                 "ckpt_step": ck["step"], **({"weights": ck["weights"]} if ck.get("weights") else {})}
         return common.evaluate("ddim", args, c, sample_fn, nfe=S, device=device, info=info)
 
     if not args.sweep:
-        return run(args.steps or DEFAULT_STEPS, args.eta or 0.0, args.sigma_hat)
-    rows, eta0, out = [], {}, args.out
+        return run(S, args.eta or 0.0, args.sigma_hat)
     steps = [S for S in SWEEP_STEPS if S <= len(abar)]
-    for name, eta, use_sigma_hat in SWEEP_SAMPLERS:
-        for S in steps:
-            keep = [] if name == "eta=0" else None
-            args.out = os.path.join(out, f"sweep_{name.replace('=', '')}_S{S}")  # its eval_samples.png
-            res = run(S, eta, use_sigma_hat, keep)
-            rows.append({"sampler": name, **res})
-            if keep is not None:
-                eta0[S] = torch.cat(keep)
+    eta0 = {}   # eta = 0's samples at each S, from the same x_T
+
+    def cell(setting):
+        (name, eta, use_sigma_hat), S = setting
+        keep = [] if name == "eta=0" else None
+        row = {"sampler": name, **run(S, eta, use_sigma_hat, keep)}
+        if keep is not None:
+            eta0[S] = torch.cat(keep)
+        return row
+
+    settings = [(sampler, S) for sampler in SWEEP_SAMPLERS for S in steps]
+    rows = common.sweep(args, settings, cell, lambda s: f"{s[0][0].replace('=', '')}_S{s[1]}")
     # DDIM's consistency (Sec. 5.2): with eta = 0 the same x_T gives nearly the same image at any S
-    ref = eta0[max(eta0)]
     for r in rows:
         if r["sampler"] == "eta=0":
-            r["rms_to_max_steps"] = (eta0[r["steps"]] - ref).square().mean().sqrt().item()
-    args.out = out
-    print_table(rows, steps)
-    print(json.dumps({"script": "ddim", "mode": "sweep", "n_samples": rows[0]["n_samples"], "rows": rows}))
+            r["rms_to_max_steps"] = (eta0[r["steps"]] - eta0[max(eta0)]).square().mean().sqrt().item()
+    n = rows[0]["n_samples"]
+    print(f"\nDDIM Table 1 at small scale ({n} samples per cell, judge FID, skip {args.skip}; real-vs-real "
+          f"floor {rows[0].get('fid_floor', math.nan):.2f}):")
+    for title, key, fmt in (("FID", "fid", "{:.2f}"), ("KID", "kid", "{:.4f}"),
+                            ("sec/image", "sec_per_image", "{:.3f}")):
+        common.cross_table(rows, title, "sampler", "steps", key, fmt)
+    consistency = ", ".join(f"S={r['steps']}: {r['rms_to_max_steps']:.4f}" for r in rows
+                            if r["sampler"] == "eta=0")
+    print(f"\neta=0, RMS distance (pixels in [-1, 1]) to the S={max(steps)} image from the same x_T: "
+          f"{consistency}\n")
+    common.print_sweep("ddim", rows, n)
     return rows
 
 
-def print_table(rows, steps):
-    n = rows[0]["n_samples"]
-    print(f"\nDDIM Table 1 at small scale ({n} samples per cell, judge FID, skip {rows[0]['skip']}; "
-          f"real-vs-real floor {rows[0].get('fid_floor', float('nan')):.2f}):")
-    for key, fmt, title in [("fid", "{:.2f}", "FID"), ("kid", "{:.4f}", "KID"),
-                            ("sec_per_image", "{:.3f}", "sec/image")]:
-        print(f"\n| {title} | " + " | ".join(f"S={S}" for S in steps) + " |")
-        print("|---" * (len(steps) + 1) + "|")
-        for name, _, _ in SWEEP_SAMPLERS:
-            cells = {r["steps"]: r[key] for r in rows if r["sampler"] == name}
-            print(f"| {name} | " + " | ".join(fmt.format(cells[S]) for S in steps) + " |")
-    cells = {r["steps"]: r["rms_to_max_steps"] for r in rows if r["sampler"] == "eta=0"}
-    print(f"\neta=0, RMS distance (pixels in [-1, 1]) to the S={max(steps)} image from the same x_T: "
-          + ", ".join(f"S={S}: {cells[S]:.4f}" for S in steps) + "\n")
-
-
-def objective(cfg, device):
-    """common.train's objective: L_1 (eq. 5) and the grids' sampler (eq. 12, eta = 0)."""
-    abar = alphas_cumprod(cfg)
-    abar_dev, abar_list = common.on_device(device)(abar), abar.tolist()
-    S = min(DEFAULT_STEPS, len(abar_list))
-
-    def sample_fn(ema, n):
-        x_T = torch.randn(n, cfg["channels"], cfg["image_size"], cfg["image_size"], device=device)
-        return ddim_sample(eps_model(ema, abar_list), x_T, abar_list, S, clip=True)[0]
-    return (lambda net, x, y, caps: loss_simple(net, x, abar_dev)), sample_fn
-
+#################################################################################
+#                                  Command line                                 #
+#################################################################################
 
 def main(argv=None):
     p = common.make_parser("ddim", __doc__, PRESETS, gifs=True, weights=(
         "DDPM's CIFAR-10, CelebA-HQ and LSUN models as diffusers folders (google/ddpm-cifar10-32, "
         "google/ddpm-church-256, ...)"))
-    p.add_argument("--eta", type=common.unit_float, help="sigma(eta) of eq. 16 in [0, 1]: 0 deterministic DDIM "
-                   "(default), 1 DDPM-like")
+    p.add_argument("--eta", type=common.unit_float,
+                   help="sigma(eta) of eq. 16 in [0, 1]: 0 deterministic DDIM (default), 1 DDPM-like")
     p.add_argument("--skip", default="uniform", choices=["uniform", "quad"],
                    help="timestep subsequence: uniform (default) or quad (the paper's CIFAR-10 choice)")
-    p.add_argument("--sigma-hat", action="store_true", help="the larger noise sigma^ = sqrt(1 - abar_t / abar_s) "
-                   "of Sec. 5.1 (x_0 clipped), instead of sigma(eta)")
-    p.add_argument("--no-clip", action="store_true", help="do not clip x0_hat to [-1, 1] (clipped by default, as in "
-                   "ddpm.py; the official DDIM sampler does not clip, which small models do not survive)")
-    p.add_argument("--invert", action="store_true", help="with --sample: DDIM-invert --n-samples (16) held-out "
-                   "images, regenerate them, report reconstruction MSE/PSNR, write real | reconstruction")
-    p.add_argument("--interpolate", action="store_true", help="with --sample: slerp between --n-samples (4) "
-                   "pairs of noises, decoded with eta = 0, as a grid and a GIF")
-    p.add_argument("--sweep", action="store_true", help="with --eval: FID and sec/image for S in "
-                   "{10, 20, 50, 100, 1000} x eta in {0, 0.5, 1} and sigma-hat (Table 1); --n-samples per cell")
+    p.add_argument("--sigma-hat", action="store_true", excludes="--eta", help="the larger noise sigma^ = "
+                   "sqrt(1 - abar_t / abar_s) of Sec. 5.1 (x_0 clipped), instead of sigma(eta)")
+    p.add_argument("--no-clip", action="store_true",
+                   help="do not clip x0_hat to [-1, 1] (clipped by default, as in ddpm.py; the official DDIM "
+                        "sampler does not clip, which small models do not survive)")
+    p.add_argument("--invert", action="store_true", goes_with="--sample", excludes="--interpolate",
+                   help="DDIM-invert --n-samples (16) held-out images, regenerate them, report "
+                        "reconstruction MSE/PSNR, write real | reconstruction")
+    p.add_argument("--interpolate", action="store_true", goes_with="--sample", help="slerp between "
+                   "--n-samples (4) pairs of noises, decoded with eta = 0, as a grid and a GIF")
+    p.add_argument("--sweep", action="store_true", goes_with="--eval",
+                   excludes=("--steps", "--eta", "--sigma-hat"),
+                   help="FID and sec/image for S in {10, 20, 50, 100, 1000} x eta in {0, 0.5, 1} and "
+                        "sigma-hat (Table 1); --n-samples per cell")
     args = p.parse_args(argv)
-    check_args(args)
     common.check_weights_flags(args)
     cfg = None if args.weights else common.make_config(args, PRESETS)
-    with common.claim_out(args.out):
-        if args.train:
-            return common.train("ddim", args, cfg, common.build_unet, objective)
-        device = common.get_device(args.device)
-        if args.eval:
-            return evaluate(args, device)
-        if args.invert:
-            return invert_images(args, device)
-        return interpolate_images(args, device) if args.interpolate else sample_images(args, device)
+    return common.run(args, lambda: common.train("ddim", args, cfg, common.build_unet, objective),
+                      sample_images, evaluate)
 
 
 if __name__ == "__main__":

@@ -19,25 +19,16 @@ import torch.nn.functional as F
 
 import common
 
-PRESETS = {
-    # seconds, for tests
-    "tiny": dict(image_size=16, channels=3, ch=16, ch_mult=[1, 2], num_res_blocks=1, attn_res=[8], heads=2,
-                 dropout=0.0, timesteps=100, schedule="linear", objective="eps", var="large",
-                 batch_size=8, max_steps=20, lr=1e-3, warmup=0, grad_clip=1.0, ema=0.99,
-                 log_every=5, sample_every=0, ckpt_every=10, judge_steps=30),
-    # the default: minutes on a 2-core CPU
-    "cpu": dict(image_size=32, channels=3, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_res=[8], heads=4,
-                dropout=0.0, timesteps=1000, schedule="linear", objective="eps", var="large",
-                batch_size=32, max_steps=2400, lr=2e-3, warmup=200, grad_clip=1.0, ema=0.995,
-                log_every=25, sample_every=1200, ckpt_every=500),
-    # Ho et al. 2020, CIFAR-10 (Appendix B): 35.7M parameters, lr 2e-4, batch 128, 800K steps
-    "paper": dict(image_size=32, channels=3, ch=128, ch_mult=[1, 2, 2, 2], num_res_blocks=2, attn_res=[16], heads=1,
-                  dropout=0.1, timesteps=1000, schedule="linear", objective="eps", var="large",
-                  batch_size=128, max_steps=800_000, lr=2e-4, warmup=5000, grad_clip=1.0, ema=0.9999,
-                  flip=True, log_every=100, sample_every=10_000, ckpt_every=5000),
-}
+# tiny (seconds, for tests), cpu (the default: minutes on a 2-core CPU) and paper (Ho et al. 2020, CIFAR-10,
+# Appendix B: 35.7M parameters, lr 2e-4, batch 128, 800K steps); in common.py because ddim.py shares them
+PRESETS = common.DDPM_PRESETS
 GIF_FRAMES = 20   # snapshots of the reverse process in reverse.gif
 
+
+#################################################################################
+#      The paper's maths: forward process, posterior, L_simple, Algorithm 2     #
+#################################################################################
+# The network is common.UNet (Appendix B: the PixelCNN++ U-Net with self-attention at 16 x 16).
 
 class Diffusion:
     """The fixed forward process and everything derived from its betas, computed in float64 and kept as
@@ -54,7 +45,8 @@ class Diffusion:
         alphas = 1 - b
         abar = torch.cumprod(alphas, 0)                                       # abar_t = prod_{s<=t} alpha_s
         abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-        post_var = b * (1 - abar_prev) / (1 - abar)       # eq. 7: beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t
+        # eq. 7: beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t
+        post_var = b * (1 - abar_prev) / (1 - abar)
         self.alphas, self.abar, self.abar_prev, self.post_var = map(keep, (alphas, abar, abar_prev, post_var))
         self.post_c0 = keep(b * abar_prev.sqrt() / (1 - abar))               # eq. 7: mu~_t = c0 x_0 + ct x_t
         self.post_ct = keep((1 - abar_prev) * alphas.sqrt() / (1 - abar))
@@ -150,40 +142,14 @@ def respace(diff, steps):
     if steps == diff.T:
         return diff
     ts = torch.linspace(diff.T - 1, 0, steps, dtype=torch.float64).round().long().flip(0)
-    abar = torch.cumprod(1 - diff.betas, 0)[ts]                  # from the float64 betas, not the float32 copy
+    abar = torch.cumprod(1 - diff.betas, 0)[ts]          # from the float64 betas, not the float32 copy
     prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
     return Diffusion(1 - abar / prev, diff.objective, diff.var, diff.device, timestep_map=ts)
 
 
-def load(path, device):
-    """EMA network and diffusion from a ddpm.py checkpoint."""
-    ck = common.load_checkpoint(path, ["ddpm"])
-    model = common.build_unet(ck["config"])
-    common.load_state(model, ck["ema"], path)
-    return model.to(device).eval(), diffusion_from(ck["config"], device), ck
-
-
-def load_weights(args, device):
-    """--weights: the paper's released models as diffusers ported them from the TensorFlow checkpoints
-    (google/ddpm-cifar10-32, the 256 px CelebA-HQ and LSUN ones): a folder or its weights file -> network,
-    diffusion and a checkpoint-like dict. --objective, --var, --schedule and --image-size override its
-    config."""
-    cfg, tensors, what = common.load_diffusers_ddpm(args.weights, "ddpm")
-    cfg.update({k: getattr(args, k) for k in ("objective", "var", "schedule") if getattr(args, k)})
-    if args.image_size:
-        cfg = common.resize_unet(cfg, args.image_size)
-        common.check_unet_size(cfg)
-    model = common.load_mapped(common.build_unet(cfg), tensors, args.weights)
-    ck = {"config": cfg, "step": None, "weights": what}
-    return model.to(device).eval(), diffusion_from(cfg, device), ck
-
-
-def load_model(args, device):
-    """The network, diffusion and checkpoint(-like dict) of --sample and --eval: --weights, else --ckpt."""
-    if args.weights:
-        return load_weights(args, device)
-    return load(args.ckpt or os.path.join(args.out, "ckpt.pt"), device)
-
+#################################################################################
+#                                    Training                                   #
+#################################################################################
 
 def objective(args):
     """common.train's objective: L_simple (eq. 14) and the grids' sampler (Algorithm 2, --steps respaced)."""
@@ -198,27 +164,60 @@ def objective(args):
     return make
 
 
-def sample_images(args):
+#################################################################################
+#                                    Sampling                                   #
+#################################################################################
+
+def load(path, device):
+    """EMA network and diffusion from a ddpm.py checkpoint."""
+    ck = common.load_checkpoint(path, ["ddpm"])
+    model = common.build_unet(ck["config"])
+    common.load_state(model, ck["ema"], path)
+    return model.to(device).eval(), diffusion_from(ck["config"], device), ck
+
+
+def load_weights(args, device):
+    """--weights: the paper's released models as diffusers ported them from the TensorFlow checkpoints
+    (google/ddpm-cifar10-32, the 256 px CelebA-HQ and LSUN ones): a folder or its weights file -> network,
+    diffusion and a checkpoint-like dict. --objective, --var and --schedule override its config."""
+    cfg, model, what = common.load_released_ddpm(args, "ddpm")
+    cfg.update({k: getattr(args, k) for k in ("objective", "var", "schedule") if getattr(args, k)})
+    ck = {"config": cfg, "step": None, "weights": what}
+    return model.to(device).eval(), diffusion_from(cfg, device), ck
+
+
+def load_model(args, device):
+    """The network, diffusion and checkpoint(-like dict) of --sample and --eval: --weights, else --ckpt."""
+    if args.weights:
+        return load_weights(args, device)
+    return load(args.ckpt or os.path.join(args.out, "ckpt.pt"), device)
+
+
+def sample_images(args, device):
     """--sample: a grid of --n-samples (64) and a GIF of the reverse process, in --steps (all T) steps."""
-    device = common.get_device(args.device)
     model, diff, ck = load_model(args, device)
     c = ck["config"]
     d = respace(diff, args.steps or diff.T)
+    shape = (args.n_samples or 64, c["channels"], c["image_size"], c["image_size"])
+    frames = 0 if args.no_gif else GIF_FRAMES
     torch.manual_seed(args.seed)
     with common.autocast(device, args.dtype):
-        x, traj = d.sample(model, (args.n_samples or 64, c["channels"], c["image_size"], c["image_size"]), device,
-                           clip=not args.no_clip, frames=0 if args.no_gif else GIF_FRAMES)
-    paths = [os.path.join(args.out, "samples.png")] + ([] if args.no_gif else [os.path.join(args.out, "reverse.gif")])
+        x, traj = d.sample(model, shape, device, clip=not args.no_clip, frames=frames)
+    paths = [os.path.join(args.out, "samples.png")]
     common.save_grid(x, paths[0])
     if not args.no_gif:
+        paths.append(os.path.join(args.out, "reverse.gif"))
         common.save_gif(traj, paths[1])
-    print(f"{d.T} steps{', released weights ' + ck['weights'] if ck.get('weights') else ''}: wrote "
-          f"{' and '.join(paths)}")
+    released = f", released weights {ck['weights']}" if ck.get("weights") else ""
+    print(f"{d.T} steps{released}: wrote {' and '.join(paths)}")
 
 
-def evaluate(args):
+#################################################################################
+#                                   Evaluation                                  #
+#################################################################################
+
+def evaluate(args, device):
     """--eval: FID/KID on common.py's judge; --steps S < T samples on S respaced timesteps."""
-    device = common.get_device(args.device)
     model, diff, ck = load_model(args, device)
     c = ck["config"]
     steps = args.steps or diff.T
@@ -233,21 +232,26 @@ def evaluate(args):
     return common.evaluate("ddpm", args, c, sample_fn, nfe=steps, device=device, info=info)
 
 
+#################################################################################
+#                                  Command line                                 #
+#################################################################################
+
 def main(argv=None):
     p = common.make_parser("ddpm", __doc__, PRESETS, gifs=True, weights=(
         "the paper's CIFAR-10, CelebA-HQ and LSUN models as diffusers folders (google/ddpm-cifar10-32, "
         "google/ddpm-church-256, ...)"))
-    p.add_argument("--objective", choices=["eps", "x0", "v"], help="what the network predicts (default eps, eq. 14)")
-    p.add_argument("--var", choices=["large", "small"], help="sigma_t^2 = beta_t (large, default) or beta~_t (small)")
-    p.add_argument("--schedule", choices=["linear", "cosine", "sigmoid"], help="beta schedule (default linear)")
+    p.add_argument("--objective", choices=["eps", "x0", "v"],
+                   help="what the network predicts (default eps, eq. 14)")
+    p.add_argument("--var", choices=["large", "small"],
+                   help="sigma_t^2 = beta_t (large, default) or beta~_t (small)")
+    p.add_argument("--schedule", choices=["linear", "cosine", "sigmoid"],
+                   help="beta schedule (default linear)")
     p.add_argument("--no-clip", action="store_true", help="do not clip x0_hat to [-1, 1] when sampling")
     args = p.parse_args(argv)
     common.check_weights_flags(args)
     cfg = None if args.weights else common.make_config(args, PRESETS, keys=("objective", "var", "schedule"))
-    with common.claim_out(args.out):
-        if args.train:
-            return common.train("ddpm", args, cfg, common.build_unet, objective(args))
-        return sample_images(args) if args.sample else evaluate(args)
+    return common.run(args, lambda: common.train("ddpm", args, cfg, common.build_unet, objective(args)),
+                      sample_images, evaluate)
 
 
 if __name__ == "__main__":

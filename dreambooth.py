@@ -2,11 +2,11 @@
 DreamBooth: Fine Tuning Text-to-Image Diffusion Models for Subject-Driven Generation (Ruiz et al., 2023),
 https://arxiv.org/abs/2208.12242 -- on an ldm.py text-to-image checkpoint, or on Stable Diffusion v1.
 
-    python ldm.py --train                                     # first: the base model, out/ldm/ckpt.pt
-    python dreambooth.py --train                              # 4 images of the subject -> out/dreambooth/ckpt.pt
+    python ldm.py --train                          # first: the base model, out/ldm/ckpt.pt
+    python dreambooth.py --train                   # 4 images of the subject -> out/dreambooth/ckpt.pt
     python dreambooth.py --sample --prompt "a blue sks circle on the left"
     python dreambooth.py --train --no-prior --out out/dreambooth_noprior     # the ablation
-    python dreambooth.py --eval                               # subject fidelity, prompt fidelity, language drift
+    python dreambooth.py --eval                    # subject fidelity, prompt fidelity, language drift
     python dreambooth.py --train --weights v1-5-pruned-emaonly.safetensors \
         --tokenizer bpe_simple_vocab_16e6.txt.gz \
         --data my_dog/ --class-prompt "a photo of a dog"     # Stable Diffusion (README 'Released weights')
@@ -23,23 +23,22 @@ new row (random, at the scale of the trained rows); Stable Diffusion's BPE token
 Class-specific prior preservation (Sec. 3.3): x_pr = --num-class-images samples of the FROZEN base model for
 the class prompt c_pr, generated once before fine-tuning (kept in <out>/class_<noun>/; missing ones are
 generated). Fine-tuning minimizes (eq. 2, in the eps-parameterization of the base model, on latents):
-    E || eps - eps_theta(z_t, t, c_id) ||^2  +  lambda E || eps' - eps_theta(z'_t', t', c_pr) ||^2,   lambda = 1
+    E || eps - eps_theta(z_t, t, c_id) ||^2 + lambda E || eps' - eps_theta(z'_t', t', c_pr) ||^2,  lambda = 1
 with z = E(x) the latent of an instance image and z' = E(x_pr) that of a class image. As in diffusers'
 train_dreambooth.py, one batch holds [instances..., class images...], one U-Net call predicts both and the
 prediction is split at the number of instances (the order must match the split). --no-prior
 drops the second term (the paper's ablation). The U-Net is fine-tuned (and the text encoder with
 --train-text-encoder), AdamW (0.9, 0.999), weight decay 1e-2, gradient clipping 1, constant low lr, no EMA.
 Images are drawn as the base model draws them: DDIM (Song et al. 2021, eq. 12, eta = 0) with classifier-free
-guidance (Ho & Salimans 2022, eq. 6) against the empty prompt.
+guidance (Ho & Salimans 2022, eq. 6) against the empty prompt (common.draw_latent, ldm.py's sampler).
 
-The networks, the tokenizers and the loading of both kinds of base model are common.py's (common.LDM,
-common.AutoencoderKL, common.load_ldm, common.load_stable_diffusion); this file holds the method.
+The networks, the tokenizers, the sampler and the loading of both kinds of base model are common.py's
+(common.LDM, common.AutoencoderKL, common.draw_latent, common.load_ldm, common.load_stable_diffusion); this
+file holds the method.
 """
 import copy
 import json
-import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -54,7 +53,8 @@ PRESETS = {
     # seconds, for tests: a handful of steps
     "tiny": dict(max_steps=4, batch_size=1, lr=1e-4, weight_decay=1e-2, grad_clip=1.0, log_every=2,
                  judge_steps=30, subject_judge_steps=20),
-    # the default: a few hundred steps at a tenth of ldm.py's cpu learning rate (5e-4 and 1e-3 broke the images)
+    # the default: a few hundred steps at a tenth of ldm.py's cpu learning rate (5e-4 and 1e-3 broke the
+    # images)
     "cpu": dict(max_steps=400, batch_size=2, lr=1e-4, weight_decay=1e-2, grad_clip=1.0, log_every=25),
     # diffusers' README example for Stable Diffusion: 800 steps, batch 1, lr 5e-6 (the paper: ~1000 steps);
     # the default with --weights
@@ -64,35 +64,269 @@ DEFAULT_STEPS = 50
 DEFAULT_SCALE = 3.0
 SD_SCALE = 7.5       # Stable Diffusion's released guidance scale
 BASE = os.path.join("out", "ldm", "ckpt.pt")
+# the flags a --resume takes from the checkpoint
+SETTINGS = ("base", "weights", "tokenizer", "instance_dir", "identifier", "class_noun", "class_prompt",
+            "num_class_images", "prior_weight", "no_prior", "train_text_encoder", "image_size")
+# --seed + these keep apart the random draws that share --seed
+IDENTIFIER_SEED = 8191      # the identifier's new embedding row
+INSTANCE_SEED = 4242        # the default subject's instance images
+CLASS_IMAGES_SEED = 1234    # the class images (+ how many exist already: the missing ones are new draws)
+SUBJECT_EVAL_SEED = 99      # --eval's held-out subject images
 
 
-# ---------------------------------------------------------------------------------------------
-# The base model's diffusion and sampler
-# ---------------------------------------------------------------------------------------------
+#################################################################################
+#      The paper's maths: the identifier, the prior-preservation loss (eq. 2)   #
+#################################################################################
+# The networks are the base model's (common.LDM: the latent U-Net and the text encoder), fine-tuned here.
+
+def instance_prompt(class_prompt, noun, ident):
+    """The instance prompt: the class prompt with the identifier [V] before the (last) class noun, "a [V]
+    [class noun]" (Sec. 3.2): "a circle" -> "a sks circle", "a photo of a dog" -> "a photo of a sks dog"."""
+    words = class_prompt.split()
+    i = max(j for j, w in enumerate(words) if common.WordTokenizer.words(w) == [noun])
+    return " ".join(words[:i] + [ident] + words[i:])
+
+
+def subject_words(args, tok, cfg):
+    """(identifier, class noun, class prompt, instance prompt) from the flags, checked against the base."""
+    class_prompt = args.class_prompt or f"a {args.class_noun or 'circle'}"
+    noun = common.WordTokenizer.words(args.class_noun or class_prompt.split()[-1])
+    if len(noun) != 1 or not any(common.WordTokenizer.words(w) == noun for w in class_prompt.split()):
+        raise common.UserError(f"--class-noun '{args.class_noun}': one word of the class prompt "
+                               f"'{class_prompt}'")
+    ident = common.WordTokenizer.words(args.identifier)
+    if len(ident) != 1:
+        raise common.UserError(f"--identifier '{args.identifier}': use one word of letters and digits, "
+                               "e.g. sks")
+    unknown = tok.unknown(class_prompt)          # none for CLIP's tokenizer: it spells every word
+    if unknown:
+        raise common.UserError(f"--class-noun/--class-prompt '{class_prompt}': {', '.join(unknown)} not in "
+                               f"the base vocabulary; use words of {', '.join(cfg['vocab'][3:])}")
+    return ident[0], noun[0], class_prompt, instance_prompt(class_prompt, noun[0], ident[0])
+
+
+def extend_vocab(model, cfg, words, seed=0):
+    """Append the words the vocabulary lacks (the identifier) and give each a new row of the text encoder's
+    embedding table, N(0, std^2) with std that of the trained rows. Returns the new cfg (the model is
+    changed in place)."""
+    new = [w for w in words if w not in cfg["vocab"]]
+    if not new:
+        return cfg
+    old = model.text.tok.weight.data
+    g = torch.Generator().manual_seed(seed + IDENTIFIER_SEED)
+    rows = torch.randn(len(new), old.shape[1], generator=g).to(old) * old.std()
+    emb = nn.Embedding(old.shape[0] + len(new), old.shape[1]).to(old.device)
+    emb.weight.data.copy_(torch.cat([old, rows]))
+    model.text.tok = emb
+    return {**cfg, "vocab": list(cfg["vocab"]) + new}
+
+
+def dreambooth_loss(net, z0, tokens, n_inst, abar, prior_weight=1.0, t=None, eps=None):
+    """Eq. 2 with prior preservation on a batch ordered [instance..., class...] (z0, tokens): one U-Net call,
+    the prediction split at n_inst. loss = ||eps - eps_theta||^2 over the instances + lambda ||eps' -
+    eps_theta||^2 over the class images (each a mean); with no class rows, the instance term alone."""
+    t = torch.randint(0, len(abar), (z0.shape[0],), device=z0.device) if t is None else t
+    eps = torch.randn_like(z0) if eps is None else eps
+    a = common.extract(abar, t, z0.shape)
+    pred = net(a.sqrt() * z0 + (1 - a).sqrt() * eps, t, tokens).float()      # z_t of eq. 2 (DDPM eq. 4)
+    inst = F.mse_loss(pred[:n_inst], eps[:n_inst].float())
+    if n_inst == z0.shape[0]:
+        return inst, {"inst": inst.item()}
+    prior = F.mse_loss(pred[n_inst:], eps[n_inst:].float())
+    return inst + prior_weight * prior, {"inst": inst.item(), "prior": prior.item()}
+
+
+
+
+#################################################################################
+#              Training: instance images, class images, fine-tuning             #
+#################################################################################
+
+def sample(model, ae, cfg, tok, prompts, scale=DEFAULT_SCALE, steps=DEFAULT_STEPS, progress=False, abar=None):
+    """Prompts -> images (n, C, H, W) in [-1, 1], drawn as the base model draws them (common.draw_latent:
+    DDIM in latent space, guided against the empty prompt). abar: the schedule as Python floats."""
+    dev = next(model.parameters()).device
+    c, null = tok(list(prompts)).to(dev), tok([""] * len(prompts)).to(dev)
+    return common.draw_latent(model, ae, cfg, c, null, scale, steps, progress=progress, abar=abar)
+
+
+def instance_images(args, cfg):
+    """--instance-dir's (or --data's) images, or the default: 4 images of ShapesData(subject=True) (a
+    ring)."""
+    size, ch = cfg["image_size"], cfg["channels"]
+    if args.instance_dir is None:
+        data = common.ShapesData(size, ch, seed=args.seed + INSTANCE_SEED, subject=True)
+        return torch.stack([data[i][0] for i in range(4)])
+    d = args.instance_dir
+    if not os.path.isdir(d):
+        raise common.UserError(f"--instance-dir {d}: no such folder; give a folder with 3-5 images of the "
+                               "subject")
+    if not any(f.lower().endswith(common.IMAGE_EXTS) for _, _, fs in os.walk(d) for f in fs):
+        raise common.UserError(f"--instance-dir {d}: no images ({', '.join(common.IMAGE_EXTS)}); give 3-5 "
+                               "images of the subject")
+    data = common.load_folder(d, size, ch)
+    if not 3 <= len(data) <= 5:
+        common.warn(f"{len(data)} instance image(s); the paper uses 3-5")
+    return torch.stack([data[i][0] for i in range(len(data))])
+
 
 @torch.no_grad()
-def sample(model, ae, cfg, tok, prompts, scale=DEFAULT_SCALE, steps=DEFAULT_STEPS, progress=False, abar=None):
-    """Prompts -> images (n, C, H, W) in [-1, 1], drawn as the base model draws: deterministic DDIM in latent
-    space over the timesteps i T / S + offset (Stable Diffusion: offset 1, ending at abar_0; ldm.py: 0, ending
-    at abar = 1) with eps~ = eps(z, empty) + s (eps(z, c) - eps(z, empty)). abar: the schedule as Python
-    floats."""
-    dev, n, T = next(model.parameters()).device, len(prompts), cfg["timesteps"]
-    if not 1 <= steps <= T:
-        raise common.UserError(f"--steps {steps}: use 1..{T}, the model's number of timesteps T")
-    ctx, mask = model.context(tok(list(prompts) + [""] * n).to(dev))          # [cond..., null...]
-    abar, r = abar or common.alphas_cumprod(cfg).tolist(), cfg["image_size"] // cfg["f"]
-    offset = cfg.get("ddim_offset", 0)
-    z = torch.randn(n, cfg["z_ch"], r, r, device=dev)
-    ts = [min(i * T // steps + offset, T - 1) for i in range(steps)]
-    for i in common.steps_bar(reversed(range(steps)), steps, "sampling", progress):
-        a = abar[ts[i]]
-        a_prev = abar[ts[i - 1]] if i > 0 else abar[ts[0] - 1] if ts[0] > 0 else 1.0
-        tt = torch.full((2 * n,), ts[i], device=dev, dtype=torch.long)
-        e_c, e_u = model.unet(torch.cat([z, z]), tt, context=ctx, mask=mask).float().chunk(2)
-        eps = e_u + scale * (e_c - e_u)
-        z = a_prev ** 0.5 * (z - (1 - a) ** 0.5 * eps) / a ** 0.5 + (1 - a_prev) ** 0.5 * eps
-    return ae.decode(z / cfg["scale_factor"]).float().clamp(-1, 1)
+def class_images(base, ae, cfg, tok, prompt, n, folder, device, scale, steps, seed, batch=50):
+    """The prior-preservation images x_pr: n samples of the frozen base for the class prompt, kept as PNGs in
+    `folder`; only the missing ones are generated (as diffusers does)."""
+    os.makedirs(folder, exist_ok=True)
+    have = sorted(f for f in os.listdir(folder) if f.endswith(".png"))[:n]
+    if len(have) < n:
+        print(f"dreambooth: generating {n - len(have)} class images for '{prompt}' with the frozen base -> "
+              f"{folder}")
+        torch.manual_seed(seed + CLASS_IMAGES_SEED + len(have))
+        starts = range(len(have), n, batch)
+        for s in common.steps_bar(starts, len(starts), "class images"):
+            x = sample(base, ae, cfg, tok, [prompt] * min(batch, n - s), scale, steps)
+            for j, im in enumerate(common.to_uint8(x)):
+                im = im[:, :, 0] if im.shape[2] == 1 else im
+                Image.fromarray(im).save(os.path.join(folder, f"{s + j:05d}.png"))
+        have = sorted(f for f in os.listdir(folder) if f.endswith(".png"))[:n]
+    mode = "L" if cfg["channels"] == 1 else "RGB"
+    ims = [np.asarray(Image.open(os.path.join(folder, f)).convert(mode)) for f in have]
+    x = torch.from_numpy(np.stack([a.reshape(a.shape[0], a.shape[1], -1) for a in ims])).permute(0, 3, 1, 2)
+    if x.shape[-1] != cfg["image_size"]:
+        raise common.UserError(f"{folder} holds {x.shape[-1]}px images, not the base's "
+                               f"{cfg['image_size']}px; delete it to regenerate")
+    return x.float() / 127.5 - 1
 
+
+def resume(args, dcfg, path):
+    """--resume: the checkpoint and its settings (into args and the returned dcfg), all but --max-steps."""
+    ck = common.load_checkpoint(path, ["dreambooth"])
+    db = ck["dreambooth"]
+    for k in SETTINGS:
+        setattr(args, k, db.get(k))
+    dcfg = {**dcfg, **{k: db[k] for k in ("batch_size", "lr", "weight_decay", "grad_clip")},
+            "max_steps": args.max_steps or db["max_steps"]}
+    settings = ", ".join(f"{k} {db.get(k)}" for k in SETTINGS if db.get(k) not in (None, False))
+    print(f"dreambooth: resuming {path} at step {ck['step']} with its settings ({settings})")
+    return ck, dcfg
+
+
+def train(args, dcfg):
+    """Fine-tune the base (eq. 2) through common.train_loop: every draw of step k is seeded from (seed, k), so
+    --resume continues exactly. Stable Diffusion is fine-tuned in place once its class images exist (its file
+    is the frozen base) and its checkpoint keeps only the trained networks; ldm.py's small base is copied and
+    stays frozen beside it. Returns (the fine-tuned model, the frozen base or None)."""
+    device = common.get_device(args.device)
+    path = os.path.join(args.out, "ckpt.pt")
+    ck = None
+    if args.resume:
+        ck, dcfg = resume(args, dcfg, path)
+        if common.already_done("dreambooth", ck["step"], dcfg["max_steps"]):
+            return None, None
+    base, ae, tok, cfg, info = load_base(args)
+    base, ae, sd = base.to(device), ae.to(device), bool(args.weights)
+    ident, noun, class_prompt, inst_prompt = subject_words(args, tok, cfg)
+    if not sd and ident in cfg["vocab"] and ck is None:
+        common.warn(f"the identifier '{ident}' is a word the base already knows; DreamBooth wants a rare one")
+    x_inst = instance_images(args, cfg)
+    steps = args.steps or DEFAULT_STEPS
+    scale = args.scale
+    if scale is None:
+        scale = SD_SCALE if sd else DEFAULT_SCALE
+    x_cls = None
+    if not args.no_prior:
+        x_cls = class_images(base, ae, cfg, tok, class_prompt, args.num_class_images,
+                             os.path.join(args.out, f"class_{noun}"), device, scale, steps, args.seed)
+    torch.manual_seed(args.seed)
+    model = base if sd else copy.deepcopy(base)       # ldm.py's base itself stays frozen and unchanged
+    if not sd:
+        cfg = extend_vocab(model, cfg, [ident], args.seed)
+        tok = common.WordTokenizer(cfg["vocab"], cfg["max_len"])
+    model.requires_grad_(False).unet.requires_grad_(True)
+    if args.train_text_encoder:
+        model.text.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=dcfg["lr"], betas=(0.9, 0.999), weight_decay=dcfg["weight_decay"])
+    step = 0
+    if ck is not None:
+        model.load_state_dict({**model.state_dict(), **ck["model"]})
+        opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+    abar = common.on_device(device)(common.alphas_cumprod(cfg))
+
+    @torch.no_grad()
+    def posterior(x):
+        """Mean and std of q(z | x) of each image, encoded once: each step samples its z from them."""
+        ms = [ae.encode(x[i:i + 16].to(device)) for i in range(0, len(x), 16)]
+        return torch.cat([m for m, _ in ms]), torch.cat([(0.5 * lv).exp() for _, lv in ms])
+
+    inst_post = posterior(x_inst)
+    cls_post = posterior(x_cls) if x_cls is not None else None
+    t_inst, t_cls = tok([inst_prompt]), tok([class_prompt])
+    bs, sf, last = dcfg["batch_size"], cfg["scale_factor"], {}
+    amp = common.autocast(device, args.dtype)
+
+    def step_fn(step, batch):
+        g = torch.Generator().manual_seed(common.step_seed(args.seed, step))
+        i = torch.randint(len(x_inst), (bs,), generator=g)
+        mean, std = inst_post[0][i], inst_post[1][i]
+        toks = [t_inst.expand(bs, -1)]
+        if cls_post is not None:                      # the batch: [instance..., class...]
+            j = torch.randint(len(x_cls), (bs,), generator=g)
+            mean, std = torch.cat([mean, cls_post[0][j]]), torch.cat([std, cls_post[1][j]])
+            toks.append(t_cls.expand(bs, -1))
+        z0 = (mean + std * torch.randn_like(mean)) * sf
+        with amp:
+            loss, logs = dreambooth_loss(model, z0.float(), torch.cat(toks).to(device), bs, abar,
+                                         args.prior_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, dcfg["grad_clip"])
+        opt.step()
+        last.update(logs)
+        return logs
+
+    db = {**{k: getattr(args, k) for k in SETTINGS}, "identifier": ident, "class_noun": noun,
+          "instance_prompt": inst_prompt, "class_prompt": class_prompt, "prior": x_cls is not None,
+          "num_instance_images": len(x_inst), "base": None if sd else os.path.abspath(args.base), **info,
+          **dcfg}
+    trained = ("unet.", "text.") if args.train_text_encoder or not sd else ("unet.",)
+    keep = {} if sd else {"ae": {k: v.cpu() for k, v in ae.state_dict().items()},
+                          "ae_config": common.load_checkpoint(args.base, ["ldm"])["ae_config"]}
+
+    def save(step):
+        if not common.all_finite(model):
+            raise common.UserError("fine-tuned weights are not finite; nothing saved; try a lower --lr")
+        weights = {k: v.cpu() for k, v in model.state_dict().items() if k.startswith(trained)}
+        common.save_checkpoint({"script": "dreambooth", "kind": "dreambooth", "config": cfg,
+                                "dreambooth": {**db, "last_losses": dict(last)}, "model": weights, **keep,
+                                "opt": opt.state_dict(), "step": step, "seed": args.seed}, path)
+
+    prior = "no prior preservation"
+    if x_cls is not None:
+        prior = f"{len(x_cls)} class images {class_prompt!r}, lambda {args.prior_weight:g}"
+    text = " and the text encoder" if args.train_text_encoder else ""
+    cls_batch = "" if x_cls is None else f" + {bs}"
+    print(f"dreambooth: {len(x_inst)} instance images '{inst_prompt}', {prior}; training the U-Net{text} "
+          f"({sum(p.numel() for p in params) / 1e6:.2f}M parameters), steps {step} -> {dcfg['max_steps']}, "
+          f"batch {bs}{cls_batch}, lr {dcfg['lr']:g}, device {device}", flush=True)
+    model.train()
+    # a checkpoint at the end and on Ctrl-C, none on the way: fine-tuning is short and a fine-tuned Stable
+    # Diffusion checkpoint is gigabytes
+    every = {**dcfg, "ckpt_every": dcfg["max_steps"]}
+    step = common.train_loop("dreambooth", step_fn, save, step, dcfg["max_steps"], path, every)
+    model.eval().requires_grad_(False)
+    common.save_grid(x_inst, os.path.join(args.out, "instance_images.png"))
+    torch.manual_seed(args.seed)
+    n = args.n_samples or (2 if sd else 8)
+    x = sample(model, ae, cfg, tok, [inst_prompt] * n + [class_prompt] * n, scale, steps)
+    common.save_grid(x, os.path.join(args.out, "samples.png"), nrow=n)
+    print(f"fine-tuned to step {step}; checkpoint {path}; samples.png: row 1 '{inst_prompt}', "
+          f"row 2 '{class_prompt}'")
+    return model, None if sd else base
+
+
+#################################################################################
+#                                    Sampling                                   #
+#################################################################################
 
 def load_base(args):
     """The base model: Stable Diffusion (--weights, --tokenizer) or an ldm.py text checkpoint (--base) ->
@@ -117,328 +351,47 @@ def load_model(path):
     --weights file again."""
     if not os.path.exists(path):
         raise common.UserError(f"checkpoint {path} not found; fine-tune one with `python dreambooth.py "
-                               f"--train`")
-    db = common.load_checkpoint(path, ["dreambooth"])["dreambooth"]
+                               "--train`")
+    ck = common.load_checkpoint(path, ["dreambooth"])
+    db = ck["dreambooth"]
     if not db.get("weights"):
         model, ae, cfg, ck = common.load_ldm(path, ("dreambooth",))
         return model, ae, common.WordTokenizer(cfg["vocab"], cfg["max_len"]), cfg, ck
-    ck = common.load_checkpoint(path, ["dreambooth"])
-    model, ae, tok, cfg = common.load_stable_diffusion(db["weights"], db["tokenizer"],
-                                                       ck["config"]["image_size"])
+    size = ck["config"]["image_size"]
+    model, ae, tok, cfg = common.load_stable_diffusion(db["weights"], db["tokenizer"], size)
     model.load_state_dict({**model.state_dict(), **ck["model"]})
     return model, ae, tok, cfg, ck
-
-
-# ---------------------------------------------------------------------------------------------
-# DreamBooth
-# ---------------------------------------------------------------------------------------------
-
-def extend_vocab(model, cfg, words, seed=0):
-    """Append the words the vocabulary lacks (the identifier) and give each a new row of the text encoder's
-    embedding table, N(0, std^2) with std that of the trained rows. Returns the new cfg (model changed in place)."""
-    new = [w for w in words if w not in cfg["vocab"]]
-    if not new:
-        return cfg
-    old = model.text.tok.weight.data
-    g = torch.Generator().manual_seed(seed + 8191)
-    rows = torch.randn(len(new), old.shape[1], generator=g).to(old) * old.std()
-    emb = nn.Embedding(old.shape[0] + len(new), old.shape[1]).to(old.device)
-    emb.weight.data.copy_(torch.cat([old, rows]))
-    model.text.tok = emb
-    return {**cfg, "vocab": list(cfg["vocab"]) + new}
-
-
-def instance_prompt(class_prompt, noun, ident):
-    """The instance prompt: the class prompt with the identifier [V] before the (last) class noun, "a [V]
-    [class noun]" (Sec. 3.2): "a circle" -> "a sks circle", "a photo of a dog" -> "a photo of a sks dog"."""
-    words = class_prompt.split()
-    i = max(j for j, w in enumerate(words) if common.WordTokenizer.words(w) == [noun])
-    return " ".join(words[:i] + [ident] + words[i:])
-
-
-def dreambooth_loss(net, z0, tokens, n_inst, abar, prior_weight=1.0, t=None, eps=None):
-    """Eq. 2 with prior preservation on a batch ordered [instance..., class...] (z0, tokens): one U-Net call,
-    the prediction split at n_inst. loss = ||eps - eps_theta||^2 over the instances + lambda ||eps' -
-    eps_theta||^2 over the class images (each a mean); with no class rows, the instance term alone."""
-    t = torch.randint(0, len(abar), (z0.shape[0],), device=z0.device) if t is None else t
-    eps = torch.randn_like(z0) if eps is None else eps
-    a = common.extract(abar, t, z0.shape)
-    pred = net(a.sqrt() * z0 + (1 - a).sqrt() * eps, t, tokens).float()      # z_t of eq. 2 (DDPM eq. 4)
-    inst = F.mse_loss(pred[:n_inst], eps[:n_inst].float())
-    if n_inst == z0.shape[0]:
-        return inst, {"inst": inst.item()}
-    prior = F.mse_loss(pred[n_inst:], eps[n_inst:].float())
-    return inst + prior_weight * prior, {"inst": inst.item(), "prior": prior.item()}
-
-
-def instance_images(args, cfg):
-    """--instance-dir's (or --data's) images, or the default: 4 images of ShapesData(subject=True) (a
-    ring)."""
-    size, ch = cfg["image_size"], cfg["channels"]
-    if args.instance_dir is None:
-        data = common.ShapesData(size, ch, seed=args.seed + 4242, subject=True)
-        return torch.stack([data[i][0] for i in range(4)])
-    d = args.instance_dir
-    if not os.path.isdir(d):
-        raise common.UserError(f"--instance-dir {d}: no such folder; give a folder with 3-5 images of the subject")
-    files = [f for _, _, fs in os.walk(d) for f in fs if f.lower().endswith(common.IMAGE_EXTS)]
-    if not files:
-        raise common.UserError(f"--instance-dir {d}: no images ({', '.join(common.IMAGE_EXTS)}); give 3-5 images "
-                               "of the subject")
-    data = common.load_folder(d, size, ch)
-    if not 3 <= len(data) <= 5:
-        print(f"warning: {len(data)} instance image(s); the paper uses 3-5", file=sys.stderr)
-    return torch.stack([data[i][0] for i in range(len(data))])
-
-
-@torch.no_grad()
-def class_images(base, ae, cfg, tok, prompt, n, folder, device, scale, steps, seed, batch=50):
-    """The prior-preservation images x_pr: n samples of the frozen base for the class prompt, kept as PNGs in
-    `folder`; only the missing ones are generated (as diffusers does)."""
-    os.makedirs(folder, exist_ok=True)
-    have = sorted(f for f in os.listdir(folder) if f.endswith(".png"))[:n]
-    if len(have) < n:
-        print(f"dreambooth: generating {n - len(have)} class images for '{prompt}' with the frozen base -> {folder}")
-        torch.manual_seed(seed + 1234 + len(have))
-        for s in common.steps_bar(range(len(have), n, batch), math.ceil((n - len(have)) / batch), "class images"):
-            k = min(batch, n - s)
-            x = sample(base, ae, cfg, tok, [prompt] * k, scale, steps)
-            for j, im in enumerate(common.to_uint8(x)):
-                Image.fromarray(im[:, :, 0] if im.shape[2] == 1 else im).save(os.path.join(folder, f"{s + j:05d}.png"))
-        have = sorted(f for f in os.listdir(folder) if f.endswith(".png"))[:n]
-    ims = [np.asarray(Image.open(os.path.join(folder, f)).convert("L" if cfg["channels"] == 1 else "RGB"))
-           for f in have]
-    x = torch.from_numpy(np.stack([a.reshape(a.shape[0], a.shape[1], -1) for a in ims])).permute(0, 3, 1, 2)
-    if x.shape[-1] != cfg["image_size"]:
-        raise common.UserError(f"{folder} holds {x.shape[-1]}px images, not the base's {cfg['image_size']}px; "
-                               "delete it to regenerate")
-    return x.float() / 127.5 - 1
-
-
-SETTINGS = ("base", "weights", "tokenizer", "instance_dir", "identifier", "class_noun", "class_prompt",
-            "num_class_images", "prior_weight", "no_prior", "train_text_encoder", "image_size")
-# the flags a --resume takes from the checkpoint
-
-
-def subject_words(args, tok, cfg):
-    """(identifier, class noun, class prompt, instance prompt) from the flags, checked against the base."""
-    class_prompt = args.class_prompt or f"a {args.class_noun or 'circle'}"
-    noun = common.WordTokenizer.words(args.class_noun or class_prompt.split()[-1])
-    if len(noun) != 1 or not any(common.WordTokenizer.words(w) == noun for w in class_prompt.split()):
-        raise common.UserError(f"--class-noun '{args.class_noun}': one word of the class prompt "
-                               f"'{class_prompt}'")
-    ident = common.WordTokenizer.words(args.identifier)
-    if len(ident) != 1:
-        raise common.UserError(f"--identifier '{args.identifier}': use one word of letters and digits, "
-                               f"e.g. sks")
-    if isinstance(tok, common.WordTokenizer):
-        unknown = tok.unknown(class_prompt)
-        if unknown:
-            raise common.UserError(f"--class-noun/--class-prompt '{class_prompt}': {', '.join(unknown)} "
-                                   f"not in the "
-                                   f"base vocabulary; use words of {', '.join(w for w in cfg['vocab'][3:])}")
-    return ident[0], noun[0], class_prompt, instance_prompt(class_prompt, noun[0], ident[0])
-def train(args, dcfg):
-    """Fine-tune the base (eq. 2). Checkpoint <out>/ckpt.pt at the end, or of the current step on Ctrl-C, with
-    the optimizer: --resume continues it exactly (every draw of step k is seeded from (seed, k)). Stable
-    Diffusion is fine-tuned in place once its class images exist (its file is the frozen base) and its
-    checkpoint keeps only the trained networks; ldm.py's small base is copied and stays frozen beside it."""
-    device = common.get_device(args.device)
-    path = os.path.join(args.out, "ckpt.pt")
-    ck = None
-    if args.resume:
-        ck = common.load_checkpoint(path, ["dreambooth"])
-        db = ck["dreambooth"]
-        for k in SETTINGS:
-            setattr(args, k, db.get(k))
-        dcfg = {**dcfg, **{k: db[k] for k in ("batch_size", "lr", "weight_decay", "grad_clip")},
-                "max_steps": args.max_steps or db["max_steps"]}
-        print(f"dreambooth: resuming {path} at step {ck['step']} with its settings ("
-              + ", ".join(f"{k} {db.get(k)}" for k in SETTINGS if db.get(k) not in (None, False)) + ")")
-        if common.already_done("dreambooth", ck["step"], dcfg["max_steps"]):
-            return None, None
-    base, ae, tok, cfg, info = load_base(args)
-    base, ae, sd = base.to(device), ae.to(device), bool(args.weights)
-    ident, noun, class_prompt, inst_prompt = subject_words(args, tok, cfg)
-    if not sd and ident in cfg["vocab"] and ck is None:
-        common.warn(f"the identifier '{ident}' is a word the base already knows; DreamBooth wants a rare one")
-    x_inst = instance_images(args, cfg)
-    steps = args.steps or DEFAULT_STEPS
-    scale = (SD_SCALE if sd else DEFAULT_SCALE) if args.scale is None else args.scale
-    x_cls = None if args.no_prior else class_images(
-        base, ae, cfg, tok, class_prompt, args.num_class_images, os.path.join(args.out, f"class_{noun}"),
-        device,
-        scale, steps, args.seed)
-    torch.manual_seed(args.seed)
-    model = base if sd else copy.deepcopy(base)       # ldm.py's base itself stays frozen and unchanged
-    if not sd:
-        cfg = extend_vocab(model, cfg, [ident], args.seed)
-        tok = common.WordTokenizer(cfg["vocab"], cfg["max_len"])
-    model.requires_grad_(False).unet.requires_grad_(True)
-    if args.train_text_encoder:
-        model.text.requires_grad_(True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=dcfg["lr"], betas=(0.9, 0.999), weight_decay=dcfg["weight_decay"])
-    step = 0
-    if ck is not None:
-        model.load_state_dict({**model.state_dict(), **ck["model"]})
-        opt.load_state_dict(ck["opt"])
-        step = ck["step"]
-    abar = common.on_device(device)(common.alphas_cumprod(cfg))
-
-    @torch.no_grad()
-    def posterior(x):
-        ms = [ae.encode(x[i:i + 16].to(device)) for i in range(0, len(x), 16)]
-        return torch.cat([m for m, _ in ms]), torch.cat([(0.5 * lv).exp() for _, lv in ms])
-
-    inst_post = posterior(x_inst)
-    cls_post = posterior(x_cls) if x_cls is not None else None
-    t_inst, t_cls = tok([inst_prompt]), tok([class_prompt])
-    bs, sf = dcfg["batch_size"], cfg["scale_factor"]
-    prior = 'no prior preservation' if x_cls is None else \
-        f'{len(x_cls)} class images {class_prompt!r}, lambda {args.prior_weight:g}'
-    text = " and the text encoder" if args.train_text_encoder else ""
-    cls_batch = "" if x_cls is None else f" + {bs}"
-    print(f"dreambooth: {len(x_inst)} instance images '{inst_prompt}', {prior}; training the U-Net{text} "
-          f"({sum(p.numel() for p in params) / 1e6:.2f}M parameters), steps {step} -> {dcfg['max_steps']}, "
-          f"batch {bs}{cls_batch}, lr {dcfg['lr']:g}, device {device}", flush=True)
-    db = {**{k: getattr(args, k) for k in SETTINGS}, "identifier": ident, "class_noun": noun,
-          "instance_prompt": inst_prompt, "class_prompt": class_prompt, "prior": x_cls is not None,
-          "num_instance_images": len(x_inst), "base": None if sd else os.path.abspath(args.base), **info,
-          **dcfg}
-    trained = ("unet.", "text.") if args.train_text_encoder or not sd else ("unet.",)
-    base_ae_config = None if sd else common.load_checkpoint(args.base, ["ldm"])["ae_config"]
-
-    def save(step, logs):
-        if not common.all_finite(model):
-            raise common.UserError("fine-tuned weights are not finite; nothing saved; try a lower --lr")
-        common.save_checkpoint({"script": "dreambooth", "kind": "dreambooth", "config": cfg,
-                                "dreambooth": {**db, "last_losses": logs},
-                                "model": {k: v.cpu() for k, v in model.state_dict().items()
-                                          if k.startswith(trained)},
-                                **({} if sd else {"ae": {k: v.cpu() for k, v in ae.state_dict().items()},
-                                                  "ae_config": base_ae_config}),
-                                "opt": opt.state_dict(), "step": step, "seed": args.seed}, path)
-
-    model.train()
-    amp = common.autocast(device, args.dtype)
-    bar, logs = common.Progress(dcfg["max_steps"], step, "dreambooth"), {}
-    with common.GracefulStop() as stop:
-        while step < dcfg["max_steps"]:
-            g = torch.Generator().manual_seed(common.step_seed(args.seed, step))
-            i = torch.randint(len(x_inst), (bs,), generator=g)
-            mean, std = inst_post[0][i], inst_post[1][i]
-            toks = [t_inst.expand(bs, -1)]
-            if cls_post is not None:                      # the batch: [instance..., class...]
-                j = torch.randint(len(x_cls), (bs,), generator=g)
-                mean, std = torch.cat([mean, cls_post[0][j]]), torch.cat([std, cls_post[1][j]])
-                toks.append(t_cls.expand(bs, -1))
-            torch.manual_seed(common.step_seed(args.seed, step))
-            z0 = (mean + std * torch.randn_like(mean)) * sf
-            with amp:
-                loss, logs = dreambooth_loss(model, z0.float(), torch.cat(toks).to(device), bs, abar,
-                                             args.prior_weight)
-            if not torch.isfinite(loss):
-                raise common.UserError(f"loss became {loss.item()} at step {step}; stopped without saving; try a "
-                                       "lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(params, dcfg["grad_clip"])
-            opt.step()
-            step += 1
-            bar.update(**({k: f"{v:.4f}" for k, v in logs.items()} if step % dcfg["log_every"] == 0 else {}))
-            if stop.requested:
-                save(step, logs)
-            stop.check(step, dcfg["max_steps"], path)
-    bar.close()
-    model.eval().requires_grad_(False)
-    save(step, logs)
-    common.save_grid(x_inst, os.path.join(args.out, "instance_images.png"))
-    torch.manual_seed(args.seed)
-    n = args.n_samples or (2 if sd else 8)
-    x = sample(model, ae, cfg, tok, [inst_prompt] * n + [class_prompt] * n, scale, steps)
-    common.save_grid(x, os.path.join(args.out, "samples.png"), nrow=n)
-    print(f"fine-tuned to step {step}; checkpoint {path}; samples.png: row 1 '{inst_prompt}', "
-          f"row 2 '{class_prompt}'")
-    return model, None if sd else base
-
-
-def check_prompt(tok, prompt):
-    unk = tok.unknown(prompt)
-    if unk and len(unk) == len(common.WordTokenizer.words(prompt)):
-        raise common.UserError(f"--prompt '{prompt}': no word the model knows; its vocabulary: "
-                               f"{', '.join(tok.vocab[3:])}")
-    if unk:
-        print(f"warning: unknown word(s) {', '.join(unk)} in --prompt become <unk>", file=sys.stderr)
 
 
 def sample_images(args, device):
     model, ae, tok, cfg, ck = load_model(args.ckpt or os.path.join(args.out, "ckpt.pt"))
     model, ae = model.to(device), ae.to(device)
     prompt = ck["dreambooth"]["instance_prompt"] if args.prompt is None else args.prompt
-    check_prompt(tok, prompt)
+    unknown = tok.unknown(prompt)
+    if unknown and len(unknown) == len(common.WordTokenizer.words(prompt)):
+        raise common.UserError(f"--prompt '{prompt}': no word the model knows; its vocabulary: "
+                               f"{', '.join(tok.vocab[3:])}")
+    if unknown:
+        common.warn(f"unknown word(s) {', '.join(unknown)} in --prompt become <unk>")
     sd = bool(ck["dreambooth"].get("weights"))
     n = args.n_samples or (1 if sd else 16)
-    scale = (SD_SCALE if sd else DEFAULT_SCALE) if args.scale is None else args.scale
+    scale = args.scale
+    if scale is None:
+        scale = SD_SCALE if sd else DEFAULT_SCALE
+    steps = args.steps or DEFAULT_STEPS
     torch.manual_seed(args.seed)
     t0 = time.time()
     with common.autocast(device, args.dtype):
-        x = sample(model, ae, cfg, tok, [prompt] * n, scale, args.steps or DEFAULT_STEPS, progress=True)
+        x = sample(model, ae, cfg, tok, [prompt] * n, scale, steps, progress=True)
     path = os.path.join(args.out, "samples.png")
     common.save_grid(x, path)
-    print(f"{n} samples for '{prompt}', scale {scale:g}, {args.steps or DEFAULT_STEPS} DDIM steps, "
-          f"{time.time() - t0:.2f}s: {path}")
+    print(f"{n} samples for '{prompt}', scale {scale:g}, {steps} DDIM steps, {time.time() - t0:.2f}s: {path}")
     return x
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation: subject fidelity, prompt fidelity, language drift (Sec. 4.3 - 4.4 at small scale)
-# ---------------------------------------------------------------------------------------------
-
-def subject_judge(size, channels, device, steps=400, seed=0):
-    """A common.Judge with one head, {ordinary, subject}, trained on circles with and without the subject's
-    hole (ShapesData(subject=True) vs the same attributes drawn plainly); cached in out/judge/."""
-    path = os.path.join(common.JUDGE_DIR, f"subject_ring_{size}_{channels}_s{steps}.pt")
-    heads = {"subject": ["ordinary", "subject"]}
-    judge = common.Judge(heads, channels)
-    if os.path.exists(path):
-        ck = common.load_checkpoint(path, ["judge"])
-        judge.load_state_dict(ck["model"])
-        judge.accuracy = ck["accuracy"]["subject"]
-        return judge.to(device).eval()
-
-    def batch(start, n):
-        data = common.ShapesData(size, channels, seed=seed + 77, subject=True)
-        xs, ys = [], []
-        for i in range(start, start + n):
-            a = data.attributes(i)
-            a["subject"] = bool(i % 2)
-            xs.append(common.to_tensor(common.draw_shape(a, size, channels, a["jitter"])))
-            ys.append(i % 2)
-        return torch.stack(xs), torch.tensor(ys)
-
-    print(f"training the subject judge ({steps} steps), cached in {path}")
-    torch.manual_seed(seed)
-    judge = judge.to(device)
-    x, y = batch(0, min(4000, steps * 32))
-    opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        i = torch.randint(len(x), (32,), generator=g)
-        loss = F.cross_entropy(judge(x[i].to(device))["subject"], y[i].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    judge.eval()
-    xt, yt = batch(10 ** 6, 400)
-    acc = (common.judge_predict(judge, xt)["subject"] == yt).float().mean().item()
-    common.save_checkpoint({"script": "judge", "heads": heads, "model": {k: v.cpu() for k, v in
-                                                                         judge.state_dict().items()},
-                            "accuracy": {"subject": acc}}, path)
-    print(f"subject judge: held-out accuracy {acc:.3f}")
-    judge.accuracy = acc
-    return judge
-
+#################################################################################
+#    Evaluation: subject fidelity, prompt fidelity, language drift (Sec. 4)     #
+#################################################################################
 
 def diversity(judge, x):
     """Mean pairwise L2 distance of judge features (the paper's DIV uses LPIPS, not available offline)."""
@@ -456,18 +409,18 @@ def evaluate(args, device):
     Then common.evaluate (FID/KID, caption accuracy on held-out ordinary captions) for the fine-tuned model.
     subject_ceiling: the fraction of held-out subject images the subject judge still calls the subject after
     the autoencoder (encode, decode): what the latent space lets through."""
-    path = args.ckpt or os.path.join(args.out, "ckpt.pt")
-    model, ae, tok, cfg, ck = load_model(path)
+    model, ae, tok, cfg, ck = load_model(args.ckpt or os.path.join(args.out, "ckpt.pt"))
     if ck["dreambooth"].get("weights"):
         raise common.UserError("--eval measures the shapes experiment (judges trained on shapes); look at "
                                "--sample's images of a fine-tuned Stable Diffusion instead")
     model, ae = model.to(device), ae.to(device)
     db = ck["dreambooth"]
     size, ch, n = cfg["image_size"], cfg["channels"], args.n_samples or 100
-    scale, steps = DEFAULT_SCALE if args.scale is None else args.scale, args.steps or DEFAULT_STEPS
-    preset = PRESETS[args.preset]
-    judge = common.get_judge("shapes", size, ch, device, steps=preset.get("judge_steps", common.JUDGE_STEPS))
-    sj = subject_judge(size, ch, device, steps=preset.get("subject_judge_steps", 400))
+    scale = DEFAULT_SCALE if args.scale is None else args.scale
+    steps = args.steps or DEFAULT_STEPS
+    judge_steps = PRESETS[args.preset].get("judge_steps", common.JUDGE_STEPS)
+    judge = common.get_judge("shapes", size, ch, device, steps=judge_steps)
+    sj = common.subject_judge(size, ch, device, PRESETS[args.preset].get("subject_judge_steps", 400))
     ident, noun = db["identifier"], db["class_noun"]
     rng = np.random.default_rng(args.seed)
     recontext = [f"a {rng.choice(common.SIZES)} {rng.choice(list(common.COLORS))} {ident} {noun} "
@@ -486,31 +439,34 @@ def evaluate(args, device):
     x_id = draw(model, [db["instance_prompt"]] * n)
     x_rc = draw(model, recontext)
     # the most subject fidelity can be through this autoencoder: held-out subject images, encoded and decoded
-    x_sub = torch.stack([common.ShapesData(size, ch, seed=args.seed + 99, subject=True)[i][0] for i in range(n)])
+    subjects = common.ShapesData(size, ch, seed=args.seed + SUBJECT_EVAL_SEED, subject=True)
+    x_sub = torch.stack([subjects[i][0] for i in range(n)])
     with torch.no_grad():
         rec = torch.cat([ae.decode(ae.encode(x_sub[i:i + 100].to(device))[0]).float().clamp(-1, 1).cpu()
                          for i in range(0, n, 100)])
     res = {"script": "dreambooth", "mode": "dreambooth", "n": n, "scale": scale, "steps": steps,
-           "prior": db["prior"], "train_text_encoder": db["train_text_encoder"], "subject_judge_acc": sj.accuracy,
+           "prior": db["prior"], "train_text_encoder": db["train_text_encoder"],
+           "subject_judge_acc": sj.accuracy,
            "subject_ceiling": is_subject(common.quantize(rec)).mean().item(),
            "subject_fidelity": is_subject(x_id).mean().item(),
            "prompt_fidelity": common.attribute_accuracy(judge, x_rc, recontext),
            "prompt_subject": is_subject(x_rc).mean().item()}
-    base = None
+    models = [("finetuned", model)]
     if os.path.exists(db["base"]):
-        base = common.load_ldm(db["base"], ("ldm",))[0].to(device)
-    for name, m in (("finetuned", model), ("base", base)):
-        if m is None:
-            continue
+        models.append(("base", common.load_ldm(db["base"], ("ldm",))[0].to(device)))
+    for name, m in models:
         x = draw(m, [db["class_prompt"]] * n)
-        ok = (common.judge_predict(judge, x)["shape"] == common.SHAPES.index(noun)).float() * (1 - is_subject(x)) \
-            if noun in common.SHAPES else 1 - is_subject(x)
-        res[f"class_ordinary_{name}"], res[f"class_diversity_{name}"] = ok.mean().item(), diversity(judge, x)
+        ordinary = 1 - is_subject(x)             # a circle, not the ring
+        if noun in common.SHAPES:
+            shape = common.judge_predict(judge, x)["shape"]
+            ordinary = ordinary * (shape == common.SHAPES.index(noun)).float()
+        res[f"class_ordinary_{name}"] = ordinary.mean().item()
+        res[f"class_diversity_{name}"] = diversity(judge, x)
         common.save_grid(x[:64], os.path.join(args.out, f"eval_class_{name}.png"))
     common.save_grid(x_id[:64], os.path.join(args.out, "eval_subject.png"))
     common.save_grid(x_rc[:64], os.path.join(args.out, "eval_recontext.png"))
     out, args.out = args.out, os.path.join(args.out, "eval_ordinary")
-    ordinary = common.evaluate("dreambooth", args, {**cfg, "judge_steps": preset.get("judge_steps", common.JUDGE_STEPS)},
+    ordinary = common.evaluate("dreambooth", args, {**cfg, "judge_steps": judge_steps},
                                lambda k, wanted: sample(model, ae, cfg, tok, wanted, scale, steps),
                                nfe=2 * steps, device=device, cond="caption")
     args.out = out
@@ -519,47 +475,41 @@ def evaluate(args, device):
     return res
 
 
-# ---------------------------------------------------------------------------------------------
-# The command line
-# ---------------------------------------------------------------------------------------------
+#################################################################################
+#                                  Command line                                 #
+#################################################################################
 
 def main(argv=None):
     p = common.make_parser("dreambooth", __doc__, PRESETS, weights=(
         "--train: Stable Diffusion v1.x as the base, a CompVis file (v1-5-pruned-emaonly.safetensors, "
         "sd-v1-4.ckpt) or a diffusers folder"))
-    p.add_argument("--tokenizer", metavar="PATH",
-                   help="with --weights: CLIP's bpe_simple_vocab_16e6.txt.gz or a "
-                   "tokenizer/ folder; a diffusers folder needs none")
+    p.rule("--weights", goes_with="--train")
+    p.rule("--image-size", goes_with="--weights")       # else the base checkpoint's
+    p.add_argument("--tokenizer", metavar="PATH", goes_with="--train --weights",
+                   type=common.existing_path("CLIP's bpe_simple_vocab_16e6.txt.gz or a tokenizer/ folder"),
+                   help="CLIP's bpe_simple_vocab_16e6.txt.gz or a tokenizer/ folder; a diffusers folder "
+                        "needs none")
     p.add_argument("--base", default=BASE, help=f"the ldm.py checkpoint to fine-tune (default {BASE})")
-    p.add_argument("--instance-dir", metavar="DIR", help="3-5 images of the subject (default: 4 generated images "
-                   "of the shapes subject, a ring); --data DIR says the same")
+    p.add_argument("--instance-dir", metavar="DIR", help="3-5 images of the subject (default: 4 generated "
+                   "images of the shapes subject, a ring); --data DIR says the same")
     p.add_argument("--identifier", default="sks", help="the rare identifier word [V] (default sks)")
-    p.add_argument("--class-prompt",
-                   help="the class prompt c_pr (default 'a <class noun>'); the instance prompt "
-                   "puts [V] before its class noun")
-    p.add_argument("--class-noun",
-                   help="the subject's class noun (default: the class prompt's last word; circle)")
-    p.add_argument("--num-class-images", type=common.positive_int, default=100, help="prior-preservation images "
-                   "(default 100)")
-    p.add_argument("--prior-weight", type=common.nonneg_float, default=1.0, help="lambda of the prior loss "
-                   "(default 1)")
+    p.add_argument("--class-prompt", help="the class prompt c_pr (default 'a <class noun>'); the instance "
+                   "prompt puts [V] before its class noun")
+    p.add_argument("--class-noun", help="the subject's class noun (default: the class prompt's last word; "
+                   "circle)")
+    p.add_argument("--num-class-images", type=common.positive_int, default=100,
+                   help="prior-preservation images (default 100)")
+    p.add_argument("--prior-weight", type=common.nonneg_float, default=1.0,
+                   help="lambda of the prior loss (default 1)")
     p.add_argument("--no-prior", action="store_true", help="no prior preservation (the ablation)")
     p.add_argument("--train-text-encoder", action="store_true", help="fine-tune the text encoder too")
-    p.add_argument("--prompt", help="--sample: the prompt (default the instance prompt, 'a sks circle')")
+    p.add_argument("--prompt", goes_with="--sample",
+                   help="the prompt (default the instance prompt, 'a sks circle')")
     p.add_argument("--scale", type=common.nonneg_float, help=f"classifier-free guidance scale (default "
                    f"{DEFAULT_SCALE:g}; {SD_SCALE:g} with --weights)")
     args = p.parse_args(argv)
-    for k in ("image_size", "channels"):
-        if getattr(args, k) is not None and not (args.weights and k == "image_size"):
-            raise common.UserError(f"--{k.replace('_', '-')}: set by the base checkpoint; drop it")
-    if args.prompt is not None and not args.sample:
-        raise common.UserError("--prompt goes with --sample")
-    if (args.weights or args.tokenizer) and not args.train:
-        raise common.UserError(f"{'--weights' if args.weights else '--tokenizer'} goes with --train (the "
-                               f"base "
-                               "model); --sample reads the fine-tuned checkpoint, which knows its base")
-    if args.tokenizer and not args.weights:
-        raise common.UserError("--tokenizer goes with --weights")
+    if args.channels is not None:
+        raise common.UserError("--channels: set by the base checkpoint; drop it")
     if args.data != "shapes":
         if args.instance_dir not in (None, args.data):
             raise common.UserError("give the subject's images once: --data or --instance-dir")
@@ -567,11 +517,7 @@ def main(argv=None):
     if args.weights and args.preset is None:
         args.preset = "paper"                        # Stable Diffusion's fine-tuning settings
     dcfg = common.make_config(args, PRESETS)
-    with common.claim_out(args.out):
-        if args.train:
-            return train(args, dcfg)
-        device = common.get_device(args.device)
-        return evaluate(args, device) if args.eval else sample_images(args, device)
+    return common.run(args, lambda: train(args, dcfg), sample_images, evaluate)
 
 
 if __name__ == "__main__":

@@ -1,103 +1,112 @@
 """
 Diffusion Models Beat GANs on Image Synthesis (Dhariwal & Nichol, 2021), https://arxiv.org/abs/2105.05233
-("ADM"), with the learned variances of Improved DDPM (Nichol & Dhariwal, 2021), https://arxiv.org/abs/2102.09672
+("ADM"), with the learned variances of Improved DDPM (Nichol & Dhariwal, 2021),
+https://arxiv.org/abs/2102.09672
 
-    python guided.py --train                          # the diffusion model, then the noisy classifier, on shapes
-    python guided.py --sample --class 2 --scale 2     # triangles, classifier guidance (Algorithm 1)
+    python guided.py --train                        # the diffusion model, then the noisy classifier (shapes)
+    python guided.py --sample --class 2 --scale 2   # triangles, classifier guidance (Algorithm 1)
     python guided.py --sample --class 0 --scale 2 --sampler ddim --steps 25   # guided DDIM (Algorithm 2)
-    python guided.py --eval --scale 1                 # FID/KID and the accuracy of the asked class (JSON last)
-    python guided.py --eval --sweep                   # guidance scales x (FID, accuracy, precision, recall)
-                                                      # and respaced steps; --baseline adds a fixed-variance model
+    python guided.py --eval --scale 1               # FID/KID and the accuracy of the asked class (JSON last)
+    python guided.py --eval --sweep                 # guidance scales x (FID, accuracy, precision, recall)
+                                                    # and respaced steps; --baseline: a fixed-variance model
     python guided.py --sample --weights 64x64_diffusion.pt --classifier-weights 64x64_classifier.pt \
-        --class 207                                   # ADM's released ImageNet 64 model (README)
+        --class 207                                 # ADM's released ImageNet 64 model (README)
 
 Timesteps are 0-indexed as in ddpm.py: abar_t = prod_{s<=t} (1 - beta_s), t = 0 is one noising step.
 "IDDPM" is Nichol & Dhariwal 2021, "DDPM" Ho et al. 2020, "ADM" Dhariwal & Nichol 2021.
 
-Cosine schedule    abar_t = f(t) / f(0), f(t) = cos^2((t/T + 0.008) / 1.008 pi/2), beta_t <= 0.999   (IDDPM eq. 17)
-Forward process    q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)                                    (DDPM eq. 4)
-Posterior          q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I),
-                   beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t)                                 (DDPM eqs. 6-7)
-Mean               mu_theta = mu~_t(x_t, x0_hat), x0_hat = (x_t - sqrt(1 - abar_t) eps_theta) / sqrt(abar_t)
-Learned variance   the network outputs [eps, v]; Sigma_theta = exp(frac log beta_t + (1 - frac) log beta~_t),
-                   frac = (v + 1) / 2 (the official code's range for v; the paper writes v for frac)   (IDDPM eq. 15)
-Bound              L_vlb = L_0 + ... + L_{T-1}, L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)),
-                   L_0 = -log p_theta(x_0 | x_1), a discretized Gaussian on the 256 pixel levels (DDPM eq. 13)
-Hybrid loss        L_hybrid = L_simple + lambda L_vlb, lambda = 0.001, with mu_theta detached in L_vlb, so
-                   L_vlb trains only Sigma_theta; one uniform t estimates L_vlb by T L_t               (IDDPM eq. 16)
-Respacing          a subsequence S of the T steps: beta'_i = 1 - abar_{S_i} / abar_{S_{i-1}}, the same marginals,
-                   and the learned v interpolates between the respaced beta' and beta~'           (IDDPM Sec. 4)
-Classifier         p_phi(y | x_t, t): the U-Net's downsampling half + attention pooling, cross-entropy on
-                   x_t = q_sample(x_0, t), t ~ U{0..T-1}                                          (ADM Sec. 4)
-Guided ancestral   x_{t-1} ~ N(mu + s Sigma grad_{x_t} log p_phi(y | x_t), Sigma)              (ADM Algorithm 1)
-Guided DDIM        eps^ = eps_theta(x_t) - s sqrt(1 - abar_t) grad_{x_t} log p_phi(y | x_t),
-                   x_{t-1} = sqrt(abar_{t-1}) x0_hat(eps^) + sqrt(1 - abar_{t-1}) eps^  (eta = 0) (ADM Algorithm 2)
-Architecture       common.UNet with ADM's options (ADM Sec. 3): more depth (residual blocks per resolution),
-                   64 channels per attention head, attention at 32, 16 and 8, BigGAN up/down residual blocks,
-                   AdaGN: GroupNorm(h) (1 + y_s) + y_b with (y_s, y_b) from the time (and class) embedding;
-                   residuals scaled by 1/sqrt(2) as an option (ADM_NET below), off as in ADM's final model.
-Not here           IDDPM's importance sampling of t for L_vlb alone (Sec. 3.3; the hybrid loss samples t
-                   uniformly), fp16 training, the upsampler models, classifier-free guidance (see ldm.py).
+Cosine schedule   abar_t = f(t) / f(0), f(t) = cos^2((t/T + 0.008) / 1.008 pi/2), beta_t <= 0.999
+                                                                                        (IDDPM eq. 17)
+Forward process   q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)                     (DDPM eq. 4)
+Posterior         q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I),
+                  beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t)                       (DDPM eqs. 6-7)
+Mean              mu_theta = mu~_t(x_t, x0_hat), x0_hat = (x_t - sqrt(1 - abar_t) eps_theta) / sqrt(abar_t)
+Learned variance  the network outputs [eps, v]; Sigma_theta = exp(frac log beta_t + (1 - frac) log beta~_t),
+                  frac = (v + 1) / 2 (the official code's range for v; the paper writes v for frac)
+                                                                                        (IDDPM eq. 15)
+Bound             L_vlb = L_0 + ... + L_{T-1}, L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)),
+                  L_0 = -log p_theta(x_0 | x_1), a discretized Gaussian on the 256 pixel levels
+                                                                                        (DDPM eq. 13)
+Hybrid loss       L_hybrid = L_simple + lambda L_vlb, lambda = 0.001, with mu_theta detached in L_vlb, so
+                  L_vlb trains only Sigma_theta; one uniform t estimates L_vlb by T L_t  (IDDPM eq. 16)
+Respacing         a subsequence S of the T steps: beta'_i = 1 - abar_{S_i} / abar_{S_{i-1}}, the same
+                  marginals; the learned v interpolates between the respaced beta' and beta~'
+                                                                                        (IDDPM Sec. 4)
+Classifier        p_phi(y | x_t, t): the U-Net's downsampling half + attention pooling, cross-entropy on
+                  x_t = q_sample(x_0, t), t ~ U{0..T-1}                                  (ADM Sec. 4)
+Guided ancestral  x_{t-1} ~ N(mu + s Sigma grad_{x_t} log p_phi(y | x_t), Sigma)         (ADM Algorithm 1)
+Guided DDIM       eps^ = eps_theta(x_t) - s sqrt(1 - abar_t) grad_{x_t} log p_phi(y | x_t),
+                  x_{t-1} = sqrt(abar_{t-1}) x0_hat(eps^) + sqrt(1 - abar_{t-1}) eps^ (eta = 0)
+                                                                                        (ADM Algorithm 2)
+Architecture      common.UNet with ADM's options (ADM Sec. 3): more depth (residual blocks per resolution),
+                  64 channels per attention head, attention at 32, 16 and 8, BigGAN up/down residual blocks,
+                  AdaGN: GroupNorm(h) (1 + y_s) + y_b with (y_s, y_b) from the time (and class) embedding;
+                  residuals scaled by 1/sqrt(2) as an option (ADM_NET below), off as in ADM's final model.
+Not here          IDDPM's importance sampling of t for L_vlb alone (Sec. 3.3; the hybrid loss samples t
+                  uniformly), fp16 training, the upsampler models, classifier-free guidance (see ldm.py).
 """
 import argparse
-import json
 import math
 import os
-import re
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 import common
 
-# ADM Sec. 3: AdaGN and BigGAN up/down blocks. Residuals scaled by 1/sqrt(2) are one of the options ADM's Table 1
-# ablates; its final architecture and the released code (guided_diffusion/unet.py) do not use them, so they are off
-# here: skip_rescale=True turns them on (common.UNet and the classifier read it).
+# ADM Sec. 3: AdaGN and BigGAN up/down blocks. Residuals scaled by 1/sqrt(2) are one of the options ADM's
+# Table 1 ablates; its final architecture and the released code (guided_diffusion/unet.py) do not use them,
+# so they are off here: skip_rescale=True turns them on (common.UNet and the classifier read it).
 ADM_NET = dict(scale_shift=True, resblock_updown=True, skip_rescale=False)
 PRESETS = {
     # seconds, for tests
     "tiny": dict(image_size=16, channels=3, ch=16, ch_mult=[1, 2], num_res_blocks=2, attn_res=[16, 8],
-                 head_channels=8, dropout=0.0, timesteps=100, schedule="cosine", var="learned", class_cond=False,
-                 **ADM_NET, batch_size=8, max_steps=20, lr=1e-3, warmup=0, grad_clip=1.0, ema=0.99,
-                 log_every=5, sample_every=0, ckpt_every=10, judge_steps=30,
+                 head_channels=8, dropout=0.0, timesteps=100, schedule="cosine", var="learned",
+                 class_cond=False, **ADM_NET, batch_size=8, max_steps=20, lr=1e-3, warmup=0, grad_clip=1.0,
+                 ema=0.99, log_every=5, sample_every=0, ckpt_every=10, judge_steps=30,
                  clf_ch=16, clf_ch_mult=[1, 2], clf_depth=1, clf_attn_res=[8], clf_steps=10, clf_batch=8,
                  clf_lr=1e-3, clf_wd=0.05),
-    # the default: minutes on a 2-core CPU (ddpm.py's depth and width, plus attention at 16x16, AdaGN, BigGAN up/down);
-    # class-conditional and guided, ADM-G (the paper's best): unconditional + guidance reached 0.55 MNIST accuracy at s = 1
+    # the default: minutes on a 2-core CPU (ddpm.py's depth and width, plus attention at 16x16, AdaGN,
+    # BigGAN up/down); class-conditional and guided as ADM-G, the paper's best: an unconditional model
+    # guided at s = 1 drew the asked MNIST digit in 0.55 of the samples (docs/real_data.md)
     "cpu": dict(image_size=32, channels=3, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_res=[16, 8],
-                head_channels=32, dropout=0.0, timesteps=1000, schedule="cosine", var="learned", class_cond=True,
-                **ADM_NET, batch_size=32, max_steps=2400, lr=1e-3, warmup=100, grad_clip=1.0, ema=0.995,
-                log_every=25, sample_every=0, ckpt_every=500,
+                head_channels=32, dropout=0.0, timesteps=1000, schedule="cosine", var="learned",
+                class_cond=True, **ADM_NET, batch_size=32, max_steps=2400, lr=1e-3, warmup=100,
+                grad_clip=1.0, ema=0.995, log_every=25, sample_every=0, ckpt_every=500,
                 clf_ch=32, clf_ch_mult=[1, 2, 2], clf_depth=1, clf_attn_res=[8], clf_steps=800, clf_batch=64,
                 clf_lr=1e-3, clf_wd=0.05),
-    # ADM ImageNet 64x64 (the guided-diffusion README's flags): ch 192, mult 1,2,3,4, 3 blocks, 64 channels per
-    # head at 32/16/8, dropout 0.1, learned sigmas, cosine T = 1000, lr 3e-4, class-conditional, EMA 0.9999;
-    # batch 2048 = 256 per process x 8 GPUs. Classifier: depth 4, width 128, AdamW lr 3e-4, weight decay 0.05.
-    "paper": dict(image_size=64, channels=3, ch=192, ch_mult=[1, 2, 3, 4], num_res_blocks=3, attn_res=[32, 16, 8],
-                  head_channels=64, dropout=0.1, timesteps=1000, schedule="cosine", var="learned", class_cond=True,
-                  **ADM_NET, batch_size=256, max_steps=540_000, lr=3e-4, warmup=0, grad_clip=0.0, ema=0.9999,
-                  flip=True, log_every=100, sample_every=10_000, ckpt_every=5000,
-                  clf_ch=128, clf_ch_mult=[1, 2, 3, 4], clf_depth=4, clf_attn_res=[32, 16, 8], clf_steps=300_000,
-                  clf_batch=256, clf_lr=3e-4, clf_wd=0.05),
+    # ADM ImageNet 64x64 (the guided-diffusion README's flags): ch 192, mult 1,2,3,4, 3 blocks, 64 channels
+    # per head at 32/16/8, dropout 0.1, learned sigmas, cosine T = 1000, lr 3e-4, class-conditional, EMA
+    # 0.9999; batch 2048 = 256 per process x 8 GPUs. Classifier: depth 4, width 128, AdamW lr 3e-4, weight
+    # decay 0.05.
+    "paper": dict(image_size=64, channels=3, ch=192, ch_mult=[1, 2, 3, 4], num_res_blocks=3,
+                  attn_res=[32, 16, 8], head_channels=64, dropout=0.1, timesteps=1000, schedule="cosine",
+                  var="learned", class_cond=True, **ADM_NET, batch_size=256, max_steps=540_000, lr=3e-4,
+                  warmup=0, grad_clip=0.0, ema=0.9999, flip=True, log_every=100, sample_every=10_000,
+                  ckpt_every=5000, clf_ch=128, clf_ch_mult=[1, 2, 3, 4], clf_depth=4,
+                  clf_attn_res=[32, 16, 8], clf_steps=300_000, clf_batch=256, clf_lr=3e-4, clf_wd=0.05),
 }
 GIF_FRAMES = 20             # snapshots of the reverse process in reverse.gif
 MAX_COLUMNS = 16            # --sample without --class: one class per column up to this many classes
-DEFAULT_STEPS = 100          # respaced sampling steps (IDDPM Sec. 4: learned sigmas hold up at 100; ADM used 250)
-DEFAULT_SCALE = 1.0          # ADM's guidance scale for ImageNet 64
-LAMBDA_VLB = 0.001           # IDDPM eq. 16
+DEFAULT_STEPS = 100         # respaced sampling steps (IDDPM Sec. 4: learned sigmas hold up at 100; ADM: 250)
+DEFAULT_SCALE = 1.0         # ADM's guidance scale for ImageNet 64
+LAMBDA_VLB = 0.001          # IDDPM eq. 16
 SWEEP_SCALES = [0.0, 0.5, 1.0, 2.0, 5.0, 10.0]
 SWEEP_STEPS = [25, 50, 100]
+CLASSIFIER_SEED = 1         # --seed + this: the classifier's initialization and data order
 CLASSIFIER_STREAM = 500_009  # common.step_seed's stream for the classifier, apart from the diffusion model's
 
 
-# ---------------------------------------------------------------------------------------------
-# Gaussians: the KL terms and the decoder of the variational bound
-# ---------------------------------------------------------------------------------------------
+#################################################################################
+#                 The paper's maths: the bound's Gaussian terms                 #
+#################################################################################
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) per dimension, in nats:
     1/2 (logvar2 - logvar1 + e^(logvar1 - logvar2) + (mean1 - mean2)^2 e^-logvar2 - 1)."""
-    return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1)
+    return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1)
 
 
 def discretized_gaussian_log_likelihood(x, mean, log_scale):
@@ -118,9 +127,9 @@ def mean_flat(x):
     return x.flatten(1).mean(1)
 
 
-# ---------------------------------------------------------------------------------------------
-# The diffusion: forward process, learned-variance reverse process, hybrid loss, samplers
-# ---------------------------------------------------------------------------------------------
+#################################################################################
+#          The paper's maths: learned variances, hybrid loss, respacing         #
+#################################################################################
 
 class Diffusion:
     """Everything derived from the betas, computed in float64 and kept as float32 on `device`
@@ -137,11 +146,12 @@ class Diffusion:
         post_var = b * (1 - abar_prev) / (1 - abar)                                           # beta~_t
         # beta~_0 = 0: its log is clipped to log beta~_1, as in the official code (with one step, log beta_0)
         post_logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]])) if self.T > 1 else b.log()
-        self.abar, self.abar_prev, self.post_var, self.post_logvar = map(keep, (abar, abar_prev, post_var, post_logvar))
-        self.post_c0 = keep(b * abar_prev.sqrt() / (1 - abar))                                # mu~_t = c0 x_0 + ct x_t
+        self.abar, self.abar_prev = keep(abar), keep(abar_prev)
+        self.post_var, self.post_logvar = keep(post_var), keep(post_logvar)
+        self.post_c0 = keep(b * abar_prev.sqrt() / (1 - abar))                     # mu~_t = c0 x_0 + ct x_t
         self.post_ct = keep((1 - abar_prev) * (1 - b).sqrt() / (1 - abar))
         self.log_betas = keep(b.log())
-        self.large_logvar = keep(torch.cat([post_logvar[:1], b.log()[1:]]))                   # DDPM's fixedlarge
+        self.large_logvar = keep(torch.cat([post_logvar[:1], b.log()[1:]]))        # DDPM's fixedlarge
         tmap = torch.arange(self.T) if timestep_map is None else torch.as_tensor(timestep_map)
         self.timestep_map = tmap if device is None else tmap.to(device)
 
@@ -182,10 +192,12 @@ class Diffusion:
         eps, v = out.chunk(2, dim=1) if out.shape[1] == 2 * xt.shape[1] else (out, None)
         if self.var == "learned":
             if v is None:
-                raise common.UserError("var 'learned' needs a network that outputs [eps, v]; use --var large or small")
+                raise common.UserError("var 'learned' needs a network that outputs [eps, v]; use --var "
+                                       "large or small")
             logvar = self.learned_logvar(v, t)
         else:
-            logvar = common.extract(self.large_logvar if self.var == "large" else self.post_logvar, t, xt.shape)
+            fixed = self.large_logvar if self.var == "large" else self.post_logvar
+            logvar = common.extract(fixed, t, xt.shape)
         x0 = self.x0_from_eps(xt, t, eps)
         if clip:
             x0 = x0.clamp(-1, 1)
@@ -193,8 +205,9 @@ class Diffusion:
         return {"mean": mean, "logvar": logvar.expand_as(mean), "x0": x0, "eps": eps}
 
     def vb_terms(self, out, x0, xt, t):
-        """The bound's term for each example in bits per dimension: L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p_theta)
-        for t > 0, L_0 = -log p_theta(x_0 | x_1) (DDPM eq. 13) at t = 0, with p_theta from the output `out`."""
+        """The bound's term for each example in bits per dimension: L_{t-1} = KL(q(x_{t-1}|x_t,x_0) ||
+        p_theta) for t > 0, L_0 = -log p_theta(x_0 | x_1) (DDPM eq. 13) at t = 0, with p_theta from the output
+        `out`."""
         true_mean, true_logvar = self.q_posterior(x0, xt, t)
         p = self.p_mean_variance(None, xt, t, clip=False, out=out)
         kl = mean_flat(normal_kl(true_mean, true_logvar, p["mean"], p["logvar"])) / math.log(2)
@@ -217,7 +230,8 @@ class Diffusion:
         return loss.mean()
 
     def p_sample(self, model, x, t, y=None, clip=True, guide=None):
-        """ADM Algorithm 1, one step: x_{t-1} ~ N(mu + s Sigma grad log p(y | x_t), Sigma); no noise at t = 0."""
+        """ADM Algorithm 1, one step: x_{t-1} ~ N(mu + s Sigma grad log p(y | x_t), Sigma); no noise at
+        t = 0."""
         p = self.p_mean_variance(model, x, t, y, clip)
         mean = p["mean"]
         if guide is not None:
@@ -238,13 +252,14 @@ class Diffusion:
             x0 = self.x0_from_eps(x, t, eps)
         a, a_prev = common.extract(self.abar, t, x.shape), common.extract(self.abar_prev, t, x.shape)
         sigma = eta * ((1 - a_prev) / (1 - a)).sqrt() * (1 - a / a_prev).sqrt()
-        return a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps + sigma * torch.randn_like(x)
+        direction = (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+        return a_prev.sqrt() * x0 + direction + sigma * torch.randn_like(x)
 
     @torch.no_grad()  # not inference_mode: the classifier's gradient is taken inside
     def sample(self, model, shape, device, y=None, clip=True, guide=None, sampler="ancestral", eta=0.0,
                frames=0, progress=False, x=None):
-        """From x_T ~ N(0, I) over this diffusion's T steps (respaced or not) with Algorithm 1 (ancestral) or 2
-        (ddim). guide(x, t) -> s grad log p(y | x_t) or None. Returns x_0 and `frames` snapshots of x_t."""
+        """From x_T ~ N(0, I) over this diffusion's T steps (respaced or not) with Algorithm 1 (ancestral) or
+        2 (ddim). guide(x, t) -> s grad log p(y | x_t) or None. Returns x_0 and `frames` snapshots of x_t."""
         x = torch.randn(shape, device=device) if x is None else x
         keep = set(torch.linspace(self.T - 1, 0, frames).round().long().tolist()) if frames else set()
         traj = []
@@ -260,7 +275,8 @@ class Diffusion:
 
 
 def diffusion_from(cfg, var=None, device=None):
-    return Diffusion(common.beta_schedule(cfg["schedule"], cfg["timesteps"]), var or cfg["var"], device=device)
+    betas = common.beta_schedule(cfg["schedule"], cfg["timesteps"])
+    return Diffusion(betas, var or cfg["var"], device=device)
 
 
 def space_timesteps(T, steps):
@@ -278,14 +294,23 @@ def respace(diff, steps):
     abar_{S_{i-1}} (abar before the first is 1): a shorter process with the same q(x_t | x_0) on the kept
     steps. Its beta~' follow from beta', so the learned v interpolates between the respaced bounds."""
     kept = torch.as_tensor(space_timesteps(diff.T, steps))
-    abar = torch.cumprod(1 - diff.betas, 0)[kept]                # from the float64 betas, not the float32 copy
+    abar = torch.cumprod(1 - diff.betas, 0)[kept]          # from the float64 betas, not the float32 copy
     prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
     return Diffusion(1 - abar / prev, diff.var, diff.timestep_map.cpu()[kept], diff.device)
 
 
-# ---------------------------------------------------------------------------------------------
-# Classifier guidance
-# ---------------------------------------------------------------------------------------------
+def released_diffusion(cfg, var=None, device=None):
+    """The diffusion of a released model: IDDPM's linear schedule keeps its ends for any T (betas 1e-4 and
+    0.02 times 1000 / T), and a network trained with rescaled timesteps is called at t * 1000 / T."""
+    T = cfg["timesteps"]
+    betas = common.beta_schedule(cfg["schedule"], T, 1e-4 * (1000 / T), 0.02 * (1000 / T))
+    tmap = torch.arange(T).float() * (1000.0 / T) if cfg["rescale_timesteps"] else None
+    return Diffusion(betas, var or cfg["var"], tmap, device)
+
+
+#################################################################################
+#                     The paper's maths: classifier guidance                    #
+#################################################################################
 
 def cond_fn(classifier, x, t, y, scale):
     """s grad_{x_t} log p_phi(y | x_t, t), taken at x_t (ADM Sec. 4.1): the scale sits here, as in the
@@ -314,6 +339,17 @@ def make_guide(classifier, y, scale):
     return lambda x, t: cond_fn(classifier, x, t, y, scale)
 
 
+def classifier_loss(clf, diff, x0, y):
+    """ADM Sec. 4: cross-entropy of p_phi(y | x_t, t) on x_t = q_sample(x_0, t), t ~ U{0..T-1}."""
+    t = torch.randint(0, diff.T, (x0.shape[0],), device=x0.device)
+    return F.cross_entropy(clf(diff.q_sample(x0, t, torch.randn_like(x0)), t).float(), y)
+
+
+#################################################################################
+#                The paper's networks: the noise-aware classifier               #
+#################################################################################
+# The diffusion model is common.UNet with ADM's options (ADM_NET above: AdaGN, BigGAN up/down blocks).
+
 class AttentionPool(nn.Module):
     """ADM's attention pooling (as in CLIP): the mean of the HW tokens, prepended, plus learned position
     embeddings; multi-head attention from that token over all HW + 1, projected to the logits."""
@@ -330,7 +366,7 @@ class AttentionPool(nn.Module):
         tok = x.flatten(2).transpose(1, 2)                                          # (B, HW, C)
         tok = torch.cat([tok.mean(1, keepdim=True), tok], 1) + self.pos.to(tok.dtype)
         q, k, v = self.qkv(tok).view(B, H * W + 1, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        h = F.scaled_dot_product_attention(q[:, :, :1], k, v)                      # the pooled token's query only
+        h = F.scaled_dot_product_attention(q[:, :, :1], k, v)              # the pooled token's query only
         return self.proj(h.transpose(1, 2).reshape(B, C))
 
 
@@ -340,8 +376,8 @@ class Classifier(nn.Module):
     its middle block, then GroupNorm, SiLU and attention pooling at the lowest resolution. norm_groups and
     emb_cos_first as in common.UNet (for the released classifiers: 32 groups, [cos, sin])."""
 
-    def __init__(self, num_classes, ch, ch_mult, depth, attn_res, head_channels, image_size, in_ch=3, dropout=0.0,
-                 skip_rescale=False, norm_groups=None, emb_cos_first=False):
+    def __init__(self, num_classes, ch, ch_mult, depth, attn_res, head_channels, image_size, in_ch=3,
+                 dropout=0.0, skip_rescale=False, norm_groups=None, emb_cos_first=False):
         super().__init__()
         emb_dim = 4 * ch
         self.ch, self.emb_cos_first = ch, emb_cos_first
@@ -375,11 +411,13 @@ class Classifier(nn.Module):
 
 def classifier_config(cfg, num_classes):
     """The classifier's plain config, from the diffusion preset's clf_* keys."""
-    return {"num_classes": num_classes, "ch": cfg["clf_ch"], "ch_mult": list(cfg.get("clf_ch_mult", cfg["ch_mult"])),
-            "depth": cfg["clf_depth"], "attn_res": list(cfg["clf_attn_res"]), "head_channels": cfg["head_channels"],
+    return {"num_classes": num_classes, "ch": cfg["clf_ch"],
+            "ch_mult": list(cfg.get("clf_ch_mult", cfg["ch_mult"])), "depth": cfg["clf_depth"],
+            "attn_res": list(cfg["clf_attn_res"]), "head_channels": cfg["head_channels"],
             "image_size": cfg["image_size"], "channels": cfg["channels"], "timesteps": cfg["timesteps"],
             "schedule": cfg["schedule"], "steps": cfg["clf_steps"], "batch_size": cfg["clf_batch"],
-            "lr": cfg["clf_lr"], "weight_decay": cfg["clf_wd"], "skip_rescale": cfg.get("skip_rescale", False)}
+            "lr": cfg["clf_lr"], "weight_decay": cfg["clf_wd"],
+            "skip_rescale": cfg.get("skip_rescale", False)}
 
 
 def build_classifier(c):
@@ -388,542 +426,16 @@ def build_classifier(c):
                       norm_groups=c.get("norm_groups"), emb_cos_first=c.get("emb_cos_first", False))
 
 
-def classifier_loss(clf, diff, x0, y):
-    """ADM Sec. 4: cross-entropy of p_phi(y | x_t, t) on x_t = q_sample(x_0, t), t ~ U{0..T-1}."""
-    t = torch.randint(0, diff.T, (x0.shape[0],), device=x0.device)
-    return F.cross_entropy(clf(diff.q_sample(x0, t, torch.randn_like(x0)), t).float(), y)
-
-
-@torch.no_grad()
-def classifier_accuracy(clf, diff, data, device, n=256, seed=0):
-    """Held-out accuracy of the classifier on clean x_0 (t = 0) and on x_t at uniform t."""
-    g = torch.Generator().manual_seed(seed)
-    idx = list(range(n)) if data.endless else torch.randperm(len(data), generator=g)[:n].tolist()
-    x = torch.stack([data[i][0] for i in idx]).to(device)
-    y = torch.tensor([data[i][1] for i in idx], device=device)
-    t = torch.randint(0, diff.T, (len(x),), generator=g).to(device)
-    xt = diff.q_sample(x, t, torch.randn(x.shape, generator=g).to(device))
-    acc = lambda xx, tt: (clf(xx, tt).argmax(1) == y).float().mean().item()
-    return {"t0": acc(x, torch.zeros_like(t)), "t_uniform": acc(xt, t), "n": len(x)}
-
-
-def train_classifier(args, cfg, data, device):
-    """ADM's classifier training: AdamW (weight decay clf_wd), lr annealed linearly to 0, its own checkpoint
-    <out>/classifier.pt (atomic; resumed with --resume; Ctrl-C saves the current step). Every random draw of
-    step k is seeded from (seed, k)."""
-    path = os.path.join(args.out, "classifier.pt")
-    ccfg = classifier_config(cfg, data.num_classes)
-    diff = diffusion_from(cfg, device=device)
-    torch.manual_seed(args.seed + 1)
-    clf = build_classifier(ccfg).to(device)
-    opt = common.make_optimizer(clf.parameters(), ccfg["lr"], ccfg["weight_decay"], device=device)
-    step = 0
-    if args.resume and os.path.exists(path):
-        ck = load_classifier_checkpoint(path)
-        common.load_state(clf, ck["model"], path)
-        opt.load_state_dict(ck["opt"])
-        step = ck["step"]
-    if common.already_done("guided: the classifier", step, ccfg["steps"]):
-        return clf.eval()
-
-    def save(step, acc=None):
-        common.save_checkpoint({"script": "guided", "kind": "classifier", "config": ccfg, "model": clf.state_dict(),
-                                "opt": opt.state_dict(), "step": step, "seed": args.seed,
-                                **({"accuracy": acc} if acc else {})}, path)
-
-    print(f"guided: classifier {common.count_params(clf) / 1e6:.2f}M parameters, steps {step} -> {ccfg['steps']}")
-    it = common.batches(data, ccfg["batch_size"], args.seed + 1, step, flip=cfg.get("flip", False) and not data.endless)
-    amp = common.autocast(device, args.dtype)
-    clf.train()
-    bar = common.Progress(ccfg["steps"], step, "classifier")
-    ckpt_every, log_every = cfg.get("ckpt_every", 1000), cfg.get("log_every", 50)
-    with common.GracefulStop() as stop:
-        while step < ccfg["steps"]:
-            torch.manual_seed(common.step_seed(args.seed, step, stream=CLASSIFIER_STREAM))
-            x, y, _ = next(it)
-            for g in opt.param_groups:
-                g["lr"] = ccfg["lr"] * (1 - step / ccfg["steps"])
-            with amp:
-                loss = classifier_loss(clf, diff, x.to(device), y.to(device))
-            if not torch.isfinite(loss):
-                raise common.UserError(f"classifier loss became {loss.item()} at step {step}; the last good "
-                                       f"checkpoint {path} is kept; try a lower clf_lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            bar.update(**({"loss": f"{loss.item():.4f}"} if step % log_every == 0 else {}))
-            if (step % ckpt_every == 0 and step < ccfg["steps"]) or stop.requested:
-                save(step)
-            stop.check(step, ccfg["steps"], path)
-    bar.close()
-    clf.eval()
-    held = common.load_data(args.data, cfg["image_size"], cfg["channels"], seed=args.seed, train=False)
-    acc = classifier_accuracy(clf, diff, held, device)
-    save(step, acc)
-    print(f"classifier: held-out accuracy {acc['t0']:.3f} on x_0, {acc['t_uniform']:.3f} on x_t at uniform t; {path}")
-    return clf
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading, and sampling with the CLI's options
-# ---------------------------------------------------------------------------------------------
-
-def load(path, device):
-    """EMA network, diffusion and checkpoint of a guided.py diffusion model."""
-    ck = common.load_checkpoint(path, ["guided"])
-    if ck.get("kind") != "diffusion":
-        raise common.UserError(f"{path} is guided.py's {ck.get('kind', 'unknown')} checkpoint, not the diffusion "
-                               "model; pass the model's ckpt.pt with --ckpt")
-    model = common.build_unet(ck["config"])
-    common.load_state(model, ck["ema"], path)
-    return model.to(device, memory_format=torch.channels_last).eval(), diffusion_from(ck["config"], device=device), ck
-
-
-def load_classifier_checkpoint(path):
-    ck = common.load_checkpoint(path, ["guided"])
-    if ck.get("kind") != "classifier":
-        raise common.UserError(f"{path} is guided.py's {ck.get('kind', 'unknown')} checkpoint, not the classifier; "
-                               "pass classifier.pt with --classifier")
-    return ck
-
-
-def load_classifier(path, device, T):
-    ck = load_classifier_checkpoint(path)
-    if ck["config"]["timesteps"] != T:
-        raise common.UserError(f"{path} was trained for T = {ck['config']['timesteps']} timesteps, the diffusion "
-                               f"model has T = {T}; train them together with `python guided.py --train`")
-    clf = build_classifier(ck["config"])
-    clf.load_state_dict(ck["model"])
-    return clf.to(device, memory_format=torch.channels_last).eval(), ck
-
-
-# ---------------------------------------------------------------------------------------------
-# Released weights: ADM's models and classifiers (openai/guided-diffusion), Improved DDPM's
-# (openai/improved-diffusion)
-# ---------------------------------------------------------------------------------------------
-
-# What the released models' tensors do not show, from the two repositories' READMEs, keyed by what they do
-# show (common.openai_unet_structure): base width, multipliers, residual blocks per level, the levels with
-# attention (0 = full size), classes, BigGAN up/down. qkv: the fused attention's order (common.split_qkv);
-# rescale: the network takes t * 1000 / T (IDDPM's rescale_timesteps); scale, steps: the README's guidance
-# scale and respaced steps.
-ADM_256 = dict(image_size=256, head_channels=64, qkv="legacy", schedule="linear", timesteps=1000, steps=250)
-IDDPM = dict(qkv="legacy", heads=4, schedule="cosine", timesteps=4000, rescale=True)
-RELEASED = {
-    (192, (1, 2, 3, 4), 3, (1, 2, 3), 1000, True): dict(
-        files="64x64_diffusion.pt", image_size=64, head_channels=64, qkv="new", schedule="cosine",
-        timesteps=1000, scale=1.0, steps=250),
-    (256, (1, 1, 2, 3, 4), 2, (2, 3, 4), 1000, True): dict(
-        files="128x128_diffusion.pt", image_size=128, heads=4, qkv="legacy", schedule="linear",
-        timesteps=1000, scale=0.5, steps=250),
-    (256, (1, 1, 2, 2, 4, 4), 2, (3, 4, 5), 1000, True): dict(
-        files="256x256_diffusion.pt", scale=1.0, **ADM_256),
-    (256, (1, 1, 2, 2, 4, 4), 2, (3, 4, 5), None, True): dict(
-        files="256x256_diffusion_uncond.pt, lsun_bedroom/cat/horse(_nodropout).pt", scale=10.0, **ADM_256),
-    (128, (1, 2, 2, 2), 3, (1, 2), None, False): dict(
-        files="cifar10_uncond_50M_500K.pt, cifar10_uncond_vlb_50M_500K.pt", image_size=32, **IDDPM),
-    (128, (1, 2, 3, 4), 3, (2, 3), None, False): dict(
-        files="imagenet64_uncond_100M_1500K.pt, imagenet64_uncond_vlb_100M_1500K.pt", image_size=64, **IDDPM),
-    (192, (1, 2, 3, 4), 3, (2, 3), 1000, False): dict(
-        files="imagenet64_cond_270M_250K.pt", image_size=64, **{**IDDPM, "rescale": False}),
-    (128, (1, 1, 2, 2, 4, 4), 2, (4,), None, False): dict(
-        files="lsun_uncond_100M_1200K_bs128.pt, lsun_uncond_100M_2400K_bs64.pt", image_size=256, heads=1,
-        qkv="legacy", schedule="linear", timesteps=1000),
-}
-# ADM's classifiers (create_classifier: width 128, 64 channels per head, attention at 32, 16 and 8 pixels,
-# the multipliers fixed by the image size), keyed by (width, number of input blocks); trained with T = 1000.
-RELEASED_CLASSIFIERS = {
-    (128, 20): dict(files="64x64_classifier.pt", image_size=64, ch_mult=[1, 2, 3, 4], depth=4),
-    (128, 15): dict(files="128x128_classifier.pt", image_size=128, ch_mult=[1, 1, 2, 3, 4], depth=2),
-    (128, 18): dict(files="256x256_classifier.pt", image_size=256, ch_mult=[1, 1, 2, 2, 4, 4], depth=2),
-}
-
-
-def released_config(s, args, path):
-    """An OpenAI U-Net's config: the structure `s` its tensors show, the RELEASED entry it matches, then the
-    override flags (--image-size, --heads/--head-channels, --qkv-order, --schedule, --timesteps,
-    --rescale-timesteps). UserError naming the flags still needed for a model that is none of the released."""
-    key = (s["ch"], tuple(s["ch_mult"]), s["num_res_blocks"], tuple(s["attn_levels"]), s["num_classes"],
-           s["resblock_updown"])
-    r = dict(RELEASED.get(key, {}))
-    if args.heads or args.head_channels:
-        r.pop("heads", None), r.pop("head_channels", None)
-    flags = dict(image_size=args.image_size, heads=args.heads, head_channels=args.head_channels,
-                 qkv=args.qkv_order, schedule=args.schedule, timesteps=args.timesteps,
-                 rescale={"yes": True, "no": False}.get(args.rescale_timesteps))
-    r.update({k: v for k, v in flags.items() if v is not None})
-    need = [flag for flag, have in (("--image-size", "image_size" in r), ("--qkv-order", "qkv" in r),
-                                    ("--heads or --head-channels", "heads" in r or "head_channels" in r),
-                                    ("--schedule", "schedule" in r), ("--timesteps", "timesteps" in r))
-            if not have]
-    if need:
-        raise common.UserError(f"--weights {path}: an OpenAI U-Net that is none of the released ones (width "
-                               f"{s['ch']}, multipliers {s['ch_mult']}, {s['num_res_blocks']} blocks per "
-                               f"level); give {', '.join(need)}")
-    widths = [s["ch"] * s["ch_mult"][level] for level in s["attn_levels"]] + [s["ch"] * s["ch_mult"][-1]]
-    split = r.get("head_channels") or r["heads"]
-    if any(w % split for w in widths):
-        what = f"heads of {split} channels" if r.get("head_channels") else f"{split} heads"
-        raise common.UserError(f"--weights {path}: attention widths {widths} do not split into {what}")
-    return dict(image_size=r["image_size"], channels=s["channels"], out_ch=s["out_ch"], ch=s["ch"],
-                ch_mult=s["ch_mult"], num_res_blocks=s["num_res_blocks"],
-                attn_res=[r["image_size"] >> level for level in s["attn_levels"]], heads=r.get("heads"),
-                head_channels=r.get("head_channels"), num_classes=s["num_classes"], null_label=False,
-                scale_shift=s["scale_shift"], resblock_updown=s["resblock_updown"], norm_groups=32,
-                emb_cos_first=True, timesteps=r["timesteps"], schedule=r["schedule"],
-                var="learned" if s["out_ch"] == 2 * s["channels"] else "large", qkv=r["qkv"],
-                rescale_timesteps=r.get("rescale", False), released=r.get("files"),
-                guidance_scale=r.get("scale"), sample_steps=r.get("steps"))
-
-
-def released_diffusion(cfg, var=None, device=None):
-    """The diffusion of a released model: IDDPM's linear schedule keeps its ends for any T (betas 1e-4 and
-    0.02 times 1000 / T), and a network trained with rescaled timesteps is called at t * 1000 / T."""
-    T = cfg["timesteps"]
-    betas = common.beta_schedule(cfg["schedule"], T, 1e-4 * (1000 / T), 0.02 * (1000 / T))
-    tmap = torch.arange(T).float() * (1000.0 / T) if cfg["rescale_timesteps"] else None
-    return Diffusion(betas, var or cfg["var"], tmap, device)
-
-
-def load_weights(args, device):
-    """--weights: a released ADM or Improved DDPM model -> (network, diffusion, a checkpoint-like dict)."""
-    path = args.weights
-    tensors = common.read_weights(path)[0]
-    common.check_layout(path, tensors, ["openai-unet"], "guided")
-    with common.complete(path):
-        cfg = released_config(common.openai_unet_structure(tensors, path), args, path)
-    common.check_unet_size(cfg)
-    heads_of = lambda c: c // cfg["head_channels"] if cfg["head_channels"] else cfg["heads"]
-    ours = common.unet_from_openai(tensors, heads_of, cfg["qkv"])
-    model = common.load_mapped(common.build_unet(cfg), ours, path)
-    model = model.to(device, memory_format=torch.channels_last)
-    ck = {"config": cfg, "step": None, "weights": path}
-    return model.eval(), released_diffusion(cfg, device=device), ck
-
-
-def classifier_from_openai(tensors, heads_of):
-    """guided-diffusion classifier names (EncoderUNetModel) -> Classifier names: input_blocks[1:] and
-    middle_block are our blocks, module for module in order; out.0 is out_norm, out.2 the attention pool,
-    whose fused qkv is already in our order ('new') and whose position table is stored transposed."""
-    found = [re.match(r"input_blocks\.(\d+)\.(\d+)\.", k) for k in tensors]
-    trunk = sorted({(int(m[1]), int(m[2])) for m in found if m and m[1] != "0"})
-    index = {f"input_blocks.{n}.{j}.": f"blocks.{i}." for i, (n, j) in enumerate(trunk)}
-    index.update({f"middle_block.{j}.": f"blocks.{len(trunk) + j}." for j in range(3)})
-    names = [(r"^time_embed\.", "time_mlp."), (r"^input_blocks\.0\.0\.", "conv_in."),
-             (r"^(input_blocks\.\d+\.\d+\.|middle_block\.\d\.)", lambda m: index[m[1]]),
-             (r"^out\.0\.", "out_norm."), (r"^out\.2\.qkv_proj\.", "pool.qkv."),
-             (r"^out\.2\.c_proj\.", "pool.proj."), (r"^out\.2\.positional_embedding$", "pool.pos")]
-    out = common.openai_to_ours(tensors, names, heads_of, "legacy")
-    out["pool.pos"] = out["pool.pos"].t()                                   # (C, HW + 1) -> (HW + 1, C)
-    return out
-
-
-def load_classifier_weights(path, device, T, image_size):
-    """--classifier-weights: one of ADM's released classifiers -> (Classifier, a checkpoint-like dict)."""
-    flag = "--classifier-weights"
-    tensors = common.read_weights(path, flag)[0]
-    common.check_layout(path, tensors, ["openai-classifier"], "guided", flag)
-    with common.complete(path, flag):
-        width, classes = tensors["time_embed.0.weight"].shape[1], tensors["out.2.c_proj.weight"].shape[0]
-    blocks = len({k.split(".")[1] for k in tensors if k.startswith("input_blocks.")})
-    r = RELEASED_CLASSIFIERS.get((width, blocks))
-    if r is None:
-        known = ", ".join(c["files"] for c in RELEASED_CLASSIFIERS.values())
-        raise common.UserError(f"{flag} {path}: a classifier of width {width} with {blocks} input blocks, "
-                               f"none of {known}")
-    if (r["image_size"], 1000) != (image_size, T):
-        raise common.UserError(f"{flag} {path}: {r['files']} judges {r['image_size']}px images at T = 1000; "
-                               f"the diffusion model makes {image_size}px images with T = {T}")
-    ccfg = dict(num_classes=classes, ch=width, ch_mult=r["ch_mult"],
-                depth=r["depth"], attn_res=[32, 16, 8], head_channels=64, image_size=image_size,
-                channels=tensors["input_blocks.0.0.weight"].shape[1], timesteps=1000, norm_groups=32,
-                emb_cos_first=True, released=r["files"])
-    ours = classifier_from_openai(tensors, lambda c: c // 64)
-    clf = common.load_mapped(build_classifier(ccfg), ours, path, flag)
-    return clf.to(device, memory_format=torch.channels_last).eval(), {"config": ccfg, "step": None}
-
-
-def check_args(args):
-    if args.cls is not None and not args.sample:
-        raise common.UserError("--class goes with --sample (--eval asks for the held-out images' labels)")
-    if args.eta is not None and args.sampler != "ddim":
-        raise common.UserError("--eta goes with --sampler ddim")
-    if args.sweep and not args.eval:
-        raise common.UserError("--sweep goes with --eval")
-    if args.sweep and args.scale is not None:
-        raise common.UserError(f"--sweep runs the scales {SWEEP_SCALES} itself (choose them with --scales); "
-                               "drop --scale")
-    if (args.scales or args.sweep_steps) and not args.sweep:
-        raise common.UserError("--scales/--sweep-steps go with --eval --sweep")
-    if args.baseline and not args.sweep:
-        raise common.UserError("--baseline goes with --eval --sweep")
-    if args.sweep and args.var:
-        raise common.UserError("--sweep samples the model with its learned variance and --baseline with both fixed "
-                               "ones; drop --var")
-    for flag, given in (("--class-cond", args.class_cond is not None), ("--schedule", args.schedule and not args.weights),
-                        ("--clf-steps", args.clf_steps is not None)):
-        if given and not args.train:
-            raise common.UserError(f"{flag} goes with --train (the checkpoint holds it)")
-    check_weights_args(args)
-
-
-def check_weights_args(args):
-    """--weights and --classifier-weights load released files for --sample and --eval; the flags that override
-    their released configuration go with --weights."""
-    common.check_weights_flags(args)
-    if args.classifier_weights and (args.train or args.resume):
-        raise common.UserError("--classifier-weights loads a released classifier to --sample or --eval; "
-                               "--train starts from scratch")
-    for a, b in (("classifier_weights", "classifier"), ("heads", "head_channels")):
-        if getattr(args, a) and getattr(args, b):
-            raise common.UserError(f"give --{a.replace('_', '-')} or --{b.replace('_', '-')}, not both")
-    for flag in ("heads", "head_channels", "qkv_order", "timesteps", "rescale_timesteps"):
-        if getattr(args, flag) and not args.weights:
-            raise common.UserError(f"--{flag.replace('_', '-')} goes with --weights (it overrides the "
-                                   "released model's configuration)")
-
-
-class Sampler:
-    """The diffusion model, its classifier (when guidance needs one), and the CLI's sampling options."""
-
-    def __init__(self, args, device, ckpt=None, var=None, need_classifier=None):
-        if args.weights and ckpt is None:
-            path = args.weights
-            self.model, self.diff, self.ck = load_weights(args, device)
-            self.what = f"released weights {path}"
-        else:
-            path = ckpt or args.ckpt or os.path.join(args.out, "ckpt.pt")
-            self.model, self.diff, self.ck = load(path, device)
-            self.what = f"step-{self.ck['step']} checkpoint"
-        self.cfg, self.device, self.args = self.ck["config"], device, args
-        var = var or args.var
-        if var:
-            if var == "learned" and self.cfg["var"] != "learned":
-                raise common.UserError(f"{path} was trained with fixed variances; --var learned needs a model "
-                                       "trained with it (the default)")
-            self.diff = Diffusion(self.diff.betas, var, self.diff.timestep_map.cpu(), device)
-        # released weights: the README's scale with a released classifier, no guidance without one
-        released = self.cfg.get("guidance_scale") or DEFAULT_SCALE
-        default = (released if args.classifier_weights else 0.0) if args.weights else DEFAULT_SCALE
-        self.scale = default if args.scale is None else args.scale
-        self.default_steps = self.cfg.get("sample_steps") or min(DEFAULT_STEPS, self.diff.T)
-        self.classifier, self.clf_ck = None, None
-        if need_classifier if need_classifier is not None else self.scale > 0:
-            self.classifier, self.clf_ck = self.load_classifier(path)
-        self.num_classes = self.clf_ck["config"]["num_classes"] if self.clf_ck else self.cfg.get("num_classes")
-
-    def load_classifier(self, path):
-        """The classifier guidance needs: a released one (--classifier-weights) or a guided.py one."""
-        a, T = self.args, self.diff.T
-        if a.classifier_weights:
-            return load_classifier_weights(a.classifier_weights, self.device, T, self.cfg["image_size"])
-        if a.weights:
-            raise common.UserError(f"--scale {self.scale:g} guides with a classifier: give the released one "
-                                   "with --classifier-weights (e.g. 64x64_classifier.pt), or --scale 0")
-        cpath = a.classifier or os.path.join(os.path.dirname(os.path.abspath(path)), "classifier.pt")
-        if not os.path.exists(cpath):
-            raise common.UserError(f"--scale {self.scale:g} needs the classifier, and {cpath} does not "
-                                   "exist; train it with `python guided.py --train`, pass --classifier, or "
-                                   "use --scale 0")
-        return load_classifier(cpath, self.device, T)
-
-    def check_class(self, k):
-        if self.num_classes is None:
-            raise common.UserError(f"--class {k}: this model is unconditional and there is no guidance "
-                                   "(--scale 0); give --scale > 0 to steer it with the classifier")
-        if not 0 <= k < self.num_classes:
-            raise common.UserError(f"--class {k}: use 0..{self.num_classes - 1} (the classes this model knows)")
-
-    def steps_diffusion(self, steps):
-        return respace(self.diff, steps) if steps != self.diff.T else self.diff
-
-    def sample(self, n, labels, scale, steps, frames=0, progress=False):
-        """n images for class labels (n,) (or None: unconditional), guided with `scale`, on `steps` respaced steps."""
-        c, a = self.cfg, self.args
-        diff = self.steps_diffusion(steps)
-        y = None if labels is None else torch.as_tensor(labels, device=self.device).long()
-        guide = make_guide(self.classifier, y, scale) if y is not None else None
-        with common.autocast(self.device, a.dtype):
-            return diff.sample(self.model, (n, c["channels"], c["image_size"], c["image_size"]), self.device,
-                               y=y if c.get("num_classes") else None, clip=not a.no_clip, guide=guide,
-                               sampler=a.sampler, eta=a.eta or 0.0, frames=frames, progress=progress)
-
-
-def sample_images(args, device):
-    """--sample: a grid of --n-samples images of --class K (or of every class, one per column; with more
-    classes than MAX_COLUMNS, such as ImageNet's 1000, of classes drawn at random as the official sampler)."""
-    s = Sampler(args, device)
-    scale, steps = s.scale, args.steps or s.default_steps
-    space_timesteps(s.diff.T, steps)
-    n = args.n_samples or 64
-    if args.cls is not None:
-        s.check_class(args.cls)
-        labels, nrow, what = [args.cls] * n, None, f"class {args.cls}"
-    elif s.num_classes and (scale > 0 or s.cfg.get("num_classes")) and s.num_classes > MAX_COLUMNS:
-        g = torch.Generator().manual_seed(args.seed)
-        labels = torch.randint(0, s.num_classes, (n,), generator=g).tolist()
-        nrow, what = None, f"random classes ({', '.join(map(str, labels[:8]))}{', ...' if n > 8 else ''})"
-    elif s.num_classes and (scale > 0 or s.cfg.get("num_classes")):
-        labels, nrow, what = [i % s.num_classes for i in range(n)], s.num_classes, "one class per column"
-    else:
-        labels, nrow, what = None, None, "unconditional"
-    torch.manual_seed(args.seed)
-    x, traj = s.sample(n, labels, scale, steps, frames=0 if args.no_gif else min(steps, GIF_FRAMES), progress=True)
-    paths = [os.path.join(args.out, "samples.png")] + ([] if args.no_gif else [os.path.join(args.out, "reverse.gif")])
-    common.save_grid(x, paths[0], nrow)
-    if not args.no_gif:
-        common.save_gif(traj, paths[1], nrow)
-    print(f"{what}, scale {scale:g}, {steps} {args.sampler} steps, {s.diff.var} variance, {s.what}: "
-          f"wrote {', '.join(paths)}")
-
-
-def held_out_images(args, c, n):
-    """The n held-out images common.evaluate compares the samples with (the same order)."""
-    held = common.load_data(args.data, c["image_size"], c["channels"], train=False)
-    order = range(n) if held.endless else \
-        torch.randperm(len(held), generator=torch.Generator().manual_seed(0))[:n].tolist()
-    return torch.stack([held[i][0] for i in order])
-
-
-def evaluate_one(args, device, s, scale, steps, keep=None, info=None):
-    """common.evaluate for one setting: samples asked for the held-out images' labels."""
-    space_timesteps(s.diff.T, steps)
-    conditioned = s.num_classes is not None  # accuracy too where nothing steers the class (chance level)
-
-    def sample_fn(n, wanted):
-        if wanted is not None and max(wanted) >= s.num_classes:
-            raise common.UserError(f"--data {args.data} has label {max(wanted)}, the model knows "
-                                   f"{s.num_classes} classes")
-        x = s.sample(n, wanted, scale, steps)[0]
-        if keep is not None:
-            keep.append(x.float().cpu())
-        return x
-
-    info = {"scale": scale, "steps": steps, "sampler": args.sampler, "var": s.diff.var, "ckpt_step": s.ck["step"],
-            **({"weights": s.ck["weights"]} if "weights" in s.ck else {}),
-            "class_cond": bool(s.cfg.get("num_classes")), **(info or {})}
-    return common.evaluate("guided", args, s.cfg, sample_fn, nfe=steps, device=device,
-                           cond="label" if conditioned else None, info=info)
-
-
-def evaluate(args, device):
-    """--eval: FID/KID and accuracy at one --scale; --sweep: the scales and respaced steps of the paper's trade-offs."""
-    if not args.sweep:
-        s = Sampler(args, device)
-        return evaluate_one(args, device, s, s.scale, args.steps or s.default_steps)
-    s = Sampler(args, device, need_classifier=True)
-    out, n = args.out, args.n_samples or 1000
-    judge = common.get_judge(args.data, s.cfg["image_size"], s.cfg["channels"], device,
-                             steps=s.cfg.get("judge_steps", common.JUDGE_STEPS))
-    real = common.features(judge, held_out_images(args, s.cfg, n))
-    steps = args.steps or s.default_steps  # the scale rows' respaced steps
-    rows = []
-    for scale in args.scales or SWEEP_SCALES:  # ADM Table 4 / Fig. 4: scale vs fidelity (accuracy, precision) and diversity
-        keep = []
-        args.out = os.path.join(out, f"sweep_scale{scale:g}")
-        res = evaluate_one(args, device, s, scale, steps, keep)
-        fake = common.features(judge, common.quantize(torch.cat(keep)))
-        rows.append({"table": "scale", **res, **common.precision_recall(real, fake)})
-    models = [("learned", s)]
-    if args.baseline:  # IDDPM Fig. 8: the learned sigmas hold up with fewer steps, fixed ones do not
-        models += [(f"fixed {v}", Sampler(args, device, ckpt=args.baseline, var=v, need_classifier=False))
-                   for v in ("large", "small")]
-    for name, m in models:
-        for S in [S for S in (args.sweep_steps or SWEEP_STEPS) if S <= m.diff.T]:
-            args.out = os.path.join(out, f"sweep_{name.replace(' ', '_')}_S{S}")
-            rows.append({"table": "steps", "model": name, **evaluate_one(args, device, m, 0.0, S)})
-    args.out = out
-    print_tables(rows)
-    print(json.dumps({"script": "guided", "mode": "sweep", "n_samples": n, "rows": rows}))
-    return rows
-
-
-def print_tables(rows):
-    sc = [r for r in rows if r["table"] == "scale"]
-    print(f"\nClassifier guidance at small scale ({sc[0]['n_samples']} samples per row, {sc[0]['steps']} "
-          f"{sc[0]['sampler']} steps, judge FID; real-vs-real floor {sc[0].get('fid_floor', float('nan')):.2f}):\n")
-    print("| scale | FID | KID | accuracy | precision | recall |\n|---|---|---|---|---|---|")
-    for r in sc:
-        print(f"| {r['scale']:g} | {r['fid']:.2f} | {r['kid']:.4f} | {r.get('acc', float('nan')):.3f} | "
-              f"{r['precision']:.3f} | {r['recall']:.3f} |")
-    st = [r for r in rows if r["table"] == "steps"]
-    steps = sorted({r["steps"] for r in st})
-    print("\nRespaced sampling, no guidance (judge FID):\n\n| model | " + " | ".join(f"S={S}" for S in steps)
-          + " |\n" + "|---" * (len(steps) + 1) + "|")
-    for name in dict.fromkeys(r["model"] for r in st):
-        cells = {r["steps"]: r["fid"] for r in st if r["model"] == name}
-        print(f"| {name} | " + " | ".join(f"{cells[S]:.2f}" if S in cells else "-" for S in steps) + " |")
-    print()
-
-
-# ---------------------------------------------------------------------------------------------
-# The command line
-# ---------------------------------------------------------------------------------------------
-
-def main(argv=None):
-    p = common.make_parser("guided", __doc__, PRESETS, gifs=True, weights=(
-        "ADM's models (64x64_diffusion.pt, 128x128_diffusion.pt, 256x256_diffusion(_uncond).pt, "
-        "lsun_*.pt) and Improved DDPM's (cifar10_uncond_50M_500K.pt, imagenet64_*.pt, ...), from "
-        "openai/guided-diffusion and openai/improved-diffusion"))
-    p.add_argument("--class", dest="cls", type=common.nonneg_int, help="--sample: the class to draw (shapes: "
-                   "0 circle, 1 square, 2 triangle, 3 cross); default: every class, one per column")
-    p.add_argument("--scale", type=common.nonneg_float, help=f"classifier guidance scale s >= 0 (default "
-                   f"{DEFAULT_SCALE:g}; with --weights, see --classifier-weights; 0: none)")
-    p.add_argument("--sampler", default="ancestral", choices=["ancestral", "ddim"],
-                   help="ancestral (ADM Algorithm 1, default) or ddim (Algorithm 2)")
-    p.add_argument("--eta", type=common.unit_float, help="--sampler ddim: the DDIM noise eta in [0, 1] (default 0)")
-    p.add_argument("--var", choices=["learned", "large", "small"], help="--train: learned sigmas with the hybrid "
-                   "loss (default) or a fixed sigma^2 = beta_t (large) / beta~_t (small) with L_simple; "
-                   "--sample/--eval: sample a learned model with a fixed variance instead")
-    p.add_argument("--schedule", choices=["cosine", "linear"], help="--train: beta schedule (default "
-                   "cosine); --weights: override the released model's")
-    p.add_argument("--class-cond", action=argparse.BooleanOptionalAction, help="--train: a class-conditional "
-                   "diffusion model (a class embedding added to the time embedding), as ADM-G (the cpu and paper "
-                   "presets); --no-class-cond: unconditional, steered by the classifier alone (and data without labels)")
-    p.add_argument("--clf-steps", type=common.nonneg_int, help="--train: classifier training steps (default: the "
-                   "preset's; 0: none)")
-    p.add_argument("--classifier", help="classifier checkpoint (default: classifier.pt beside --ckpt)")
-    p.add_argument("--classifier-weights", metavar="PATH", help="a released ADM classifier "
-                   "(64x64_classifier.pt, 128x128_classifier.pt, 256x256_classifier.pt) to guide with; with "
-                   "--weights the default --scale is then the README's (1, 0.5, 1; 10 for the unconditional "
-                   "256x256 model), else 0")
-    p.add_argument("--heads", type=common.positive_int, help="--weights: attention heads (default: the "
-                   "released model's)")
-    p.add_argument("--head-channels", type=common.positive_int, help="--weights: channels per attention head "
-                   "instead of --heads")
-    p.add_argument("--qkv-order", choices=["legacy", "new"], help="--weights: the fused qkv's order: legacy "
-                   "(heads, then q/k/v) or new (q/k/v, then heads); default: the released model's")
-    p.add_argument("--timesteps", type=common.positive_int, help="--weights: the number of diffusion steps T "
-                   "the model was trained with (default: the released model's)")
-    p.add_argument("--rescale-timesteps", choices=["yes", "no"], help="--weights: the network takes "
-                   "t * 1000 / T (Improved DDPM's models: yes; default: the released model's)")
-    p.add_argument("--no-clip", action="store_true", help="do not clip x0_hat to [-1, 1] when sampling")
-    p.add_argument("--sweep", action="store_true", help=f"with --eval: scales {SWEEP_SCALES} (FID, KID, accuracy, "
-                   f"precision, recall) at --steps (default {DEFAULT_STEPS}), then no guidance at {SWEEP_STEPS} "
-                   "respaced steps; --n-samples per row")
-    p.add_argument("--scales", type=common.nonneg_float, nargs="+", metavar="S", help=f"with --sweep: the "
-                   f"guidance scales (default {' '.join(f'{x:g}' for x in SWEEP_SCALES)})")
-    p.add_argument("--sweep-steps", type=common.positive_int, nargs="+", metavar="N", help=f"with --sweep: the "
-                   f"respaced steps (default {' '.join(map(str, SWEEP_STEPS))})")
-    p.add_argument("--baseline", metavar="CKPT", help="with --sweep: a fixed-variance guided.py model (--train "
-                   "--var large) to compare at the same respaced steps, with beta_t and beta~_t")
-    args = p.parse_args(argv)
-    check_args(args)
-    cfg = None if args.weights else common.make_config(args, PRESETS, keys=("var", "schedule", "class_cond",
-                                                                           "clf_steps"))
-    with common.claim_out(args.out):
-        if args.train:
-            return train(args, cfg)
-        device = common.get_device(args.device)
-        return evaluate(args, device) if args.eval else sample_images(args, device)
-
+#################################################################################
+#                                    Training                                   #
+#################################################################################
 
 def labelled_data(args, cfg):
     data = common.load_data(args.data, cfg["image_size"], cfg["channels"], seed=args.seed)
     if not (data.num_classes or 0) >= 2:
-        raise common.UserError(f"--data {args.data} has no class labels (put the images in one subfolder per class); "
-                               "the classifier and --class-cond need them: use --no-class-cond --clf-steps 0")
+        raise common.UserError(f"--data {args.data} has no class labels (put the images in one subfolder per "
+                               "class); the classifier and --class-cond need them: use --no-class-cond "
+                               "--clf-steps 0")
     return data
 
 
@@ -931,6 +443,7 @@ def objective(cfg, device):
     """common.train's objective: the hybrid loss (IDDPM eq. 16) and unguided, respaced grids."""
     diff = diffusion_from(cfg, device=device)
     grid_steps = respace(diff, min(DEFAULT_STEPS, diff.T))
+    shape = (cfg["channels"], cfg["image_size"], cfg["image_size"])
 
     def loss_fn(net, x, y, caps):
         return diff.hybrid_loss(net, x, y if cfg["class_cond"] else None)
@@ -938,7 +451,7 @@ def objective(cfg, device):
     def sample_fn(ema, n):
         k = common.unwrap(ema).num_classes
         y = torch.arange(n, device=device) % k if k else None
-        return grid_steps.sample(ema, (n, cfg["channels"], cfg["image_size"], cfg["image_size"]), device, y=y)[0]
+        return grid_steps.sample(ema, (n, *shape), device, y=y)[0]
     return loss_fn, sample_fn
 
 
@@ -962,9 +475,11 @@ def train(args, cfg):
         return
     device = next(ema.parameters()).device
     clf = train_classifier(args, cfg, data, device) if cfg["clf_steps"] > 0 else None
-    # a grid from the trained pair: one class per column, guided at --scale (default 1) if there is a classifier
+    # a grid from the trained pair: one class per column, guided at --scale (default 1) by the classifier
     k = data.num_classes if clf is not None else cfg.get("num_classes")
-    scale = (DEFAULT_SCALE if args.scale is None else args.scale) if clf is not None else 0.0
+    scale = 0.0
+    if clf is not None:
+        scale = DEFAULT_SCALE if args.scale is None else args.scale
     n = args.n_samples or 36
     y = torch.arange(n, device=device) % k if k else None
     d = respace(diffusion_from(cfg, device=device), steps)
@@ -976,6 +491,338 @@ def train(args, cfg):
     common.save_grid(x, path, nrow=k)
     print(f"samples ({d.T} respaced ancestral steps, guidance scale {scale:g}"
           f"{', one class per column' if k else ''}): {path}")
+
+
+@torch.no_grad()
+def classifier_accuracy(clf, diff, data, device, n=256, seed=0):
+    """Held-out accuracy of the classifier on clean x_0 (t = 0) and on x_t at uniform t."""
+    g = torch.Generator().manual_seed(seed)
+    idx = list(range(n)) if data.endless else torch.randperm(len(data), generator=g)[:n].tolist()
+    x = torch.stack([data[i][0] for i in idx]).to(device)
+    y = torch.tensor([data[i][1] for i in idx], device=device)
+    t = torch.randint(0, diff.T, (len(x),), generator=g).to(device)
+    xt = diff.q_sample(x, t, torch.randn(x.shape, generator=g).to(device))
+    acc = lambda xx, tt: (clf(xx, tt).argmax(1) == y).float().mean().item()
+    return {"t0": acc(x, torch.zeros_like(t)), "t_uniform": acc(xt, t), "n": len(x)}
+
+
+def train_classifier(args, cfg, data, device):
+    """ADM's classifier through common.train_loop: AdamW (weight decay clf_wd), the lr annealed linearly to 0,
+    its own checkpoint <out>/classifier.pt (continued by --resume), then its held-out accuracy."""
+    path = os.path.join(args.out, "classifier.pt")
+    ccfg = classifier_config(cfg, data.num_classes)
+    diff = diffusion_from(cfg, device=device)
+    torch.manual_seed(args.seed + CLASSIFIER_SEED)
+    clf = build_classifier(ccfg).to(device)
+    opt = common.make_optimizer(clf.parameters(), ccfg["lr"], ccfg["weight_decay"], device=device)
+    state = {"model": clf, "opt": opt}
+    ck = load_classifier_checkpoint(path) if args.resume and os.path.exists(path) else None
+    step = common.restore(state, ck, path)
+    if common.already_done("guided: the classifier", step, ccfg["steps"]):
+        return clf.eval()
+    amp = common.autocast(device, args.dtype)
+
+    def step_fn(step, batch):
+        x, y, _ = batch
+        common.set_lr(opt, ccfg["lr"] * (1 - step / ccfg["steps"]))
+        with amp:
+            loss = classifier_loss(clf, diff, x.to(device), y.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"loss": loss.detach()}
+
+    def save(step, **extra):
+        common.save_state(path, state, step, script="guided", kind="classifier", config=ccfg, seed=args.seed,
+                          **extra)
+
+    print(f"guided: classifier {common.count_params(clf) / 1e6:.2f}M parameters, steps {step} -> "
+          f"{ccfg['steps']}")
+    clf.train()
+    batches = common.batches(data, ccfg["batch_size"], args.seed + CLASSIFIER_SEED, step,
+                             flip=cfg.get("flip", False) and not data.endless)
+    step = common.train_loop("classifier", step_fn, save, step, ccfg["steps"], path, cfg, batches, args.seed,
+                             stream=CLASSIFIER_STREAM, advice="try a lower clf_lr")
+    clf.eval()
+    held = common.load_data(args.data, cfg["image_size"], cfg["channels"], seed=args.seed, train=False)
+    acc = classifier_accuracy(clf, diff, held, device)
+    save(step, accuracy=acc)
+    print(f"classifier: held-out accuracy {acc['t0']:.3f} on x_0, {acc['t_uniform']:.3f} on x_t at uniform "
+          f"t; {path}")
+    return clf
+
+
+#################################################################################
+#                                    Sampling                                   #
+#################################################################################
+
+def load(path, device):
+    """EMA network, diffusion and checkpoint of a guided.py diffusion model."""
+    ck = common.load_checkpoint(path, ["guided"])
+    if ck.get("kind") != "diffusion":
+        raise common.UserError(f"{path} is guided.py's {ck.get('kind', 'unknown')} checkpoint, not the "
+                               "diffusion model; pass the model's ckpt.pt with --ckpt")
+    model = common.load_state(common.build_unet(ck["config"]), ck["ema"], path)
+    model = model.to(device, memory_format=torch.channels_last).eval()
+    return model, diffusion_from(ck["config"], device=device), ck
+
+
+def load_classifier_checkpoint(path):
+    ck = common.load_checkpoint(path, ["guided"])
+    if ck.get("kind") != "classifier":
+        raise common.UserError(f"{path} is guided.py's {ck.get('kind', 'unknown')} checkpoint, not the "
+                               "classifier; pass classifier.pt with --classifier")
+    return ck
+
+
+def load_classifier(path, device, T):
+    ck = load_classifier_checkpoint(path)
+    if ck["config"]["timesteps"] != T:
+        raise common.UserError(f"{path} was trained for T = {ck['config']['timesteps']} timesteps, the "
+                               f"diffusion model has T = {T}; train them together with `python guided.py "
+                               "--train`")
+    clf = build_classifier(ck["config"])
+    clf.load_state_dict(ck["model"])
+    return clf.to(device, memory_format=torch.channels_last).eval(), ck
+
+
+def load_weights(args, device):
+    """--weights: a released ADM or Improved DDPM model (common.load_openai_unet) -> (network, diffusion, a
+    checkpoint-like dict)."""
+    cfg, model = common.load_openai_unet(args)
+    model = model.to(device, memory_format=torch.channels_last).eval()
+    ck = {"config": cfg, "step": None, "weights": args.weights}
+    return model, released_diffusion(cfg, device=device), ck
+
+
+def load_classifier_weights(path, device, T, image_size):
+    """--classifier-weights: one of ADM's released classifiers -> (Classifier, a checkpoint-like dict)."""
+    ccfg, clf = common.load_openai_classifier(path, T, image_size, build_classifier)
+    return clf.to(device, memory_format=torch.channels_last).eval(), {"config": ccfg, "step": None}
+
+
+def default_scale(args, cfg):
+    """--scale's default: ADM's for a model trained here; for released weights, the README's scale with a
+    released classifier and no guidance without one."""
+    if not args.weights:
+        return DEFAULT_SCALE
+    if not args.classifier_weights:
+        return 0.0
+    return cfg.get("guidance_scale") or DEFAULT_SCALE
+
+
+class Sampler:
+    """The diffusion model, its classifier (when guidance needs one), and the CLI's sampling options."""
+
+    def __init__(self, args, device, ckpt=None, var=None, need_classifier=None):
+        if args.weights and ckpt is None:
+            path = args.weights
+            self.model, self.diff, self.ck = load_weights(args, device)
+            self.what = f"released weights {path}"
+        else:
+            path = ckpt or args.ckpt or os.path.join(args.out, "ckpt.pt")
+            self.model, self.diff, self.ck = load(path, device)
+            self.what = f"step-{self.ck['step']} checkpoint"
+        self.cfg, self.device, self.args = self.ck["config"], device, args
+        var = var or args.var
+        if var == "learned" and self.cfg["var"] != "learned":
+            raise common.UserError(f"{path} was trained with fixed variances; --var learned needs a model "
+                                   "trained with it (the default)")
+        if var:
+            self.diff = Diffusion(self.diff.betas, var, self.diff.timestep_map.cpu(), device)
+        self.scale = default_scale(args, self.cfg) if args.scale is None else args.scale
+        self.default_steps = self.cfg.get("sample_steps") or min(DEFAULT_STEPS, self.diff.T)
+        self.classifier, self.clf_ck = None, None
+        if need_classifier is None:
+            need_classifier = self.scale > 0
+        if need_classifier:
+            self.classifier, self.clf_ck = self.load_classifier(path)
+        self.num_classes = self.cfg.get("num_classes")
+        if self.clf_ck:
+            self.num_classes = self.clf_ck["config"]["num_classes"]
+
+    def load_classifier(self, path):
+        """The classifier guidance needs: a released one (--classifier-weights) or a guided.py one."""
+        a, T = self.args, self.diff.T
+        if a.classifier_weights:
+            return load_classifier_weights(a.classifier_weights, self.device, T, self.cfg["image_size"])
+        if a.weights:
+            raise common.UserError(f"--scale {self.scale:g} guides with a classifier: give the released one "
+                                   "with --classifier-weights (e.g. 64x64_classifier.pt), or --scale 0")
+        cpath = a.classifier or os.path.join(os.path.dirname(os.path.abspath(path)), "classifier.pt")
+        if not os.path.exists(cpath):
+            raise common.UserError(f"--scale {self.scale:g} needs the classifier, and {cpath} does not "
+                                   "exist; train it with `python guided.py --train`, pass --classifier, or "
+                                   "use --scale 0")
+        return load_classifier(cpath, self.device, T)
+
+    def check_class(self, k):
+        if self.num_classes is None:
+            raise common.UserError(f"--class {k}: this model is unconditional and there is no guidance "
+                                   "(--scale 0); give --scale > 0 to steer it with the classifier")
+        if not 0 <= k < self.num_classes:
+            raise common.UserError(f"--class {k}: use 0..{self.num_classes - 1} (the classes this model "
+                                   "knows)")
+
+    def sample(self, n, labels, scale, steps, frames=0, progress=False):
+        """n images for class labels (n,) (or None: unconditional), guided with `scale`, on `steps` respaced
+        steps."""
+        c, a = self.cfg, self.args
+        diff = respace(self.diff, steps) if steps != self.diff.T else self.diff
+        y = None if labels is None else torch.as_tensor(labels, device=self.device).long()
+        guide = make_guide(self.classifier, y, scale) if y is not None else None
+        with common.autocast(self.device, a.dtype):
+            return diff.sample(self.model, (n, c["channels"], c["image_size"], c["image_size"]), self.device,
+                               y=y if c.get("num_classes") else None, clip=not a.no_clip, guide=guide,
+                               sampler=a.sampler, eta=a.eta or 0.0, frames=frames, progress=progress)
+
+
+def sample_images(args, device):
+    """--sample: a grid of --n-samples images of --class K (or of every class, one per column; with more
+    classes than MAX_COLUMNS, such as ImageNet's 1000, of classes drawn at random as the official sampler
+    does)."""
+    s = Sampler(args, device)
+    scale, steps = s.scale, args.steps or s.default_steps
+    space_timesteps(s.diff.T, steps)
+    n = args.n_samples or 64
+    steered = s.num_classes and (scale > 0 or s.cfg.get("num_classes"))
+    labels, nrow, what = None, None, "unconditional"
+    if args.cls is not None:
+        s.check_class(args.cls)
+        labels, what = [args.cls] * n, f"class {args.cls}"
+    elif steered and s.num_classes > MAX_COLUMNS:
+        g = torch.Generator().manual_seed(args.seed)
+        labels = torch.randint(0, s.num_classes, (n,), generator=g).tolist()
+        what = f"random classes ({', '.join(map(str, labels[:8]))}{', ...' if n > 8 else ''})"
+    elif steered:
+        labels, nrow, what = [i % s.num_classes for i in range(n)], s.num_classes, "one class per column"
+    torch.manual_seed(args.seed)
+    frames = 0 if args.no_gif else min(steps, GIF_FRAMES)
+    x, traj = s.sample(n, labels, scale, steps, frames=frames, progress=True)
+    paths = [os.path.join(args.out, "samples.png")]
+    common.save_grid(x, paths[0], nrow)
+    if not args.no_gif:
+        paths.append(os.path.join(args.out, "reverse.gif"))
+        common.save_gif(traj, paths[1], nrow)
+    print(f"{what}, scale {scale:g}, {steps} {args.sampler} steps, {s.diff.var} variance, {s.what}: "
+          f"wrote {', '.join(paths)}")
+
+
+#################################################################################
+#              Evaluation: guidance scales and respaced steps (Sec. 4)          #
+#################################################################################
+
+def evaluate_one(args, device, s, scale, steps, keep=None):
+    """common.evaluate for one setting: samples asked for the held-out images' labels."""
+    space_timesteps(s.diff.T, steps)
+
+    def sample_fn(n, wanted):
+        if wanted is not None and max(wanted) >= s.num_classes:
+            raise common.UserError(f"--data {args.data} has label {max(wanted)}, the model knows "
+                                   f"{s.num_classes} classes")
+        x = s.sample(n, wanted, scale, steps)[0]
+        if keep is not None:
+            keep.append(x.float().cpu())
+        return x
+
+    info = {"scale": scale, "steps": steps, "sampler": args.sampler, "var": s.diff.var,
+            "ckpt_step": s.ck["step"], **({"weights": s.ck["weights"]} if "weights" in s.ck else {}),
+            "class_cond": bool(s.cfg.get("num_classes"))}
+    # accuracy too where nothing steers the class (chance level)
+    cond = "label" if s.num_classes is not None else None
+    return common.evaluate("guided", args, s.cfg, sample_fn, nfe=steps, device=device, cond=cond, info=info)
+
+
+def evaluate(args, device):
+    """--eval: FID/KID and accuracy at one --scale; --sweep: the scales (ADM Table 4, Fig. 4: fidelity against
+    diversity) and respaced steps (IDDPM Fig. 8) of the papers' trade-offs."""
+    if not args.sweep:
+        s = Sampler(args, device)
+        return evaluate_one(args, device, s, s.scale, args.steps or s.default_steps)
+    s = Sampler(args, device, need_classifier=True)
+    n, size, ch = args.n_samples or 1000, s.cfg["image_size"], s.cfg["channels"]
+    judge = common.get_judge(args.data, size, ch, device, steps=s.cfg.get("judge_steps", common.JUDGE_STEPS))
+    real = common.features(judge, common.held_out_images(args.data, size, ch, n))
+    steps = args.steps or s.default_steps  # the scale rows' respaced steps
+
+    def scale_row(scale):       # precision: fidelity; recall: diversity
+        keep = []
+        res = evaluate_one(args, device, s, scale, steps, keep)
+        fake = common.features(judge, common.quantize(torch.cat(keep)))
+        return {"table": "scale", **res, **common.precision_recall(real, fake)}
+
+    def steps_row(setting):
+        name, m, S = setting
+        return {"table": "steps", "model": name, **evaluate_one(args, device, m, 0.0, S)}
+
+    rows = common.sweep(args, args.scales or SWEEP_SCALES, scale_row, lambda scale: f"scale{scale:g}")
+    models = [("learned", s)]
+    if args.baseline:  # IDDPM Fig. 8: the learned sigmas hold up with fewer steps, fixed ones do not
+        models += [(f"fixed {v}", Sampler(args, device, ckpt=args.baseline, var=v, need_classifier=False))
+                   for v in ("large", "small")]
+    settings = [(name, m, S) for name, m in models for S in args.sweep_steps or SWEEP_STEPS if S <= m.diff.T]
+    rows += common.sweep(args, settings, steps_row, lambda st: f"{st[0].replace(' ', '_')}_S{st[2]}")
+    print(f"\nClassifier guidance at small scale ({n} samples per row, {steps} {args.sampler} steps, judge "
+          f"FID; real-vs-real floor {rows[0].get('fid_floor', math.nan):.2f}):")
+    common.table([r for r in rows if r["table"] == "scale"], [
+        ("scale", "scale", "{:g}"), ("FID", "fid", "{:.2f}"), ("KID", "kid", "{:.4f}"),
+        ("accuracy", "acc", "{:.3f}"), ("precision", "precision", "{:.3f}"), ("recall", "recall", "{:.3f}")])
+    print("\nRespaced sampling, no guidance (judge FID):")
+    common.cross_table([r for r in rows if r["table"] == "steps"], "model", "model", "steps", "fid", "{:.2f}")
+    common.print_sweep("guided", rows, n)
+    return rows
+
+
+#################################################################################
+#                                  Command line                                 #
+#################################################################################
+
+def main(argv=None):
+    p = common.make_parser("guided", __doc__, PRESETS, gifs=True, weights=(
+        "ADM's models (64x64_diffusion.pt, 128x128_diffusion.pt, 256x256_diffusion(_uncond).pt, "
+        "lsun_*.pt) and Improved DDPM's (cifar10_uncond_50M_500K.pt, imagenet64_*.pt, ...), from "
+        "openai/guided-diffusion and openai/improved-diffusion"))
+    p.add_argument("--class", dest="cls", type=common.nonneg_int, goes_with="--sample",
+                   help="the class to draw (shapes: 0 circle, 1 square, 2 triangle, 3 cross); default: every "
+                        "class, one per column")
+    p.add_argument("--scale", type=common.nonneg_float, help=f"classifier guidance scale s >= 0 (default "
+                   f"{DEFAULT_SCALE:g}; with --weights, see --classifier-weights; 0: none)")
+    p.add_argument("--sampler", default="ancestral", choices=["ancestral", "ddim"],
+                   help="ancestral (ADM Algorithm 1, default) or ddim (Algorithm 2)")
+    p.add_argument("--eta", type=common.unit_float, goes_with="--sampler ddim",
+                   help="the DDIM noise eta in [0, 1] (default 0)")
+    p.add_argument("--var", choices=["learned", "large", "small"], help="--train: learned sigmas with the "
+                   "hybrid loss (default) or a fixed sigma^2 = beta_t (large) / beta~_t (small) with "
+                   "L_simple; --sample/--eval: sample a learned model with a fixed variance instead")
+    p.add_argument("--schedule", choices=["cosine", "linear"], goes_with="--train or --weights",
+                   help="--train: beta schedule (default cosine); --weights: override the released model's")
+    p.add_argument("--class-cond", action=argparse.BooleanOptionalAction, goes_with="--train",
+                   help="a class-conditional diffusion model (a class embedding added to the time embedding) "
+                   "as ADM-G, the cpu and paper presets' default; --no-class-cond: unconditional, steered by "
+                   "the classifier alone (data without labels: with --clf-steps 0)")
+    p.add_argument("--clf-steps", type=common.nonneg_int, goes_with="--train",
+                   help="classifier training steps (default: the preset's; 0: none)")
+    p.add_argument("--classifier", help="classifier checkpoint (default: classifier.pt beside --ckpt)")
+    common.add_openai_flags(p)
+    p.add_argument("--no-clip", action="store_true", help="do not clip x0_hat to [-1, 1] when sampling")
+    p.add_argument("--sweep", action="store_true", goes_with="--eval", excludes=("--scale", "--var"),
+                   help=f"scales {SWEEP_SCALES} (FID, KID, accuracy, precision, recall) at --steps "
+                        f"(default {DEFAULT_STEPS}), then no guidance at {SWEEP_STEPS} respaced steps; "
+                        "--n-samples per row")
+    p.add_argument("--scales", type=common.nonneg_float, nargs="+", metavar="S", goes_with="--eval --sweep",
+                   help=f"the guidance scales (default {' '.join(f'{x:g}' for x in SWEEP_SCALES)})")
+    p.add_argument("--sweep-steps", type=common.positive_int, nargs="+", metavar="N",
+                   goes_with="--eval --sweep",
+                   help=f"the respaced steps (default {' '.join(map(str, SWEEP_STEPS))})")
+    p.add_argument("--baseline", metavar="CKPT", goes_with="--eval --sweep", help="a fixed-variance "
+                   "guided.py model (--train --var large) to compare at the same respaced steps, with beta_t "
+                   "and beta~_t")
+    args = p.parse_args(argv)
+    common.check_weights_flags(args)
+    cfg = None
+    if not args.weights:
+        cfg = common.make_config(args, PRESETS, keys=("var", "schedule", "class_cond", "clf_steps"))
+    return common.run(args, lambda: train(args, cfg), sample_images, evaluate)
 
 
 if __name__ == "__main__":

@@ -157,7 +157,8 @@ def main():
     for name in args.presets:
         r = bench_model(name, ddpm.PRESETS[name], device, amp, args.batch, args.iters, args.compile)
         print(f"{name:<8} {r['params_M']:>7.2f}M {r['batch']:>5} {r['train_img_s']:>11.1f} "
-              f"{r['gflop_per_step']:>10.1f} {r['gflops']:>8.1f} {r['gflops'] / ceiling:>10.1%} {r['eval_s_b16']:>9.4f}")
+              f"{r['gflop_per_step']:>10.1f} {r['gflops']:>8.1f} {r['gflops'] / ceiling:>10.1%} "
+              f"{r['eval_s_b16']:>9.4f}")
     if args.sampling:
         s = bench_sampling(ddpm.PRESETS["cpu"], device, amp)
         print(f"sampling (cpu preset, batch 16): DDPM {s['ddpm_steps']} steps {s['ddpm_img_s']:.3f} img/s; "

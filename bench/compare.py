@@ -72,7 +72,8 @@ def compare_ldm(args):
     b, size = args.batch, cfg["image_size"]
     x = torch.stack([data[i][0] for i in range(b)])
     caps = [data[i][2] for i in range(b)]
-    cond, abar = ldm.Conditioner(cfg), ldm.alphas_cumprod(cfg).float()   # float32 on the CPU, as ldm.py trains
+    # float32 on the CPU, as ldm.py trains
+    cond, abar = ldm.Conditioner(cfg), ldm.alphas_cumprod(cfg).float()
     abar_pix = ddim.alphas_cumprod(pcfg).tolist()
     unet.train()
     net.train()
@@ -107,7 +108,8 @@ def compare_ldm(args):
         c = cond([data[i][2] for i in range(n)])
         r = size // cfg["f"]
         t0 = time.perf_counter()
-        z = ldm.sample_latents(ldm.guided_eps_fn(net, c, cond.null(n), 3.0), torch.randn(n, cfg["z_ch"], r, r), abar, 50)
+        eps_fn = common.guided_eps_fn(net, c, cond.null(n), 3.0)
+        z = common.sample_latents(eps_fn, torch.randn(n, cfg["z_ch"], r, r), abar, 50)
         ae.decode(z / cfg["scale_factor"])
         rows[1]["sample_s_per_image_ddim50_cfg"] = (time.perf_counter() - t0) / n
     return rows
@@ -131,12 +133,14 @@ def compare_ddgan(args):
         for steps in (4, 50):
             t0 = time.perf_counter()
             ddim.ddim_sample(ddim.eps_model(unet, abar), torch.randn(n, *shape), abar, steps)
-            rows.append({"sampler": f"ddim.py, {steps} steps", "nfe": steps, "params_M": common.count_params(unet) / 1e6,
+            rows.append({"sampler": f"ddim.py, {steps} steps", "nfe": steps,
+                         "params_M": common.count_params(unet) / 1e6,
                          "s_per_image": (time.perf_counter() - t0) / n})
         t0 = time.perf_counter()
         ddpm.diffusion_from(pcfg, "cpu").sample(unet, (n, *shape), "cpu")
         rows.append({"sampler": f"ddpm.py, {pcfg['timesteps']} steps", "nfe": pcfg["timesteps"],
-                     "params_M": common.count_params(unet) / 1e6, "s_per_image": (time.perf_counter() - t0) / n})
+                     "params_M": common.count_params(unet) / 1e6,
+                     "s_per_image": (time.perf_counter() - t0) / n})
     return rows
 
 
@@ -157,7 +161,8 @@ def main():
     for k, rows in out.items():
         print(f"\n{k}:")
         for r in rows:
-            print("  " + ", ".join(f"{a} {v:.4g}" if isinstance(v, float) else f"{a} {v}" for a, v in r.items()))
+            cells = (f"{a} {v:.4g}" if isinstance(v, float) else f"{a} {v}" for a, v in r.items())
+            print("  " + ", ".join(cells))
     print(json.dumps(out))
 
 

@@ -138,10 +138,10 @@ def ldm_parts(preset, dev):
     vocabulary of the shapes captions (fresh weights: speed does not depend on them)."""
     cfg = dict(ldm.PRESETS[preset], scale_factor=1.0)
     data = common.ShapesData(cfg["image_size"], cfg["channels"])
-    cfg["vocab"] = ldm.Tokenizer.build(ldm.training_captions(data, 2000), cfg["max_len"]).vocab
+    cfg["vocab"] = common.WordTokenizer.build(ldm.training_captions(data, 2000), cfg["max_len"]).vocab
     torch.manual_seed(0)
-    ae = ldm.AutoencoderKL(ldm.ae_config(cfg)).to(dev).eval().requires_grad_(False)
-    return cfg, ldm.LDM(cfg).to(dev), ae, ldm.Conditioner(cfg), data
+    ae = common.AutoencoderKL(ldm.ae_config(cfg)).to(dev).eval().requires_grad_(False)
+    return cfg, common.LDM(cfg).to(dev), ae, ldm.Conditioner(cfg), data
 
 
 def train_setup(name, size, dev):
@@ -162,7 +162,7 @@ def train_setup(name, size, dev):
 
     def loss(net):  # ldm.py's loss_fn: encode with the frozen autoencoder, tokenize, drop 10%, eq. 3
         with torch.no_grad():
-            z0 = ae.encode(x).sample() * cfg["scale_factor"]
+            z0 = ldm.DiagonalGaussian(*ae.encode(x)).sample() * cfg["scale_factor"]
         return ldm.ldm_loss(net, z0.float(), cond.drop(cond(caps), cfg["p_uncond"]).to(dev), abar)
     return model, loss, f"ldm.py {size['ldm']} (latent)"
 
@@ -253,8 +253,8 @@ def measure_sample(run, size, dev, peak):
         abar, r = ldm.alphas_cumprod(cfg).tolist(), cfg["image_size"] // cfg["f"]
 
         def sample(net, steps):
-            eps_fn = ldm.guided_eps_fn(net, c, null, ldm.DEFAULT_SCALE)
-            z = ldm.sample_latents(eps_fn, torch.randn(B, cfg["z_ch"], r, r, device=dev), abar, steps)
+            eps_fn = common.guided_eps_fn(net, c, null, ldm.DEFAULT_SCALE)
+            z = common.sample_latents(eps_fn, torch.randn(B, cfg["z_ch"], r, r, device=dev), abar, steps)
             return ae.decode(z / cfg["scale_factor"])
         what = f"ldm.py {size['ldm']}, DDIM, guidance, decoder"
     else:
@@ -652,7 +652,9 @@ def main(argv=None):
     if args.worker:
         return worker(args)
     t_start = time.monotonic()
-    dev = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    dev = args.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda: CUDA is not available here; use --device cpu", file=sys.stderr)
         return 2

@@ -77,7 +77,8 @@ def test_checkpoint_whose_pickle_runs_code_is_refused(tmp_path):
     with pytest.raises(common.UserError, match="refused"):
         common.load_checkpoint(str(bad), ["ddpm"])
     p = run("ddpm.py", "--sample", "--ckpt", str(bad), "--out", str(tmp_path), check=False)
-    assert p.returncode == 2 and p.stderr.strip().startswith("error:") and len(p.stderr.strip().splitlines()) == 1
+    err = p.stderr.strip()
+    assert p.returncode == 2 and err.startswith("error:") and len(err.splitlines()) == 1
 
 
 def test_missing_or_foreign_checkpoint_gives_one_line_error(tmp_path):
@@ -123,10 +124,14 @@ def test_training_writes_periodic_sample_grids(tmp_path):
     def sample_fn(ema, n):
         sizes.append(n)
         return diff.sample(ema, (n, 3, 16, 16), "cpu")[0]
-    common.train("ddpm", args, cfg, common.build_unet, lambda c, dev: (lambda net, x, y, caps: diff.loss(net, x),
-                                                                       sample_fn), final_grid=False)
-    assert sorted(f for f in os.listdir(out) if f.startswith("samples_")) == ["samples_000004.png", "samples_000008.png"]
-    assert sizes == [16, 16] and Image.open(os.path.join(out, "samples_000004.png")).size == (4 * 16 + 5 * 2,) * 2
+
+    def objective(c, dev):
+        return (lambda net, x, y, caps: diff.loss(net, x)), sample_fn
+    common.train("ddpm", args, cfg, common.build_unet, objective, final_grid=False)
+    assert sorted(f for f in os.listdir(out) if f.startswith("samples_")) == ["samples_000004.png",
+                                                                              "samples_000008.png"]
+    assert sizes == [16, 16]
+    assert Image.open(os.path.join(out, "samples_000004.png")).size == (4 * 16 + 5 * 2,) * 2
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -193,7 +198,8 @@ def test_bad_numbers_stop_with_one_line_before_any_work(tmp_path, flags, fragmen
 
 
 def test_a_bad_flag_from_the_command_line_is_one_line(tmp_path):
-    one_line_error(run("ddpm.py", "--train", "--lr", "-1", "--out", str(tmp_path), check=False), "--lr -1: use a")
+    one_line_error(run("ddpm.py", "--train", "--lr", "-1", "--out", str(tmp_path), check=False),
+                   "--lr -1: use a")
 
 
 def test_unwritable_out_stops_at_start_up(tmp_path):
@@ -236,7 +242,8 @@ def test_graceful_stop_finishes_the_step_then_raises_and_a_second_ctrl_c_stops_a
 @pytest.mark.parametrize("script", ["ddpm", "ddgan"])
 def test_ctrl_c_saves_the_current_step_and_resume_continues_exactly(tmp_path, script):
     part, full = str(tmp_path / "part"), str(tmp_path / "full")
-    cmd = [sys.executable, "-u", f"{script}.py", "--train", "--preset", "tiny", "--max-steps", "100000", "--out", part]
+    cmd = [sys.executable, "-u", f"{script}.py", "--train", "--preset", "tiny", "--max-steps", "100000",
+           "--out", part]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert "steps 0 -> 100000" in proc.stdout.readline()          # the header: training starts now
@@ -246,10 +253,12 @@ def test_ctrl_c_saves_the_current_step_and_resume_continues_exactly(tmp_path, sc
     assert proc.returncode == 130, err
     ck = torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)
     k = ck["step"]
-    assert 0 < k < 100000 and f"interrupted: stopped at step {k} of 100000; saved" in err and "--resume" in err
+    assert 0 < k < 100000 and "--resume" in err
+    assert f"interrupted: stopped at step {k} of 100000; saved" in err
     # resuming the interrupted run equals an uninterrupted one, step for step
     run(f"{script}.py", "--train", "--resume", "--max-steps", str(k + 3), "--n-samples", "1", "--out", part)
-    run(f"{script}.py", "--train", "--preset", "tiny", "--max-steps", str(k + 3), "--n-samples", "1", "--out", full)
+    run(f"{script}.py", "--train", "--preset", "tiny", "--max-steps", str(k + 3), "--n-samples", "1",
+        "--out", full)
     a = torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)
     b = torch.load(os.path.join(full, "ckpt.pt"), weights_only=True)
     assert a["step"] == b["step"] == k + 3
@@ -265,7 +274,8 @@ def test_resume_names_ignored_flags_and_says_when_there_is_nothing_to_do(tmp_pat
     assert not os.path.exists(os.path.join(out, "samples.png"))   # and no grid is drawn again
     p = run("ddpm.py", "--train", "--resume", "--max-steps", "6", "--lr", "0.5", "--batch-size", "3",
             "--schedule", "cosine", "--n-samples", "1", "--out", out)
-    for flag, kept, given in (("--lr", "0.001", "0.5"), ("--batch-size", "8", "3"), ("--schedule", "linear", "cosine")):
+    for flag, kept, given in (("--lr", "0.001", "0.5"), ("--batch-size", "8", "3"),
+                              ("--schedule", "linear", "cosine")):
         assert f"continues with the checkpoint's {flag} {kept}; {flag} {given} is ignored" in p.stderr
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ck["step"] == 6 and ck["config"]["lr"] == 1e-3 and ck["config"]["schedule"] == "linear"
@@ -273,7 +283,8 @@ def test_resume_names_ignored_flags_and_says_when_there_is_nothing_to_do(tmp_pat
 
 @pytest.mark.parametrize("content, fragment", [
     (b"", "is empty (0 bytes)"),
-    (b"<!DOCTYPE html><html>Not Found</html>", "is a text file, not a checkpoint (it starts with '<!DOCTYPE html>"),
+    (b"<!DOCTYPE html><html>Not Found</html>",
+     "is a text file, not a checkpoint (it starts with '<!DOCTYPE html>"),
     (b"\x00\x01\x02\x03garbage", "is not a PyTorch checkpoint"),
     (b"truncated", None),
     (b"safetensors", "is a .safetensors weights file"),
@@ -296,7 +307,8 @@ def test_sample_steps_respace_and_no_gif(tmp_path, capsys):
     out = str(tmp_path / "o")
     ddpm.main(["--train", "--preset", "tiny", "--max-steps", "2", "--n-samples", "1", "--out", out])
     ddpm.main(["--sample", "--out", out, "--n-samples", "2", "--steps", "7", "--no-gif"])
-    assert "7 steps: wrote" in capsys.readouterr().out and not os.path.exists(os.path.join(out, "reverse.gif"))
+    assert "7 steps: wrote" in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(out, "reverse.gif"))
     with pytest.raises(common.UserError, match="--steps 101: use 1..100"):
         ddpm.main(["--sample", "--out", out, "--steps", "101"])
     ddpm.main(["--sample", "--out", out, "--n-samples", "2", "--steps", "30"])
@@ -321,5 +333,6 @@ def test_help_of_every_script_cites_papers_not_files_the_repository_lacks(capsys
 def test_pytest_prints_its_summary_line(tmp_path):
     (tmp_path / "test_one.py").write_text("def test_ok():\n    assert True\n")
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-c", os.path.join(ROOT, "pytest.ini"),
-                        "--rootdir", str(tmp_path), str(tmp_path)], capture_output=True, text=True, timeout=120)
+                        "--rootdir", str(tmp_path), str(tmp_path)], capture_output=True, text=True,
+                       timeout=120)
     assert "1 passed" in p.stdout

@@ -104,7 +104,8 @@ def test_small_images_are_upscaled_and_said_once(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("upscaled 6 of 6 images") == 1 and "the smallest is 28x28" in err
     x = d[0][0]
-    assert x.shape == (1, 32, 32) and x[0, 16, 16] > 0.9 and x[0, 1, 1] < -0.9   # the square stays in the middle
+    # the square stays in the middle
+    assert x.shape == (1, 32, 32) and x[0, 16, 16] > 0.9 and x[0, 1, 1] < -0.9
     ones = (x[0] > 0).sum().item()
     assert 64 * (32 / 28) ** 2 * 0.8 < ones < 64 * (32 / 28) ** 2 * 1.2       # and grows by 32/28 per side
 
@@ -167,7 +168,8 @@ def test_mnist_idx(tmp_path, gz):
     assert d[0][0][0, 14, 14] == 1 and d[0][0][0, 0, 0] == -1
     assert common.load_data(str(tmp_path), image_size=32, channels=3)[0][0].shape == (3, 32, 32)
     # one class per image: nothing to hold out of a class of one, so all five train and none is held out
-    assert len(common.load_data(str(tmp_path), 28, 1)) == 5 and len(common.load_data(str(tmp_path), 28, 1, train=False)) == 0
+    assert len(common.load_data(str(tmp_path), 28, 1)) == 5
+    assert len(common.load_data(str(tmp_path), 28, 1, train=False)) == 0
 
 
 def test_mnist_truncated_is_a_user_error(tmp_path):
@@ -185,7 +187,8 @@ def test_batches_resume_and_shard():
     seq = [next(it)[0] for _ in range(5)]
     resumed = common.batches(d, 4, seed=0, step=3)
     assert torch.equal(next(resumed)[0], seq[3])
-    t = common.TensorData(torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1).expand(20, 1, 2, 2).contiguous(),
+    images = torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1).expand(20, 1, 2, 2).contiguous()
+    t = common.TensorData(images,
                           torch.zeros(20, dtype=torch.long), None)
     r0 = next(common.batches(t, 5, seed=1, rank=0, world=2))[0]
     r1 = next(common.batches(t, 5, seed=1, rank=1, world=2))[0]
@@ -202,7 +205,8 @@ def test_real_mnist_from_shared_folder_when_present():
         pytest.skip("../shared/data/mnist is not here")
     d, held = (common.load_data(root, image_size=32, channels=1, train=t) for t in (True, False))
     assert len(d) + len(held) == 10_000 and 1990 <= len(held) <= 2000 and d.num_classes == 10  # t10k only
-    assert held.labels.bincount().tolist() == [int(c * 0.2) for c in torch.cat([d.labels, held.labels]).bincount()]
+    every = torch.cat([d.labels, held.labels])
+    assert held.labels.bincount().tolist() == [int(c * 0.2) for c in every.bincount()]
     assert not set(map(bytes, held.images.flatten(1).numpy())) & set(map(bytes, d.images.flatten(1).numpy()))
     x, y, cap = d[0]
     assert x.shape == (1, 32, 32) and 0 <= y < 10 and cap == str(y)
@@ -213,7 +217,8 @@ def test_held_out_split_is_stratified_capped_and_fixed():
     labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20 + [3])
     train, held = common.held_out_split(labels)
     assert sorted(train + held) == list(range(101)) and not set(train) & set(held)
-    assert labels[held].bincount().tolist() == [10, 6, 4]               # 20% of each class; a class of one trains
+    # 20% of each class; a class of one trains
+    assert labels[held].bincount().tolist() == [10, 6, 4]
     assert common.held_out_split(labels) == (train, held)                # the same images every run
     big = torch.arange(30_000) % 3
     train, held = common.held_out_split(big)
@@ -231,12 +236,14 @@ def test_a_batch_larger_than_the_data_is_refused_before_training(tmp_path):
 
 
 def test_grid_items_spread_over_the_classes_one_row_each():
-    labels = torch.tensor([0] * 10 + [1] * 2 + [2] * 5)                 # sorted, as a folder of class subfolders
+    # sorted, as a folder of class subfolders
+    labels = torch.tensor([0] * 10 + [1] * 2 + [2] * 5)
     t = common.TensorData(torch.zeros(17, 1, 8, 8, dtype=torch.uint8), labels, ["a", "b", "c"])
     items, per = common.grid_items(t, 7)
     assert per == 3 and [y for _, y, _ in items] == [0, 0, 0, 1, 1, 1, 2, 2, 2]   # class b repeats its two
     items, per = common.grid_items(common.ShapesData(16, seed=3), 8)
     assert per == 2 and [y for _, y, _ in items] == [0, 0, 1, 1, 2, 2, 3, 3]
-    loose = common.TensorData(torch.zeros(5, 1, 8, 8, dtype=torch.uint8), torch.zeros(5, dtype=torch.long), None)
+    loose = common.TensorData(torch.zeros(5, 1, 8, 8, dtype=torch.uint8), torch.zeros(5, dtype=torch.long),
+                              None)
     items, per = common.grid_items(loose, 7)                             # no classes: the first n, wrapping
     assert per is None and len(items) == 7

@@ -50,7 +50,8 @@ def test_posterior_sampling_matches_closed_forms():
         b = s.betas[1:]
         abar = torch.cumprod(1 - b, 0)
         prev = abar[i - 1] if i else torch.tensor(1.0, dtype=torch.float64)
-        mean = (b[i] * prev.sqrt() / (1 - abar[i]) * 0.3 + (1 - prev) * (1 - b[i]).sqrt() / (1 - abar[i]) * -0.7).item()
+        mean = (b[i] * prev.sqrt() / (1 - abar[i]) * 0.3
+                + (1 - prev) * (1 - b[i]).sqrt() / (1 - abar[i]) * -0.7).item()
         var = (b[i] * (1 - prev) / (1 - abar[i])).item()
         assert x.mean().item() == pytest.approx(mean, abs=4e-3)
         assert x.var().item() == pytest.approx(var, rel=2e-2, abs=1e-9)
@@ -84,7 +85,8 @@ def _fd_penalty(f, x, gamma, h=1e-6):
 
 def test_r1_equals_finite_differences():
     torch.manual_seed(0)
-    toy = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 1)).double()
+    toy = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.Flatten(),
+                        nn.Linear(4 * 4 * 4, 1)).double()
     x = torch.randn(3, 2, 4, 4, dtype=torch.float64, requires_grad=True)
     r1 = ddgan.r1_penalty(toy(x).squeeze(1), x, 0.7)
     with torch.no_grad():
@@ -138,7 +140,8 @@ def test_train_steps_change_both_networks_and_stay_finite():
     rec = Recorder(D)
     opt_g = common.make_optimizer(G.parameters(), cfg["lr"], betas=(0.5, 0.9))
     opt_d = common.make_optimizer(D.parameters(), cfg["lr_d"], betas=(0.5, 0.9))
-    g0, d0 = {k: v.clone() for k, v in G.state_dict().items()}, {k: v.clone() for k, v in D.state_dict().items()}
+    g0 = {k: v.clone() for k, v in G.state_dict().items()}
+    d0 = {k: v.clone() for k, v in D.state_dict().items()}
     sched = ddgan.schedule_from(cfg, "cpu")
     data = common.load_data("shapes", 16, 3)
     x, _, _ = next(common.batches(data, 8, 0))
@@ -190,7 +193,8 @@ def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_
 
 
 def run(*args, check=True):
-    p = subprocess.run([sys.executable, "ddgan.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    p = subprocess.run([sys.executable, "ddgan.py", *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     if check and p.returncode != 0:
         raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
@@ -212,7 +216,8 @@ def test_cli_train_resume_equals_uninterrupted_then_sample(tmp_path):
         assert not states_equal(a[k], half[k])
     assert a["opt_g"]["state"][0]["step"] == b["opt_d"]["state"][0]["step"] == 8
 
-    p = run("--sample", "--ckpt", os.path.join(full, "ckpt.pt"), "--out", str(tmp_path / "s"), "--n-samples", "4")
+    p = run("--sample", "--ckpt", os.path.join(full, "ckpt.pt"), "--out", str(tmp_path / "s"),
+            "--n-samples", "4")
     assert "4 network evaluations" in p.stdout
     assert Image.open(tmp_path / "s" / "samples.png").size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)
     assert Image.open(tmp_path / "s" / "reverse.gif").n_frames == 5  # x_T and the 4 steps
@@ -221,7 +226,8 @@ def test_cli_train_resume_equals_uninterrupted_then_sample(tmp_path):
     assert len(p.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("flags,words", [(["--timesteps", "0"], "--timesteps"), (["--lazy-reg", "0"], "--lazy-reg"),
+@pytest.mark.parametrize("flags,words",
+                         [(["--timesteps", "0"], "--timesteps"), (["--lazy-reg", "0"], "--lazy-reg"),
                                          (["--r1-gamma", "-1"], "--r1-gamma"), (["--lr-d", "0"], "--lr-d")])
 def test_bad_flags_are_one_line_user_errors(flags, words):
     with pytest.raises(common.UserError, match=words):
@@ -234,7 +240,8 @@ def test_z_drives_both_norms_of_every_residual_block_and_t_is_an_added_bias():
     blocks = [m for m in G.unet.modules() if isinstance(m, common.ResBlock)]
     assert blocks and all(isinstance(b.norm1, common.StyleNorm) and isinstance(b.norm2, common.StyleNorm)
                           for b in blocks)
-    assert all(b.emb.out_features == b.conv1.out_channels for b in blocks)   # t: one bias per channel, no scale
+    # t: one bias per channel, no scale
+    assert all(b.emb.out_features == b.conv1.out_channels for b in blocks)
     seen = {}
 
     def record(name):

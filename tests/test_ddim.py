@@ -58,7 +58,8 @@ def test_subsequences_are_sorted_unique_start_at_zero_and_have_s_steps(skip):
 def test_subsequences_match_the_official_choices_where_those_are_valid():
     for S in (10, 20, 50, 100, 250, 1000):  # range(0, T, T // S) when S divides T
         assert ddim.timestep_subsequence(1000, S, "uniform") == list(range(0, 1000, 1000 // S))
-    assert ddim.timestep_subsequence(1000, 30, "uniform")[-1] == 966 and len(ddim.timestep_subsequence(1000, 30)) == 30
+    assert ddim.timestep_subsequence(1000, 30, "uniform")[-1] == 966
+    assert len(ddim.timestep_subsequence(1000, 30)) == 30
     for S in (5, 10, 20):  # int(linspace(0, sqrt(0.8 T), S)^2), strictly increasing at these S
         official = (np.linspace(0, np.sqrt(0.8 * 1000), S) ** 2).astype(int).tolist()
         assert ddim.timestep_subsequence(1000, S, "quad") == official
@@ -77,7 +78,8 @@ def test_eta1_step_is_the_ddpm_posterior_mean_and_variance(sched, t):
     a, ap, b = abar[t].item(), abar[t - 1].item(), betas[t].item()
     sigma = ddim.ddim_sigma(a, ap, 1.0)
     mean, x0 = ddim.ddim_step(x, eps, a, ap, sigma, noise=torch.zeros_like(x))
-    # q(x_{t-1} | x_t, x_0) of DDPM (Ho et al. eqs. 6-7), at x_0 = f_theta(x_t) (eq. 9), computed here directly
+    # q(x_{t-1} | x_t, x_0) of DDPM (Ho et al. eqs. 6-7), at x_0 = f_theta(x_t) (eq. 9), computed here
+    # directly
     x0_direct = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
     mu = b * math.sqrt(ap) / (1 - a) * x0_direct + (1 - ap) * math.sqrt(1 - b) / (1 - a) * x
     torch.testing.assert_close(x0, x0_direct, rtol=1e-12, atol=1e-12)
@@ -100,7 +102,8 @@ def test_clipped_eta1_step_is_ddpm_clipped_posterior_and_eta0_has_no_noise(sched
     torch.manual_seed(0)
     t, x, eps = 50, 3 * torch.randn(64, 2, dtype=torch.float64), torch.randn(64, 2, dtype=torch.float64)
     a, ap = abar[t].item(), abar[t - 1].item()
-    mean, x0 = ddim.ddim_step(x, eps, a, ap, ddim.ddim_sigma(a, ap, 1.0), clip=True, noise=torch.zeros_like(x))
+    mean, x0 = ddim.ddim_step(x, eps, a, ap, ddim.ddim_sigma(a, ap, 1.0), clip=True,
+                              noise=torch.zeros_like(x))
     assert x0.abs().max() <= 1 and (ddim.predict_x0(x, eps, a).abs() > 1).any()  # clipping did something
     d = ddpm.Diffusion(betas, var="small")
     m2, _, _ = d.p_mean_variance(lambda xx, _t: eps, x, torch.full((64,), t), clip=True)
@@ -198,7 +201,8 @@ def test_inversion_then_sampling_reconstructs_and_finds_the_exact_latent(sched):
     assert errs[1000] < errs[250] < errs[50] < errs[10] and errs[50] < 5e-3 and errs[1000] < 1e-4, errs
     # on a point mass the round trip is exact whatever the steps
     p = torch.rand(3, 3, 4, 4) * 2 - 1
-    rec, _ = ddim.ddim_sample(point_mass_eps(abar, p), ddim.ddim_invert(point_mass_eps(abar, p), p, abar, 7), abar, 7)
+    rec, _ = ddim.ddim_sample(point_mass_eps(abar, p), ddim.ddim_invert(point_mass_eps(abar, p), p, abar, 7),
+                              abar, 7)
     torch.testing.assert_close(rec, p, atol=1e-4, rtol=0)
 
 
@@ -262,33 +266,40 @@ def test_cli_train_sample_invert_interpolate_sweep_and_ddpm_checkpoints(tmp_path
     assert ck["script"] == "ddim" and ck["step"] == 6 and set(ddpm.PRESETS["tiny"]) <= set(ck["config"])
     assert Image.open(tmp_path / "d" / "samples.png").size == (6 * 18 + 2, 6 * 18 + 2)
     monkeypatch.chdir(tmp_path)  # the rest in this process: out/judge/ lands in tmp_path
-    ddim.main(["--sample", "--ckpt", "d/ckpt.pt", "--out", "s1", "--n-samples", "4", "--steps", "10", "--eta", "0.5"])
+    ddim.main(["--sample", "--ckpt", "d/ckpt.pt", "--out", "s1", "--n-samples", "4", "--steps", "10",
+               "--eta", "0.5"])
     assert Image.open(tmp_path / "s1" / "samples.png").size == (2 * 18 + 2, 2 * 18 + 2)
     assert Image.open(tmp_path / "s1" / "x0_pred.gif").n_frames == 10
 
     # a ddpm.py checkpoint, as it is, with the command of the README
     ddpm.main(["--train", "--preset", "tiny", "--max-steps", "4", "--out", "p", "--n-samples", "1"])
-    p = run("--sample", "--ckpt", "p/ckpt.pt", "--steps", "50", "--eta", "0", "--out", "s2", "--n-samples", "4",
+    p = run("--sample", "--ckpt", "p/ckpt.pt", "--steps", "50", "--eta", "0", "--out", "s2",
+            "--n-samples", "4",
             cwd=tmp_path)
     assert "ddpm.py checkpoint" in p.stdout and Image.open(tmp_path / "s2" / "reverse.gif").n_frames > 10
-    ddim.main(["--sample", "--sigma-hat", "--skip", "quad", "--steps", "100", "--ckpt", "p/ckpt.pt", "--out", "s3",
+    ddim.main(["--sample", "--sigma-hat", "--skip", "quad", "--steps", "100", "--ckpt", "p/ckpt.pt",
+               "--out", "s3",
                "--n-samples", "2"])
     assert os.path.exists(tmp_path / "s3" / "samples.png")
 
     capsys.readouterr()
-    ddim.main(["--sample", "--invert", "--ckpt", "p/ckpt.pt", "--out", "inv", "--n-samples", "4", "--steps", "20"])
+    ddim.main(["--sample", "--invert", "--ckpt", "p/ckpt.pt", "--out", "inv", "--n-samples", "4",
+               "--steps", "20"])
     res = last_json(capsys)
     assert res["mode"] == "invert" and res["n"] == 4 and 0 <= res["mse"] < 0.05 and res["psnr"] > 13
     assert Image.open(tmp_path / "inv" / "invert.png").size == (8 * 18 + 2, 18 + 2)  # 4 pairs in one row
-    ddim.main(["--sample", "--interpolate", "--ckpt", "d/ckpt.pt", "--out", "itp", "--n-samples", "2", "--steps", "5"])
+    ddim.main(["--sample", "--interpolate", "--ckpt", "d/ckpt.pt", "--out", "itp", "--n-samples", "2",
+               "--steps", "5"])
     assert Image.open(tmp_path / "itp" / "interpolate.png").size == (11 * 18 + 2, 2 * 18 + 2)
     assert Image.open(tmp_path / "itp" / "interpolate.gif").n_frames == 20
 
     capsys.readouterr()
-    ddim.main(["--eval", "--sweep", "--preset", "tiny", "--out", "d", "--n-samples", "4", "--batch-size", "4"])
+    ddim.main(["--eval", "--sweep", "--preset", "tiny", "--out", "d", "--n-samples", "4",
+               "--batch-size", "4"])
     out = capsys.readouterr().out
     res = json.loads(out.strip().splitlines()[-1])
-    assert res["mode"] == "sweep" and len(res["rows"]) == 4 * 4  # S in {10, 20, 50, 100} (T = 100) x 4 samplers
+    # S in {10, 20, 50, 100} (T = 100) x 4 samplers
+    assert res["mode"] == "sweep" and len(res["rows"]) == 4 * 4
     cells = {(r["sampler"], r["steps"]) for r in res["rows"]}
     assert cells == {(n, S) for n in ("eta=0", "eta=0.5", "eta=1", "sigma-hat") for S in (10, 20, 50, 100)}
     assert all(r["fid"] > 0 and r["sec_per_image"] > 0 and r["nfe"] == r["steps"] for r in res["rows"])
@@ -305,7 +316,7 @@ def test_cli_train_sample_invert_interpolate_sweep_and_ddpm_checkpoints(tmp_path
     (["--sample", "--eta", "-0.1"], "--eta -0.1"),
     (["--sample", "--sigma-hat", "--eta", "1"], "--sigma-hat"),
     (["--sample", "--sweep"], "--sweep goes with --eval"),
-    (["--eval", "--sweep", "--steps", "10"], "drop --steps"),
+    (["--eval", "--sweep", "--steps", "10"], "give --sweep or --steps, not both"),
     (["--eval", "--invert"], "--invert goes with --sample"),
     (["--sample", "--invert", "--interpolate"], "not both"),
     (["--sample", "--ckpt", "missing.pt"], "not found"),
@@ -321,4 +332,5 @@ def test_bad_input_is_a_user_error(tmp_path, monkeypatch, args, msg):
 
 def test_cli_bad_input_is_one_line_on_stderr(tmp_path):
     p = run("--sample", "--eta", "2", cwd=tmp_path, check=False)
-    assert p.returncode == 2 and p.stderr.startswith("error: --eta 2") and len(p.stderr.strip().splitlines()) == 1
+    assert p.returncode == 2 and p.stderr.startswith("error: --eta 2")
+    assert len(p.stderr.strip().splitlines()) == 1

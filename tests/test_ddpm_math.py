@@ -68,8 +68,10 @@ def test_q_sample_empirical_moments(diff):
 
 @pytest.mark.parametrize("t", [1, 5, 100, 999])
 def test_posterior_matches_bayes_rule(diff, t):
-    # prior x_{t-1} | x_0 ~ N(sqrt(abar_{t-1}) x0, 1 - abar_{t-1}); likelihood x_t | x_{t-1} ~ N(sqrt(alpha_t) x_{t-1}, beta_t)
-    x0, xt = torch.tensor([[0.3], [-0.9]], dtype=torch.float64), torch.tensor([[1.2], [0.1]], dtype=torch.float64)
+    # prior x_{t-1} | x_0 ~ N(sqrt(abar_{t-1}) x0, 1 - abar_{t-1});
+    # likelihood x_t | x_{t-1} ~ N(sqrt(alpha_t) x_{t-1}, beta_t)
+    x0 = torch.tensor([[0.3], [-0.9]], dtype=torch.float64)
+    xt = torch.tensor([[1.2], [0.1]], dtype=torch.float64)
     ap, al, be = diff.abar[t - 1].item(), diff.alphas[t].item(), diff.betas[t].item()
     prec = 1 / (1 - ap) + al / be
     var = 1 / prec
@@ -140,7 +142,9 @@ def test_loss_is_zero_for_the_true_noise_and_positive_otherwise():
     assert d.loss(lambda xt, t: torch.zeros_like(xt), x0).item() > 0.5
     for obj in ("x0", "v"):
         dd = ddpm.Diffusion(d.betas, objective=obj)
-        pred = (lambda xt, t: x0) if obj == "x0" else (lambda xt, t: dd.v_target(x0, t, dd.eps_from_x0(xt, t, x0)))
+
+        def pred(xt, t):
+            return x0 if obj == "x0" else dd.v_target(x0, t, dd.eps_from_x0(xt, t, x0))
         assert dd.loss(pred, x0).item() < 1e-6
 
 

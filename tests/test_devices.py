@@ -51,7 +51,8 @@ def sgd_step(model, loss):
 def shapes_batch(cfg, n=2):
     data = common.ShapesData(cfg["image_size"], cfg["channels"])
     items = [data[i] for i in range(n)]
-    return torch.stack([it[0] for it in items]), torch.tensor([it[1] for it in items]), [it[2] for it in items]
+    images, labels = torch.stack([it[0] for it in items]), torch.tensor([it[1] for it in items])
+    return images, labels, [it[2] for it in items]
 
 
 def test_the_watch_sees_float64_and_the_backward_pass():
@@ -60,7 +61,8 @@ def test_the_watch_sees_float64_and_the_backward_pass():
     with pytest.raises(AssertionError, match="float64"):
         no_float64(lambda: torch.ones(2) * torch.ones(2, dtype=torch.float64))
     # the bug this file guards against: a float64 schedule gathered at the batch's timesteps
-    old = ddpm.Diffusion(common.beta_schedule("linear", 10))             # device None: float64, for the math tests
+    # device None: float64, for the math tests
+    old = ddpm.Diffusion(common.beta_schedule("linear", 10))
     with pytest.raises(AssertionError, match="float64"):
         no_float64(lambda: old.q_sample(torch.zeros(2, 1), torch.tensor([1, 2]), torch.zeros(2, 1)))
     assert {"addmm", "mm"} <= ops                                         # forward and backward
@@ -109,7 +111,8 @@ def test_ddgan_training_step_with_r1_and_sampler():
 
 def test_ldm_both_stages_and_guided_latent_sampler():
     cfg = dict(ldm.PRESETS["tiny"], cond="text", scale_factor=1.0)
-    cfg["vocab"] = common.WordTokenizer.build(ldm.training_captions(common.ShapesData(16, 3), 50), cfg["max_len"]).vocab
+    cfg["vocab"] = common.WordTokenizer.build(ldm.training_captions(common.ShapesData(16, 3), 50),
+                                              cfg["max_len"]).vocab
     x, y, caps = shapes_batch(cfg)
     ae, disc = common.AutoencoderKL(ldm.ae_config(cfg)), ldm.PatchDiscriminator(3, cfg["disc_ch"])
     no_float64(sgd_step(ae, lambda: ldm.ae_losses(ae, x, ldm.ae_config(cfg), disc, use_gan=True)[0]))
@@ -118,8 +121,8 @@ def test_ldm_both_stages_and_guided_latent_sampler():
     abar_dev, abar_list = common.on_device(CPU)(abar), abar.tolist()
     z0 = ldm.DiagonalGaussian(*ae.encode(x)).sample().detach()
     no_float64(sgd_step(net, lambda: ldm.ldm_loss(net, z0, cond.drop(cond(caps), 0.1), abar_dev)))
-    eps_fn = ldm.guided_eps_fn(net.eval(), cond(caps), cond.null(2), 3.0)
-    no_float64(lambda: ae.decode(ldm.sample_latents(eps_fn, torch.randn_like(z0), abar_list, 3)))
+    eps_fn = common.guided_eps_fn(net.eval(), cond(caps), cond.null(2), 3.0)
+    no_float64(lambda: ae.decode(common.sample_latents(eps_fn, torch.randn_like(z0), abar_list, 3)))
 
 
 def test_dreambooth_loss_and_sampler(tmp_path):
@@ -131,7 +134,8 @@ def test_dreambooth_loss_and_sampler(tmp_path):
     z0, tokens = torch.randn(4, 4, 4, 4), tok(["a sks circle"] * 2 + ["a circle"] * 2)
     no_float64(sgd_step(model, lambda: dreambooth.dreambooth_loss(model, z0, tokens, 2, abar)[0]))
     abar_list = common.alphas_cumprod(cfg).tolist()
-    no_float64(lambda: dreambooth.sample(model.eval(), ae, cfg, tok, ["a sks circle"] * 2, steps=3, abar=abar_list))
+    no_float64(lambda: dreambooth.sample(model.eval(), ae, cfg, tok, ["a sks circle"] * 2, steps=3,
+                                         abar=abar_list))
 
 
 def test_evaluation_features_and_judge_predictions():
@@ -140,4 +144,5 @@ def test_evaluation_features_and_judge_predictions():
     f = []
     no_float64(lambda: f.append(common.features(judge, x)))
     no_float64(lambda: common.judge_predict(judge, x))
-    assert f[0].dtype == torch.float32 and f[0].device == CPU      # statistics cast to float64 on the CPU after
+    # statistics cast to float64 on the CPU after
+    assert f[0].dtype == torch.float32 and f[0].device == CPU

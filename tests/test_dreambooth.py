@@ -1,7 +1,7 @@
-"""dreambooth.py: its sampler on the shared networks gives ldm.py's samples; the identifier joins the vocabulary
-(new embedding row, old ids kept); the loss of eq. 2 on a batch ordered [instance..., class...] against a
-manual computation, and --no-prior's instance-only loss; the base stays frozen; the command line on a tiny
-ldm.py checkpoint (fine-tune, then sample) and its errors."""
+"""dreambooth.py: its sampler on the shared networks gives ldm.py's samples; the identifier joins the
+vocabulary (new embedding row, old ids kept); the loss of eq. 2 on a batch ordered [instance..., class...]
+against a manual computation, and --no-prior's instance-only loss; the base stays frozen; the command line on
+a tiny ldm.py checkpoint (fine-tune, then sample) and its errors."""
 import argparse
 import os
 import subprocess
@@ -28,7 +28,8 @@ def jitter(module, std=0.05, seed=0):
 
 @pytest.fixture(scope="module")
 def base_ckpt(tmp_path_factory):
-    """A tiny, untrained (jittered) ldm.py text checkpoint with the shapes vocabulary, saved as ldm.py does."""
+    """A tiny, untrained (jittered) ldm.py text checkpoint with the shapes vocabulary, saved as ldm.py
+    does."""
     cfg = dict(ldm.PRESETS["tiny"], cond="text", scale_factor=1.3)
     caps = ldm.training_captions(common.ShapesData(16, 3), n=300)
     cfg["vocab"] = common.WordTokenizer.build(caps, cfg["max_len"]).vocab
@@ -60,7 +61,8 @@ def test_sampler_matches_ldm(base_ckpt):
 def test_identifier_extends_the_vocabulary(base_ckpt):
     model, _, _, cfg, _ = dreambooth.load_base(base_args(base_ckpt))
     assert "sks" not in cfg["vocab"] and "circle" in cfg["vocab"]
-    old_rows, old_tokens = model.text.tok.weight.clone(), common.WordTokenizer(cfg["vocab"], 12)(["a red circle"])
+    old_rows = model.text.tok.weight.clone()
+    old_tokens = common.WordTokenizer(cfg["vocab"], 12)(["a red circle"])
     new = dreambooth.extend_vocab(model, cfg, ["sks"])
     tok = common.WordTokenizer(new["vocab"], new["max_len"])
     assert new["vocab"][-1] == "sks" and new["vocab"][:-1] == cfg["vocab"] and not tok.unknown("a sks circle")
@@ -97,17 +99,21 @@ def test_batch_order_and_prior_loss_against_manual():
     a = abar[t].float().view(-1, 1, 1, 1)
     zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
     torch.testing.assert_close(net.seen[0], zt)
-    inst = F.mse_loss(net(zt[:2], t[:2], tok_inst), eps[:2])                  # ||eps - eps_theta(z_t, c_id)||^2
-    prior = F.mse_loss(net(zt[2:], t[2:], tok_cls), eps[2:])                  # ||eps' - eps_theta(z'_t', c_pr)||^2
+    # ||eps - eps_theta(z_t, c_id)||^2
+    inst = F.mse_loss(net(zt[:2], t[:2], tok_inst), eps[:2])
+    # ||eps' - eps_theta(z'_t', c_pr)||^2
+    prior = F.mse_loss(net(zt[2:], t[2:], tok_cls), eps[2:])
     torch.testing.assert_close(loss, inst + 0.5 * prior)
     assert logs["inst"] == pytest.approx(inst.item()) and logs["prior"] == pytest.approx(prior.item())
-    only, logs = dreambooth.dreambooth_loss(net, z_inst, tok_inst, 2, abar, t=t[:2], eps=eps[:2])   # --no-prior
+    # --no-prior
+    only, logs = dreambooth.dreambooth_loss(net, z_inst, tok_inst, 2, abar, t=t[:2], eps=eps[:2])
     torch.testing.assert_close(only, inst)
     assert "prior" not in logs
 
 
 def run(*args):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "dreambooth.py"), *args], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "dreambooth.py"), *args], capture_output=True,
+                       text=True,
                        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return r.returncode, r.stdout + r.stderr
 
@@ -116,8 +122,10 @@ def test_cli_train_then_sample_and_base_frozen(base_ckpt, tmp_path):
     before = {k: v.clone() for k, v in torch.load(base_ckpt, weights_only=True)["ema"].items()}
     out = str(tmp_path / "db")
     model, base = dreambooth.main(["--train", "--preset", "tiny", "--base", base_ckpt, "--out", out,
-                                   "--num-class-images", "3", "--steps", "2", "--n-samples", "2", "--device", "cpu"])
-    assert len(os.listdir(os.path.join(out, "class_circle"))) == 3            # the prior images, generated once
+                                   "--num-class-images", "3", "--steps", "2", "--n-samples", "2",
+                                   "--device", "cpu"])
+    # the prior images, generated once
+    assert len(os.listdir(os.path.join(out, "class_circle"))) == 3
     assert not any(p.requires_grad for p in base.parameters())                  # the frozen base
     for k, v in base.state_dict().items():
         assert torch.equal(v, before[k]), k                                      # ... unchanged
@@ -136,7 +144,8 @@ def test_no_prior_and_text_encoder(base_ckpt, tmp_path):
     out = str(tmp_path / "np")
     before = torch.load(base_ckpt, weights_only=True)["ema"]
     dreambooth.main(["--train", "--preset", "tiny", "--base", base_ckpt, "--out", out, "--no-prior",
-                     "--train-text-encoder", "--max-steps", "2", "--steps", "2", "--n-samples", "1", "--device", "cpu"])
+                     "--train-text-encoder", "--max-steps", "2", "--steps", "2", "--n-samples", "1",
+                     "--device", "cpu"])
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert not ck["dreambooth"]["prior"] and set(ck["dreambooth"]["last_losses"]) == {"inst"}
     assert not os.path.exists(os.path.join(out, "class_circle"))
@@ -148,8 +157,8 @@ def test_errors(base_ckpt, tmp_path):
     assert rc == 2 and "python ldm.py --train" in log and len(log.strip().splitlines()) == 1
     (tmp_path / "empty").mkdir()
     with pytest.raises(common.UserError, match="no images"):
-        dreambooth.main(["--train", "--preset", "tiny", "--base", base_ckpt, "--instance-dir", str(tmp_path / "empty"),
-                         "--out", str(tmp_path / "y")])
+        dreambooth.main(["--train", "--preset", "tiny", "--base", base_ckpt,
+                         "--instance-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "y")])
     with pytest.raises(common.UserError, match="class-noun"):
         dreambooth.main(["--train", "--preset", "tiny", "--base", base_ckpt, "--class-noun", "dog",
                          "--out", str(tmp_path / "y")])
@@ -161,10 +170,12 @@ def test_errors(base_ckpt, tmp_path):
 
 
 def test_eval_runs_on_tiny(base_ckpt, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)                                                 # the judges are cached in ./out/judge
+    # the judges are cached in ./out/judge
+    monkeypatch.chdir(tmp_path)
     out = str(tmp_path / "db")
-    dreambooth.main(["--train", "--preset", "tiny", "--base", base_ckpt, "--out", out, "--num-class-images", "2",
-                     "--max-steps", "1", "--steps", "2", "--n-samples", "1", "--device", "cpu"])
+    dreambooth.main(["--train", "--preset", "tiny", "--base", base_ckpt, "--out", out,
+                     "--num-class-images", "2", "--max-steps", "1", "--steps", "2", "--n-samples", "1",
+                     "--device", "cpu"])
     res = dreambooth.main(["--eval", "--preset", "tiny", "--out", out, "--n-samples", "3", "--steps", "2",
                            "--device", "cpu"])
     for k in ("subject_fidelity", "prompt_fidelity", "prompt_subject", "class_ordinary_finetuned",
@@ -174,14 +185,15 @@ def test_eval_runs_on_tiny(base_ckpt, tmp_path, monkeypatch):
 
 
 def test_resume_continues_exactly_with_the_checkpoints_settings(base_ckpt, tmp_path, capsys):
-    common_args = ["--train", "--preset", "tiny", "--base", base_ckpt, "--num-class-images", "2", "--steps", "2",
-                   "--n-samples", "1", "--device", "cpu", "--identifier", "zqx"]
+    common_args = ["--train", "--preset", "tiny", "--base", base_ckpt, "--num-class-images", "2",
+                   "--steps", "2", "--n-samples", "1", "--device", "cpu", "--identifier", "zqx"]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     dreambooth.main(common_args + ["--max-steps", "4", "--out", full])
     dreambooth.main(common_args + ["--max-steps", "2", "--out", part])
     assert torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)["step"] == 2
     # --resume takes the identifier (and every other setting) from the checkpoint, not from the defaults
-    dreambooth.main(["--train", "--resume", "--max-steps", "4", "--out", part, "--steps", "2", "--n-samples", "1"])
+    dreambooth.main(["--train", "--resume", "--max-steps", "4", "--out", part, "--steps", "2",
+                     "--n-samples", "1"])
     a = torch.load(os.path.join(full, "ckpt.pt"), weights_only=True)
     b = torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)
     assert a["step"] == b["step"] == 4 and b["dreambooth"]["identifier"] == "zqx"

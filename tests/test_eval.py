@@ -34,7 +34,8 @@ def test_frechet_distance_diagonal_closed_form():
     mu1, mu2 = torch.randn(6, generator=g, **f64), torch.randn(6, generator=g, **f64)
     a, b = torch.rand(6, generator=g, **f64) + 0.1, torch.rand(6, generator=g, **f64) + 0.1
     exact = (mu1 - mu2).square().sum() + (a.sqrt() - b.sqrt()).square().sum()  # commuting covariances
-    assert common.frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b)) == pytest.approx(exact.item(), rel=1e-9)
+    fd = common.frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b))
+    assert fd == pytest.approx(exact.item(), rel=1e-9)
 
 
 def test_frechet_distance_non_commuting_2x2_closed_form():
@@ -60,7 +61,8 @@ def test_frechet_distance_matches_general_eigenvalues_and_is_rotation_invariant(
     fd = common.frechet_distance(mu1, s1, mu2, s2)
     assert fd == pytest.approx(exact, rel=1e-8)
     q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, **f64))
-    assert common.frechet_distance(q @ mu1, q @ s1 @ q.T, q @ mu2, q @ s2 @ q.T) == pytest.approx(fd, rel=1e-8)
+    rotated = common.frechet_distance(q @ mu1, q @ s1 @ q.T, q @ mu2, q @ s2 @ q.T)
+    assert rotated == pytest.approx(fd, rel=1e-8)
     assert abs(common.frechet_distance(mu1, s1, mu1, s1)) < 1e-9
 
 
@@ -198,7 +200,8 @@ def test_judge_shapes_and_deterministic_training():
     assert judge.features(x).shape == (5, 128)
     a = common.train_judge("shapes", 16, 3, torch.device("cpu"), steps=3)
     b = common.train_judge("shapes", 16, 3, torch.device("cpu"), steps=3)
-    assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert set(a["accuracy"]) == {"shape", "color", "size", "position", "all"} and a["n_test"] == 1000
     judge = common.Judge(a["heads"])
     judge.load_state_dict(a["model"])
@@ -231,7 +234,8 @@ def test_evaluate_scores_faithful_and_stubborn_conditional_samplers(tmp_path, mo
     cfg = {"image_size": 16, "channels": 3, "judge_steps": 150}
 
     def faithful(k, captions):  # draws exactly what each caption asks for
-        return torch.stack([common.to_tensor(common.draw_shape(common.parse_caption(c), 16)) for c in captions])
+        return torch.stack([common.to_tensor(common.draw_shape(common.parse_caption(c), 16))
+                            for c in captions])
 
     def stubborn(k, captions):  # ignores the captions
         a = dict(shape="circle", color="red", size="small", position="left")
@@ -253,9 +257,11 @@ def test_inception_pools_average_only_real_pixels_and_mixed_7c_max_pools():
     pools = [net.Mixed_7b.pool, net.Mixed_7c.pool, net.Mixed_6a.pool, net.Mixed_7a.pool]
     assert pools == ["avg", "max", "down", "down"]
     with torch.no_grad():
-        for block, cin, pool_ch in ((net.Mixed_5b, 192, 32), (net.Mixed_6b, 768, 192), (net.Mixed_7b, 1280, 192)):
+        for block, cin, pool_ch in ((net.Mixed_5b, 192, 32), (net.Mixed_6b, 768, 192),
+                                    (net.Mixed_7b, 1280, 192)):
             out = block(torch.ones(1, cin, 5, 5))[:, -pool_ch:]  # the pool branch, from a constant image
-            assert out.abs().sum() > 0 and torch.allclose(out, out[:, :, :1, :1].expand_as(out))  # no zero padding
+            # no zero padding
+            assert out.abs().sum() > 0 and torch.allclose(out, out[:, :, :1, :1].expand_as(out))
 
 
 def test_inception_fid_layout_loads_random_weights_and_gives_2048_features(tmp_path):
@@ -341,7 +347,8 @@ def test_cli_eval_prints_json_last_and_caches_the_judge(tmp_path):
     assert p2.returncode == 0 and "training the judge" not in p2.stdout
     assert json.loads(p2.stdout.strip().splitlines()[-1])["fid"] == res["fid"]  # same seed, same samples
 
-    for bad, msg in ((["--steps", "101"], "--steps 101"), (["--fid-weights", "nope.pth"], "--fid-weights nope.pth"),
+    for bad, msg in ((["--steps", "101"], "--steps 101"),
+                     (["--fid-weights", "nope.pth"], "--fid-weights nope.pth"),
                      (["--n-samples", "1"], "--n-samples 1")):
         p = run(script, "--eval", "--preset", "tiny", "--out", "run", *bad, cwd=tmp_path)
         assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith(f"error: {msg}"), p.stderr
@@ -352,7 +359,8 @@ def test_precision_recall_on_clear_cases():
     real = torch.randn(300, 8, generator=g, dtype=torch.float64)
     assert common.precision_recall(real, real) == {"precision": 1.0, "recall": 1.0}
     assert common.precision_recall(real, real + 100) == {"precision": 0.0, "recall": 0.0}
-    collapsed = real[:1] + 0.01 * torch.randn(300, 8, generator=g, dtype=torch.float64)  # high fidelity, no diversity
+    # high fidelity, no diversity
+    collapsed = real[:1] + 0.01 * torch.randn(300, 8, generator=g, dtype=torch.float64)
     pr = common.precision_recall(real, collapsed)
     assert pr["precision"] == 1.0 and pr["recall"] < 0.05
 

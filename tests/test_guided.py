@@ -57,7 +57,8 @@ def test_discretized_decoder_matches_normal_cdf_bins_and_sums_to_one():
         torch.testing.assert_close(logp[big], closed[big].log(), rtol=1e-7, atol=1e-9)
         assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-9)      # the bins tile the real line
         assert (logp >= math.log(1e-12) - 1e-9).all()                       # clamped at 1e-12 as in the code
-    far = guided.discretized_gaussian_log_likelihood(torch.tensor([-1.0, 0.0], **f64), torch.tensor([0.5, 0.9], **f64),
+    far = guided.discretized_gaussian_log_likelihood(torch.tensor([-1.0, 0.0], **f64),
+                                                     torch.tensor([0.5, 0.9], **f64),
                                                      torch.tensor([math.log(0.05)] * 2, **f64))
     assert far.tolist() == [math.log(1e-12)] * 2
 
@@ -71,9 +72,11 @@ def test_learned_variance_interpolates_between_beta_tilde_and_beta(cosine):
     b, bt = d.betas[1:][:, None], d.post_var[1:][:, None]                  # the float64 schedule
     torch.testing.assert_close(d.learned_logvar(torch.ones(shape, **f64), t).exp(), b, rtol=1e-5, atol=0)
     torch.testing.assert_close(d.learned_logvar(-torch.ones(shape, **f64), t).exp(), bt, rtol=1e-5, atol=0)
-    torch.testing.assert_close(d.learned_logvar(torch.zeros(shape, **f64), t).exp(), (b * bt).sqrt(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(d.learned_logvar(torch.zeros(shape, **f64), t).exp(), (b * bt).sqrt(),
+                               rtol=1e-5, atol=0)
     t0 = torch.zeros(1, dtype=torch.long)  # beta~_0 = 0: clipped to beta~_1
-    assert d.learned_logvar(-torch.ones(1, 1), t0).exp().item() == pytest.approx(d.post_var[1].item(), rel=1e-5)
+    small = d.learned_logvar(-torch.ones(1, 1), t0).exp().item()
+    assert small == pytest.approx(d.post_var[1].item(), rel=1e-5)
     assert d.learned_logvar(torch.ones(1, 1), t0).exp().item() == pytest.approx(d.betas[0].item(), rel=1e-5)
     # through p_mean_variance: a network output [eps, v] with v = +1 / -1 channels
     x = torch.randn(len(t), 3, 2, 2, **f64)
@@ -101,7 +104,8 @@ def test_respaced_betas_reproduce_alpha_bar_on_the_kept_steps(schedule):
         torch.testing.assert_close(torch.cumprod(1 - r.betas, 0), d.abar[ts], rtol=1e-12, atol=1e-15)
         # the same marginal q(x_t | x_0) at respaced step i and original step ts[i]
         x0, eps = torch.randn(S, 4), torch.randn(S, 4)
-        torch.testing.assert_close(r.q_sample(x0, torch.arange(S), eps), d.q_sample(x0, torch.tensor(ts), eps))
+        torch.testing.assert_close(r.q_sample(x0, torch.arange(S), eps),
+                                   d.q_sample(x0, torch.tensor(ts), eps))
     torch.testing.assert_close(guided.respace(d, 1000).betas, d.betas, rtol=1e-10, atol=1e-15)
     assert guided.space_timesteps(1000, 3) == [0, 500, 999]
     for bad in (0, 1001):
@@ -145,11 +149,13 @@ def test_hybrid_loss_is_lsimple_plus_lambda_vlb_and_the_vlb_term_does_not_train_
     assert loss.item() == pytest.approx((mse + 0.001 * d.T * vb).mean().item(), rel=1e-5)
     loss.backward()
     grad_eps, grad_v = out.grad.chunk(2, 1)
-    torch.testing.assert_close(grad_eps, 2 * (eps.detach() - noise) / noise[0].numel() / 8)  # L_simple's alone
+    # L_simple's alone
+    torch.testing.assert_close(grad_eps, 2 * (eps.detach() - noise) / noise[0].numel() / 8)
     assert grad_v.abs().sum() > 0  # L_vlb trains v
     fixed = guided.Diffusion(d.betas, "large")
     torch.manual_seed(1)
-    assert fixed.hybrid_loss(lambda x, t, y: eps.detach(), x0).item() == pytest.approx(mse.mean().item(), rel=1e-6)
+    simple = fixed.hybrid_loss(lambda x, t, y: eps.detach(), x0).item()
+    assert simple == pytest.approx(mse.mean().item(), rel=1e-6)
 
 
 # --- classifier guidance with an analytic classifier -------------------------------------------------
@@ -159,7 +165,8 @@ S = 0.15
 
 
 def noisy_class_logits(abar):
-    """log p(y | x_t) + const for the two classes: x_t | y ~ N(sqrt(abar_t) mu_y, (abar_t S^2 + 1 - abar_t) I)."""
+    """log p(y | x_t) + const for the two classes: x_t | y ~ N(sqrt(abar_t) mu_y, (abar_t S^2 + 1 - abar_t)
+    I)."""
     def f(x, t):
         a = abar[t].float()[:, None, None]
         var = a * S ** 2 + 1 - a
@@ -168,7 +175,8 @@ def noisy_class_logits(abar):
 
 
 def exact_eps(abar):
-    """E[eps | x_t] = -sqrt(1 - abar_t) grad log p(x_t) for the mixture, as a learned-variance output [eps, v = 0]."""
+    """E[eps | x_t] = -sqrt(1 - abar_t) grad log p(x_t) for the mixture, as a learned-variance output
+    [eps, v = 0]."""
     logits = noisy_class_logits(abar)
 
     def model(x, t, y=None):
@@ -190,7 +198,8 @@ def test_cond_fn_is_the_analytic_gradient_and_the_conditioned_mean_and_score(cos
     var = a * S ** 2 + 1 - a
     post = clf(x, t).softmax(-1)
     d = lambda k: -(x - a.sqrt() * MU[k]) / var                            # grad log N(x; sqrt(a) mu_k, var)
-    analytic = torch.stack([d(int(yi))[i] for i, yi in enumerate(y)]) - (post[:, :1] * d(0) + post[:, 1:] * d(1))
+    asked = torch.stack([d(int(yi))[i] for i, yi in enumerate(y)])
+    analytic = asked - (post[:, :1] * d(0) + post[:, 1:] * d(1))
     torch.testing.assert_close(g, 3.0 * analytic, rtol=1e-4, atol=1e-5)
     assert not x.requires_grad
     lv = torch.full_like(x, math.log(0.2))
@@ -207,7 +216,8 @@ def test_guidance_moves_samples_toward_the_class(cosine, sampler):
     frac = {}
     for scale in (0.0, 0.5, 1.0, 4.0):
         torch.manual_seed(0)
-        x, _ = r.sample(model, (n, 2), "cpu", clip=False, guide=guided.make_guide(clf, y, scale), sampler=sampler)
+        x, _ = r.sample(model, (n, 2), "cpu", clip=False, guide=guided.make_guide(clf, y, scale),
+                        sampler=sampler)
         frac[scale] = ((x - MU[0]).norm(dim=1) > (x - MU[1]).norm(dim=1)).float().mean().item()
         if scale == 0:
             assert frac[0.0] == pytest.approx(0.5, abs=0.05)  # both classes, unguided
@@ -225,7 +235,8 @@ def test_adm_unet_options_and_classifier():
     c = dict(guided.PRESETS["tiny"], out_ch=6)
     net = common.build_unet(c)
     blocks = [m for m in net.modules() if isinstance(m, common.ResBlock)]
-    assert all(b.scale_shift and not b.skip_rescale for b in blocks)                 # AdaGN; no 1/sqrt(2), as ADM
+    # AdaGN; no 1/sqrt(2), as ADM
+    assert all(b.scale_shift and not b.skip_rescale for b in blocks)
     assert any(b.down for b in blocks) and any(b.up for b in blocks)                 # BigGAN up/down blocks
     attn = [m for m in net.modules() if isinstance(m, common.AttnBlock)]
     assert attn and all(a.attn.heads == a.norm.num_channels // c["head_channels"] for a in attn)
@@ -237,9 +248,10 @@ def test_adm_unet_options_and_classifier():
     g = guided.cond_fn(clf, x, t, torch.tensor([1, 3]), 1.0)
     assert g.shape == x.shape and g.abs().sum() > 0
     rescaled = dict(c, skip_rescale=True)  # the option ADM's Table 1 ablates
-    assert all(b.skip_rescale for b in common.build_unet(rescaled).modules() if isinstance(b, common.ResBlock))
-    assert all(b.skip_rescale for b in guided.build_classifier(guided.classifier_config(rescaled, 4)).modules()
-               if isinstance(b, (common.ResBlock, common.AttnBlock)))
+    assert all(b.skip_rescale for b in common.build_unet(rescaled).modules()
+               if isinstance(b, common.ResBlock))
+    clf = guided.build_classifier(guided.classifier_config(rescaled, 4))
+    assert all(b.skip_rescale for b in clf.modules() if isinstance(b, (common.ResBlock, common.AttnBlock)))
     # the paper preset is ADM's ImageNet-64 network: ~296M parameters (class-conditional, learned sigmas)
     with torch.device("meta"):
         big = common.build_unet(dict(guided.PRESETS["paper"], out_ch=6, num_classes=1000))
@@ -275,13 +287,16 @@ def test_cli_train_resume_sample_and_eval(tmp_path, monkeypatch, capsys):
     cp = torch.load(os.path.join(part, "classifier.pt"), weights_only=True)
     assert cp["step"] == 4 and all(torch.equal(cp["model"][k], cl["model"][k]) for k in cl["model"])
 
-    guided.main(["--sample", "--out", run, "--class", "2", "--scale", "2", "--steps", "5", "--n-samples", "4"])
+    guided.main(["--sample", "--out", run, "--class", "2", "--scale", "2", "--steps", "5",
+                 "--n-samples", "4"])
     assert Image.open(os.path.join(run, "samples.png")).size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)
     assert Image.open(os.path.join(run, "reverse.gif")).n_frames == 5
     guided.main(["--sample", "--out", run, "--sampler", "ddim", "--steps", "4", "--n-samples", "8"])
-    assert Image.open(os.path.join(run, "samples.png")).size == (4 * 18 + 2, 2 * 18 + 2)  # one class per column
+    # one class per column
+    assert Image.open(os.path.join(run, "samples.png")).size == (4 * 18 + 2, 2 * 18 + 2)
     capsys.readouterr()
-    guided.main(["--eval", "--out", run, "--scale", "1", "--steps", "3", "--n-samples", "8", "--batch-size", "4"])
+    guided.main(["--eval", "--out", run, "--scale", "1", "--steps", "3", "--n-samples", "8",
+                 "--batch-size", "4"])
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["script"] == "guided" and res["scale"] == 1 and res["nfe"] == 3 and 0 <= res["acc"] <= 1
     assert math.isfinite(res["fid"])
@@ -296,7 +311,7 @@ def test_cli_train_resume_sample_and_eval(tmp_path, monkeypatch, capsys):
     (["--sample", "--eta", "0.5"], "--sampler ddim"),
     (["--eval", "--class", "1"], "--class goes with --sample"),
     (["--sample", "--sweep"], "--sweep goes with --eval"),
-    (["--eval", "--scales", "1", "2"], "go with --eval --sweep"),
+    (["--eval", "--scales", "1", "2"], "goes with --eval --sweep"),
     (["--eval", "--sweep", "--scales", "-1"], "--scales -1: use a number >= 0"),
     (["--sample", "--var", "learned", "--ckpt", "{fixed}"], "fixed variances"),
     (["--sample", "--ckpt", "{run}/classifier.pt"], "not the diffusion model"),

@@ -15,7 +15,8 @@ import common
 import ldm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CAPTIONS = ["a small red circle on the left", "a large blue triangle on the right", "a small white cross in the center"]
+CAPTIONS = ["a small red circle on the left", "a large blue triangle on the right",
+            "a small white cross in the center"]
 
 
 def jitter(module, std=0.1, seed=0):
@@ -50,7 +51,8 @@ def test_autoencoder_shapes(f, side):
     assert rec.shape == x.shape and ae.decode(torch.randn(3, 4, side, side)).shape == (3, 3, 32, 32)
     big = ldm.DiagonalGaussian(*common.gaussian_moments(torch.cat([torch.zeros(1, 4, 2, 2),
                                                                    torch.full((1, 4, 2, 2), 1e3)], 1)))
-    assert big.logvar.max() == 20 and torch.isfinite(big.kl()).all()         # log-variance clamped to [-30, 20]
+    # log-variance clamped to [-30, 20]
+    assert big.logvar.max() == 20 and torch.isfinite(big.kl()).all()
     assert common.gaussian_moments(torch.full((1, 8, 2, 2), -1e3))[1].min() == -30
     # the mid blocks of the encoder and the decoder attend over all positions (the released design)
     assert all(isinstance(m.mid[1], common.AttnBlock) for m in (ae.encoder, ae.decoder))
@@ -58,16 +60,18 @@ def test_autoencoder_shapes(f, side):
 
 def test_kl_matches_closed_form_and_samples_have_the_posterior_moments():
     g = torch.Generator().manual_seed(0)
-    mean, logvar = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64), torch.randn(3, 4, 5, 5, generator=g,
-                                                                                          dtype=torch.float64)
+    mean = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64)
+    logvar = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64)
     std = (0.5 * logvar).exp()
     closed = (-std.log() + (std ** 2 + mean ** 2) / 2 - 0.5).flatten(1).sum(1)   # KL(N(m, s^2) || N(0, 1))
     torch.testing.assert_close(ldm.kl_loss(mean, logvar), closed, rtol=1e-12, atol=1e-12)
     ref = torch.distributions.kl_divergence(torch.distributions.Normal(mean, std),
-                                            torch.distributions.Normal(torch.zeros_like(mean), torch.ones_like(std)))
+                                            torch.distributions.Normal(torch.zeros_like(mean),
+                                                                       torch.ones_like(std)))
     torch.testing.assert_close(ldm.kl_loss(mean, logvar), ref.flatten(1).sum(1))
     assert ldm.kl_loss(torch.zeros(2, 4), torch.zeros(2, 4)).abs().max() == 0   # KL(N(0, 1) || N(0, 1)) = 0
-    post = ldm.DiagonalGaussian(mean[:1].float().expand(20000, -1, -1, -1), logvar[:1].float().expand(20000, -1, -1, -1))
+    post = ldm.DiagonalGaussian(mean[:1].float().expand(20000, -1, -1, -1),
+                                logvar[:1].float().expand(20000, -1, -1, -1))
     z = post.sample(torch.Generator().manual_seed(1))
     torch.testing.assert_close(z.mean(0), mean[0].float(), atol=0.1, rtol=0)
     torch.testing.assert_close(z.std(0) / std[0].float(), torch.ones_like(z[0]), atol=0.05, rtol=0)
@@ -76,11 +80,13 @@ def test_kl_matches_closed_form_and_samples_have_the_posterior_moments():
 def test_adaptive_weight_is_the_gradient_norm_ratio_and_hinge_loss():
     w = torch.zeros(3, requires_grad=True)
     a, b = torch.tensor([3.0, 0.0, 4.0]), torch.tensor([0.0, 1.0, 0.0])
-    lam = ldm.adaptive_weight((w * a).sum(), (w * b).sum(), w, 0.5)           # grads a (norm 5) and b (norm 1)
+    # grads a (norm 5) and b (norm 1)
+    lam = ldm.adaptive_weight((w * a).sum(), (w * b).sum(), w, 0.5)
     assert abs(lam.item() - 0.5 * 5 / (1 + 1e-4)) < 1e-5 and not lam.requires_grad
     assert ldm.adaptive_weight((w * a).sum(), (w * 0).sum(), w, 1.0).item() == 1e4  # clamped
     d = ldm.hinge_d_loss(torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.5]))
-    assert abs(d.item() - 0.5 * (0.5 + 0.75)) < 1e-6                           # 1/2 (mean relu(1-r) + mean relu(1+f))
+    # 1/2 (mean relu(1-r) + mean relu(1+f))
+    assert abs(d.item() - 0.5 * (0.5 + 0.75)) < 1e-6
 
 
 def test_ae_losses_and_one_step_with_the_discriminator():
@@ -92,7 +98,8 @@ def test_ae_losses_and_one_step_with_the_discriminator():
     assert torch.isfinite(loss) and rec.shape == x.shape and {"rec", "kl", "g", "w"} <= logs.keys()
     loss.backward()
     assert ae.decoder.conv_out.weight.grad is not None
-    # s of L_AE is the official constant (its logvar is never trained): no parameter of the autoencoder holds it
+    # s of L_AE is the official constant (its logvar is never trained): no parameter of the autoencoder
+    # holds it
     assert ldm.LOG_SCALE == 0.0 and not any("logvar" in k for k in ae.state_dict())
     torch.manual_seed(1)
     nll_only = ldm.ae_losses(ae, x, dict(acfg, kl_weight=0.0))
@@ -113,11 +120,14 @@ def test_tokenizer_round_trips_known_words_and_maps_unknown_ones_to_one_id():
     assert ids == [tok.BOS, tok.index["a"], tok.UNK, tok.index["red"], tok.UNK]
     assert tok.decode(ids) == "a <unk> red <unk>" and tok.unknown("a huge red zebra") == ["huge", "zebra"]
     batch = tok(["", CAPTIONS[0], "a " * 30])
-    assert batch.shape == (3, 10) and batch[0].tolist() == [tok.BOS] + [tok.PAD] * 9   # empty caption = [<bos>]
+    # empty caption = [<bos>]
+    assert batch.shape == (3, 10) and batch[0].tolist() == [tok.BOS] + [tok.PAD] * 9
     assert (batch[2] != tok.PAD).all()                                                  # cut to max_len
-    again = common.WordTokenizer(tok.vocab, 10)                                         # rebuilt from the stored list
+    # rebuilt from the stored list
+    again = common.WordTokenizer(tok.vocab, 10)
     assert again.vocab == tok.vocab and again.encode(CAPTIONS[1]) == tok.encode(CAPTIONS[1])
-    more = common.WordTokenizer(tok.vocab + ["sks"], 10)                  # a word appended keeps every earlier id
+    # a word appended keeps every earlier id
+    more = common.WordTokenizer(tok.vocab + ["sks"], 10)
     assert more.vocab[:-1] == tok.vocab and more.index["sks"] == len(tok.vocab)
 
 
@@ -126,9 +136,12 @@ def test_partial_captions_keep_the_shape_and_the_phrases_asked():
     assert ldm.partial_caption(cap, [True, True, True]) == cap
     assert ldm.partial_caption(cap, [False, False, False]) == "a circle"
     assert ldm.partial_caption(cap, [False, True, True]) == "a red circle on the left"
-    assert ldm.partial_caption("a large blue triangle in the center", [True, False, False]) == "a large triangle"
-    assert ldm.partial_caption("a dog on a mat", [False, False, False]) == "a dog on a mat"  # not a shapes caption
-    for c in CAPTIONS:  # what a partial caption names is a subset of the full one, and the shape is always there
+    partial = ldm.partial_caption("a large blue triangle in the center", [True, False, False])
+    assert partial == "a large triangle"
+    # not a shapes caption
+    assert ldm.partial_caption("a dog on a mat", [False, False, False]) == "a dog on a mat"
+    # what a partial caption names is a subset of the full one, and the shape is always there
+    for c in CAPTIONS:
         for keep in ([a, b, d] for a in (0, 1) for b in (0, 1) for d in (0, 1)):
             a, full = common.parse_caption(ldm.partial_caption(c, keep)), common.parse_caption(c)
             assert a.items() <= full.items() and a["shape"] == full["shape"] and len(a) == 1 + sum(keep)
@@ -166,9 +179,9 @@ def test_cross_attention_changes_with_context_and_ignores_padded_tokens():
 def test_cfg_scale_one_is_conditional_and_zero_unconditional(cond):
     torch.manual_seed(0)
     ec, eu = torch.randn(3, 4), torch.randn(3, 4)
-    torch.testing.assert_close(ldm.cfg_eps(ec, eu, 1.0), ec)
-    torch.testing.assert_close(ldm.cfg_eps(ec, eu, 0.0), eu)
-    torch.testing.assert_close(ldm.cfg_eps(ec, eu, 3.0), 3 * ec - 2 * eu)
+    torch.testing.assert_close(common.cfg_eps(ec, eu, 1.0), ec)
+    torch.testing.assert_close(common.cfg_eps(ec, eu, 0.0), eu)
+    torch.testing.assert_close(common.cfg_eps(ec, eu, 3.0), 3 * ec - 2 * eu)
     cfg = tiny_cfg(cond)
     model = jitter(common.LDM(cfg)).eval()
     cd = ldm.Conditioner(cfg)
@@ -179,11 +192,11 @@ def test_cfg_scale_one_is_conditional_and_zero_unconditional(cond):
     with torch.no_grad():
         e_c, e_u = model(z, t, c), model(z, t, null)
         assert (e_c - e_u).abs().max() > 1e-3
-        torch.testing.assert_close(ldm.guided_eps_fn(model, c, null, 1.0)(z, 300), e_c)
-        torch.testing.assert_close(ldm.guided_eps_fn(model, c, null, 0.0)(z, 300), e_u)
+        torch.testing.assert_close(common.guided_eps_fn(model, c, null, 1.0)(z, 300), e_c)
+        torch.testing.assert_close(common.guided_eps_fn(model, c, null, 0.0)(z, 300), e_u)
         # s = 1 and s = 0 through the batched (cond, uncond) call as well
         for s, want in [(1.0, e_c), (0.0, e_u), (5.0, e_u + 5 * (e_c - e_u))]:
-            got = ldm.guided_eps_fn(model, c, null, s + 1e-12 if s in (0, 1) else s)(z, 300)
+            got = common.guided_eps_fn(model, c, null, s + 1e-12 if s in (0, 1) else s)(z, 300)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -205,9 +218,12 @@ def test_ddim_step_recovers_z0_with_the_true_noise():
     z0, eps = torch.randn(2, 4, 4, 4, dtype=torch.float64), torch.randn(2, 4, 4, 4, dtype=torch.float64)
     t = torch.tensor([700, 700])
     zt = ldm.q_sample(z0, t, eps, abar)
-    torch.testing.assert_close(ldm.ddim_step(zt, eps, abar[700].item(), 1.0), z0, rtol=1e-5, atol=1e-5)
-    z_s = ldm.ddim_step(zt, eps, abar[700].item(), abar[300].item())     # eta = 0 stays on the same (z0, eps)
-    torch.testing.assert_close(z_s, ldm.q_sample(z0, torch.tensor([300, 300]), eps, abar), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(common.ddim_latent_step(zt, eps, abar[700].item(), 1.0), z0, rtol=1e-5,
+                               atol=1e-5)
+    # eta = 0 stays on the same (z0, eps)
+    z_s = common.ddim_latent_step(zt, eps, abar[700].item(), abar[300].item())
+    torch.testing.assert_close(z_s, ldm.q_sample(z0, torch.tensor([300, 300]), eps, abar), rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_latent_scale_is_one_over_the_measured_std():
@@ -218,8 +234,8 @@ def test_latent_scale_is_one_over_the_measured_std():
     s = ldm.measure_scale(ae, data, torch.device("cpu"), 20, batch=8, seed=3)
     with torch.no_grad():
         x = torch.stack([data[i][0] for i in range(20)])
-        z = torch.cat([ldm.DiagonalGaussian(*ae.encode(x[i:i + 8])).sample(g) for g in [torch.Generator().manual_seed(3)]
-                       for i in range(0, 20, 8)])
+        z = torch.cat([ldm.DiagonalGaussian(*ae.encode(x[i:i + 8])).sample(g)
+                       for g in [torch.Generator().manual_seed(3)] for i in range(0, 20, 8)])
     assert abs(s - 1 / z.std().item()) < 1e-5 and abs((z * s).std().item() - 1) < 1e-5
 
 
@@ -242,7 +258,8 @@ def test_cli_train_both_stages_then_sample_and_eval(tmp_path, monkeypatch, capsy
     assert abs(ck["config"]["scale_factor"] - s) < 1e-5
     # the training grid: held-out captions spread over the 4 shapes, one row per shape (4 x 1 here)
     assert Image.open(os.path.join(run, "samples.png")).size == (1 * 18 + 2, 4 * 18 + 2)
-    shapes = [common.parse_caption(c)["shape"] for c in open(os.path.join(run, "samples.txt")).read().splitlines()]
+    captions = open(os.path.join(run, "samples.txt")).read().splitlines()
+    shapes = [common.parse_caption(c)["shape"] for c in captions]
     assert shapes == common.SHAPES
     # stage 2 resumes exactly from its checkpoint (with its own copy of the autoencoder)
     part = tmp_path / "part"
@@ -257,11 +274,13 @@ def test_cli_train_both_stages_then_sample_and_eval(tmp_path, monkeypatch, capsy
               "--steps", "3", "--n-samples", "4"])
     assert Image.open(os.path.join(run, "samples.png")).size == (2 * 18 + 2, 2 * 18 + 2)
     # samples.txt beside the grid names this grid's prompts, not the training run's held-out captions
-    assert open(os.path.join(run, "samples.txt")).read().splitlines() == ["a large blue triangle on the right"] * 4
+    captions = open(os.path.join(run, "samples.txt")).read().splitlines()
+    assert captions == ["a large blue triangle on the right"] * 4
     ldm.main(["--sample", "--out", run, "--prompt", "a blue zebra", "--sampler", "ddpm", "--steps", "4",
               "--n-samples", "2"])
     assert "zebra" in capsys.readouterr().err                             # unknown words: a warning
-    ldm.main(["--eval", "--out", run, "--scale", "2", "--steps", "2", "--n-samples", "8", "--batch-size", "4"])
+    ldm.main(["--eval", "--out", run, "--scale", "2", "--steps", "2", "--n-samples", "8",
+              "--batch-size", "4"])
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["script"] == "ldm" and res["scale"] == 2 and res["nfe"] == 4 and 0 <= res["acc"] <= 1
     assert math.isfinite(res["fid"])
@@ -277,8 +296,10 @@ def test_cli_train_both_stages_then_sample_and_eval(tmp_path, monkeypatch, capsy
     (["--sample", "--ckpt", "{run}/nope.pt"], "not found"),
     (["--eval", "--recon", "--ae", "{run}/nope.pt"], "not found"),
     (["--sample", "--recon"], "--recon goes with --eval"),
-    (["--train", "--preset", "tiny", "--image-size", "32", "--f", "8", "--max-steps", "1"], "has image_size 16 but 32"),
-    (["--train", "--preset", "tiny", "--f", "8"], "with --f 8: the preset's attention at 4px never occurs .* use --f 4"),
+    (["--train", "--preset", "tiny", "--image-size", "32", "--f", "8", "--max-steps", "1"],
+     "has image_size 16 but 32"),
+    (["--train", "--preset", "tiny", "--f", "8"],
+     "with --f 8: the preset's attention at 4px never occurs .* use --f 4"),
 ])
 def test_bad_input_is_a_user_error(tmp_path_factory, args, msg):
     run = tmp_path_factory.getbasetemp() / "ldm_bad_input"

@@ -41,7 +41,8 @@ def test_small_digits_train_at_32_with_a_held_out_part(digits, tmp_path, capsys)
                "--batch-size", "4", "--max-steps", "2", "--steps", "2", "--n-samples", "2", "--out", out])
     assert "upscaled 30 of 30 images" in capsys.readouterr().err               # said once, for all of them
     train, held = (common.load_data(digits, 32, 1, train=t) for t in (True, False))
-    assert len(train) == 24 and held.labels.tolist() == [0, 0, 1, 1, 2, 2]   # 20% of each class, never trained on
+    # 20% of each class, never trained on
+    assert len(train) == 24 and held.labels.tolist() == [0, 0, 1, 1, 2, 2]
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]["image_size"] == 32
 
 
@@ -50,7 +51,8 @@ def test_shape_errors_come_before_any_training(digits, tmp_path):
         (ldm, ["--cond", "class", "--image-size", "28"], "U-Net \\(7px\\) must be divisible by 2"),
         (guided, ["--image-size", "28"], "attention at 16px never occurs"),
         (ddpm, ["--image-size", "28"], "attention at 8px never occurs"),
-        (ldm, ["--cond", "class", "--preset", "tiny", "--batch-size", "64"], "more than the 24 training images"),
+        (ldm, ["--cond", "class", "--preset", "tiny", "--batch-size", "64"],
+         "more than the 24 training images"),
     ]:
         out = tmp_path / script.__name__
         with pytest.raises(common.UserError, match=msg):
@@ -59,7 +61,8 @@ def test_shape_errors_come_before_any_training(digits, tmp_path):
 
 
 def test_conditional_scripts_on_a_labelled_folder(digits, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)                                             # the judge is cached in ./out/judge
+    # the judge is cached in ./out/judge
+    monkeypatch.chdir(tmp_path)
     base = ["--preset", "tiny", "--data", digits, "--channels", "1", "--batch-size", "4", "--steps", "2"]
     run = str(tmp_path / "ldm")
     ldm.main(["--train", "--cond", "class", *base, "--max-steps", "2", "--ae-steps", "2", "--n-samples", "6",
@@ -77,4 +80,5 @@ def test_conditional_scripts_on_a_labelled_folder(digits, tmp_path, monkeypatch,
     res = guided.main(["--eval", *base, "--n-samples", "4", "--scale", "1", "--out", gout])
     assert 0 <= res["acc"] <= 1 and res["judge_acc"] is not None
     judge = torch.load(common.judge_path(digits, 16, 1, steps=30), weights_only=True)
-    assert judge["n_train"] == 24 and judge["n_test"] == 6                 # the judge, too, tests on held-out data
+    # the judge, too, tests on held-out data
+    assert judge["n_train"] == 24 and judge["n_test"] == 6

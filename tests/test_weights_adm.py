@@ -316,7 +316,7 @@ def test_classifier_matches_reference():
     cfg = dict(num_classes=7, ch=32, ch_mult=[1, 2], depth=1, attn_res=[8], head_channels=16, image_size=16,
                channels=3, norm_groups=32, emb_cos_first=True)
     clf = guided.build_classifier(cfg)
-    common.load_mapped(clf, guided.classifier_from_openai(sd, lambda c: c // 16), "tiny classifier")
+    common.load_mapped(clf, common.classifier_from_openai(sd, lambda c: c // 16), "tiny classifier")
     x, t = torch.randn(3, 3, 16, 16), torch.tensor([0, 300, 999])
     with torch.no_grad():
         torch.testing.assert_close(clf(x, t), ref_classifier(sd, program, x, t, lambda c: c // 16),
@@ -357,7 +357,7 @@ def test_released_model_keys_map_one_to_one(name):
     kw, millions = ADM_MODELS[name]
     shapes, _ = openai_unet_shapes(**kw, out_ch=6)
     tensors = meta(shapes)
-    cfg = guided.released_config(common.openai_unet_structure(tensors, name), flags(), name)
+    cfg = common.openai_released_config(common.openai_unet_structure(tensors, name), flags(), name)
     assert name in cfg["released"]
     with torch.device("meta"):
         model = common.build_unet(cfg)
@@ -376,13 +376,13 @@ def test_released_classifier_keys_map_one_to_one(size, depth):
     shapes, _ = openai_unet_shapes(128, mult, depth, attn_ds, classifier_size=size)
     tensors = meta(shapes)
     blocks = len({k.split(".")[1] for k in tensors if k.startswith("input_blocks.")})
-    r = guided.RELEASED_CLASSIFIERS[(128, blocks)]
+    r = common.OPENAI_CLASSIFIERS[(128, blocks)]
     assert r["files"] == f"{size}x{size}_classifier.pt"
     cfg = dict(num_classes=1000, ch=128, ch_mult=r["ch_mult"], depth=r["depth"], attn_res=[32, 16, 8],
                head_channels=64, image_size=size, channels=3, norm_groups=32, emb_cos_first=True)
     with torch.device("meta"):
         clf = guided.build_classifier(cfg)
-    ours = guided.classifier_from_openai(tensors, lambda c: c // 64)
+    ours = common.classifier_from_openai(tensors, lambda c: c // 64)
     assert common.check_mapping(clf, ours) == ([], [], [])
     assert sum(math.prod(s) for s in shapes.values()) == common.count_params(clf)
 

@@ -96,9 +96,10 @@ def write_vocab(folder):
 
 
 def tiny_models(vocab_size, seed=0):
-    """Random tiny references with Stable Diffusion v1's structure: 3 U-Net levels (cross-attention in the first
-    two), 8 heads, context 64; a 3-level KL autoencoder (f = 4) with 32 groups; a 2-layer CLIP text encoder of
-    width 64 with one head (a single file does not say its heads: CLIP's text encoders have one per 64 channels).
+    """Random tiny references with Stable Diffusion v1's structure: 3 U-Net levels (cross-attention in the
+    first two), 8 heads, context 64; a 3-level KL autoencoder (f = 4) with 32 groups; a 2-layer CLIP text
+    encoder of width 64 with one head (a single file does not say its heads: CLIP's text encoders have one per
+    64 channels).
     """
     torch.manual_seed(seed)
     unet = diffusers.UNet2DConditionModel(
@@ -377,7 +378,8 @@ def test_compvis_file_reads_as_diffusers_converters_read_it(sd_folder, tmp_path)
 
 
 def fake_lightning():
-    """A stand-in for pytorch_lightning's ModelCheckpoint, importable by pickle while the test writes a .ckpt."""
+    """A stand-in for pytorch_lightning's ModelCheckpoint, importable by pickle while the test writes a
+    .ckpt."""
     for name in (
         "pytorch_lightning",
         "pytorch_lightning.callbacks",
