@@ -23,6 +23,8 @@ RUNS = {  # name: (what it changes, preset keys); the cpu preset's own values ar
     "T1": ("the same networks and steps as a one-step GAN", {"timesteps": 1}),
     "small": ("G and D at 16 base channels (2.5x cheaper steps), twice the steps", {"ch": 16, "d_ch": 16,
                                                                                  "max_steps": 2400}),
+    "ttur": ("the two time-scale rule: D learns 4x faster than G", {"lr": 1e-4, "lr_d": 4e-4}),
+    "r1": ("R1 weight 1 instead of 0.02 (DDGAN's high-resolution setting is larger)", {"r1_gamma": 1.0}),
 }
 
 
