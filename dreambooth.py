@@ -7,8 +7,8 @@ https://arxiv.org/abs/2208.12242 -- on an ldm.py text-to-image checkpoint, or on
     python dreambooth.py --sample --prompt "a blue sks circle on the left"
     python dreambooth.py --train --no-prior --out out/dreambooth_noprior     # the ablation
     python dreambooth.py --eval                    # subject fidelity, prompt fidelity, language drift
-    python dreambooth.py --train --weights v1-5-pruned-emaonly.safetensors \
-        --tokenizer bpe_simple_vocab_16e6.txt.gz \
+    python dreambooth.py --train --weights v1-5-pruned-emaonly.safetensors \\
+        --tokenizer bpe_simple_vocab_16e6.txt.gz \\
         --data my_dog/ --class-prompt "a photo of a dog"     # Stable Diffusion (README 'Released weights')
 
 The subject: by default 4 images of common.ShapesData(subject=True), a ring (a circle with a hole) that the

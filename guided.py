@@ -9,7 +9,7 @@ https://arxiv.org/abs/2102.09672
     python guided.py --eval --scale 1               # FID/KID and the accuracy of the asked class (JSON last)
     python guided.py --eval --sweep                 # guidance scales x (FID, accuracy, precision, recall)
                                                     # and respaced steps; --baseline: a fixed-variance model
-    python guided.py --sample --weights 64x64_diffusion.pt --classifier-weights 64x64_classifier.pt \
+    python guided.py --sample --weights 64x64_diffusion.pt --classifier-weights 64x64_classifier.pt \\
         --class 207                                 # ADM's released ImageNet 64 model (README)
 
 Timesteps are 0-indexed as in ddpm.py: abar_t = prod_{s<=t} (1 - beta_s), t = 0 is one noising step.

@@ -10,8 +10,8 @@ https://arxiv.org/abs/2207.12598
     python ldm.py --eval --sweep                   # the same for s in {1, 2, 3, 5, 7.5}
     python ldm.py --eval --recon                   # the autoencoder: reconstruction PSNR and rFID
     python ldm.py --train --cond class             # class labels as the context instead of captions
-    python ldm.py --sample --weights v1-5-pruned-emaonly.safetensors \
-        --tokenizer bpe_simple_vocab_16e6.txt.gz \
+    python ldm.py --sample --weights v1-5-pruned-emaonly.safetensors \\
+        --tokenizer bpe_simple_vocab_16e6.txt.gz \\
         --prompt "a photograph of an astronaut riding a horse" --scale 7.5   # Stable Diffusion v1.5 (README)
 
 Stage 1, perceptual compression (Sec. 3.1). x (H, W, 3) -> E -> z (H/f, W/f, z_ch) -> D -> x~, with
