@@ -25,6 +25,7 @@ RUNS = {  # name: (what it changes, preset keys); the cpu preset's own values ar
                                                                                  "max_steps": 2400}),
     "ttur": ("the two time-scale rule: D learns 4x faster than G", {"lr": 1e-4, "lr_d": 4e-4}),
     "r1": ("R1 weight 1 instead of 0.02 (DDGAN's high-resolution setting is larger)", {"r1_gamma": 1.0}),
+    "ttur_T1": ("the ttur run's settings as a one-step GAN", {"lr": 1e-4, "lr_d": 4e-4, "timesteps": 1}),
 }
 
 
