@@ -2286,6 +2286,12 @@ def _wanted(judge, w):
     return {k: v for k, v in w.items() if k in judge.classes}  # drops jitter, subject
 
 
+def psnr(x, rec):
+    """Per-image PSNR in dB on [0, 1] pixels, averaged: x, rec (N, C, H, W) in [-1, 1]."""
+    mse = ((rec.float().clamp(-1, 1) - x.float()) / 2).square().flatten(1).mean(1).clamp(min=1e-10)
+    return (10 * torch.log10(1 / mse)).mean().item()
+
+
 def attribute_accuracy(judge, images, wanted):
     """Fraction of images (N, C, H, W) whose judged attributes match what was asked: wanted[i] is a
     class label, a caption or an attribute dict. An image counts only if every named attribute matches."""

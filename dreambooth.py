@@ -36,6 +36,7 @@ The networks, the tokenizers, the sampler and the loading of both kinds of base 
 (common.LDM, common.AutoencoderKL, common.draw_latent, common.load_ldm, common.load_stable_diffusion); this
 file holds the method.
 """
+import argparse
 import copy
 import json
 import os
@@ -408,7 +409,10 @@ def evaluate(args, device):
     fraction of 'a circle' samples that are ordinary circles (shape right, no hole) and their diversity.
     Then common.evaluate (FID/KID, caption accuracy on held-out ordinary captions) for the fine-tuned model.
     subject_ceiling: the fraction of held-out subject images the subject judge still calls the subject after
-    the autoencoder (encode, decode): what the latent space lets through."""
+    the autoencoder (encode, decode): what the latent space lets through. A subject of your own (--data) has
+    no subject judge: its fidelity is the cosine similarity of judge features of the samples and of the
+    instance images (the paper's DINO score with our judge), beside the instances' own similarity to each
+    other, and the ceiling is the autoencoder's PSNR on the instance images."""
     model, ae, tok, cfg, ck = load_model(args.ckpt or os.path.join(args.out, "ckpt.pt"))
     if ck["dreambooth"].get("weights"):
         raise common.UserError("--eval measures the shapes experiment (judges trained on shapes); look at "
@@ -420,7 +424,10 @@ def evaluate(args, device):
     steps = args.steps or DEFAULT_STEPS
     judge_steps = PRESETS[args.preset].get("judge_steps", common.JUDGE_STEPS)
     judge = common.get_judge("shapes", size, ch, device, steps=judge_steps)
-    sj = common.subject_judge(size, ch, device, PRESETS[args.preset].get("subject_judge_steps", 400))
+    own = db.get("instance_dir") is not None        # the user's subject: the ring judge cannot tell it
+    sj = None
+    if not own:
+        sj = common.subject_judge(size, ch, device, PRESETS[args.preset].get("subject_judge_steps", 400))
     ident, noun = db["identifier"], db["class_noun"]
     rng = np.random.default_rng(args.seed)
     recontext = [f"a {rng.choice(common.SIZES)} {rng.choice(list(common.COLORS))} {ident} {noun} "
@@ -436,31 +443,48 @@ def evaluate(args, device):
     def is_subject(x):
         return (common.judge_predict(sj, x)["subject"] == 1).float()
 
+    def autoencoded(x):
+        with torch.no_grad():
+            return torch.cat([ae.decode(ae.encode(x[i:i + 100].to(device))[0]).float().clamp(-1, 1).cpu()
+                              for i in range(0, len(x), 100)])
+
     x_id = draw(model, [db["instance_prompt"]] * n)
     x_rc = draw(model, recontext)
-    # the most subject fidelity can be through this autoencoder: held-out subject images, encoded and decoded
-    subjects = common.ShapesData(size, ch, seed=args.seed + SUBJECT_EVAL_SEED, subject=True)
-    x_sub = torch.stack([subjects[i][0] for i in range(n)])
-    with torch.no_grad():
-        rec = torch.cat([ae.decode(ae.encode(x_sub[i:i + 100].to(device))[0]).float().clamp(-1, 1).cpu()
-                         for i in range(0, n, 100)])
     res = {"script": "dreambooth", "mode": "dreambooth", "n": n, "scale": scale, "steps": steps,
            "prior": db["prior"], "train_text_encoder": db["train_text_encoder"],
-           "subject_judge_acc": sj.accuracy,
-           "subject_ceiling": is_subject(common.quantize(rec)).mean().item(),
-           "subject_fidelity": is_subject(x_id).mean().item(),
-           "prompt_fidelity": common.attribute_accuracy(judge, x_rc, recontext),
-           "prompt_subject": is_subject(x_rc).mean().item()}
+           "prompt_fidelity": common.attribute_accuracy(judge, x_rc, recontext)}
+    if own:
+        x_inst = instance_images(argparse.Namespace(instance_dir=db["instance_dir"]), cfg)   # in [-1, 1]
+        f_inst = F.normalize(common.features(judge, x_inst), dim=1)           # (k, D), unit rows
+        f_id = F.normalize(common.features(judge, x_id), dim=1)
+        k = len(f_inst)
+        pairs = (f_inst @ f_inst.T).sum() - k                                # off the diagonal
+        res.update({"instance_recon_psnr": common.psnr(x_inst, autoencoded(x_inst)),
+                    "subject_similarity": (f_id @ f_inst.T).mean().item(),
+                    "instance_similarity": (pairs / max(1, k * (k - 1))).item()})
+    else:
+        # the most subject fidelity can be through this autoencoder: held-out subject images, encoded, decoded
+        subjects = common.ShapesData(size, ch, seed=args.seed + SUBJECT_EVAL_SEED, subject=True)
+        rec = autoencoded(torch.stack([subjects[i][0] for i in range(n)]))
+        res.update({"subject_judge_acc": sj.accuracy,
+                    "subject_ceiling": is_subject(common.quantize(rec)).mean().item(),
+                    "subject_fidelity": is_subject(x_id).mean().item(),
+                    "prompt_subject": is_subject(x_rc).mean().item()})
     models = [("finetuned", model)]
     if os.path.exists(db["base"]):
         models.append(("base", common.load_ldm(db["base"], ("ldm",))[0].to(device)))
     for name, m in models:
         x = draw(m, [db["class_prompt"]] * n)
-        ordinary = 1 - is_subject(x)             # a circle, not the ring
+        ordinary = torch.ones(len(x))
+        if not own:
+            ordinary = 1 - is_subject(x)         # a circle, not the ring
         if noun in common.SHAPES:
             shape = common.judge_predict(judge, x)["shape"]
             ordinary = ordinary * (shape == common.SHAPES.index(noun)).float()
         res[f"class_ordinary_{name}"] = ordinary.mean().item()
+        if own:                                  # the control: the class prompt's samples against the subject
+            f_cls = F.normalize(common.features(judge, x), dim=1)
+            res[f"class_similarity_{name}"] = (f_cls @ f_inst.T).mean().item()
         res[f"class_diversity_{name}"] = diversity(judge, x)
         common.save_grid(x[:64], os.path.join(args.out, f"eval_class_{name}.png"))
     common.save_grid(x_id[:64], os.path.join(args.out, "eval_subject.png"))

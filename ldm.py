@@ -345,7 +345,7 @@ def train_autoencoder(args, cfg, device, path, data=None):
     x = torch.stack([held[i][0] for i in range(n)]).to(device)
     with torch.no_grad():
         rec = reconstruct(ae, x, sample=False)[0].float()
-    score = psnr(x, rec)
+    score = common.psnr(x, rec)
     save(step, psnr=score)
     grid = os.path.join(os.path.dirname(os.path.abspath(path)), "recon.png")
     common.save_grid(torch.stack([x.cpu(), rec.cpu().clamp(-1, 1)], 1).flatten(0, 1)[:64], grid, nrow=8)
@@ -574,12 +574,6 @@ def sample_images(args, device):
 #                Evaluation: guidance scales and the autoencoder                #
 #################################################################################
 
-def psnr(x, rec):
-    """Per-image PSNR in dB on [0, 1] pixels, averaged: x, rec (N, C, H, W) in [-1, 1]."""
-    mse = ((rec.float().clamp(-1, 1) - x.float()) / 2).square().flatten(1).mean(1).clamp(min=1e-10)
-    return (10 * torch.log10(1 / mse)).mean().item()
-
-
 def evaluate(args, device):
     """--eval: FID/KID and caption (or class) accuracy at one scale, or with --sweep for every s (or
     --recon)."""
@@ -628,7 +622,7 @@ def evaluate_ae(args, device):
     judge = common.get_judge(args.data, size, ch, device,
                              steps=PRESETS[args.preset].get("judge_steps", common.JUDGE_STEPS))
     res = {"script": "ldm", "mode": "recon", "f": acfg["f"], "z_ch": acfg["z_ch"], "n": len(x),
-           "psnr": psnr(x, rec), "rfid": common.fid_kid(judge, rec, x)["fid"]}
+           "psnr": common.psnr(x, rec), "rfid": common.fid_kid(judge, rec, x)["fid"]}
     if args.fid_weights:
         inception = common.InceptionFID.load(args.fid_weights).to(device)
         res["rfid_inception"] = common.fid_kid(inception, rec, x)["fid"]

@@ -200,3 +200,27 @@ def test_resume_continues_exactly_with_the_checkpoints_settings(base_ckpt, tmp_p
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert dreambooth.main(["--train", "--resume", "--out", part]) == (None, None)
     assert "already at step 4" in capsys.readouterr().out
+
+
+def test_eval_of_a_subject_of_your_own(base_ckpt, tmp_path, monkeypatch):
+    """--data photos: no ring judge; fidelity is the judge-feature cosine similarity to the instances (three
+    identical instances: their mutual similarity is exactly 1) and the ceiling the autoencoder's PSNR."""
+    from PIL import Image
+    monkeypatch.chdir(tmp_path)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    im = Image.new("RGB", (16, 16), (30, 160, 60))
+    im.paste((200, 200, 40), (4, 4, 10, 10))
+    for i in range(3):
+        im.save(photos / f"{i}.png")
+    out = str(tmp_path / "db")
+    dreambooth.main(["--train", "--preset", "tiny", "--base", base_ckpt, "--out", out, "--data", str(photos),
+                     "--class-prompt", "a green square", "--no-prior", "--max-steps", "1", "--steps", "2",
+                     "--n-samples", "1", "--device", "cpu"])
+    res = dreambooth.main(["--eval", "--preset", "tiny", "--out", out, "--n-samples", "3", "--steps", "2",
+                           "--device", "cpu"])
+    assert "subject_fidelity" not in res and "subject_ceiling" not in res
+    assert res["instance_similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert -1 <= res["subject_similarity"] <= 1 and res["instance_recon_psnr"] > 0
+    assert -1 <= res["class_similarity_base"] <= 1 and -1 <= res["class_similarity_finetuned"] <= 1
+    assert 0 <= res["class_ordinary_finetuned"] <= 1
