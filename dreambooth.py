@@ -36,7 +36,6 @@ The networks, the tokenizers, the sampler and the loading of both kinds of base 
 (common.LDM, common.AutoencoderKL, common.draw_latent, common.load_ldm, common.load_stable_diffusion); this
 file holds the method.
 """
-import argparse
 import copy
 import json
 import os
@@ -151,14 +150,13 @@ def sample(model, ae, cfg, tok, prompts, scale=DEFAULT_SCALE, steps=DEFAULT_STEP
     return common.draw_latent(model, ae, cfg, c, null, scale, steps, progress=progress, abar=abar)
 
 
-def instance_images(args, cfg):
-    """--instance-dir's (or --data's) images, or the default: 4 images of ShapesData(subject=True) (a
-    ring)."""
+def instance_images(d, cfg, seed=0):
+    """The images of folder d (--instance-dir or --data), or for d None the default: 4 images of
+    ShapesData(subject=True) (a ring)."""
     size, ch = cfg["image_size"], cfg["channels"]
-    if args.instance_dir is None:
-        data = common.ShapesData(size, ch, seed=args.seed + INSTANCE_SEED, subject=True)
+    if d is None:
+        data = common.ShapesData(size, ch, seed=seed + INSTANCE_SEED, subject=True)
         return torch.stack([data[i][0] for i in range(4)])
-    d = args.instance_dir
     if not os.path.isdir(d):
         raise common.UserError(f"--instance-dir {d}: no such folder; give a folder with 3-5 images of the "
                                "subject")
@@ -227,7 +225,7 @@ def train(args, dcfg):
     ident, noun, class_prompt, inst_prompt = subject_words(args, tok, cfg)
     if not sd and ident in cfg["vocab"] and ck is None:
         common.warn(f"the identifier '{ident}' is a word the base already knows; DreamBooth wants a rare one")
-    x_inst = instance_images(args, cfg)
+    x_inst = instance_images(args.instance_dir, cfg, args.seed)
     steps = args.steps or DEFAULT_STEPS
     scale = args.scale
     if scale is None:
@@ -454,7 +452,7 @@ def evaluate(args, device):
            "prior": db["prior"], "train_text_encoder": db["train_text_encoder"],
            "prompt_fidelity": common.attribute_accuracy(judge, x_rc, recontext)}
     if own:
-        x_inst = instance_images(argparse.Namespace(instance_dir=db["instance_dir"]), cfg)   # in [-1, 1]
+        x_inst = instance_images(db["instance_dir"], cfg)                    # in [-1, 1]
         f_inst = F.normalize(common.features(judge, x_inst), dim=1)           # (k, D), unit rows
         f_id = F.normalize(common.features(judge, x_id), dim=1)
         k = len(f_inst)
