@@ -454,11 +454,15 @@ def evaluate(args, device):
     if own:
         x_inst = instance_images(db["instance_dir"], cfg)                    # in [-1, 1]
         f_inst = F.normalize(common.features(judge, x_inst), dim=1)           # (k, D), unit rows
-        f_id = F.normalize(common.features(judge, x_id), dim=1)
         k = len(f_inst)
         pairs = (f_inst @ f_inst.T).sum() - k                                # off the diagonal
+
+        def similarity(x):
+            """Mean cosine similarity of judge features of images x to the instance images."""
+            return (F.normalize(common.features(judge, x), dim=1) @ f_inst.T).mean().item()
+
         res.update({"instance_recon_psnr": common.psnr(x_inst, autoencoded(x_inst)),
-                    "subject_similarity": (f_id @ f_inst.T).mean().item(),
+                    "subject_similarity": similarity(x_id),
                     "instance_similarity": (pairs / max(1, k * (k - 1))).item()})
     else:
         # the most subject fidelity can be through this autoencoder: held-out subject images, encoded, decoded
@@ -481,8 +485,7 @@ def evaluate(args, device):
             ordinary = ordinary * (shape == common.SHAPES.index(noun)).float()
         res[f"class_ordinary_{name}"] = ordinary.mean().item()
         if own:                                  # the control: the class prompt's samples against the subject
-            f_cls = F.normalize(common.features(judge, x), dim=1)
-            res[f"class_similarity_{name}"] = (f_cls @ f_inst.T).mean().item()
+            res[f"class_similarity_{name}"] = similarity(x)
         res[f"class_diversity_{name}"] = diversity(judge, x)
         common.save_grid(x[:64], os.path.join(args.out, f"eval_class_{name}.png"))
     common.save_grid(x_id[:64], os.path.join(args.out, "eval_subject.png"))
