@@ -9,7 +9,8 @@ Contents, in the order of the banner sections below:
     Noise schedules       beta_schedule, alphas_cumprod, on_device, extract
     The U-Net             timestep_embedding, ResBlock, Attention, AttnBlock, SpatialTransformer, UNet,
                           build_unet; DDPM_PRESETS (ddpm.py's and ddim.py's)
-    Latent networks       AutoencoderKL, WordTokenizer, ClipTokenizer, TextEncoder, LDM, load_ldm
+    Latent networks       AutoencoderKL, WordTokenizer, check_prompt, ClipTokenizer, TextEncoder, LDM,
+                          load_ldm, load_ae
     Latent sampler        cfg_eps, guided_eps_fn, sample_latents, draw_latent (ldm.py, dreambooth.py)
     Data                  shapes, image folders, CIFAR-10, MNIST; load_data, held-out splits, batches
     Training plumbing     step_seed, devices and DDP, autocast, EMA, AdamW, checkpoints (atomic, safe)
@@ -607,6 +608,17 @@ class WordTokenizer:
         return out
 
 
+def check_prompt(tok, prompt):
+    """--prompt against a tokenizer: an error when it holds no word the model knows, a warning for the words
+    that become <unk> (CLIP's tokenizer spells every word)."""
+    unknown = tok.unknown(prompt)
+    if unknown and len(unknown) == len(WordTokenizer.words(prompt)):
+        raise UserError(f"--prompt '{prompt}': no word the model knows; its vocabulary: "
+                        f"{', '.join(tok.vocab[3:])}")
+    if unknown:
+        warn(f"unknown word(s) {', '.join(unknown)} in --prompt become <unk>")
+
+
 def byte_alphabet():
     """Byte-level BPE's 256 symbols (GPT-2, Radford et al. 2019, Sec. 2.2; CLIP): the printable bytes
     ! .. ~, ¡ .. ¬ and ® .. ÿ stand for themselves, every other byte b for chr(256 + k), k counting those
@@ -827,6 +839,23 @@ def load_ldm(path, scripts=("ldm",)):
     model = load_state(LDM(ck["config"]), ck["ema"] if ck["script"] == "ldm" else ck["model"], path)
     ae = load_state(AutoencoderKL(ck["ae_config"]), ck["ae"], path)
     return model.eval().requires_grad_(False), ae.eval().requires_grad_(False), ck["config"], ck
+
+
+def load_ae(path):
+    """ldm.py's autoencoder from its ae.pt or from an LDM checkpoint (which carries its own copy) -> (frozen
+    AutoencoderKL in eval mode, its config, the checkpoint)."""
+    if not os.path.exists(path):
+        raise UserError(f"autoencoder {path} not found; train it with `python ldm.py --train-ae` "
+                        "(or --train, which trains it first)")
+    ck = load_checkpoint(path, ["ldm"])
+    if ck.get("kind") == "ldm":
+        acfg, state = ck["ae_config"], ck["ae"]
+    elif ck.get("kind") == "autoencoder":
+        acfg, state = ck["config"], ck["model"]
+    else:
+        raise UserError(f"{path} is not an ldm.py autoencoder checkpoint")
+    ae = load_state(AutoencoderKL(acfg), state, path)
+    return ae.eval().requires_grad_(False), acfg, ck
 
 
 #################################################################################

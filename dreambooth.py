@@ -75,7 +75,7 @@ SUBJECT_EVAL_SEED = 99      # --eval's held-out subject images
 
 
 #################################################################################
-#      The paper's maths: the identifier, the prior-preservation loss (eq. 2)   #
+#    The paper's method: the identifier, the class prior, eq. 2 (Sec. 3.2-3.3)  #
 #################################################################################
 # The networks are the base model's (common.LDM: the latent U-Net and the text encoder), fine-tuned here.
 
@@ -121,6 +121,38 @@ def extend_vocab(model, cfg, words, seed=0):
     return {**cfg, "vocab": list(cfg["vocab"]) + new}
 
 
+def sample(model, ae, cfg, tok, prompts, scale=DEFAULT_SCALE, steps=DEFAULT_STEPS, progress=False, abar=None):
+    """Prompts -> images (n, C, H, W) in [-1, 1], drawn as the base model draws them (common.draw_latent:
+    DDIM in latent space, guided against the empty prompt). abar: the schedule as Python floats."""
+    dev = next(model.parameters()).device
+    c, null = tok(list(prompts)).to(dev), tok([""] * len(prompts)).to(dev)
+    return common.draw_latent(model, ae, cfg, c, null, scale, steps, progress=progress, abar=abar)
+
+
+@torch.no_grad()
+def class_images(base, ae, cfg, tok, prompt, n, folder, scale, steps, seed, batch=50):
+    """The prior-preservation data x_pr (Sec. 3.3): n samples of the FROZEN base for the class prompt, kept as
+    PNGs in `folder`; only the missing ones are generated (as diffusers does)."""
+    os.makedirs(folder, exist_ok=True)
+    have = sorted(f for f in os.listdir(folder) if f.endswith(".png"))[:n]
+    if len(have) < n:
+        print(f"dreambooth: generating {n - len(have)} class images for '{prompt}' with the frozen base -> "
+              f"{folder}")
+        torch.manual_seed(seed + CLASS_IMAGES_SEED + len(have))
+        starts = range(len(have), n, batch)
+        for s in common.steps_bar(starts, len(starts), "class images"):
+            x = sample(base, ae, cfg, tok, [prompt] * min(batch, n - s), scale, steps)
+            for j, im in enumerate(common.to_uint8(x)):
+                Image.fromarray(im[:, :, 0] if im.shape[2] == 1 else im).save(f"{folder}/{s + j:05d}.png")
+        have = sorted(f for f in os.listdir(folder) if f.endswith(".png"))[:n]
+    mode = "L" if cfg["channels"] == 1 else "RGB"
+    x = torch.stack([common.to_tensor(Image.open(os.path.join(folder, f)).convert(mode)) for f in have])
+    if x.shape[-1] != cfg["image_size"]:
+        raise common.UserError(f"{folder} holds {x.shape[-1]}px images, not the base's "
+                               f"{cfg['image_size']}px; delete it to regenerate")
+    return x
+
+
 def dreambooth_loss(net, z0, tokens, n_inst, abar, prior_weight=1.0, t=None, eps=None):
     """Eq. 2 with prior preservation on a batch ordered [instance..., class...] (z0, tokens): one U-Net call,
     the prediction split at n_inst. loss = ||eps - eps_theta||^2 over the instances + lambda ||eps' -
@@ -136,19 +168,55 @@ def dreambooth_loss(net, z0, tokens, n_inst, abar, prior_weight=1.0, t=None, eps
     return inst + prior_weight * prior, {"inst": inst.item(), "prior": prior.item()}
 
 
+def fine_tuning_batch(inst, cls, bs, g):
+    """z_0 of eq. 2 for one step, ordered [bs instances..., bs class images...] (no class rows without the
+    prior): each latent drawn afresh from q(z | x) = N(mean, std^2), given as (mean, std) per image."""
+    i = torch.randint(len(inst[0]), (bs,), generator=g)
+    mean, std = inst[0][i], inst[1][i]
+    if cls is not None:
+        j = torch.randint(len(cls[0]), (bs,), generator=g)
+        mean, std = torch.cat([mean, cls[0][j]]), torch.cat([std, cls[1][j]])
+    return mean + std * torch.randn_like(mean)
 
 
 #################################################################################
-#              Training: instance images, class images, fine-tuning             #
+#    The paper's metrics (Sec. 4.1), with the shapes judge for DINO and CLIP    #
 #################################################################################
 
-def sample(model, ae, cfg, tok, prompts, scale=DEFAULT_SCALE, steps=DEFAULT_STEPS, progress=False, abar=None):
-    """Prompts -> images (n, C, H, W) in [-1, 1], drawn as the base model draws them (common.draw_latent:
-    DDIM in latent space, guided against the empty prompt). abar: the schedule as Python floats."""
-    dev = next(model.parameters()).device
-    c, null = tok(list(prompts)).to(dev), tok([""] * len(prompts)).to(dev)
-    return common.draw_latent(model, ae, cfg, c, null, scale, steps, progress=progress, abar=abar)
+def similarity(judge, x, ref):
+    """Subject fidelity as the paper's DINO score: the mean cosine similarity of judge features of images x to
+    those of the reference images; with x is ref, over the distinct pairs only."""
+    f, r = F.normalize(common.features(judge, x), dim=1), F.normalize(common.features(judge, ref), dim=1)
+    if x is ref:
+        k = len(r)
+        return (((f @ r.T).sum() - k) / max(1, k * (k - 1))).item()
+    return (f @ r.T).mean().item()
 
+
+def diversity(judge, x):
+    """DIV: the mean pairwise L2 distance of judge features (the paper uses LPIPS, not available offline)."""
+    f = common.features(judge, x).float()
+    n = len(f)
+    return (torch.cdist(f, f).sum() / max(1, n * (n - 1))).item()
+
+
+def is_subject(subject_judge, x):
+    """1 for each image the subject judge calls the subject (the ring), else 0: subject fidelity on shapes."""
+    return (common.judge_predict(subject_judge, x)["subject"] == 1).float()
+
+
+def ordinary(judge, subject_judge, x, noun):
+    """Language drift (PRES): 1 for each class-prompt sample that is an ordinary member of the class: not the
+    subject (when a subject judge exists) and, for a shapes noun, of the right shape."""
+    keep = torch.ones(len(x)) if subject_judge is None else 1 - is_subject(subject_judge, x)
+    if noun in common.SHAPES:
+        keep = keep * (common.judge_predict(judge, x)["shape"] == common.SHAPES.index(noun)).float()
+    return keep
+
+
+#################################################################################
+#                           Training: the fine-tuning                           #
+#################################################################################
 
 def instance_images(d, cfg, seed=0):
     """The images of folder d (--instance-dir or --data), or for d None the default: 4 images of
@@ -157,42 +225,10 @@ def instance_images(d, cfg, seed=0):
     if d is None:
         data = common.ShapesData(size, ch, seed=seed + INSTANCE_SEED, subject=True)
         return torch.stack([data[i][0] for i in range(4)])
-    if not os.path.isdir(d):
-        raise common.UserError(f"--instance-dir {d}: no such folder; give a folder with 3-5 images of the "
-                               "subject")
-    if not any(f.lower().endswith(common.IMAGE_EXTS) for _, _, fs in os.walk(d) for f in fs):
-        raise common.UserError(f"--instance-dir {d}: no images ({', '.join(common.IMAGE_EXTS)}); give 3-5 "
-                               "images of the subject")
     data = common.load_folder(d, size, ch)
     if not 3 <= len(data) <= 5:
         common.warn(f"{len(data)} instance image(s); the paper uses 3-5")
     return torch.stack([data[i][0] for i in range(len(data))])
-
-
-@torch.no_grad()
-def class_images(base, ae, cfg, tok, prompt, n, folder, device, scale, steps, seed, batch=50):
-    """The prior-preservation images x_pr: n samples of the frozen base for the class prompt, kept as PNGs in
-    `folder`; only the missing ones are generated (as diffusers does)."""
-    os.makedirs(folder, exist_ok=True)
-    have = sorted(f for f in os.listdir(folder) if f.endswith(".png"))[:n]
-    if len(have) < n:
-        print(f"dreambooth: generating {n - len(have)} class images for '{prompt}' with the frozen base -> "
-              f"{folder}")
-        torch.manual_seed(seed + CLASS_IMAGES_SEED + len(have))
-        starts = range(len(have), n, batch)
-        for s in common.steps_bar(starts, len(starts), "class images"):
-            x = sample(base, ae, cfg, tok, [prompt] * min(batch, n - s), scale, steps)
-            for j, im in enumerate(common.to_uint8(x)):
-                im = im[:, :, 0] if im.shape[2] == 1 else im
-                Image.fromarray(im).save(os.path.join(folder, f"{s + j:05d}.png"))
-        have = sorted(f for f in os.listdir(folder) if f.endswith(".png"))[:n]
-    mode = "L" if cfg["channels"] == 1 else "RGB"
-    ims = [np.asarray(Image.open(os.path.join(folder, f)).convert(mode)) for f in have]
-    x = torch.from_numpy(np.stack([a.reshape(a.shape[0], a.shape[1], -1) for a in ims])).permute(0, 3, 1, 2)
-    if x.shape[-1] != cfg["image_size"]:
-        raise common.UserError(f"{folder} holds {x.shape[-1]}px images, not the base's "
-                               f"{cfg['image_size']}px; delete it to regenerate")
-    return x.float() / 127.5 - 1
 
 
 def resume(args, dcfg, path):
@@ -213,9 +249,7 @@ def train(args, dcfg):
     --resume continues exactly. Stable Diffusion is fine-tuned in place once its class images exist (its file
     is the frozen base) and its checkpoint keeps only the trained networks; ldm.py's small base is copied and
     stays frozen beside it. Returns (the fine-tuned model, the frozen base or None)."""
-    device = common.get_device(args.device)
-    path = os.path.join(args.out, "ckpt.pt")
-    ck = None
+    device, path, ck = common.get_device(args.device), os.path.join(args.out, "ckpt.pt"), None
     if args.resume:
         ck, dcfg = resume(args, dcfg, path)
         if common.already_done("dreambooth", ck["step"], dcfg["max_steps"]):
@@ -226,22 +260,17 @@ def train(args, dcfg):
     if not sd and ident in cfg["vocab"] and ck is None:
         common.warn(f"the identifier '{ident}' is a word the base already knows; DreamBooth wants a rare one")
     x_inst = instance_images(args.instance_dir, cfg, args.seed)
-    steps = args.steps or DEFAULT_STEPS
-    scale = args.scale
-    if scale is None:
-        scale = SD_SCALE if sd else DEFAULT_SCALE
-    x_cls = None
-    if not args.no_prior:
-        x_cls = class_images(base, ae, cfg, tok, class_prompt, args.num_class_images,
-                             os.path.join(args.out, f"class_{noun}"), device, scale, steps, args.seed)
+    steps, scale = args.steps or DEFAULT_STEPS, default_scale(args, sd)
+    x_cls = None if args.no_prior else class_images(base, ae, cfg, tok, class_prompt, args.num_class_images,
+                                                    os.path.join(args.out, f"class_{noun}"), scale, steps,
+                                                    args.seed)
     torch.manual_seed(args.seed)
     model = base if sd else copy.deepcopy(base)       # ldm.py's base itself stays frozen and unchanged
     if not sd:
         cfg = extend_vocab(model, cfg, [ident], args.seed)
         tok = common.WordTokenizer(cfg["vocab"], cfg["max_len"])
     model.requires_grad_(False).unet.requires_grad_(True)
-    if args.train_text_encoder:
-        model.text.requires_grad_(True)
+    model.text.requires_grad_(args.train_text_encoder)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=dcfg["lr"], betas=(0.9, 0.999), weight_decay=dcfg["weight_decay"])
     step = 0
@@ -257,25 +286,15 @@ def train(args, dcfg):
         ms = [ae.encode(x[i:i + 16].to(device)) for i in range(0, len(x), 16)]
         return torch.cat([m for m, _ in ms]), torch.cat([(0.5 * lv).exp() for _, lv in ms])
 
-    inst_post = posterior(x_inst)
-    cls_post = posterior(x_cls) if x_cls is not None else None
-    t_inst, t_cls = tok([inst_prompt]), tok([class_prompt])
-    bs, sf, last = dcfg["batch_size"], cfg["scale_factor"], {}
-    amp = common.autocast(device, args.dtype)
+    inst, cls = posterior(x_inst), None if x_cls is None else posterior(x_cls)
+    bs, last, amp = dcfg["batch_size"], {}, common.autocast(device, args.dtype)
+    tokens = tok([inst_prompt] * bs + [class_prompt] * (0 if cls is None else bs)).to(device)
 
     def step_fn(step, batch):
         g = torch.Generator().manual_seed(common.step_seed(args.seed, step))
-        i = torch.randint(len(x_inst), (bs,), generator=g)
-        mean, std = inst_post[0][i], inst_post[1][i]
-        toks = [t_inst.expand(bs, -1)]
-        if cls_post is not None:                      # the batch: [instance..., class...]
-            j = torch.randint(len(x_cls), (bs,), generator=g)
-            mean, std = torch.cat([mean, cls_post[0][j]]), torch.cat([std, cls_post[1][j]])
-            toks.append(t_cls.expand(bs, -1))
-        z0 = (mean + std * torch.randn_like(mean)) * sf
+        z0 = fine_tuning_batch(inst, cls, bs, g) * cfg["scale_factor"]
         with amp:
-            loss, logs = dreambooth_loss(model, z0.float(), torch.cat(toks).to(device), bs, abar,
-                                         args.prior_weight)
+            loss, logs = dreambooth_loss(model, z0.float(), tokens, bs, abar, args.prior_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, dcfg["grad_clip"])
@@ -310,8 +329,8 @@ def train(args, dcfg):
     model.train()
     # a checkpoint at the end and on Ctrl-C, none on the way: fine-tuning is short and a fine-tuned Stable
     # Diffusion checkpoint is gigabytes
-    every = {**dcfg, "ckpt_every": dcfg["max_steps"]}
-    step = common.train_loop("dreambooth", step_fn, save, step, dcfg["max_steps"], path, every)
+    step = common.train_loop("dreambooth", step_fn, save, step, dcfg["max_steps"], path,
+                             {**dcfg, "ckpt_every": dcfg["max_steps"]})
     model.eval().requires_grad_(False)
     common.save_grid(x_inst, os.path.join(args.out, "instance_images.png"))
     torch.manual_seed(args.seed)
@@ -326,6 +345,13 @@ def train(args, dcfg):
 #################################################################################
 #                                    Sampling                                   #
 #################################################################################
+
+def default_scale(args, sd):
+    """--scale, else the guidance scale of the base: Stable Diffusion's release or ldm.py's default."""
+    if args.scale is not None:
+        return args.scale
+    return SD_SCALE if sd else DEFAULT_SCALE
+
 
 def load_base(args):
     """The base model: Stable Diffusion (--weights, --tokenizer) or an ldm.py text checkpoint (--base) ->
@@ -344,10 +370,11 @@ def load_base(args):
     return model, ae, common.WordTokenizer(cfg["vocab"], cfg["max_len"]), cfg, {}
 
 
-def load_model(path):
-    """A fine-tuned checkpoint of this script -> model, autoencoder (frozen, eval mode), tokenizer, config,
-    checkpoint. Fine-tuned Stable Diffusion keeps only its trained tensors: the rest is read from its
-    --weights file again."""
+def load_model(args):
+    """The fine-tuned checkpoint (--ckpt, default <out>/ckpt.pt) -> model, autoencoder (frozen, eval mode),
+    tokenizer, config, checkpoint. Fine-tuned Stable Diffusion keeps only its trained tensors: the rest is
+    read from its --weights file again."""
+    path = args.ckpt or os.path.join(args.out, "ckpt.pt")
     if not os.path.exists(path):
         raise common.UserError(f"checkpoint {path} not found; fine-tune one with `python dreambooth.py "
                                "--train`")
@@ -363,20 +390,12 @@ def load_model(path):
 
 
 def sample_images(args, device):
-    model, ae, tok, cfg, ck = load_model(args.ckpt or os.path.join(args.out, "ckpt.pt"))
+    model, ae, tok, cfg, ck = load_model(args)
     model, ae = model.to(device), ae.to(device)
     prompt = ck["dreambooth"]["instance_prompt"] if args.prompt is None else args.prompt
-    unknown = tok.unknown(prompt)
-    if unknown and len(unknown) == len(common.WordTokenizer.words(prompt)):
-        raise common.UserError(f"--prompt '{prompt}': no word the model knows; its vocabulary: "
-                               f"{', '.join(tok.vocab[3:])}")
-    if unknown:
-        common.warn(f"unknown word(s) {', '.join(unknown)} in --prompt become <unk>")
+    common.check_prompt(tok, prompt)
     sd = bool(ck["dreambooth"].get("weights"))
-    n = args.n_samples or (1 if sd else 16)
-    scale = args.scale
-    if scale is None:
-        scale = SD_SCALE if sd else DEFAULT_SCALE
+    n, scale = args.n_samples or (1 if sd else 16), default_scale(args, sd)
     steps = args.steps or DEFAULT_STEPS
     torch.manual_seed(args.seed)
     t0 = time.time()
@@ -392,13 +411,6 @@ def sample_images(args, device):
 #    Evaluation: subject fidelity, prompt fidelity, language drift (Sec. 4)     #
 #################################################################################
 
-def diversity(judge, x):
-    """Mean pairwise L2 distance of judge features (the paper's DIV uses LPIPS, not available offline)."""
-    f = common.features(judge, x).float()
-    n = len(f)
-    return (torch.cdist(f, f).sum() / max(1, n * (n - 1))).item()
-
-
 def evaluate(args, device):
     """--eval: on --n-samples images per prompt set (default 100), for the fine-tuned model and (language
     drift) for its base: subject fidelity = fraction of 'a sks circle' samples the subject judge calls the
@@ -408,24 +420,21 @@ def evaluate(args, device):
     Then common.evaluate (FID/KID, caption accuracy on held-out ordinary captions) for the fine-tuned model.
     subject_ceiling: the fraction of held-out subject images the subject judge still calls the subject after
     the autoencoder (encode, decode): what the latent space lets through. A subject of your own (--data) has
-    no subject judge: its fidelity is the cosine similarity of judge features of the samples and of the
-    instance images (the paper's DINO score with our judge), beside the instances' own similarity to each
-    other, and the ceiling is the autoencoder's PSNR on the instance images."""
-    model, ae, tok, cfg, ck = load_model(args.ckpt or os.path.join(args.out, "ckpt.pt"))
-    if ck["dreambooth"].get("weights"):
+    no subject judge: its fidelity is the similarity of the samples to the instance images, beside the
+    instances' own similarity to each other, and the ceiling is the autoencoder's PSNR on the instances."""
+    model, ae, tok, cfg, ck = load_model(args)
+    db = ck["dreambooth"]
+    if db.get("weights"):
         raise common.UserError("--eval measures the shapes experiment (judges trained on shapes); look at "
                                "--sample's images of a fine-tuned Stable Diffusion instead")
     model, ae = model.to(device), ae.to(device)
-    db = ck["dreambooth"]
     size, ch, n = cfg["image_size"], cfg["channels"], args.n_samples or 100
-    scale = DEFAULT_SCALE if args.scale is None else args.scale
-    steps = args.steps or DEFAULT_STEPS
+    scale, steps = default_scale(args, False), args.steps or DEFAULT_STEPS
     judge_steps = PRESETS[args.preset].get("judge_steps", common.JUDGE_STEPS)
     judge = common.get_judge("shapes", size, ch, device, steps=judge_steps)
     own = db.get("instance_dir") is not None        # the user's subject: the ring judge cannot tell it
-    sj = None
-    if not own:
-        sj = common.subject_judge(size, ch, device, PRESETS[args.preset].get("subject_judge_steps", 400))
+    sj = None if own else common.subject_judge(size, ch, device,
+                                               PRESETS[args.preset].get("subject_judge_steps", 400))
     ident, noun = db["identifier"], db["class_noun"]
     rng = np.random.default_rng(args.seed)
     recontext = [f"a {rng.choice(common.SIZES)} {rng.choice(list(common.COLORS))} {ident} {noun} "
@@ -438,64 +447,46 @@ def evaluate(args, device):
             return torch.cat([common.quantize(sample(m, ae, cfg, tok, prompts[i:i + bs], scale, steps).cpu())
                               for i in range(0, len(prompts), bs)])
 
-    def is_subject(x):
-        return (common.judge_predict(sj, x)["subject"] == 1).float()
-
+    @torch.no_grad()
     def autoencoded(x):
-        with torch.no_grad():
-            return torch.cat([ae.decode(ae.encode(x[i:i + 100].to(device))[0]).float().clamp(-1, 1).cpu()
-                              for i in range(0, len(x), 100)])
+        return torch.cat([ae.decode(ae.encode(x[i:i + 100].to(device))[0]).float().clamp(-1, 1).cpu()
+                          for i in range(0, len(x), 100)])
 
-    x_id = draw(model, [db["instance_prompt"]] * n)
-    x_rc = draw(model, recontext)
+    x_id, x_rc = draw(model, [db["instance_prompt"]] * n), draw(model, recontext)
     res = {"script": "dreambooth", "mode": "dreambooth", "n": n, "scale": scale, "steps": steps,
            "prior": db["prior"], "train_text_encoder": db["train_text_encoder"],
            "prompt_fidelity": common.attribute_accuracy(judge, x_rc, recontext)}
     if own:
-        x_inst = instance_images(db["instance_dir"], cfg)                    # in [-1, 1]
-        f_inst = F.normalize(common.features(judge, x_inst), dim=1)           # (k, D), unit rows
-        k = len(f_inst)
-        pairs = (f_inst @ f_inst.T).sum() - k                                # off the diagonal
-
-        def similarity(x):
-            """Mean cosine similarity of judge features of images x to the instance images."""
-            return (F.normalize(common.features(judge, x), dim=1) @ f_inst.T).mean().item()
-
+        x_inst = instance_images(db["instance_dir"], cfg)
         res.update({"instance_recon_psnr": common.psnr(x_inst, autoencoded(x_inst)),
-                    "subject_similarity": similarity(x_id),
-                    "instance_similarity": (pairs / max(1, k * (k - 1))).item()})
+                    "subject_similarity": similarity(judge, x_id, x_inst),
+                    "instance_similarity": similarity(judge, x_inst, x_inst)})
     else:
         # the most subject fidelity can be through this autoencoder: held-out subject images, encoded, decoded
         subjects = common.ShapesData(size, ch, seed=args.seed + SUBJECT_EVAL_SEED, subject=True)
         rec = autoencoded(torch.stack([subjects[i][0] for i in range(n)]))
         res.update({"subject_judge_acc": sj.accuracy,
-                    "subject_ceiling": is_subject(common.quantize(rec)).mean().item(),
-                    "subject_fidelity": is_subject(x_id).mean().item(),
-                    "prompt_subject": is_subject(x_rc).mean().item()})
+                    "subject_ceiling": is_subject(sj, common.quantize(rec)).mean().item(),
+                    "subject_fidelity": is_subject(sj, x_id).mean().item(),
+                    "prompt_subject": is_subject(sj, x_rc).mean().item()})
     models = [("finetuned", model)]
     if os.path.exists(db["base"]):
         models.append(("base", common.load_ldm(db["base"], ("ldm",))[0].to(device)))
     for name, m in models:
         x = draw(m, [db["class_prompt"]] * n)
-        ordinary = torch.ones(len(x))
-        if not own:
-            ordinary = 1 - is_subject(x)         # a circle, not the ring
-        if noun in common.SHAPES:
-            shape = common.judge_predict(judge, x)["shape"]
-            ordinary = ordinary * (shape == common.SHAPES.index(noun)).float()
-        res[f"class_ordinary_{name}"] = ordinary.mean().item()
+        res[f"class_ordinary_{name}"] = ordinary(judge, sj, x, noun).mean().item()
         if own:                                  # the control: the class prompt's samples against the subject
-            res[f"class_similarity_{name}"] = similarity(x)
+            res[f"class_similarity_{name}"] = similarity(judge, x, x_inst)
         res[f"class_diversity_{name}"] = diversity(judge, x)
         common.save_grid(x[:64], os.path.join(args.out, f"eval_class_{name}.png"))
     common.save_grid(x_id[:64], os.path.join(args.out, "eval_subject.png"))
     common.save_grid(x_rc[:64], os.path.join(args.out, "eval_recontext.png"))
     out, args.out = args.out, os.path.join(args.out, "eval_ordinary")
-    ordinary = common.evaluate("dreambooth", args, {**cfg, "judge_steps": judge_steps},
-                               lambda k, wanted: sample(model, ae, cfg, tok, wanted, scale, steps),
-                               nfe=2 * steps, device=device, cond="caption")
+    ordinary_run = common.evaluate("dreambooth", args, {**cfg, "judge_steps": judge_steps},
+                                   lambda k, wanted: sample(model, ae, cfg, tok, wanted, scale, steps),
+                                   nfe=2 * steps, device=device, cond="caption")
     args.out = out
-    res.update({"ordinary_fid": ordinary["fid"], "ordinary_acc": ordinary["acc"]})
+    res.update({"ordinary_fid": ordinary_run["fid"], "ordinary_acc": ordinary_run["acc"]})
     print(json.dumps(res))
     return res
 
@@ -515,7 +506,8 @@ def main(argv=None):
                    help="CLIP's bpe_simple_vocab_16e6.txt.gz or a tokenizer/ folder; a diffusers folder "
                         "needs none")
     p.add_argument("--base", default=BASE, help=f"the ldm.py checkpoint to fine-tune (default {BASE})")
-    p.add_argument("--instance-dir", metavar="DIR", help="3-5 images of the subject (default: 4 generated "
+    p.add_argument("--instance-dir", metavar="DIR", type=common.existing_path("a folder of 3-5 images of the "
+                   "subject", folder=True), help="3-5 images of the subject (default: 4 generated "
                    "images of the shapes subject, a ring); --data DIR says the same")
     p.add_argument("--identifier", default="sks", help="the rare identifier word [V] (default sks)")
     p.add_argument("--class-prompt", help="the class prompt c_pr (default 'a <class noun>'); the instance "

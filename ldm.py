@@ -383,7 +383,7 @@ def stage1(args, cfg, device, world, data, ae_path):
             raise common.UserError(f"{ae_path} not found: train the autoencoder first with `python ldm.py "
                                    "--train-ae` in one process")
         train_autoencoder(args, cfg, device, ae_path, data)
-    ae, acfg, ae_ck = load_ae(ae_path)
+    ae, acfg, ae_ck = common.load_ae(ae_path)
     if ae_ck.get("step", acfg["ae_steps"]) < acfg["ae_steps"]:
         common.warn(f"{ae_path} stopped at step {ae_ck['step']} of {acfg['ae_steps']}; using it as it is "
                     "(--train --resume would finish it first)")
@@ -401,13 +401,11 @@ def train(args, cfg):
     """--train: the autoencoder first (stage1), then stage 2 through common.train: eq. 3 on the scaled latents
     of the frozen autoencoder, the condition dropped to the null one p_uncond of the time. --train-ae: stage 1
     alone."""
+    ckpt_path, ae_path = os.path.join(args.out, "ckpt.pt"), args.ae or os.path.join(args.out, "ae.pt")
+    ck = None
     if args.train_ae:
-        ae_path = args.ae or os.path.join(args.out, "ae.pt")
         return train_autoencoder(args, cfg, common.get_device(args.device), ae_path)
     device, rank, world = common.setup_distributed(args.device)
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
-    ae_path = args.ae or os.path.join(args.out, "ae.pt")
-    ck = None
     if args.resume and (os.path.exists(ckpt_path) or not os.path.exists(ae_path)):
         cfg, ck = common.resume_config("ldm", args)  # stage 2 under way: its checkpoint holds its autoencoder
     data = common.load_data(args.data, cfg["image_size"], cfg["channels"], seed=args.seed)
@@ -418,7 +416,7 @@ def train(args, cfg):
         ae = stage1(args, cfg, device, world, data, ae_path)
         acfg = ae_config(cfg)
     else:
-        ae, acfg, _ = load_ae(ckpt_path)             # resuming: the checkpoint's own copy
+        ae, acfg, _ = common.load_ae(ckpt_path)             # resuming: the checkpoint's own copy
     ae = ae.to(device)
     cond = Conditioner(cfg)
     ae_state = {k: v.cpu() for k, v in ae.state_dict().items()}
@@ -459,22 +457,6 @@ def train(args, cfg):
 #################################################################################
 #                                    Sampling                                   #
 #################################################################################
-
-def load_ae(path):
-    """The autoencoder of an ae.pt (or of an LDM checkpoint, which carries its own copy)."""
-    if not os.path.exists(path):
-        raise common.UserError(f"autoencoder {path} not found; train it with `python ldm.py --train-ae` "
-                               "(or --train, which trains it first)")
-    ck = common.load_checkpoint(path, ["ldm"])
-    if ck.get("kind") == "ldm":
-        acfg, state = ck["ae_config"], ck["ae"]
-    elif ck.get("kind") == "autoencoder":
-        acfg, state = ck["config"], ck["model"]
-    else:
-        raise common.UserError(f"{path} is not an ldm.py autoencoder checkpoint")
-    ae = common.load_state(common.AutoencoderKL(acfg), state, path)
-    return ae.eval().requires_grad_(False), acfg, ck
-
 
 class Sampler:
     """The EMA model, its autoencoder and conditioner from an LDM checkpoint, or Stable Diffusion from
@@ -529,12 +511,7 @@ def asked_conditions(args, smp, n):
         return None, [args.label] * n
     if args.prompt is None:
         return None, None
-    unknown = smp.cond.tok.unknown(args.prompt)
-    if len(unknown) == len(common.WordTokenizer.words(args.prompt)) and args.prompt.strip():
-        raise common.UserError(f"--prompt '{args.prompt}': no word the model knows; its vocabulary: "
-                               f"{', '.join(smp.cond.tok.vocab[3:])}")
-    if unknown:
-        common.warn(f"unknown word(s) {', '.join(unknown)} in --prompt become <unk>")
+    common.check_prompt(smp.cond.tok, args.prompt)
     return [args.prompt] * n, None
 
 
@@ -587,9 +564,8 @@ def evaluate(args, device):
     def run(scale):
         def sample_fn(n, wanted):
             with common.autocast(device, args.dtype):
-                if text:
-                    return smp.sample(captions=wanted, scale=scale, steps=steps, eta=eta)
-                return smp.sample(labels=wanted, scale=scale, steps=steps, eta=eta)
+                kind = "captions" if text else "labels"
+                return smp.sample(**{kind: wanted}, scale=scale, steps=steps, eta=eta)
         nfe = steps * (1 if scale in (0, 1) else 2)
         info = {"scale": scale, "steps": steps, "eta": eta, "cond": c["cond"], "f": c["f"],
                 "ckpt_step": smp.ck["step"]}
@@ -610,7 +586,7 @@ def evaluate_ae(args, device):
     """--eval --recon: reconstruction PSNR and rFID (judge features; Inception with --fid-weights) of the
     autoencoder on --n-samples held-out images, with the posterior mean as z."""
     path = args.ae or args.ckpt or os.path.join(args.out, "ae.pt")
-    ae, acfg, ck = load_ae(path)
+    ae, acfg, ck = common.load_ae(path)
     ae = ae.to(device)
     size, ch, n = acfg["image_size"], acfg["channels"], args.n_samples or 1000
     held = common.load_data(args.data, size, ch, train=False)
@@ -642,29 +618,24 @@ def main(argv=None):
                            weights="Stable Diffusion v1.x, a CompVis file (v1-5-pruned-emaonly.safetensors, "
                                    "sd-v1-4.ckpt) or a diffusers folder; --sample only, with --prompt")
     p.rule("--weights", goes_with="--sample --prompt")
-    p.add_argument("--tokenizer", metavar="PATH", goes_with="--weights",
-                   type=common.existing_path("CLIP's bpe_simple_vocab_16e6.txt.gz or a tokenizer/ folder"),
-                   help="CLIP's bpe_simple_vocab_16e6.txt.gz or a tokenizer/ folder (vocab.json, "
-                        "merges.txt); a diffusers folder needs none")
-    p.add_argument("--cond", choices=["text", "class"],
-                   help="condition on captions (default) or class labels")
+    clip_tok = "CLIP's bpe_simple_vocab_16e6.txt.gz or a tokenizer/ folder (vocab.json, merges.txt)"
+    p.add_argument("--tokenizer", metavar="PATH", goes_with="--weights", type=common.existing_path(clip_tok),
+                   help=f"{clip_tok}; a diffusers folder needs none")
+    p.add_argument("--cond", choices=["text", "class"], help="condition on captions (default) or labels")
     p.add_argument("--f", type=int, choices=[4, 8], help="the autoencoder's downsampling factor (default 4)")
     p.add_argument("--ae", metavar="PATH", help="the autoencoder checkpoint (default <out>/ae.pt)")
-    p.add_argument("--ae-steps", type=common.nonneg_int,
-                   help="autoencoder training steps (default: from the preset)")
+    p.add_argument("--ae-steps", type=common.nonneg_int, help="autoencoder training steps (default: preset)")
     p.add_argument("--prompt", goes_with="--sample", help="the caption to draw (text models)")
     p.add_argument("--class", dest="label", type=common.nonneg_int, goes_with="--sample", excludes="--prompt",
                    help="the class to draw (class models)")
     p.add_argument("--scale", type=common.nonneg_float, help=f"classifier-free guidance scale s (default "
                    f"{DEFAULT_SCALE:g}; 1: conditional, 0: unconditional)")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"],
-                   help=f"ddim (eta 0, {DEFAULT_STEPS} steps, default) or ddpm (ancestral, eta 1, all T "
-                        "steps)")
+                   help=f"ddim (eta 0, {DEFAULT_STEPS} steps, default) or ddpm (ancestral, eta 1, T steps)")
     p.add_argument("--eta", type=common.unit_float, help="DDIM's eta in [0, 1] (overrides --sampler's)")
     p.add_argument("--sweep", action="store_true", goes_with="--eval", excludes="--scale",
                    help="every s in {1, 2, 3, 5, 7.5}")
-    p.add_argument("--recon", action="store_true", goes_with="--eval",
-                   help="the autoencoder's reconstruction PSNR and rFID")
+    p.add_argument("--recon", action="store_true", goes_with="--eval", help="the autoencoder's PSNR, rFID")
     args = p.parse_args(argv)
     common.check_weights_flags(args)
     cfg = common.make_config(args, PRESETS, keys=("cond", "f", "ae_steps"))

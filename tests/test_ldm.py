@@ -253,7 +253,7 @@ def test_cli_train_both_stages_then_sample_and_eval(tmp_path, monkeypatch, capsy
     assert "circle" in ck["config"]["vocab"] and all(isinstance(w, str) for w in ck["config"]["vocab"])
     assert all(torch.equal(ck["ae"][k], ae_ck["model"][k]) for k in ae_ck["model"])
     # the stored scale is 1/std of posterior samples of the training data, measured as measure_scale does
-    ae, _, _ = ldm.load_ae(os.path.join(run, "ae.pt"))
+    ae, _, _ = common.load_ae(os.path.join(run, "ae.pt"))
     s = ldm.measure_scale(ae, common.load_data("shapes", 16, 3), torch.device("cpu"), ck["config"]["scale_n"])
     assert abs(ck["config"]["scale_factor"] - s) < 1e-5
     # the training grid: held-out captions spread over the 4 shapes, one row per shape (4 x 1 here)
