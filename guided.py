@@ -516,7 +516,7 @@ def train_classifier(args, cfg, data, device):
     clf = build_classifier(ccfg).to(device)
     opt = common.make_optimizer(clf.parameters(), ccfg["lr"], ccfg["weight_decay"], device=device)
     state = {"model": clf, "opt": opt}
-    ck = load_classifier_checkpoint(path) if args.resume and os.path.exists(path) else None
+    ck = load(path, "classifier")[1] if args.resume and os.path.exists(path) else None
     step = common.restore(state, ck, path)
     if common.already_done("guided: the classifier", step, ccfg["steps"]):
         return clf.eval()
@@ -556,34 +556,22 @@ def train_classifier(args, cfg, data, device):
 #                                    Sampling                                   #
 #################################################################################
 
-def load(path, device):
-    """EMA network, diffusion and checkpoint of a guided.py diffusion model."""
+KINDS = {"diffusion": ("the diffusion model; pass the model's ckpt.pt with --ckpt", "ema"),
+         "classifier": ("the classifier; pass classifier.pt with --classifier", "model")}
+
+
+def load(path, kind, device=None):
+    """A guided.py checkpoint of `kind` (KINDS) -> (its network on `device` in eval mode, the checkpoint); the
+    network is the EMA of a diffusion model. device None: the checkpoint alone (None, checkpoint)."""
     ck = common.load_checkpoint(path, ["guided"])
-    if ck.get("kind") != "diffusion":
-        raise common.UserError(f"{path} is guided.py's {ck.get('kind', 'unknown')} checkpoint, not the "
-                               "diffusion model; pass the model's ckpt.pt with --ckpt")
-    model = common.load_state(common.build_unet(ck["config"]), ck["ema"], path)
-    model = model.to(device, memory_format=torch.channels_last).eval()
-    return model, diffusion_from(ck["config"], device=device), ck
-
-
-def load_classifier_checkpoint(path):
-    ck = common.load_checkpoint(path, ["guided"])
-    if ck.get("kind") != "classifier":
-        raise common.UserError(f"{path} is guided.py's {ck.get('kind', 'unknown')} checkpoint, not the "
-                               "classifier; pass classifier.pt with --classifier")
-    return ck
-
-
-def load_classifier(path, device, T):
-    ck = load_classifier_checkpoint(path)
-    if ck["config"]["timesteps"] != T:
-        raise common.UserError(f"{path} was trained for T = {ck['config']['timesteps']} timesteps, the "
-                               f"diffusion model has T = {T}; train them together with `python guided.py "
-                               "--train`")
-    clf = build_classifier(ck["config"])
-    clf.load_state_dict(ck["model"])
-    return clf.to(device, memory_format=torch.channels_last).eval(), ck
+    if ck.get("kind") != kind:
+        raise common.UserError(f"{path} is guided.py's {ck.get('kind', 'unknown')} checkpoint, not "
+                               f"{KINDS[kind][0]}")
+    if device is None:
+        return None, ck
+    net = common.build_unet(ck["config"]) if kind == "diffusion" else build_classifier(ck["config"])
+    net = common.load_state(net, ck[KINDS[kind][1]], path)
+    return net.to(device, memory_format=torch.channels_last).eval(), ck
 
 
 def load_weights(args, device):
@@ -621,7 +609,8 @@ class Sampler:
             self.what = f"released weights {path}"
         else:
             path = ckpt or args.ckpt or os.path.join(args.out, "ckpt.pt")
-            self.model, self.diff, self.ck = load(path, device)
+            self.model, self.ck = load(path, "diffusion", device)
+            self.diff = diffusion_from(self.ck["config"], device=device)
             self.what = f"step-{self.ck['step']} checkpoint"
         self.cfg, self.device, self.args = self.ck["config"], device, args
         var = var or args.var
@@ -654,7 +643,12 @@ class Sampler:
             raise common.UserError(f"--scale {self.scale:g} needs the classifier, and {cpath} does not "
                                    "exist; train it with `python guided.py --train`, pass --classifier, or "
                                    "use --scale 0")
-        return load_classifier(cpath, self.device, T)
+        clf, ck = load(cpath, "classifier", self.device)
+        if ck["config"]["timesteps"] != T:
+            raise common.UserError(f"{cpath} was trained for T = {ck['config']['timesteps']} timesteps, the "
+                                   f"diffusion model has T = {T}; train them together with `python guided.py "
+                                   "--train`")
+        return clf, ck
 
     def check_class(self, k):
         if self.num_classes is None:

@@ -18,19 +18,21 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ddgan  # noqa: E402
 
-WIDE = {"ch": 32, "d_ch": 32, "max_steps": 1200}   # the cpu preset before the 'small' run became it
+OLD_LR = {"lr": 2e-4, "lr_d": 1.6e-4}               # the cpu preset's learning rates before 'fast_d'
+WIDE = {"ch": 32, "d_ch": 32, "max_steps": 1200, **OLD_LR}   # the cpu preset before the 'small' run
 RUNS = {  # name: (what it changes, preset keys); the cpu preset's own values are in ddgan.PRESETS["cpu"]
     "preset": ("the cpu preset as it is", {}),
     "T1": ("the same networks and steps as a one-step GAN", {"timesteps": 1}),
     "wide": ("G and D at 32 base channels, 1200 steps (the earlier cpu preset)", WIDE),
-    "small": ("G and D at 16 base channels, 2400 steps (now the cpu preset)", {"ch": 16, "d_ch": 16,
-                                                                           "max_steps": 2400}),
+    "small": ("G and D at 16 base channels, 2400 steps", {"ch": 16, "d_ch": 16, "max_steps": 2400, **OLD_LR}),
     "ttur": ("wide, with the two time-scale rule: D learns 4x faster than G", {**WIDE, "lr": 1e-4,
                                                                                 "lr_d": 4e-4}),
     "r1": ("wide, with R1 weight 1 instead of 0.02", {**WIDE, "r1_gamma": 1.0}),
     "ttur_T1": ("the ttur run as a one-step GAN", {**WIDE, "lr": 1e-4, "lr_d": 4e-4, "timesteps": 1}),
     "fast_d": ("D learns 10x faster than G: lr 1e-4, lr_d 1e-3", {"lr": 1e-4, "lr_d": 1e-3}),
     "fast_d_T1": ("the fast_d run as a one-step GAN", {"lr": 1e-4, "lr_d": 1e-3, "timesteps": 1}),
+    "fast_d2": ("D learns 20x faster than G: lr 1e-4, lr_d 2e-3", {"lr": 1e-4, "lr_d": 2e-3}),
+    "fast_d_wide_d": ("fast_d with D at 32 base channels", {"lr": 1e-4, "lr_d": 1e-3, "d_ch": 32}),
 }
 
 

@@ -1,0 +1,96 @@
+"""
+Why DDGAN's discriminator falls to chance on the shapes data (docs/ddgan.md; not a test): train ddgan.py's cpu
+preset with ddgan.train_step for a few hundred steps and print, every 25 steps, D's loss and its accuracy on
+the real and the fake pairs of each t (the fraction of real pairs with D > 0 and of fake pairs with D < 0).
+
+    python bench/ddgan_probe.py                               # the cpu preset
+    python bench/ddgan_probe.py --set '{"lr_d": 1e-3}'        # preset keys changed (JSON)
+    python bench/ddgan_probe.py --freeze-g-at 50              # G stops learning at step 50, D goes on
+    python bench/ddgan_probe.py --d-steps 2                   # two D steps for each G step
+    python bench/ddgan_probe.py --no-mbstd --zero-head --g-eps 1e-5   # D without minibatch stddev, D's last
+                                                              # conv zero-initialised, Adam eps of G
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+import ddgan  # noqa: E402
+
+
+class Recorder(nn.Module):
+    """D, keeping the logits of the calls train_step makes for D's update: (real, fake), in that order."""
+
+    def __init__(self, D):
+        super().__init__()
+        self.D, self.calls = D, []
+
+    def forward(self, x_prev, x_t, t):
+        out = self.D(x_prev, x_t, t)
+        if torch.is_grad_enabled() and next(self.D.parameters()).requires_grad:
+            self.calls.append((out.detach(), t))
+        return out
+
+
+class NoStep(torch.optim.Adam):
+    """An optimizer that leaves its network as it is (G frozen, or a D step without a G step)."""
+
+    def step(self, closure=None):
+        return None
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--set", default="{}", help="cpu preset keys to change, as JSON")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--freeze-g-at", type=int, default=None)
+    p.add_argument("--d-steps", type=int, default=1)
+    p.add_argument("--no-mbstd", action="store_true")
+    p.add_argument("--zero-head", action="store_true")
+    p.add_argument("--g-eps", type=float, default=1e-8)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = {**ddgan.PRESETS["cpu"], **json.loads(args.set)}
+    torch.manual_seed(0)
+    sched = ddgan.Schedule(cfg["timesteps"], device="cpu")
+    G, D = ddgan.Generator(cfg), ddgan.Discriminator(cfg, mbstd=not args.no_mbstd)
+    if args.zero_head:
+        common.zero(D.conv_out)
+    rec = Recorder(D)
+    opt_g = torch.optim.Adam(G.parameters(), cfg["lr"], betas=(0.5, 0.9), eps=args.g_eps)
+    opt_d = torch.optim.Adam(D.parameters(), cfg["lr_d"], betas=(0.5, 0.9))
+    frozen = NoStep(G.parameters(), cfg["lr"])
+    data = common.batches(common.load_data("shapes", 32, 3), cfg["batch_size"], 0)
+    T, t0 = cfg["timesteps"], time.time()
+    right, seen, loss = torch.zeros(T, 2), torch.zeros(T), 0.0
+    for step in range(1, args.steps + 1):
+        x0 = next(data)[0]
+        for k in range(args.d_steps):
+            g_learns = k == args.d_steps - 1 and (args.freeze_g_at is None or step < args.freeze_g_at)
+            rec.calls.clear()
+            d, _, _ = ddgan.train_step(G, rec, opt_g if g_learns else frozen, opt_d, sched, x0, cfg, step)
+        (real, t), (fake, _) = rec.calls[:2]
+        for i in range(T):
+            m = t == i
+            right[i] += torch.stack([(real[m] > 0).sum(), (fake[m] < 0).sum()])
+            seen[i] += m.sum()
+        loss += d.item()
+        if step % 25 == 0:
+            acc = right.sum(1) / (2 * seen.clamp(min=1))
+            real_acc = right[:, 0] / seen.clamp(min=1)
+            acc, real_acc = ([round(a, 2) for a in v.tolist()] for v in (acc, real_acc))
+            print(f"step {step}: D loss {loss / 25:.3f}, accuracy per t {acc}, on real pairs {real_acc} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
+            right.zero_(), seen.zero_()
+            loss = 0.0
+
+
+if __name__ == "__main__":
+    main()
