@@ -186,7 +186,8 @@ def fine_tuning_batch(inst, cls, bs, g):
 def similarity(judge, x, ref):
     """Subject fidelity as the paper's DINO score: the mean cosine similarity of judge features of images x to
     those of the reference images; with x is ref, over the distinct pairs only."""
-    f, r = F.normalize(common.features(judge, x), dim=1), F.normalize(common.features(judge, ref), dim=1)
+    f = F.normalize(common.features(judge, x), dim=1)
+    r = f if x is ref else F.normalize(common.features(judge, ref), dim=1)
     if x is ref:
         k = len(r)
         return (((f @ r.T).sum() - k) / max(1, k * (k - 1))).item()
