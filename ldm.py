@@ -416,7 +416,7 @@ def train(args, cfg):
         ae = stage1(args, cfg, device, world, data, ae_path)
         acfg = ae_config(cfg)
     else:
-        ae, acfg, _ = common.load_ae(ckpt_path)             # resuming: the checkpoint's own copy
+        ae, acfg, _ = common.load_ae(ckpt_path)      # resuming: the checkpoint's own copy
     ae = ae.to(device)
     cond = Conditioner(cfg)
     ae_state = {k: v.cpu() for k, v in ae.state_dict().items()}
