@@ -82,13 +82,14 @@ def test_checkpoint_whose_pickle_runs_code_is_refused(tmp_path):
 
 
 def test_missing_or_foreign_checkpoint_gives_one_line_error(tmp_path):
-    p = run("ddpm.py", "--sample", "--ckpt", str(tmp_path / "nope.pt"), check=False)
+    out = ["--out", str(tmp_path / "o")]   # not the default out/ddpm, which a user's run may hold
+    p = run("ddpm.py", "--sample", "--ckpt", str(tmp_path / "nope.pt"), *out, check=False)
     assert p.returncode == 2 and "not found" in p.stderr and "--train" in p.stderr
     other = tmp_path / "other.pt"
     common.save_checkpoint({"script": "ddgan", "model": {}}, str(other))
-    p = run("ddpm.py", "--sample", "--ckpt", str(other), check=False)
+    p = run("ddpm.py", "--sample", "--ckpt", str(other), *out, check=False)
     assert p.returncode == 2 and "ddgan.py checkpoint" in p.stderr
-    p = run("ddpm.py", "--train", "--preset", "tiny", "--data", str(tmp_path / "missing"), check=False)
+    p = run("ddpm.py", "--train", "--preset", "tiny", "--data", str(tmp_path / "missing"), *out, check=False)
     assert p.returncode == 2 and "no such file" in p.stderr and "Traceback" not in p.stderr
 
 
