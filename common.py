@@ -2497,7 +2497,7 @@ def held_out_images(spec, image_size, channels, n):
     return torch.stack([held[i][0] for i in eval_order(held, n)[:n]])
 
 
-def evaluate(script, args, cfg, sample_fn, nfe, device, cond=None, info=None):
+def evaluate(script, args, cfg, sample_fn, nfe, device, cond=None, info=None, diversity=False):
     """--eval: draw --n-samples images (default 1000) with sample_fn(k, wanted) -> (k, C, H, W) in
     [-1, 1], in batches of --batch-size (default 100 on CPU, 500 on CUDA), and time them. wanted is
     None (cond=None), or the k class labels (cond='label') or captions (cond='caption') of the
@@ -2506,8 +2506,10 @@ def evaluate(script, args, cfg, sample_fn, nfe, device, cond=None, info=None):
     half as many: fid_floor_n) against the same ones, what a perfect model would score; confident (and
     confident_real, of those real images), the fraction the judge puts in one class with probability
     > 0.9; acc, the fraction of samples the judge finds to be what was asked (conditional only);
-    fid_inception with --fid-weights. nfe (network evaluations per image)
-    and info go into the result as they are. Prints it as JSON, the last line of stdout, and returns it."""
+    fid_inception with --fid-weights. diversity: also improved precision and recall on the judge's features
+    and, on shapes, combo_coverage: the fraction of the shape x color combinations the judge finds in at
+    least 1% of the samples (mode coverage). nfe (network evaluations per image) and info go into the
+    result as they are. Prints it as JSON, the last line of stdout, and returns it."""
     n = args.n_samples or 1000
     if n < 2:
         raise UserError(f"--n-samples {n}: --eval needs at least 2 samples")
@@ -2539,9 +2541,16 @@ def evaluate(script, args, cfg, sample_fn, nfe, device, cond=None, info=None):
     res["judge_acc"] = judge.accuracy.get("all", judge.accuracy.get("label"))
     if inception is not None:
         res["fid_inception"] = fid_kid(inception, fake, real)["fid"]
+    if diversity:
+        res.update(precision_recall(features(judge, real), features(judge, fake)))
+    if diversity and {"shape", "color"} <= set(judge.classes):
+        p, k = judge_predict(judge, fake), len(judge.classes["color"])
+        counts = torch.bincount(p["shape"] * k + p["color"], minlength=len(judge.classes["shape"]) * k)
+        res["combo_coverage"] = (counts >= max(1, math.ceil(0.01 * n))).double().mean().item()
     grid = os.path.join(args.out, "eval_samples.png")
     save_grid(fake[:64], grid)
     accuracy = f", accuracy {res['acc']:.3f}" if "acc" in res else ""
+    accuracy += "".join(f", {k} {res[k]:.4f}" for k in ("precision", "recall", "combo_coverage") if k in res)
     print(f"{script} --eval: FID {res['fid']:.4f} (real-vs-real floor {res.get('fid_floor', math.nan):.4f}), "
           f"KID {res['kid']:.5f}, judged with confidence > 0.9: {res['confident']:.3f}{accuracy}; "
           f"{sec:.4f} s/image at {nfe} NFE; {grid}")

@@ -39,7 +39,6 @@ Not here: the NCSN++ generator itself (FIR resampling, progressive input; common
 pooling / nearest upsampling), the paper's cosine lr decay per epoch (a per-step cosine is the `cosine` key).
 """
 import copy
-import json
 import math
 import os
 from contextlib import nullcontext
@@ -443,43 +442,15 @@ def sample_images(args, device):
 #                   Evaluation: FID at T steps, mode coverage                   #
 #################################################################################
 
-def mode_coverage(args, cfg, fake, device):
-    """recall/precision on the judge's features against the held-out images evaluate() used, and on shapes the
-    coverage of the 4 x 6 shape x color combinations (a combination counts when the judge finds it in at least
-    1% of the samples, at least one)."""
-    size, ch, n = cfg["image_size"], cfg["channels"], len(fake)
-    judge = common.get_judge(args.data, size, ch, device, steps=cfg.get("judge_steps", common.JUDGE_STEPS))
-    real = common.held_out_images(args.data, size, ch, n)
-    res = common.precision_recall(common.features(judge, real), common.features(judge, fake))
-    if {"shape", "color"} <= set(judge.classes):
-        p = common.judge_predict(judge, fake)
-        combos = p["shape"] * len(judge.classes["color"]) + p["color"]
-        counts = torch.bincount(combos, minlength=len(judge.classes["shape"]) * len(judge.classes["color"]))
-        res["combo_coverage"] = (counts >= max(1, math.ceil(0.01 * n))).double().mean().item()
-    return res
-
-
 def evaluate(args, device):
-    """--eval: FID/KID (common.evaluate) at nfe = T, then precision, recall and mode coverage of the same
-    samples."""
+    """--eval: FID/KID (common.evaluate) at nfe = T, with precision, recall and the shape x color coverage of
+    the same samples (mode coverage: the paper reports recall, Table 1)."""
     G, sched, ck = load_model(args, device)
     c = ck["config"]
     shape = (c["channels"], c["image_size"], c["image_size"])
     amp = common.autocast(device, args.dtype)
-    kept = []
-
-    def sample_fn(n, wanted):
-        x = sample(G, sched, n, shape, device, amp)[0]
-        kept.append(x.float().cpu())
-        return x
-
-    info = {"timesteps": sched.T}
-    res = common.evaluate("ddgan", args, c, sample_fn, nfe=sched.T, device=device, info=info)
-    extra = mode_coverage(args, c, common.quantize(torch.cat(kept)), device)
-    res.update(extra)
-    print("ddgan --eval: " + ", ".join(f"{k} {v:.4f}" for k, v in extra.items()))
-    print(json.dumps(res))
-    return res
+    return common.evaluate("ddgan", args, c, lambda n, wanted: sample(G, sched, n, shape, device, amp)[0],
+                           nfe=sched.T, device=device, info={"timesteps": sched.T}, diversity=True)
 
 
 #################################################################################

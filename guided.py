@@ -464,8 +464,7 @@ def train(args, cfg):
     else:
         cfg["out_ch"] = 2 * cfg["channels"] if cfg["var"] == "learned" else cfg["channels"]
         cfg["num_classes"] = "data" if cfg["class_cond"] else None
-    steps = args.steps or min(DEFAULT_STEPS, cfg["timesteps"])
-    space_timesteps(cfg["timesteps"], steps)                      # a bad --steps fails before training
+    space_timesteps(cfg["timesteps"], args.steps or min(DEFAULT_STEPS, cfg["timesteps"]))  # before training
     data = labelled_data(args, cfg) if cfg["class_cond"] or cfg["clf_steps"] > 0 else None
     if cfg["clf_steps"] > 0:
         common.check_batch(data, cfg["clf_batch"], flag="the preset's clf_batch")
@@ -475,22 +474,8 @@ def train(args, cfg):
         return
     device = next(ema.parameters()).device
     clf = train_classifier(args, cfg, data, device) if cfg["clf_steps"] > 0 else None
-    # a grid from the trained pair: one class per column, guided at --scale (default 1) by the classifier
-    k = data.num_classes if clf is not None else cfg.get("num_classes")
-    scale = 0.0
-    if clf is not None:
-        scale = DEFAULT_SCALE if args.scale is None else args.scale
-    n = args.n_samples or 36
-    y = torch.arange(n, device=device) % k if k else None
-    d = respace(diffusion_from(cfg, device=device), steps)
-    torch.manual_seed(args.seed)
-    with common.autocast(device, args.dtype):
-        x = d.sample(ema.eval(), (n, cfg["channels"], cfg["image_size"], cfg["image_size"]), device,
-                     y=y if cfg.get("num_classes") else None, guide=make_guide(clf, y, scale))[0]
-    path = os.path.join(args.out, "samples.png")
-    common.save_grid(x, path, nrow=k)
-    print(f"samples ({d.T} respaced ancestral steps, guidance scale {scale:g}"
-          f"{', one class per column' if k else ''}): {path}")
+    # a grid from the trained pair, guided at --scale (default 1) by the classifier
+    sample_images(args, device, os.path.join(args.out, "ckpt.pt"), None if clf else 0.0, n=36, gif=False)
 
 
 @torch.no_grad()
@@ -583,30 +568,15 @@ def load_weights(args, device):
     return model, released_diffusion(cfg, device=device), ck
 
 
-def load_classifier_weights(path, device, T, image_size):
-    """--classifier-weights: one of ADM's released classifiers -> (Classifier, a checkpoint-like dict)."""
-    ccfg, clf = common.load_openai_classifier(path, T, image_size, build_classifier)
-    return clf.to(device, memory_format=torch.channels_last).eval(), {"config": ccfg, "step": None}
-
-
-def default_scale(args, cfg):
-    """--scale's default: ADM's for a model trained here; for released weights, the README's scale with a
-    released classifier and no guidance without one."""
-    if not args.weights:
-        return DEFAULT_SCALE
-    if not args.classifier_weights:
-        return 0.0
-    return cfg.get("guidance_scale") or DEFAULT_SCALE
-
-
 class Sampler:
-    """The diffusion model, its classifier (when guidance needs one), and the CLI's sampling options."""
+    """The diffusion model (a checkpoint, or --weights), the classifier when guidance needs one, and the CLI's
+    sampling options. The scale is --scale, else ADM's default; for released weights, the README's scale with
+    a released classifier and no guidance without one."""
 
-    def __init__(self, args, device, ckpt=None, var=None, need_classifier=None):
+    def __init__(self, args, device, ckpt=None, var=None, need_classifier=None, scale=None):
         if args.weights and ckpt is None:
-            path = args.weights
+            path, self.what = args.weights, f"released weights {args.weights}"
             self.model, self.diff, self.ck = load_weights(args, device)
-            self.what = f"released weights {path}"
         else:
             path = ckpt or args.ckpt or os.path.join(args.out, "ckpt.pt")
             self.model, self.ck = load(path, "diffusion", device)
@@ -619,12 +589,15 @@ class Sampler:
                                    "trained with it (the default)")
         if var:
             self.diff = Diffusion(self.diff.betas, var, self.diff.timestep_map.cpu(), device)
-        self.scale = default_scale(args, self.cfg) if args.scale is None else args.scale
+        self.scale = args.scale if scale is None else scale
+        if self.scale is None and args.weights:
+            released = self.cfg.get("guidance_scale") or DEFAULT_SCALE
+            self.scale = released if args.classifier_weights else 0.0
+        if self.scale is None:
+            self.scale = DEFAULT_SCALE
         self.default_steps = self.cfg.get("sample_steps") or min(DEFAULT_STEPS, self.diff.T)
         self.classifier, self.clf_ck = None, None
-        if need_classifier is None:
-            need_classifier = self.scale > 0
-        if need_classifier:
+        if need_classifier or (need_classifier is None and self.scale > 0):
             self.classifier, self.clf_ck = self.load_classifier(path)
         self.num_classes = self.cfg.get("num_classes")
         if self.clf_ck:
@@ -634,7 +607,10 @@ class Sampler:
         """The classifier guidance needs: a released one (--classifier-weights) or a guided.py one."""
         a, T = self.args, self.diff.T
         if a.classifier_weights:
-            return load_classifier_weights(a.classifier_weights, self.device, T, self.cfg["image_size"])
+            ccfg, clf = common.load_openai_classifier(a.classifier_weights, T, self.cfg["image_size"],
+                                                      build_classifier)
+            clf = clf.to(self.device, memory_format=torch.channels_last).eval()
+            return clf, {"config": ccfg, "step": None}
         if a.weights:
             raise common.UserError(f"--scale {self.scale:g} guides with a classifier: give the released one "
                                    "with --classifier-weights (e.g. 64x64_classifier.pt), or --scale 0")
@@ -650,13 +626,26 @@ class Sampler:
                                    "--train`")
         return clf, ck
 
-    def check_class(self, k):
-        if self.num_classes is None:
-            raise common.UserError(f"--class {k}: this model is unconditional and there is no guidance "
+    def labels(self, n, cls=None):
+        """The classes of n samples -> (labels or None, grid columns, what): --class K; else one class per
+        column, or with more than MAX_COLUMNS classes (ImageNet's 1000) classes drawn at random as the
+        official sampler does; None where nothing steers the class."""
+        if cls is not None and self.num_classes is None:
+            raise common.UserError(f"--class {cls}: this model is unconditional and there is no guidance "
                                    "(--scale 0); give --scale > 0 to steer it with the classifier")
-        if not 0 <= k < self.num_classes:
-            raise common.UserError(f"--class {k}: use 0..{self.num_classes - 1} (the classes this model "
+        if cls is not None and not 0 <= cls < self.num_classes:
+            raise common.UserError(f"--class {cls}: use 0..{self.num_classes - 1} (the classes this model "
                                    "knows)")
+        if cls is not None:
+            return [cls] * n, None, f"class {cls}"
+        if not self.num_classes or not (self.scale > 0 or self.cfg.get("num_classes")):
+            return None, None, "unconditional"
+        if self.num_classes > MAX_COLUMNS:
+            g = torch.Generator().manual_seed(self.args.seed)
+            labels = torch.randint(0, self.num_classes, (n,), generator=g).tolist()
+            more = ", ..." if n > 8 else ""
+            return labels, None, f"random classes ({', '.join(map(str, labels[:8]))}{more})"
+        return [i % self.num_classes for i in range(n)], self.num_classes, "one class per column"
 
     def sample(self, n, labels, scale, steps, frames=0, progress=False):
         """n images for class labels (n,) (or None: unconditional), guided with `scale`, on `steps` respaced
@@ -671,34 +660,21 @@ class Sampler:
                                sampler=a.sampler, eta=a.eta or 0.0, frames=frames, progress=progress)
 
 
-def sample_images(args, device):
-    """--sample: a grid of --n-samples images of --class K (or of every class, one per column; with more
-    classes than MAX_COLUMNS, such as ImageNet's 1000, of classes drawn at random as the official sampler
-    does)."""
-    s = Sampler(args, device)
-    scale, steps = s.scale, args.steps or s.default_steps
+def sample_images(args, device, ckpt=None, scale=None, n=64, gif=True):
+    """--sample (and the grid after --train): --n-samples images of --class K, or of every class."""
+    s = Sampler(args, device, ckpt, scale=scale)
+    steps, n, gif = args.steps or s.default_steps, args.n_samples or n, gif and not args.no_gif
     space_timesteps(s.diff.T, steps)
-    n = args.n_samples or 64
-    steered = s.num_classes and (scale > 0 or s.cfg.get("num_classes"))
-    labels, nrow, what = None, None, "unconditional"
-    if args.cls is not None:
-        s.check_class(args.cls)
-        labels, what = [args.cls] * n, f"class {args.cls}"
-    elif steered and s.num_classes > MAX_COLUMNS:
-        g = torch.Generator().manual_seed(args.seed)
-        labels = torch.randint(0, s.num_classes, (n,), generator=g).tolist()
-        what = f"random classes ({', '.join(map(str, labels[:8]))}{', ...' if n > 8 else ''})"
-    elif steered:
-        labels, nrow, what = [i % s.num_classes for i in range(n)], s.num_classes, "one class per column"
+    labels, nrow, what = s.labels(n, args.cls)
     torch.manual_seed(args.seed)
-    frames = 0 if args.no_gif else min(steps, GIF_FRAMES)
-    x, traj = s.sample(n, labels, scale, steps, frames=frames, progress=True)
+    frames = min(steps, GIF_FRAMES) if gif else 0
+    x, traj = s.sample(n, labels, s.scale, steps, frames=frames, progress=True)
     paths = [os.path.join(args.out, "samples.png")]
     common.save_grid(x, paths[0], nrow)
-    if not args.no_gif:
+    if gif:
         paths.append(os.path.join(args.out, "reverse.gif"))
         common.save_gif(traj, paths[1], nrow)
-    print(f"{what}, scale {scale:g}, {steps} {args.sampler} steps, {s.diff.var} variance, {s.what}: "
+    print(f"{what}, scale {s.scale:g}, {steps} {args.sampler} steps, {s.diff.var} variance, {s.what}: "
           f"wrote {', '.join(paths)}")
 
 
@@ -706,7 +682,7 @@ def sample_images(args, device):
 #              Evaluation: guidance scales and respaced steps (Sec. 4)          #
 #################################################################################
 
-def evaluate_one(args, device, s, scale, steps, keep=None):
+def evaluate_one(args, device, s, scale, steps, diversity=False):
     """common.evaluate for one setting: samples asked for the held-out images' labels."""
     space_timesteps(s.diff.T, steps)
 
@@ -714,17 +690,15 @@ def evaluate_one(args, device, s, scale, steps, keep=None):
         if wanted is not None and max(wanted) >= s.num_classes:
             raise common.UserError(f"--data {args.data} has label {max(wanted)}, the model knows "
                                    f"{s.num_classes} classes")
-        x = s.sample(n, wanted, scale, steps)[0]
-        if keep is not None:
-            keep.append(x.float().cpu())
-        return x
+        return s.sample(n, wanted, scale, steps)[0]
 
     info = {"scale": scale, "steps": steps, "sampler": args.sampler, "var": s.diff.var,
             "ckpt_step": s.ck["step"], **({"weights": s.ck["weights"]} if "weights" in s.ck else {}),
             "class_cond": bool(s.cfg.get("num_classes"))}
     # accuracy too where nothing steers the class (chance level)
     cond = "label" if s.num_classes is not None else None
-    return common.evaluate("guided", args, s.cfg, sample_fn, nfe=steps, device=device, cond=cond, info=info)
+    return common.evaluate("guided", args, s.cfg, sample_fn, nfe=steps, device=device, cond=cond, info=info,
+                           diversity=diversity)
 
 
 def evaluate(args, device):
@@ -734,16 +708,10 @@ def evaluate(args, device):
         s = Sampler(args, device)
         return evaluate_one(args, device, s, s.scale, args.steps or s.default_steps)
     s = Sampler(args, device, need_classifier=True)
-    n, size, ch = args.n_samples or 1000, s.cfg["image_size"], s.cfg["channels"]
-    judge = common.get_judge(args.data, size, ch, device, steps=s.cfg.get("judge_steps", common.JUDGE_STEPS))
-    real = common.features(judge, common.held_out_images(args.data, size, ch, n))
-    steps = args.steps or s.default_steps  # the scale rows' respaced steps
+    n, steps = args.n_samples or 1000, args.steps or s.default_steps  # the scale rows' respaced steps
 
     def scale_row(scale):       # precision: fidelity; recall: diversity
-        keep = []
-        res = evaluate_one(args, device, s, scale, steps, keep)
-        fake = common.features(judge, common.quantize(torch.cat(keep)))
-        return {"table": "scale", **res, **common.precision_recall(real, fake)}
+        return {"table": "scale", **evaluate_one(args, device, s, scale, steps, diversity=True)}
 
     def steps_row(setting):
         name, m, S = setting
