@@ -33,7 +33,7 @@ RUNS = {  # name: (what it changes, preset keys); the cpu preset's own values ar
     "fast_d_T1": ("the fast_d run as a one-step GAN", {"lr": 1e-4, "lr_d": 1e-3, "timesteps": 1}),
     "fast_d2": ("D learns 20x faster than G: lr 1e-4, lr_d 2e-3", {"lr": 1e-4, "lr_d": 2e-3}),
     "fast_d_wide_d": ("fast_d with D at 32 base channels", {"lr": 1e-4, "lr_d": 1e-3, "d_ch": 32}),
-    "cosine": ("the cpu preset with the paper's per-step cosine decay of both rates to 1e-5", {"cosine": True}),
+    "cosine": ("the cpu preset with a per-step cosine decay of both rates to 1e-5", {"cosine": True}),
     "slow_g": ("G learns 20x slower than D: lr 5e-5, lr_d 1e-3", {"lr": 5e-5}),
 }
 
