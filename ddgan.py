@@ -190,7 +190,7 @@ def train_step(G, D, opt_g, opt_d, sched, x0, cfg, step, amp=None, world=1):
     with amp:
         d_real = D(x_t, x_t1, t)
     with torch.no_grad(), amp:
-        x0_fake = G(x_t1, t, torch.randn(B, G.nz, device=dev)).float()
+        x0_fake = G(x_t1, t, torch.randn(B, cfg["nz"], device=dev)).float()
     x_fake = sched.sample_posterior(x0_fake, x_t1, t)
     with amp:
         d_fake = D(x_fake, x_t1, t)
@@ -205,7 +205,7 @@ def train_step(G, D, opt_g, opt_d, sched, x0, cfg, step, amp=None, world=1):
     t = torch.randint(0, sched.T, (B,), device=dev)
     _, x_t1 = sched.q_sample_pairs(x0, t)
     with amp:
-        x0_pred = G(x_t1, t, torch.randn(B, G.nz, device=dev))
+        x0_pred = G(x_t1, t, torch.randn(B, cfg["nz"], device=dev))
     x_fake = sched.sample_posterior(x0_pred.float(), x_t1, t)
     with amp:
         loss_g = generator_loss(D(x_fake, x_t1, t))
@@ -365,12 +365,13 @@ def train(args, cfg):
         return None, cfg
     amp = common.autocast(device, args.dtype)
     shape = (cfg["channels"], cfg["image_size"], cfg["image_size"])
+    G_step = torch.compile(G) if args.compile else G   # not D: R1's double backward does not compile
 
     def step_fn(step, batch):
         common.set_lr(opt_g, lr_at(step, cfg["lr"], cfg))
         common.set_lr(opt_d, lr_at(step, cfg["lr_d"], cfg))
         x0 = batch[0].to(device, non_blocking=True)
-        loss_d, loss_g, r1 = train_step(G, D, opt_g, opt_d, sched, x0, cfg, step, amp, run.world)
+        loss_d, loss_g, r1 = train_step(G_step, D, opt_g, opt_d, sched, x0, cfg, step, amp, run.world)
         common.ema_update(ema, G, common.ema_decay(step, cfg["ema"]))
         return {"d": loss_d, "g": loss_g, "r1": r1}
 

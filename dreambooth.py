@@ -290,12 +290,13 @@ def train(args, dcfg):
     inst, cls = posterior(x_inst), None if x_cls is None else posterior(x_cls)
     bs, last, amp = dcfg["batch_size"], {}, common.autocast(device, args.dtype)
     tokens = tok([inst_prompt] * bs + [class_prompt] * (0 if cls is None else bs)).to(device)
+    net = torch.compile(model) if args.compile else model         # `model` keeps the plain names to save
 
     def step_fn(step, batch):
         g = torch.Generator().manual_seed(common.step_seed(args.seed, step))
         z0 = fine_tuning_batch(inst, cls, bs, g) * cfg["scale_factor"]
         with amp:
-            loss, logs = dreambooth_loss(model, z0.float(), tokens, bs, abar, args.prior_weight)
+            loss, logs = dreambooth_loss(net, z0.float(), tokens, bs, abar, args.prior_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, dcfg["grad_clip"])
