@@ -35,11 +35,12 @@ def states_equal(a, b):
 
 def test_train_resume_matches_uninterrupted_then_sample(tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    run("ddpm.py", "--train", "--preset", "tiny", "--max-steps", "12", "--out", full)
-    run("ddpm.py", "--train", "--preset", "tiny", "--max-steps", "6", "--out", part)
+    ddpm.main(["--train", "--preset", "tiny", "--max-steps", "12", "--out", full, "--n-samples", "1"])
+    run("ddpm.py", "--train", "--preset", "tiny", "--max-steps", "6", "--out", part, "--n-samples", "1")
     half = torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)
     assert half["step"] == 6 and half["script"] == "ddpm" and half["config"]["max_steps"] == 6
-    run("ddpm.py", "--train", "--preset", "tiny", "--max-steps", "12", "--out", part, "--resume")
+    ddpm.main(["--train", "--preset", "tiny", "--max-steps", "12", "--out", part, "--resume",
+               "--n-samples", "1"])
     a = torch.load(os.path.join(full, "ckpt.pt"), weights_only=True)
     b = torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)
     assert a["step"] == b["step"] == 12
@@ -257,9 +258,9 @@ def test_ctrl_c_saves_the_current_step_and_resume_continues_exactly(tmp_path, sc
     assert 0 < k < 100000 and "--resume" in err
     assert f"interrupted: stopped at step {k} of 100000; saved" in err
     # resuming the interrupted run equals an uninterrupted one, step for step
-    run(f"{script}.py", "--train", "--resume", "--max-steps", str(k + 3), "--n-samples", "1", "--out", part)
-    run(f"{script}.py", "--train", "--preset", "tiny", "--max-steps", str(k + 3), "--n-samples", "1",
-        "--out", full)
+    main = {"ddpm": ddpm, "ddgan": ddgan}[script].main
+    main(["--train", "--resume", "--max-steps", str(k + 3), "--n-samples", "1", "--out", part])
+    main(["--train", "--preset", "tiny", "--max-steps", str(k + 3), "--n-samples", "1", "--out", full])
     a = torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)
     b = torch.load(os.path.join(full, "ckpt.pt"), weights_only=True)
     assert a["step"] == b["step"] == k + 3

@@ -327,10 +327,10 @@ def run(*args, cwd):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_cli_eval_prints_json_last_and_caches_the_judge(tmp_path):
+def test_cli_eval_prints_json_last_and_caches_the_judge(tmp_path, monkeypatch, capsys):
     script = os.path.join(ROOT, "ddpm.py")
-    p = run(script, "--train", "--preset", "tiny", "--max-steps", "4", "--out", "run", cwd=tmp_path)
-    assert p.returncode == 0, p.stderr
+    monkeypatch.chdir(tmp_path)                                     # out/judge/ goes under tmp_path
+    ddpm.main(["--train", "--preset", "tiny", "--max-steps", "4", "--out", "run", "--n-samples", "1"])
     p = run(script, "--eval", "--preset", "tiny", "--out", "run", "--n-samples", "12", "--batch-size", "5",
             "--steps", "10", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
@@ -342,16 +342,18 @@ def test_cli_eval_prints_json_last_and_caches_the_judge(tmp_path):
     assert os.path.exists(tmp_path / "out" / "judge" / "judge_shapes_16_3_s30.pt")
     assert Image.open(tmp_path / "run" / "eval_samples.png").size == (4 * 18 + 2, 3 * 18 + 2)
 
-    p2 = run(script, "--eval", "--preset", "tiny", "--out", "run", "--n-samples", "12", "--batch-size", "5",
-             "--steps", "10", cwd=tmp_path)
-    assert p2.returncode == 0 and "training the judge" not in p2.stdout
-    assert json.loads(p2.stdout.strip().splitlines()[-1])["fid"] == res["fid"]  # same seed, same samples
+    capsys.readouterr()
+    res2 = ddpm.main(["--eval", "--preset", "tiny", "--out", "run", "--n-samples", "12", "--batch-size", "5",
+                      "--steps", "10"])
+    assert "training the judge" not in capsys.readouterr().out
+    assert res2["fid"] == res["fid"]                                   # same seed, same samples
 
-    for bad, msg in ((["--steps", "101"], "--steps 101"),
-                     (["--fid-weights", "nope.pth"], "--fid-weights nope.pth"),
-                     (["--n-samples", "1"], "--n-samples 1")):
-        p = run(script, "--eval", "--preset", "tiny", "--out", "run", *bad, cwd=tmp_path)
-        assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith(f"error: {msg}"), p.stderr
+    p = run(script, "--eval", "--preset", "tiny", "--out", "run", "--steps", "101", cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: --steps 101"), p.stderr
+    with pytest.raises(common.UserError, match="^--fid-weights nope.pth: no such file"):
+        ddpm.main(["--eval", "--preset", "tiny", "--out", "run", "--fid-weights", "nope.pth"])
+    with pytest.raises(common.UserError, match="^--n-samples 1"):
+        ddpm.main(["--eval", "--preset", "tiny", "--out", "run", "--n-samples", "1"])
 
 
 def test_precision_recall_on_clear_cases():
