@@ -5,6 +5,8 @@ changed, trained and evaluated exactly as the command line does, so every figure
     python bench/ddgan_runs.py --list                  # the runs and what each changes
     python bench/ddgan_runs.py RUN [RUN ...]           # train, then --eval --n-samples 1000, for each RUN
     python bench/ddgan_runs.py RUN --threads 1         # two runs side by side on a 2-core machine
+    python bench/ddgan_runs.py --extend RUN --to 3200  # RUN's checkpoint trained on (--resume) to step 3200
+    python bench/ddgan_runs.py --raw RUN               # --eval of RUN's generator itself instead of its EMA
 
 Each run writes out/ddgan_runs/<RUN>/ (ckpt.pt, samples.png, eval_samples.png) and appends one JSON line
 (the changes, the training wall and CPU seconds, the eval result) to out/ddgan_runs/runs.jsonl.
@@ -12,16 +14,21 @@ Each run writes out/ddgan_runs/<RUN>/ (ckpt.pt, samples.png, eval_samples.png) a
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
+
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ddgan  # noqa: E402
 
 OLD_LR = {"lr": 2e-4, "lr_d": 1.6e-4}               # the cpu preset's learning rates before 'fast_d'
 WIDE = {"ch": 32, "d_ch": 32, "max_steps": 1200, **OLD_LR}   # the cpu preset before the 'small' run
+FAST_D = {"lr": 1e-4, "lr_d": 1e-3, "max_steps": 2400}       # the cpu preset before 'preset_2400_to3200'
 RUNS = {  # name: (what it changes, preset keys); the cpu preset's own values are in ddgan.PRESETS["cpu"]
     "preset": ("the cpu preset as it is", {}),
+    "preset_2400": ("the cpu preset at 2400 steps (--extend it --to 3200 for the preset)", FAST_D),
     "T1": ("the same networks and steps as a one-step GAN", {"timesteps": 1}),
     "wide": ("G and D at 32 base channels, 1200 steps (the earlier cpu preset)", WIDE),
     "small": ("G and D at 16 base channels, 2400 steps", {"ch": 16, "d_ch": 16, "max_steps": 2400, **OLD_LR}),
@@ -29,12 +36,15 @@ RUNS = {  # name: (what it changes, preset keys); the cpu preset's own values ar
                                                                                 "lr_d": 4e-4}),
     "r1": ("wide, with R1 weight 1 instead of 0.02", {**WIDE, "r1_gamma": 1.0}),
     "ttur_T1": ("the ttur run as a one-step GAN", {**WIDE, "lr": 1e-4, "lr_d": 4e-4, "timesteps": 1}),
-    "fast_d": ("D learns 10x faster than G: lr 1e-4, lr_d 1e-3", {"lr": 1e-4, "lr_d": 1e-3}),
-    "fast_d_T1": ("the fast_d run as a one-step GAN", {"lr": 1e-4, "lr_d": 1e-3, "timesteps": 1}),
-    "fast_d2": ("D learns 20x faster than G: lr 1e-4, lr_d 2e-3", {"lr": 1e-4, "lr_d": 2e-3}),
-    "fast_d_wide_d": ("fast_d with D at 32 base channels", {"lr": 1e-4, "lr_d": 1e-3, "d_ch": 32}),
-    "cosine": ("the cpu preset with a per-step cosine decay of both rates to 1e-5", {"cosine": True}),
-    "slow_g": ("G learns 20x slower than D: lr 5e-5, lr_d 1e-3", {"lr": 5e-5}),
+    "fast_d": ("D learns 10x faster than G: lr 1e-4, lr_d 1e-3", FAST_D),
+    "fast_d_T1": ("the fast_d run as a one-step GAN", {**FAST_D, "timesteps": 1}),
+    "fast_d2": ("D learns 20x faster than G: lr 1e-4, lr_d 2e-3", {**FAST_D, "lr_d": 2e-3}),
+    "fast_d_wide_d": ("fast_d with D at 32 base channels", {**FAST_D, "d_ch": 32}),
+    "cosine": ("fast_d with a per-step cosine decay of both rates to 1e-5", {**FAST_D, "cosine": True}),
+    "slow_g": ("G learns 20x slower than D: lr 5e-5, lr_d 1e-3", {**FAST_D, "lr": 5e-5}),
+    "T2": ("fast_d with T = 2 (the paper's CelebA-HQ setting)", {**FAST_D, "timesteps": 2}),
+    "batch64": ("fast_d at batch 64 for half the steps (the same images seen)",
+                {**FAST_D, "batch_size": 64, "max_steps": 1200}),
 }
 
 
@@ -54,12 +64,49 @@ def run(name, threads):
     print(json.dumps(row))
 
 
+def extend(name, steps, threads):
+    """RUN's checkpoint, copied to out/ddgan_runs/<RUN>_to<steps>/ and trained on to `steps` with --resume
+    (exactly what a run of `steps` would have done, at the same thread count), then evaluated."""
+    src, out = os.path.join("out", "ddgan_runs", name), os.path.join("out", "ddgan_runs", f"{name}_to{steps}")
+    os.makedirs(out, exist_ok=True)
+    shutil.copy(os.path.join(src, "ckpt.pt"), os.path.join(out, "ckpt.pt"))
+    flags = ["--out", out] + (["--threads", str(threads)] if threads else [])
+    t0, c0 = time.time(), time.process_time()
+    ddgan.main(["--train", "--resume", "--max-steps", str(steps), *flags])
+    wall, cpu = time.time() - t0, time.process_time() - c0
+    res = ddgan.main(["--eval", "--n-samples", "1000", *flags])
+    row = {"run": f"{name}_to{steps}", "what": f"{name} trained on to step {steps}",
+           "train_wall_s": round(wall, 1), "train_cpu_s": round(cpu, 1), "threads": threads, **res}
+    with open(os.path.join("out", "ddgan_runs", "runs.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row))
+
+
+def raw(name, threads):
+    """--eval of RUN's generator G itself, not its EMA: a copy of the checkpoint with G in the EMA's place."""
+    ck = torch.load(os.path.join("out", "ddgan_runs", name, "ckpt.pt"), weights_only=True)
+    out = os.path.join("out", "ddgan_runs", f"{name}_raw")
+    os.makedirs(out, exist_ok=True)
+    torch.save({**ck, "ema": ck["G"]}, os.path.join(out, "ckpt.pt"))
+    res = ddgan.main(["--eval", "--n-samples", "1000", "--out", out]
+                     + (["--threads", str(threads)] if threads else []))
+    with open(os.path.join("out", "ddgan_runs", "runs.jsonl"), "a") as f:
+        f.write(json.dumps({"run": f"{name}_raw", "what": f"{name}'s G, not its EMA", **res}) + "\n")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="*", metavar="RUN")
     p.add_argument("--list", action="store_true")
     p.add_argument("--threads", type=int)
+    p.add_argument("--extend", metavar="RUN", help="train RUN's checkpoint on to --to steps")
+    p.add_argument("--to", type=int, help="with --extend: the step to train to")
+    p.add_argument("--raw", metavar="RUN", help="evaluate RUN's generator instead of its EMA")
     args = p.parse_args()
+    if args.raw:
+        return raw(args.raw, args.threads)
+    if args.extend:
+        return extend(args.extend, args.to, args.threads)
     unknown = [r for r in args.runs if r not in RUNS]
     if unknown:
         p.error(f"unknown run {unknown[0]}; --list shows them")
