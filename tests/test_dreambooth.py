@@ -140,25 +140,13 @@ def test_cli_train_then_sample_and_base_frozen(base_ckpt, tmp_path):
     assert "a blue sks circle on the left" in log and os.path.exists(os.path.join(out, "samples.png"))
 
 
-class Compiled(torch.nn.Module):
-    """What torch.compile returns, for the tests: a wrapper whose state_dict names start with _orig_mod."""
-
-    def __init__(self, module):
-        super().__init__()
-        self._orig_mod = module
-
-    def forward(self, *args):
-        return self._orig_mod(*args)
-
-
-def test_no_prior_and_text_encoder_compiled(base_ckpt, tmp_path, monkeypatch):
-    out, seen = str(tmp_path / "np"), []
+def test_no_prior_and_text_encoder_compiled(base_ckpt, tmp_path, compiled):
+    out = str(tmp_path / "np")
     before = torch.load(base_ckpt, weights_only=True)["ema"]
-    monkeypatch.setattr(torch, "compile", lambda m: seen.append(m) or Compiled(m))
     dreambooth.main(["--train", "--preset", "tiny", "--base", base_ckpt, "--out", out, "--no-prior",
                      "--train-text-encoder", "--max-steps", "2", "--steps", "2", "--n-samples", "1",
                      "--device", "cpu", "--compile"])
-    assert [type(m) for m in seen] == [common.LDM]
+    assert [type(m) for m in compiled] == [common.LDM]
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert not any("_orig_mod" in k for k in ck["model"])
     assert not ck["dreambooth"]["prior"] and set(ck["dreambooth"]["last_losses"]) == {"inst"}
