@@ -2284,7 +2284,11 @@ def precision_recall(real, fake, k=3):
 
 def fid_kid(net, fake, real):
     """FID and KID between two image sets (N, C, H, W) on net.features (the judge, or InceptionFID)."""
-    f1, f2 = features(net, fake), features(net, real)
+    return feature_scores(features(net, fake), features(net, real))
+
+
+def feature_scores(f1, f2):
+    """FID and KID between two feature sets (N, D)."""
     return {"fid": frechet_distance(*feature_stats(f1), *feature_stats(f2)), "kid": kid(f1, f2)}
 
 
@@ -2529,12 +2533,13 @@ def evaluate(script, args, cfg, sample_fn, nfe, device, cond=None, info=None, di
         fake.append(sample_fn(min(bs, n - s), None if wanted is None else wanted[s:s + bs]).float().cpu())
     sec = (time.time() - t0) / n
     fake = quantize(torch.cat(fake))                                         # (n, C, H, W)
+    f_fake, f_real = features(judge, fake), features(judge, real)           # once, for every score below
     res = {"script": script, "data": args.data, "n_samples": n, **(info or {}), "nfe": nfe,
-           "sec_per_image": round(sec, 5), **fid_kid(judge, fake, real)}
+           "sec_per_image": round(sec, 5), **feature_scores(f_fake, f_real)}
     rest = order[n:2 * n]
     if len(rest) >= max(2, n // 2):
-        real2 = torch.stack([held[i][0] for i in rest])
-        res["fid_floor"], res["fid_floor_n"] = fid_kid(judge, real2, real)["fid"], len(rest)
+        f_real2 = features(judge, torch.stack([held[i][0] for i in rest]))
+        res["fid_floor"], res["fid_floor_n"] = feature_scores(f_real2, f_real)["fid"], len(rest)
     res["confident"], res["confident_real"] = judge_confident(judge, fake), judge_confident(judge, real)
     if cond is not None:
         res["acc"] = attribute_accuracy(judge, fake, wanted)
@@ -2542,7 +2547,7 @@ def evaluate(script, args, cfg, sample_fn, nfe, device, cond=None, info=None, di
     if inception is not None:
         res["fid_inception"] = fid_kid(inception, fake, real)["fid"]
     if diversity:
-        res.update(precision_recall(features(judge, real), features(judge, fake)))
+        res.update(precision_recall(f_real, f_fake))
     if diversity and {"shape", "color"} <= set(judge.classes):
         p, k = judge_predict(judge, fake), len(judge.classes["color"])
         counts = torch.bincount(p["shape"] * k + p["color"], minlength=len(judge.classes["shape"]) * k)

@@ -32,7 +32,7 @@ def main():
     p.add_argument("--out", default=os.path.join("out", "ddgan_ema"))
     args = p.parse_args()
     out = args.out
-    threads = ["--preset", args.preset] + (["--threads", str(args.threads)] if args.threads else [])
+    flags = ["--preset", args.preset] + (["--threads", str(args.threads)] if args.threads else [])
     extra, step = {}, [0]
     ema_decay, ema_update = common.ema_decay, common.ema_update
 
@@ -48,7 +48,7 @@ def main():
         ema_update(ema, model, decay)
 
     common.ema_decay, common.ema_update = decay_at, update
-    ddgan.main(["--train", "--out", out, *threads])
+    ddgan.main(["--train", "--out", out, *flags])
     common.ema_decay, common.ema_update = ema_decay, ema_update
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     runs = [(ck["config"]["ema"], out)]
@@ -59,7 +59,7 @@ def main():
         torch.save({**ck, "ema": ema}, os.path.join(folder, "ckpt.pt"))
         runs.append((d, folder))
     for d, folder in runs:
-        res = ddgan.main(["--eval", "--n-samples", str(args.n_samples), "--out", folder, *threads])
+        res = ddgan.main(["--eval", "--n-samples", str(args.n_samples), "--out", folder, *flags])
         row = {"run": f"ema_{d:g}", "what": f"the cpu preset's G averaged with EMA decay {d:g}", **res}
         with open(os.path.join(os.path.dirname(out), "ddgan_runs", "runs.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -48,6 +48,13 @@ RUNS = {  # name: (what it changes, preset keys); the cpu preset's own values ar
 }
 
 
+def record(row):
+    """One JSON line in out/ddgan_runs/runs.jsonl, and on stdout."""
+    with open(os.path.join("out", "ddgan_runs", "runs.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row))
+
+
 def run(name, threads):
     what, changes = RUNS[name]
     out = os.path.join("out", "ddgan_runs", name)
@@ -57,11 +64,8 @@ def run(name, threads):
     ddgan.main(["--train", *flags])
     wall, cpu = time.time() - t0, time.process_time() - c0
     res = ddgan.main(["--eval", "--n-samples", "1000", *flags])
-    row = {"run": name, "what": what, "changes": changes, "train_wall_s": round(wall, 1),
-           "train_cpu_s": round(cpu, 1), "threads": threads, **res}
-    with open(os.path.join("out", "ddgan_runs", "runs.jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
-    print(json.dumps(row))
+    record({"run": name, "what": what, "changes": changes, "train_wall_s": round(wall, 1),
+            "train_cpu_s": round(cpu, 1), "threads": threads, **res})
 
 
 def extend(name, steps, threads):
@@ -75,11 +79,8 @@ def extend(name, steps, threads):
     ddgan.main(["--train", "--resume", "--max-steps", str(steps), *flags])
     wall, cpu = time.time() - t0, time.process_time() - c0
     res = ddgan.main(["--eval", "--n-samples", "1000", *flags])
-    row = {"run": f"{name}_to{steps}", "what": f"{name} trained on to step {steps}",
-           "train_wall_s": round(wall, 1), "train_cpu_s": round(cpu, 1), "threads": threads, **res}
-    with open(os.path.join("out", "ddgan_runs", "runs.jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
-    print(json.dumps(row))
+    record({"run": f"{name}_to{steps}", "what": f"{name} trained on to step {steps}",
+            "train_wall_s": round(wall, 1), "train_cpu_s": round(cpu, 1), "threads": threads, **res})
 
 
 def raw(name, threads):
@@ -90,8 +91,7 @@ def raw(name, threads):
     torch.save({**ck, "ema": ck["G"]}, os.path.join(out, "ckpt.pt"))
     res = ddgan.main(["--eval", "--n-samples", "1000", "--out", out]
                      + (["--threads", str(threads)] if threads else []))
-    with open(os.path.join("out", "ddgan_runs", "runs.jsonl"), "a") as f:
-        f.write(json.dumps({"run": f"{name}_raw", "what": f"{name}'s G, not its EMA", **res}) + "\n")
+    record({"run": f"{name}_raw", "what": f"{name}'s G, not its EMA", **res})
 
 
 def main():
