@@ -5,6 +5,7 @@ changed, trained and evaluated exactly as the command line does, so every figure
     python bench/ddgan_runs.py --list                  # the runs and what each changes
     python bench/ddgan_runs.py RUN [RUN ...]           # train, then --eval --n-samples 1000, for each RUN
     python bench/ddgan_runs.py RUN --threads 1         # two runs side by side on a 2-core machine
+    python bench/ddgan_runs.py RUN --seed 1            # RUN from another seed, as <RUN>_seed1
     python bench/ddgan_runs.py --extend RUN --to 3200  # RUN's checkpoint trained on (--resume) to step 3200
     python bench/ddgan_runs.py --raw RUN               # --eval of RUN's generator itself instead of its EMA
 
@@ -45,6 +46,12 @@ RUNS = {  # name: (what it changes, preset keys); the cpu preset's own values ar
     "T2": ("fast_d with T = 2 (the paper's CelebA-HQ setting)", {**FAST_D, "timesteps": 2}),
     "batch64": ("fast_d at batch 64 for half the steps (the same images seen)",
                 {**FAST_D, "batch_size": 64, "max_steps": 1200}),
+    "fast_both": ("fast_d with both rates doubled: lr 2e-4, lr_d 2e-3",
+                  {**FAST_D, "lr": 2e-4, "lr_d": 2e-3}),
+    "batch16": ("fast_d at batch 16 for twice the steps (the same images seen)",
+                {**FAST_D, "batch_size": 16, "max_steps": 4800}),
+    "batch8": ("fast_d at batch 8 for four times the steps (the same images seen)",
+               {**FAST_D, "batch_size": 8, "max_steps": 9600}),
 }
 
 
@@ -55,11 +62,13 @@ def record(row):
     print(json.dumps(row))
 
 
-def run(name, threads):
+def run(name, threads, seed=0):
     what, changes = RUNS[name]
+    if seed:    # the same run from another seed: out/ddgan_runs/<RUN>_seed<S>/
+        name, what = f"{name}_seed{seed}", f"{what}, --seed {seed}"
     out = os.path.join("out", "ddgan_runs", name)
     ddgan.PRESETS["cpu"] = {**ddgan.PRESETS["cpu"], **changes}
-    flags = ["--out", out] + (["--threads", str(threads)] if threads else [])
+    flags = ["--out", out, "--seed", str(seed)] + (["--threads", str(threads)] if threads else [])
     t0, c0 = time.time(), time.process_time()
     ddgan.main(["--train", *flags])
     wall, cpu = time.time() - t0, time.process_time() - c0
@@ -99,6 +108,7 @@ def main():
     p.add_argument("runs", nargs="*", metavar="RUN")
     p.add_argument("--list", action="store_true")
     p.add_argument("--threads", type=int)
+    p.add_argument("--seed", type=int, default=0, help="train RUN from this seed (the spread between seeds)")
     p.add_argument("--extend", metavar="RUN", help="train RUN's checkpoint on to --to steps")
     p.add_argument("--to", type=int, help="with --extend: the step to train to")
     p.add_argument("--raw", metavar="RUN", help="evaluate RUN's generator instead of its EMA")
@@ -114,7 +124,7 @@ def main():
         for name, (what, changes) in RUNS.items():
             print(f"{name:16s} {what}: {changes}")
     for name in args.runs:
-        run(name, args.threads)
+        run(name, args.threads, args.seed)
 
 
 if __name__ == "__main__":
