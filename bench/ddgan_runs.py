@@ -50,9 +50,20 @@ RUNS = {  # name: (what it changes, preset keys); the cpu preset's own values ar
                   {**FAST_D, "lr": 2e-4, "lr_d": 2e-3}),
     "batch16": ("fast_d at batch 16 for twice the steps (the same images seen)",
                 {**FAST_D, "batch_size": 16, "max_steps": 4800}),
+    "g_warmup": ("the cpu preset with G's learning rate warmed up linearly over its first 500 steps",
+                 {"g_warmup": 500}),
     "batch8": ("fast_d at batch 8 for four times the steps (the same images seen)",
                {**FAST_D, "batch_size": 8, "max_steps": 9600}),
 }
+
+
+def lr_at(step, lr, cfg, plain=ddgan.lr_at):
+    """ddgan.lr_at, with G's rate (cfg["lr"]) warmed up over cfg["g_warmup"] steps where a run sets it."""
+    warm = cfg.get("g_warmup", 0) if lr == cfg["lr"] else 0
+    return plain(step, lr, cfg) * (min(1.0, (step + 1) / warm) if warm else 1.0)
+
+
+ddgan.lr_at = lr_at
 
 
 def record(row):
