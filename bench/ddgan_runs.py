@@ -58,7 +58,8 @@ RUNS = {  # name: (what it changes, preset keys); the cpu preset's own values ar
 
 
 def lr_at(step, lr, cfg, plain=ddgan.lr_at):
-    """ddgan.lr_at, with G's rate (cfg["lr"]) warmed up over cfg["g_warmup"] steps where a run sets it."""
+    """ddgan.lr_at, with G's rate warmed up over cfg["g_warmup"] steps where a run sets it (ddgan.train asks
+    for G's rate with cfg["lr"], for D's with cfg["lr_d"]; the runs that set it keep the two apart)."""
     warm = cfg.get("g_warmup", 0) if lr == cfg["lr"] else 0
     return plain(step, lr, cfg) * (min(1.0, (step + 1) / warm) if warm else 1.0)
 
