@@ -61,7 +61,8 @@ PRESETS = {
     # the default: 28.4 minutes on the idle 2-core CPU. G and D at 16 base channels (FID 23.3 against 65.2
     # for 32 channels and half the steps), D learning 10x faster than G (FID 12.6-14.3 against 23.3 with
     # lr 2e-4 / lr_d 1.6e-4: the discriminator otherwise falls to chance within 100 steps), and as many steps
-    # as fit in 30 minutes (FID 11.4 at 3200 against 12.6 at 2400): docs/ddgan.md
+    # as fit in 30 minutes (FID 11.4 at 3200 against 12.6 at 2400; from seeds 1 and 2: 11.0 and 15.8):
+    # docs/ddgan.md
     "cpu": dict(image_size=32, channels=3, ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, attn_res=[8], heads=4,
                 dropout=0.0, **G_NET, nz=100, n_mlp=3, d_ch=16, d_mult=[1, 2, 4, 4], timesteps=4,
                 beta_min=0.1, beta_max=20.0, r1_gamma=0.02, lazy_reg=15, batch_size=32, max_steps=3200,
