@@ -9,6 +9,8 @@ the real and the fake pairs of each t (the fraction of real pairs with D > 0 and
     python bench/ddgan_probe.py --d-steps 2                   # two D steps for each G step
     python bench/ddgan_probe.py --no-mbstd --zero-head --g-eps 1e-5   # D without minibatch stddev, D's last
                                                               # conv zero-initialised, Adam eps of G
+    python bench/ddgan_probe.py --ckpt out/ddgan/ckpt.pt      # a trained checkpoint's D and G, per t:
+                                                              # accuracy, mean logits, ||grad_x D|| on real
 """
 import argparse
 import json
@@ -45,6 +47,31 @@ class NoStep(torch.optim.Adam):
         return None
 
 
+@torch.no_grad()
+def probe_checkpoint(path, n=256):
+    """D of a trained checkpoint on n held-out real pairs and n pairs made by its G (not the EMA: the G that D
+    was trained against), per t: accuracy, mean logits, and the norm of grad_x D at the real pairs (R1's)."""
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = ck["config"]
+    G, D = ddgan.Generator(cfg).eval(), ddgan.Discriminator(cfg).eval()
+    G.load_state_dict(ck["G"]), D.load_state_dict(ck["D"])
+    sched = ddgan.schedule_from(cfg, torch.device("cpu"))
+    data = common.ShapesData(cfg["image_size"], cfg["channels"], seed=common.HELD_OUT_SEED)
+    x0 = torch.stack([data[i][0] for i in range(n)])
+    torch.manual_seed(0)
+    for i in range(cfg["timesteps"]):
+        t = torch.full((n,), i)
+        x_t, x_t1 = sched.q_sample_pairs(x0, t)
+        fake = D(sched.sample_posterior(G(x_t1, t, torch.randn(n, cfg["nz"])), x_t1, t), x_t1, t)
+        with torch.enable_grad():
+            x_t.requires_grad_(True)
+            real = D(x_t, x_t1, t)
+            grad, = torch.autograd.grad(real.sum(), x_t)
+        acc = ((real > 0).float().mean() + (fake < 0).float().mean()) / 2
+        print(f"t = {i}: accuracy {acc:.2f}, D(real) {real.mean():+.2f}, D(fake) {fake.mean():+.2f}, "
+              f"||grad_x D(real)|| {grad.flatten(1).norm(dim=1).mean():.3f}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--set", default="{}", help="cpu preset keys to change, as JSON")
@@ -55,8 +82,11 @@ def main():
     p.add_argument("--zero-head", action="store_true")
     p.add_argument("--g-eps", type=float, default=1e-8)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ckpt", help="probe this trained ddgan.py checkpoint instead of training")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.ckpt:
+        return probe_checkpoint(args.ckpt)
     cfg = {**ddgan.PRESETS["cpu"], **json.loads(args.set)}
     torch.manual_seed(0)
     sched = ddgan.Schedule(cfg["timesteps"], device="cpu")

@@ -59,6 +59,10 @@ RUNS = {  # name: (what it changes, preset keys); the cpu preset's own values ar
                       {"d_ch": 32, "max_steps": 2100}),
     "g32_same_time": ("the cpu preset with G at 32 base channels, for the steps of the same CPU time",
                       {"ch": 32, "max_steps": 1700}),
+    "r1_church": ("the cpu preset with R1 gamma 1 every 10 steps (the official LSUN Church setting)",
+                  {"r1_gamma": 1.0, "lazy_reg": 10}),
+    "r1_0.2": ("the cpu preset with R1 gamma 0.2 (10x the CIFAR-10 setting), every 15 steps",
+               {"r1_gamma": 0.2}),
 }
 
 
