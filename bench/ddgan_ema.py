@@ -70,11 +70,11 @@ def main():
         ema = {k: v.cpu() for k, v in e.state_dict().items()}
         torch.save({**ck, "ema": ema}, os.path.join(folder, "ckpt.pt"))
         runs.append((name, folder))
-    seed = f", --seed {args.seed}" if args.seed else ""
+    tag, from_seed = (f"_seed{args.seed}", f" from --seed {args.seed}") if args.seed else ("", "")
     for name, folder in runs:
         res = ddgan.main(["--eval", "--n-samples", str(args.n_samples), "--out", folder, *flags])
-        row = {"run": f"{name}{seed.replace(', --seed ', '_seed')}",
-               "what": f"the {args.preset} preset's G{seed} averaged by {name.replace('_', ' ')}", **res}
+        row = {"run": name + tag,
+               "what": f"the {args.preset} preset's G{from_seed} averaged by {name.replace('_', ' ')}", **res}
         with open(os.path.join(os.path.dirname(out), "ddgan_runs", "runs.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row))
