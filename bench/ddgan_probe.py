@@ -56,8 +56,7 @@ def probe_checkpoint(path, n=256):
     G, D = ddgan.Generator(cfg).eval(), ddgan.Discriminator(cfg).eval()
     G.load_state_dict(ck["G"]), D.load_state_dict(ck["D"])
     sched = ddgan.schedule_from(cfg, torch.device("cpu"))
-    data = common.load_data("shapes", cfg["image_size"], cfg["channels"], train=False)
-    x0 = torch.stack([data[i][0] for i in range(n)])
+    x0 = common.held_out_images("shapes", cfg["image_size"], cfg["channels"], n)
     torch.manual_seed(0)
     for i in range(cfg["timesteps"]):
         t = torch.full((n,), i)
