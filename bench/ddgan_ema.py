@@ -6,6 +6,9 @@ evaluated as `ddgan.py --eval --n-samples 1000` evaluates the checkpoint's own.
     python bench/ddgan_ema.py                   # the cpu preset; EMAs 0.995, 0.9995, 0.9999 beside 0.999
     python bench/ddgan_ema.py --threads 2 --decays 0.9995
     python bench/ddgan_ema.py --decays --powers 0.5 1 2 4 --seed 2
+    python bench/ddgan_ema.py --threads 2 --r1-gamma 0.02 --lazy-reg 15
+                        # other flags go to ddgan.py --train: here the preset's R1 before gamma 1, as in the
+                        # runs of docs/ddgan.md
 
 --powers: power-function EMAs (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion
 Models", its power-function EMA profile): decay (1 - 1/n)^(gamma + 1) at step n = 1, 2, ..., an average over
@@ -39,7 +42,7 @@ def main():
     p.add_argument("--preset", default="cpu")
     p.add_argument("--n-samples", type=int, default=1000)
     p.add_argument("--out", default=os.path.join("out", "ddgan_ema"))
-    args = p.parse_args()
+    args, train_flags = p.parse_known_args()
     out = args.out
     flags = ["--preset", args.preset, "--seed", str(args.seed)]
     flags += ["--threads", str(args.threads)] if args.threads else []
@@ -60,7 +63,7 @@ def main():
         ema_update(ema, model, decay)
 
     common.ema_decay, common.ema_update = decay_at, update
-    ddgan.main(["--train", "--out", out, *flags])
+    ddgan.main(["--train", "--out", out, *flags, *train_flags])
     common.ema_decay, common.ema_update = ema_decay, ema_update
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     runs = [(f"ema_{ck['config']['ema']:g}", out)]

@@ -24,13 +24,16 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ddgan  # noqa: E402
 
-OLD_LR = {"lr": 2e-4, "lr_d": 1.6e-4}               # the cpu preset's learning rates before 'fast_d'
+CIFAR_R1 = {"r1_gamma": 0.02, "lazy_reg": 15}      # the cpu preset's R1 before 'r1_church', kept by old runs
+OLD_LR = {"lr": 2e-4, "lr_d": 1.6e-4, **CIFAR_R1}   # the cpu preset's learning rates before 'fast_d'
 WIDE = {"ch": 32, "d_ch": 32, "max_steps": 1200, **OLD_LR}   # the cpu preset before the 'small' run
-FAST_D = {"lr": 1e-4, "lr_d": 1e-3, "max_steps": 2400}       # the cpu preset before 'preset_2400_to3200'
+FAST_D = {"lr": 1e-4, "lr_d": 1e-3, "max_steps": 2400, **CIFAR_R1}  # the preset before 'preset_2400_to3200'
 RUNS = {  # name: (what it changes, preset keys); the cpu preset's own values are in ddgan.PRESETS["cpu"]
     "preset": ("the cpu preset as it is", {}),
     "preset_2400": ("the cpu preset at 2400 steps (--extend it --to 3200 for the preset)", FAST_D),
-    "T1": ("the same networks and steps as a one-step GAN", {"timesteps": 1}),
+    "T1": ("the cpu preset's networks and steps as a one-step GAN", {"timesteps": 1}),
+    "r1_cifar": ("the cpu preset with the CIFAR-10 R1, gamma 0.02 every 15 steps (the preset before it)",
+                 CIFAR_R1),
     "wide": ("G and D at 32 base channels, 1200 steps (the earlier cpu preset)", WIDE),
     "small": ("G and D at 16 base channels, 2400 steps", {"ch": 16, "d_ch": 16, "max_steps": 2400, **OLD_LR}),
     "ttur": ("wide, with the two time-scale rule: D learns 4x faster than G", {**WIDE, "lr": 1e-4,
@@ -50,19 +53,21 @@ RUNS = {  # name: (what it changes, preset keys); the cpu preset's own values ar
                   {**FAST_D, "lr": 2e-4, "lr_d": 2e-3}),
     "batch16": ("fast_d at batch 16 for twice the steps (the same images seen)",
                 {**FAST_D, "batch_size": 16, "max_steps": 4800}),
-    "g_warmup": ("the cpu preset with G's learning rate warmed up linearly over its first 500 steps",
-                 {"g_warmup": 500}),
+    "g_warmup": ("r1_cifar with G's learning rate warmed up linearly over its first 500 steps",
+                 {"g_warmup": 500, **CIFAR_R1}),
     "batch8": ("fast_d at batch 8 for four times the steps (the same images seen)",
                {**FAST_D, "batch_size": 8, "max_steps": 9600}),
-    # a step of the cpu preset, 1 thread: 0.62 s; with D at 32 channels 0.93 s, G at 32 channels 1.16 s
-    "d32_same_time": ("the cpu preset with D at 32 base channels, for the steps of the same CPU time",
-                      {"d_ch": 32, "max_steps": 2100}),
-    "g32_same_time": ("the cpu preset with G at 32 base channels, for the steps of the same CPU time",
-                      {"ch": 32, "max_steps": 1700}),
-    "r1_church": ("the cpu preset with R1 gamma 1 every 10 steps (the official LSUN Church setting)",
+    # a step of r1_cifar, 1 thread: 0.62 s; with D at 32 channels 0.93 s, G at 32 channels 1.16 s
+    "d32_same_time": ("r1_cifar with D at 32 base channels, for the steps of the same CPU time",
+                      {"d_ch": 32, "max_steps": 2100, **CIFAR_R1}),
+    "g32_same_time": ("r1_cifar with G at 32 base channels, for the steps of the same CPU time",
+                      {"ch": 32, "max_steps": 1700, **CIFAR_R1}),
+    "r1_church": ("R1 gamma 1 every 10 steps (the official LSUN Church setting): the cpu preset now",
                   {"r1_gamma": 1.0, "lazy_reg": 10}),
-    "r1_0.2": ("the cpu preset with R1 gamma 0.2 (10x the CIFAR-10 setting), every 15 steps",
-               {"r1_gamma": 0.2}),
+    "r1_0.2": ("r1_cifar with R1 gamma 0.2 (10x the CIFAR-10 setting), every 15 steps",
+               {"r1_gamma": 0.2, "lazy_reg": 15}),
+    "r1_celeba": ("the cpu preset with R1 gamma 2 every 10 steps (the official CelebA-HQ setting)",
+                  {"r1_gamma": 2.0, "lazy_reg": 10}),
 }
 
 
