@@ -30,7 +30,8 @@ WIDE = {"ch": 32, "d_ch": 32, "max_steps": 1200, **OLD_LR}   # the cpu preset be
 FAST_D = {"lr": 1e-4, "lr_d": 1e-3, "max_steps": 2400, **CIFAR_R1}  # the preset before 'preset_2400_to3200'
 RUNS = {  # name: (what it changes, preset keys); the cpu preset's own values are in ddgan.PRESETS["cpu"]
     "preset": ("the cpu preset as it is", {}),
-    "preset_2400": ("the cpu preset at 2400 steps (--extend it --to 3200 for the preset)", FAST_D),
+    "preset_2400": ("the preset before r1_church at 2400 steps (--extend it --to 3200 for that preset)",
+                    FAST_D),
     "T1": ("the cpu preset's networks and steps as a one-step GAN", {"timesteps": 1}),
     "r1_cifar": ("the cpu preset with the CIFAR-10 R1, gamma 0.02 every 15 steps (the preset before it)",
                  CIFAR_R1),
