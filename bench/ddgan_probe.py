@@ -51,10 +51,10 @@ class NoStep(torch.optim.Adam):
 def probe_checkpoint(path, n=256):
     """D of a trained checkpoint on n held-out real pairs and n pairs made by its G (not the EMA: the G that D
     was trained against), per t: accuracy, mean logits, and the norm of grad_x D at the real pairs (R1's)."""
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+    ck = common.load_checkpoint(path, ["ddgan"])
     cfg = ck["config"]
-    G, D = ddgan.Generator(cfg).eval(), ddgan.Discriminator(cfg).eval()
-    G.load_state_dict(ck["G"]), D.load_state_dict(ck["D"])
+    G = common.load_state(ddgan.Generator(cfg), ck["G"], path).eval()
+    D = common.load_state(ddgan.Discriminator(cfg), ck["D"], path).eval()
     sched = ddgan.schedule_from(cfg, torch.device("cpu"))
     x0 = common.held_out_images("shapes", cfg["image_size"], cfg["channels"], n)
     torch.manual_seed(0)
