@@ -22,7 +22,8 @@ Losses        non-saturating: L_D = softplus(-D(real pair)) + softplus(D(fake pa
               fake pairs x_{t-1} ~ p_theta(. | x_t) for the same x_t                        (Sec. 3.2)
 R1            gamma/2 E ||grad_{x_{t-1}} D(x_{t-1}, x_t, t)||^2 on real pairs, lazily every k steps and, as in
               the official code, NOT multiplied by k (StyleGAN2's lazy R1 is)       (Sec. 3.2 / appendix);
-              official settings: gamma 0.02, k = 15 on CIFAR-10; gamma 1, k = 10 on LSUN Church (cpu preset)
+              official settings: gamma 0.02, k = 15 on CIFAR-10; gamma 1, k = 10 on LSUN Church; gamma 2,
+              k = 10 on CelebA-HQ (the cpu preset)
 Optimisation  Adam (0.5, 0.9), lr_G 1.6e-4, lr_D 1.25e-4, EMA 0.9999 of G; one D step then one G step, each
               with freshly drawn t, noise and z (appendix, official README/code)
 
@@ -59,15 +60,15 @@ PRESETS = {
                  beta_min=0.1, beta_max=20.0, r1_gamma=0.02, lazy_reg=3, batch_size=8, max_steps=20,
                  lr=1e-3, lr_d=1e-3, cosine=False, ema=0.99, log_every=5, sample_every=0, ckpt_every=10,
                  judge_steps=30),
-    # the default: 23.2 minutes on the idle 2-core CPU (on a slower day, 28.4 with R1 every 15 steps). G and D
-    # at 16 base channels (FID 23.3 against 65.2 for 32 channels and half the steps), D learning 10x faster
-    # than G (FID 12.6-14.3 against 23.3 with lr 2e-4 / lr_d 1.6e-4: D otherwise falls to chance within 100
-    # steps), 3200 steps (FID 11.4 against 12.6 at 2400), and the official LSUN Church R1, gamma 1 every 10
-    # steps (FID 14.2 / 9.7 / 8.4 / 8.1 in four runs against 11.4 / 11.2 / 11.0 / 15.8 with CIFAR-10's gamma
-    # 0.02 every 15): docs/ddgan.md
+    # the default: about 26 minutes on the idle 2-core CPU (measured: README). G and D at 16 base channels
+    # (FID 23.3 against 65.2 for 32 channels and half the steps), D learning 10x faster than G (FID 12.6-14.3
+    # against 23.3 with lr 2e-4 / lr_d 1.6e-4: D otherwise falls to chance within 100 steps), a strong R1 as
+    # in the official LSUN Church (gamma 1) and CelebA-HQ (gamma 2) settings, every 10 steps (FID 8.7 and 8.4
+    # over three seeds at 3200 steps, against 12.7 with CIFAR-10's gamma 0.02 every 15), and 3600 steps
+    # (gamma 2: 7.9 over the same seeds; gamma 1: 7.9; at 4000 steps 8.2 for both): docs/ddgan.md
     "cpu": dict(image_size=32, channels=3, ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, attn_res=[8], heads=4,
                 dropout=0.0, **G_NET, nz=100, n_mlp=3, d_ch=16, d_mult=[1, 2, 4, 4], timesteps=4,
-                beta_min=0.1, beta_max=20.0, r1_gamma=1.0, lazy_reg=10, batch_size=32, max_steps=3200,
+                beta_min=0.1, beta_max=20.0, r1_gamma=2.0, lazy_reg=10, batch_size=32, max_steps=3600,
                 lr=1e-4, lr_d=1e-3, cosine=False, ema=0.999, log_every=25, sample_every=0, ckpt_every=500),
     # CIFAR-10 (official README): NCSN++-size G (ch 128, mult 1,2,2,2, 2 blocks, attention at 16), nz 100,
     # 4-layer mapping, D_small 128-128-256-512-512, lr_G 1.6e-4, lr_D 1.25e-4 (cosine decay to 1e-5),
@@ -468,7 +469,7 @@ def main(argv=None):
                    help="denoising steps T (default 4; 1 = a one-step GAN); --train only")
     p.add_argument("--nz", type=common.positive_int, help="latent z size (default 100)")
     p.add_argument("--r1-gamma", type=common.nonneg_float,
-                   help="R1 weight gamma on real pairs (default: cpu 1, paper 0.02; 0 = off)")
+                   help="R1 weight gamma on real pairs (default: cpu 2, paper 0.02; 0 = off)")
     p.add_argument("--lazy-reg", type=common.positive_int,
                    help="apply R1 every k steps (default: cpu 10, paper 15)")
     p.add_argument("--lr-d", type=common.positive_float,

@@ -6,9 +6,9 @@ evaluated as `ddgan.py --eval --n-samples 1000` evaluates the checkpoint's own.
     python bench/ddgan_ema.py                   # the cpu preset; EMAs 0.995, 0.9995, 0.9999 beside 0.999
     python bench/ddgan_ema.py --threads 2 --decays 0.9995
     python bench/ddgan_ema.py --decays --powers 0.5 1 2 4 --seed 2
-    python bench/ddgan_ema.py --threads 2 --r1-gamma 0.02 --lazy-reg 15
-                        # other flags go to ddgan.py --train: here the preset's R1 before gamma 1, as in the
-                        # runs of docs/ddgan.md
+    python bench/ddgan_ema.py --threads 2 --r1-gamma 0.02 --lazy-reg 15 --max-steps 3200
+                        # other flags go to ddgan.py --train: here the cpu preset before r1_church (its R1 and
+                        # steps), as in the runs of docs/ddgan.md
 
 --powers: power-function EMAs (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion
 Models", its power-function EMA profile): decay (1 - 1/n)^(gamma + 1) at step n = 1, 2, ..., an average over

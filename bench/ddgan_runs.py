@@ -24,19 +24,22 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ddgan  # noqa: E402
 
-CIFAR_R1 = {"r1_gamma": 0.02, "lazy_reg": 15}      # the cpu preset's R1 before 'r1_church', kept by old runs
-OLD_LR = {"lr": 2e-4, "lr_d": 1.6e-4, **CIFAR_R1}   # the cpu preset's learning rates before 'fast_d'
-WIDE = {"ch": 32, "d_ch": 32, "max_steps": 1200, **OLD_LR}   # the cpu preset before the 'small' run
-FAST_D = {"lr": 1e-4, "lr_d": 1e-3, "max_steps": 2400, **CIFAR_R1}  # the preset before 'preset_2400_to3200'
+CIFAR_R1 = {"r1_gamma": 0.02, "lazy_reg": 15, "max_steps": 3200}   # the cpu preset before 'r1_church'
+CHURCH = {"r1_gamma": 1.0, "lazy_reg": 10, "max_steps": 3200}      # the cpu preset before 'r1_celeba' at 3600
+OLD_LR = {**CIFAR_R1, "lr": 2e-4, "lr_d": 1.6e-4}   # the cpu preset's learning rates before 'fast_d'
+WIDE = {**OLD_LR, "ch": 32, "d_ch": 32, "max_steps": 1200}   # the cpu preset before the 'small' run
+FAST_D = {**CIFAR_R1, "lr": 1e-4, "lr_d": 1e-3, "max_steps": 2400}  # the preset before 'preset_2400_to3200'
 RUNS = {  # name: (what it changes, preset keys); the cpu preset's own values are in ddgan.PRESETS["cpu"]
     "preset": ("the cpu preset as it is", {}),
     "preset_2400": ("the preset before r1_church at 2400 steps (--extend it --to 3200 for that preset)",
                     FAST_D),
-    "T1": ("the cpu preset's networks and steps as a one-step GAN", {"timesteps": 1}),
-    "r1_cifar": ("the cpu preset with the CIFAR-10 R1, gamma 0.02 every 15 steps (the preset before it)",
+    "preset_T1": ("the cpu preset as a one-step GAN (T = 1): the same networks, steps and cost per step",
+                  {"timesteps": 1}),
+    "T1": ("the r1_church preset's networks and steps as a one-step GAN", {**CHURCH, "timesteps": 1}),
+    "r1_cifar": ("the CIFAR-10 R1, gamma 0.02 every 15 steps, 3200 steps (the cpu preset before r1_church)",
                  CIFAR_R1),
     "wide": ("G and D at 32 base channels, 1200 steps (the earlier cpu preset)", WIDE),
-    "small": ("G and D at 16 base channels, 2400 steps", {"ch": 16, "d_ch": 16, "max_steps": 2400, **OLD_LR}),
+    "small": ("G and D at 16 base channels, 2400 steps", {**OLD_LR, "ch": 16, "d_ch": 16, "max_steps": 2400}),
     "ttur": ("wide, with the two time-scale rule: D learns 4x faster than G", {**WIDE, "lr": 1e-4,
                                                                                 "lr_d": 4e-4}),
     "r1": ("wide, with R1 weight 1 instead of 0.02", {**WIDE, "r1_gamma": 1.0}),
@@ -55,20 +58,19 @@ RUNS = {  # name: (what it changes, preset keys); the cpu preset's own values ar
     "batch16": ("fast_d at batch 16 for twice the steps (the same images seen)",
                 {**FAST_D, "batch_size": 16, "max_steps": 4800}),
     "g_warmup": ("r1_cifar with G's learning rate warmed up linearly over its first 500 steps",
-                 {"g_warmup": 500, **CIFAR_R1}),
+                 {**CIFAR_R1, "g_warmup": 500}),
     "batch8": ("fast_d at batch 8 for four times the steps (the same images seen)",
                {**FAST_D, "batch_size": 8, "max_steps": 9600}),
     # a step of r1_cifar, 1 thread: 0.62 s; with D at 32 channels 0.93 s, G at 32 channels 1.16 s
     "d32_same_time": ("r1_cifar with D at 32 base channels, for the steps of the same CPU time",
-                      {"d_ch": 32, "max_steps": 2100, **CIFAR_R1}),
+                      {**CIFAR_R1, "d_ch": 32, "max_steps": 2100}),
     "g32_same_time": ("r1_cifar with G at 32 base channels, for the steps of the same CPU time",
-                      {"ch": 32, "max_steps": 1700, **CIFAR_R1}),
-    "r1_church": ("R1 gamma 1 every 10 steps (the official LSUN Church setting): the cpu preset now",
-                  {"r1_gamma": 1.0, "lazy_reg": 10}),
+                      {**CIFAR_R1, "ch": 32, "max_steps": 1700}),
+    "r1_church": ("R1 gamma 1 every 10 steps (the official LSUN Church setting), 3200 steps", CHURCH),
     "r1_0.2": ("r1_cifar with R1 gamma 0.2 (10x the CIFAR-10 setting), every 15 steps",
-               {"r1_gamma": 0.2, "lazy_reg": 15}),
-    "r1_celeba": ("the cpu preset with R1 gamma 2 every 10 steps (the official CelebA-HQ setting)",
-                  {"r1_gamma": 2.0, "lazy_reg": 10}),
+               {**CIFAR_R1, "r1_gamma": 0.2}),
+    "r1_celeba": ("R1 gamma 2 every 10 steps (the official CelebA-HQ setting), 3200 steps (--extend it "
+                  "--to 3600: the cpu preset)", {**CHURCH, "r1_gamma": 2.0}),
 }
 
 
