@@ -72,7 +72,8 @@ RUNS = {  # name: (what it changes, preset keys); the cpu preset's own values ar
     "r1_celeba": ("R1 gamma 2 every 10 steps (the official CelebA-HQ setting), 3200 steps (--extend it "
                   "--to 3600: the cpu preset)", {**CHURCH, "r1_gamma": 2.0}),
     # at one thread these two took 1.13x and 1.25x the CPU time of the cpu preset (runs.jsonl); g_blocks2
-    # from seeds 0-2: FID 7.13, 9.20, 9.76 against the preset's 7.39, 8.15, 8.14 (docs/ddgan.md)
+    # from seeds 0-2: FID 7.13, 9.20, 9.76, d_ch24 6.59, 9.58, 7.08, against the preset's 7.39, 8.15, 8.14
+    # (means 8.70, 7.75, 7.89; docs/ddgan.md)
     "g_blocks2": ("the cpu preset with 2 residual blocks per level in G, as the paper's CIFAR-10 G",
                   {"num_res_blocks": 2}),
     "d_ch24": ("the cpu preset with D at 24 base channels (0.45M parameters)", {"d_ch": 24}),
