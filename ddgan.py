@@ -56,7 +56,7 @@ G_NET = dict(resblock_updown=True, skip_rescale=True)   # + z through StyleNorm,
 PRESETS = {
     # seconds, for tests
     "tiny": dict(image_size=16, channels=3, ch=16, ch_mult=[1, 2], num_res_blocks=1, attn_res=[8], heads=2,
-                 dropout=0.0, **G_NET, nz=100, n_mlp=2, d_ch=16, d_mult=[1, 2], timesteps=4,
+                 dropout=0.0, **G_NET, nz=100, z_dim=32, n_mlp=2, d_ch=16, d_mult=[1, 2], timesteps=4,
                  beta_min=0.1, beta_max=20.0, r1_gamma=0.02, lazy_reg=3, batch_size=8, max_steps=20,
                  lr=1e-3, lr_d=1e-3, cosine=False, ema=0.99, log_every=5, sample_every=0, ckpt_every=10,
                  judge_steps=30),
@@ -67,17 +67,18 @@ PRESETS = {
     # over three seeds at 3200 steps, against 12.7 with CIFAR-10's gamma 0.02 every 15), and 3600 steps
     # (gamma 2: 7.9 over the same seeds; gamma 1: 7.9; at 4000 steps 8.2 for both): docs/ddgan.md
     "cpu": dict(image_size=32, channels=3, ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, attn_res=[8], heads=4,
-                dropout=0.0, **G_NET, nz=100, n_mlp=3, d_ch=16, d_mult=[1, 2, 4, 4], timesteps=4,
+                dropout=0.0, **G_NET, nz=100, z_dim=64, n_mlp=3, d_ch=16, d_mult=[1, 2, 4, 4], timesteps=4,
                 beta_min=0.1, beta_max=20.0, r1_gamma=2.0, lazy_reg=10, batch_size=32, max_steps=3600,
                 lr=1e-4, lr_d=1e-3, cosine=False, ema=0.999, log_every=25, sample_every=0, ckpt_every=500),
     # CIFAR-10 (official README): NCSN++-size G (ch 128, mult 1,2,2,2, 2 blocks, attention at 16), nz 100,
-    # 4-layer mapping, D_small 128-128-256-512-512, lr_G 1.6e-4, lr_D 1.25e-4 (cosine decay to 1e-5),
-    # r1 gamma 0.02 every 15 steps, batch 64 per GPU (x 4 GPUs), EMA 0.9999, T = 4, 1800 epochs ~ 211K steps
+    # 4-layer mapping 256 wide (z_emb_dim), D_small 128-128-256-512-512, lr_G 1.6e-4, lr_D 1.25e-4 (cosine
+    # decay to 1e-5), r1 gamma 0.02 every 15 steps, batch 64 per GPU (x 4 GPUs), EMA 0.9999, T = 4,
+    # 1800 epochs ~ 211K steps
     "paper": dict(image_size=32, channels=3, ch=128, ch_mult=[1, 2, 2, 2], num_res_blocks=2, attn_res=[16],
-                  heads=1, dropout=0.0, **G_NET, nz=100, n_mlp=4, d_ch=128, d_mult=[1, 2, 4, 4], timesteps=4,
-                  beta_min=0.1, beta_max=20.0, r1_gamma=0.02, lazy_reg=15, batch_size=64, max_steps=211_000,
-                  lr=1.6e-4, lr_d=1.25e-4, cosine=True, ema=0.9999, flip=True, log_every=100,
-                  sample_every=10_000, ckpt_every=5000),
+                  heads=1, dropout=0.0, **G_NET, nz=100, z_dim=256, n_mlp=4, d_ch=128, d_mult=[1, 2, 4, 4],
+                  timesteps=4, beta_min=0.1, beta_max=20.0, r1_gamma=0.02, lazy_reg=15, batch_size=64,
+                  max_steps=211_000, lr=1.6e-4, lr_d=1.25e-4, cosine=True, ema=0.9999, flip=True,
+                  log_every=100, sample_every=10_000, ckpt_every=5000),
 }
 ETA_MIN = 1e-5   # the cosine decay's floor (official code)
 
@@ -260,7 +261,7 @@ class Generator(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.nz, d = cfg["nz"], cfg.get("z_dim", 4 * cfg["ch"])
+        self.nz, d = cfg["nz"], cfg.get("z_dim", 4 * cfg["ch"])   # the default: checkpoints from before z_dim
         self.unet = common.build_unet({**cfg, "scale_shift": False, "style_dim": d})
         layers = [PixelNorm(), nn.Linear(self.nz, d), nn.SiLU()]
         for _ in range(cfg.get("n_mlp", 4)):

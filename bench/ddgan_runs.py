@@ -77,6 +77,11 @@ RUNS = {  # name: (what it changes, preset keys); the cpu preset's own values ar
     "g_blocks2": ("the cpu preset with 2 residual blocks per level in G, as the paper's CIFAR-10 G",
                   {"num_res_blocks": 2}),
     "d_ch24": ("the cpu preset with D at 24 base channels (0.45M parameters)", {"d_ch": 24}),
+    # D's rate was set 10x G's (fast_d) under CIFAR-10's weak R1; with the strong R1 of the preset it may
+    # sit elsewhere
+    "lr_d5e-4": ("the cpu preset with D learning 5x faster than G: lr_d 5e-4", {"lr_d": 5e-4}),
+    "lr_d2e-3": ("the cpu preset with D learning 20x faster than G: lr_d 2e-3", {"lr_d": 2e-3}),
+    "z256": ("the cpu preset with the mapping network 256 wide, the official z_emb_dim", {"z_dim": 256}),
 }
 
 

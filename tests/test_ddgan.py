@@ -255,6 +255,11 @@ def test_z_drives_both_norms_of_every_residual_block_and_t_is_an_added_bias():
                           for b in blocks)
     # t: one bias per channel, no scale
     assert all(b.emb.out_features == b.conv1.out_channels for b in blocks)
+    # the mapping network: PixelNorm(z), nz -> z_dim, then n_mlp layers z_dim -> z_dim (official z_emb_dim)
+    d = TINY["z_dim"]
+    assert [(m.in_features, m.out_features) for m in G.mapping if isinstance(m, nn.Linear)] == \
+        [(G.nz, d)] + [(d, d)] * TINY["n_mlp"]
+    assert all(b.norm1.style.in_features == d == b.norm2.style.in_features for b in blocks)
     seen = {}
 
     def record(name):
