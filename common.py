@@ -1470,6 +1470,7 @@ def resume_config(script, args, path=None, changeable=("max_steps",)):
     than the checkpoint's is named in a warning, not dropped silently. Returns (config, checkpoint)."""
     path = path or os.path.join(args.out, "ckpt.pt")
     ck = load_checkpoint(path, [script])
+    resume_seed(args, ck)
     cfg, given = dict(ck["config"]), getattr(args, "given", {})
     for k, v in given.items():
         if k in changeable:
@@ -1478,6 +1479,16 @@ def resume_config(script, args, path=None, changeable=("max_steps",)):
             flag = "--" + k.replace("_", "-")
             warn(f"--resume continues with the checkpoint's {flag} {cfg[k]}; {flag} {v} is ignored")
     return cfg, ck
+
+
+def resume_seed(args, ck):
+    """--resume draws step k's noise and data from the checkpoint's --seed, as the run would have: a --seed
+    given with another value is named in a warning and ignored."""
+    if "seed" not in ck:
+        return
+    if getattr(args, "seed_given", False) and args.seed != ck["seed"]:
+        warn(f"--resume continues with the checkpoint's --seed {ck['seed']}; --seed {args.seed} is ignored")
+    args.seed = ck["seed"]
 
 
 def already_done(script, step, max_steps):
@@ -1770,6 +1781,8 @@ class Parser(argparse.ArgumentParser):
 
     def parse_args(self, args=None, namespace=None):
         parsed = super().parse_args(args, namespace)
+        if hasattr(parsed, "seed"):      # None: not given (--resume then keeps the checkpoint's seed)
+            parsed.seed_given, parsed.seed = parsed.seed is not None, parsed.seed or 0
         if getattr(parsed, "threads", None):
             torch.set_num_threads(parsed.threads)
         if getattr(parsed, "weights", None) and not self.weights:
@@ -1832,7 +1845,7 @@ def make_parser(script, description, presets, modes=(), gifs=False, weights=None
                    help="auto (bfloat16 autocast on CUDA, float32 elsewhere), float32, bfloat16")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (slow to start; off by default)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=int, help="random seed (default 0; with --resume, the checkpoint's)")
     p.add_argument("--threads", type=positive_int, help="CPU threads for PyTorch (default: PyTorch's "
                    "choice); --threads 1 is much faster on a CPU that other programs keep busy")
     if gifs:

@@ -236,6 +236,7 @@ def resume(args, dcfg, path):
     """--resume: the checkpoint and its settings (into args and the returned dcfg), all but --max-steps."""
     ck = common.load_checkpoint(path, ["dreambooth"])
     db = ck["dreambooth"]
+    common.resume_seed(args, ck)
     for k in SETTINGS:
         setattr(args, k, db.get(k))
     dcfg = {**dcfg, **{k: db[k] for k in ("batch_size", "lr", "weight_decay", "grad_clip")},

@@ -90,13 +90,17 @@ RUNS = {  # name: (what it changes, preset keys); the cpu preset's own values ar
                "grad_{x_t} D): gamma 2 at t = 0, 0.16 at t = 2", {"r1_snr": True}),
     # the other way, stronger at every t (from seeds 1 and 3: 11.62 and 7.46)
     "r1_g4": ("the cpu preset with R1 gamma 4 every 10 steps (2x the CelebA-HQ setting)", {"r1_gamma": 4.0}),
+    # D's rate (10x G's) from 0 up over the first 500 steps: a gentler start for the fast D
+    "d_warmup": ("the cpu preset with D's learning rate warmed up linearly over its first 500 steps",
+                 {"d_warmup": 500}),
 }
 
 
 def lr_at(step, lr, cfg, plain=ddgan.lr_at):
-    """ddgan.lr_at, with G's rate warmed up over cfg["g_warmup"] steps where a run sets it (ddgan.train asks
-    for G's rate with cfg["lr"], for D's with cfg["lr_d"]; the runs that set it keep the two apart)."""
-    warm = cfg.get("g_warmup", 0) if lr == cfg["lr"] else 0
+    """ddgan.lr_at, with G's rate warmed up over cfg["g_warmup"] steps, D's over cfg["d_warmup"], where a run
+    sets them (ddgan.train asks for G's rate with cfg["lr"], for D's with cfg["lr_d"]; they differ in every
+    run that sets one)."""
+    warm = cfg.get("g_warmup", 0) if lr == cfg["lr"] else cfg.get("d_warmup", 0)
     return plain(step, lr, cfg) * (min(1.0, (step + 1) / warm) if warm else 1.0)
 
 

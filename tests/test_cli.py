@@ -35,8 +35,11 @@ def states_equal(a, b):
 
 def test_train_resume_matches_uninterrupted_then_sample(tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    ddpm.main(["--train", "--preset", "tiny", "--max-steps", "12", "--out", full, "--n-samples", "1"])
-    run("ddpm.py", "--train", "--preset", "tiny", "--max-steps", "6", "--out", part, "--n-samples", "1")
+    # a seed other than the default: --resume without --seed continues with the checkpoint's
+    ddpm.main(["--train", "--preset", "tiny", "--max-steps", "12", "--out", full, "--n-samples", "1",
+               "--seed", "7"])
+    run("ddpm.py", "--train", "--preset", "tiny", "--max-steps", "6", "--out", part, "--n-samples", "1",
+        "--seed", "7")
     half = torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)
     assert half["step"] == 6 and half["script"] == "ddpm" and half["config"]["max_steps"] == 6
     ddpm.main(["--train", "--preset", "tiny", "--max-steps", "12", "--out", part, "--resume",
@@ -275,12 +278,13 @@ def test_resume_names_ignored_flags_and_says_when_there_is_nothing_to_do(tmp_pat
     assert "already at step 4 (--max-steps 4); nothing to train" in p.stdout
     assert not os.path.exists(os.path.join(out, "samples.png"))   # and no grid is drawn again
     p = run("ddpm.py", "--train", "--resume", "--max-steps", "6", "--lr", "0.5", "--batch-size", "3",
-            "--schedule", "cosine", "--n-samples", "1", "--out", out)
+            "--schedule", "cosine", "--seed", "9", "--n-samples", "1", "--out", out)
     for flag, kept, given in (("--lr", "0.001", "0.5"), ("--batch-size", "8", "3"),
-                              ("--schedule", "linear", "cosine")):
+                              ("--schedule", "linear", "cosine"), ("--seed", "0", "9")):
         assert f"continues with the checkpoint's {flag} {kept}; {flag} {given} is ignored" in p.stderr
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ck["step"] == 6 and ck["config"]["lr"] == 1e-3 and ck["config"]["schedule"] == "linear"
+    assert ck["seed"] == 0
 
 
 @pytest.mark.parametrize("content, fragment", [

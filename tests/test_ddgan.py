@@ -203,8 +203,11 @@ def run(*args, check=True):
 
 def test_cli_train_resume_equals_uninterrupted_then_sample(tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    ddgan.main(["--train", "--preset", "tiny", "--max-steps", "8", "--out", full, "--n-samples", "2"])
-    ddgan.main(["--train", "--preset", "tiny", "--max-steps", "4", "--out", part, "--n-samples", "2"])
+    # a seed other than the default: --resume without --seed continues with the checkpoint's
+    ddgan.main(["--train", "--preset", "tiny", "--max-steps", "8", "--out", full, "--n-samples", "2",
+                "--seed", "3"])
+    ddgan.main(["--train", "--preset", "tiny", "--max-steps", "4", "--out", part, "--n-samples", "2",
+                "--seed", "3"])
     half = torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)
     assert half["step"] == 4 and half["script"] == "ddgan"
     run("--train", "--preset", "tiny", "--max-steps", "8", "--out", part, "--resume", "--n-samples", "2")

@@ -188,7 +188,8 @@ def test_eval_runs_on_tiny(base_ckpt, tmp_path, monkeypatch):
 
 def test_resume_continues_exactly_with_the_checkpoints_settings(base_ckpt, tmp_path, capsys):
     common_args = ["--train", "--preset", "tiny", "--base", base_ckpt, "--num-class-images", "2",
-                   "--steps", "2", "--n-samples", "1", "--device", "cpu", "--identifier", "zqx"]
+                   "--steps", "2", "--n-samples", "1", "--device", "cpu", "--identifier", "zqx",
+                   "--seed", "2"]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     dreambooth.main(common_args + ["--max-steps", "4", "--out", full])
     dreambooth.main(common_args + ["--max-steps", "2", "--out", part])
@@ -198,7 +199,7 @@ def test_resume_continues_exactly_with_the_checkpoints_settings(base_ckpt, tmp_p
                      "--n-samples", "1"])
     a = torch.load(os.path.join(full, "ckpt.pt"), weights_only=True)
     b = torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)
-    assert a["step"] == b["step"] == 4 and b["dreambooth"]["identifier"] == "zqx"
+    assert a["step"] == b["step"] == 4 and b["dreambooth"]["identifier"] == "zqx" and b["seed"] == 2
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert dreambooth.main(["--train", "--resume", "--out", part]) == (None, None)
     assert "already at step 4" in capsys.readouterr().out
