@@ -72,20 +72,20 @@ RUNS = {  # name: (what it changes, preset keys); the cpu preset's own values ar
     "r1_celeba": ("R1 gamma 2 every 10 steps (the official CelebA-HQ setting), 3200 steps (--extend it "
                   "--to 3600: the cpu preset)", {**CHURCH, "r1_gamma": 2.0}),
     # at one thread these two took 1.13x and 1.25x the CPU time of the cpu preset (runs.jsonl); g_blocks2
-    # from seeds 0-2: FID 7.13, 9.20, 9.76, d_ch24 6.59, 9.58, 7.08, against the preset's 7.39, 8.15, 8.14
-    # (means 8.70, 7.75, 7.89; docs/ddgan.md)
+    # from seeds 0-2: FID 7.13, 9.20, 9.76, d_ch24 6.59, 9.58, 7.08, against the preset's 7.39, 7.65, 7.77
+    # (means 8.70, 7.75, 7.60; docs/ddgan.md)
     "g_blocks2": ("the cpu preset with 2 residual blocks per level in G, as the paper's CIFAR-10 G",
                   {"num_res_blocks": 2}),
     "d_ch24": ("the cpu preset with D at 24 base channels (0.45M parameters)", {"d_ch": 24}),
     # D's rate was set 10x G's (fast_d) under CIFAR-10's weak R1; with the strong R1 of the preset it may
-    # sit elsewhere. From seed 1: FID 14.49 (5x), 10.86 (20x), 9.78 (z256), against the preset's 8.15
+    # sit elsewhere. From seed 1: FID 14.49 (5x), 10.86 (20x), 9.78 (z256), against the preset's 7.65
     "lr_d5e-4": ("the cpu preset with D learning 5x faster than G: lr_d 5e-4", {"lr_d": 5e-4}),
     "lr_d2e-3": ("the cpu preset with D learning 20x faster than G: lr_d 2e-3", {"lr_d": 2e-3}),
     "z256": ("the cpu preset with the mapping network 256 wide, the official z_emb_dim", {"z_dim": 256}),
     # D is at chance at t = 2, 3 where x_t keeps 0.28 and 0.06 of x_0: a real-vs-fake difference there is
     # that much smaller in x_t, so the same R1 on grad_{x_t} D penalises the D that sees it 1/abar_t times
     # harder. Not the paper's: R1 in x_0's units, grad_{x_0} D = sqrt(abar_t) grad_{x_t} D
-    # (from seeds 1 and 3: FID 11.43 and 8.27, against the preset's 8.15 and 7.07)
+    # (from seeds 1 and 3: FID 11.43 and 8.27, against the preset's 7.65 and 7.07)
     "r1_snr": ("the cpu preset with R1 weighted per pair by abar_t (the penalty on grad_{x_0} D, not "
                "grad_{x_t} D): gamma 2 at t = 0, 0.16 at t = 2", {"r1_snr": True}),
     # the other way, stronger at every t (from seeds 1 and 3: 11.62 and 7.46)
