@@ -95,7 +95,8 @@ RUNS = {  # name: (what it changes, preset keys); the cpu preset's own values ar
     "d_warmup": ("the cpu preset with D's learning rate warmed up linearly over its first 500 steps",
                  {"d_warmup": 500}),
     # D tells the pairs apart at t = 0 and 1 only (the probes), where the shapes' outlines are drawn: spend
-    # 70% of the steps' pairs there instead of the paper's uniform t (not the paper's)
+    # 70% of the steps' pairs there instead of the paper's uniform t (not the paper's). From seeds 1 and 3:
+    # FID 6.76 and 11.40, against the preset's 7.65 and 7.07
     "t_late": ("the cpu preset with t drawn with probabilities 0.35, 0.35, 0.15, 0.15 (t = 0 is x_1 -> x_0)",
                {"t_probs": [0.35, 0.35, 0.15, 0.15]}),
 }
