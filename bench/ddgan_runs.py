@@ -111,11 +111,11 @@ def lr_at(step, lr, cfg, plain=ddgan.lr_at):
 
 
 ddgan.lr_at = lr_at
-LAST_T = {}   # the last pairs' t and weights abar_t: R1 runs right after the D step draws its pairs
+LAST_T = {}   # the last pairs' weights abar_t: R1 runs right after the D step draws its pairs
 
 
 def q_sample_pairs(self, x0, t, plain=ddgan.Schedule.q_sample_pairs):
-    LAST_T.update(t=t, weight=self.a_cum[t] ** 2)
+    LAST_T.update(weight=self.a_cum[t] ** 2)
     return plain(self, x0, t)
 
 
