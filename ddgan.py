@@ -65,8 +65,8 @@ PRESETS = {
     # against 23.3 with lr 2e-4 / lr_d 1.6e-4: D otherwise falls to chance within 100 steps), a strong R1 as
     # in the official LSUN Church (gamma 1) and CelebA-HQ (gamma 2) settings, every 10 steps (FID 8.7 and 8.4
     # over three seeds at 3200 steps, against 12.7 with CIFAR-10's gamma 0.02 every 15), and 3600 steps
-    # (gamma 2: 7.6 over seeds 0-2, run uninterrupted; 4000 steps did no better; 10800 steps, past the
-    # 30 minutes, gave 3.1-3.5 from seeds 0 and 3): docs/ddgan.md
+    # (gamma 2: 7.6 over seeds 0-5, run uninterrupted; 4000 steps, which still fit, did worse: 8.4 over the
+    # same seeds; 10800 steps, past the 30 minutes, gave 3.1-3.5 from seeds 0 and 3): docs/ddgan.md
     "cpu": dict(image_size=32, channels=3, ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, attn_res=[8], heads=4,
                 dropout=0.0, **G_NET, nz=100, z_dim=64, n_mlp=3, d_ch=16, d_mult=[1, 2, 4, 4], timesteps=4,
                 beta_min=0.1, beta_max=20.0, r1_gamma=2.0, lazy_reg=10, batch_size=32, max_steps=3600,
