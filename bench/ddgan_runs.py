@@ -100,7 +100,8 @@ RUNS = {  # name: (what it changes, preset keys); the cpu preset's own values ar
     "t_late": ("the cpu preset with t drawn with probabilities 0.35, 0.35, 0.15, 0.15 (t = 0 is x_1 -> x_0)",
                {"t_probs": [0.35, 0.35, 0.15, 0.15]}),
     # steps are what the preset lacks (docs/ddgan.md, "Longer training"): a G and a D that each learn twice as
-    # fast, D still 10x G, to cover more of that ground in the same 3600 steps
+    # fast, D still 10x G, to cover more of that ground in the same 3600 steps. D fell to chance: FID 17.69
+    # and 11.88 from seeds 1 and 3, against the preset's 7.65 and 7.07
     "rates_x2": ("the cpu preset with both rates doubled: lr 2e-4, lr_d 2e-3", {"lr": 2e-4, "lr_d": 2e-3}),
 }
 
