@@ -11,6 +11,8 @@ the real and the fake pairs of each t (the fraction of real pairs with D > 0 and
                                                               # conv zero-initialised, Adam eps of G
     python bench/ddgan_probe.py --ckpt out/ddgan/ckpt.pt      # a trained checkpoint's D and G, per t:
                                                               # accuracy, mean logits, ||grad_x D|| on real
+    python bench/ddgan_probe.py --ckpt CKPT --latent          # how much x_0' = G(x_{t+1}, t, z) moves with
+                                                              # z, against with x_{t+1}, per t
 """
 import argparse
 import json
@@ -71,6 +73,38 @@ def probe_checkpoint(path, n=256):
               f"||grad_x D(real)|| {grad.flatten(1).norm(dim=1).mean():.3f}")
 
 
+@torch.no_grad()
+def probe_latent(path, n=256):
+    """How much G's x_0' depends on its latent z, against how much on x_{t+1}, per t, for the EMA and G: the
+    mean squared change of x_0' = G(x_{t+1}, t, z) when z is drawn again, and when x_{t+1} is another image's
+    (the same z). A G that ignores z is a deterministic x_0 predictor, and each step a Gaussian posterior."""
+    ck = common.load_checkpoint(path, ["ddgan"])
+    cfg = ck["config"]
+    sched = ddgan.schedule_from(cfg, torch.device("cpu"))
+    x0 = common.held_out_images("shapes", cfg["image_size"], cfg["channels"], n)
+    for key in ("ema", "G"):
+        G = common.load_state(ddgan.Generator(cfg), ck[key], path).eval()
+        torch.manual_seed(0)
+        for i in range(cfg["timesteps"]):
+            t = torch.full((n,), i)
+            _, x_t1 = sched.q_sample_pairs(x0, t)
+            z = torch.randn(n, cfg["nz"])
+            x0_pred = G(x_t1, t, z)
+            by_z = (G(x_t1, t, torch.randn(n, cfg["nz"])) - x0_pred).square().mean()
+            by_x = (G(x_t1.roll(1, 0), t, z) - x0_pred).square().mean()
+            print(f"{key:3s} t = {i}: x_0' moves by {by_z:.5f} with a new z, "
+                  f"{by_x:.5f} with another x_{{t+1}}")
+    D = common.load_state(ddgan.Discriminator(cfg), ck["D"], path).eval()
+    for i in range(cfg["timesteps"]):   # what D tells G (the G it trains against) at each t: 32 pairs
+        t = torch.full((32,), i)
+        _, x_t1 = sched.q_sample_pairs(x0[:32], t)
+        with torch.enable_grad():
+            x_fake = sched.sample_posterior(G(x_t1, t, torch.randn(32, cfg["nz"])), x_t1, t)
+            grads = torch.autograd.grad(ddgan.generator_loss(D(x_fake, x_t1, t)), list(G.parameters()))
+        norm = torch.cat([g.flatten() for g in grads]).norm()
+        print(f"t = {i}: ||grad of G's loss in G's weights|| {norm:.3f}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--set", default="{}", help="cpu preset keys to change, as JSON")
@@ -82,10 +116,11 @@ def main():
     p.add_argument("--g-eps", type=float, default=1e-8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ckpt", help="probe this trained ddgan.py checkpoint instead of training")
+    p.add_argument("--latent", action="store_true", help="with --ckpt: how much G's output depends on z")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.ckpt:
-        return probe_checkpoint(args.ckpt)
+        return probe_latent(args.ckpt) if args.latent else probe_checkpoint(args.ckpt)
     cfg = {**ddgan.PRESETS["cpu"], **json.loads(args.set)}
     torch.manual_seed(0)
     sched = ddgan.Schedule(cfg["timesteps"], device="cpu")
