@@ -169,6 +169,17 @@ def r1_penalty(d_real, x_real, gamma):
     return gamma / 2 * g.float().square().flatten(1).sum(1).mean()
 
 
+def diversity(x0_pred, z, tau):
+    """Not DDGAN's: the diversity-sensitive term of DSGAN (Yang et al., ICLR 2019, Sec. 3),
+    E min(|x_0'(z_1) - x_0'(z_2)|_1 / |z_1 - z_2|_1, tau), over the pairs (i, i + B/2) of a G step whose
+    halves share x_{t+1} and t. G maximises it: without it G here ignores z (docs/ddgan.md), and each step
+    falls back to the Gaussian posterior around one x_0' that Sec. 3.1 argues cannot take large steps.
+    tau (default 0.1) is about the ratio that two random images of the shapes data give."""
+    h = z.shape[0] // 2
+    ratio = (x0_pred[:h] - x0_pred[h:]).abs().mean((1, 2, 3)) / (z[:h] - z[h:]).abs().mean(1)
+    return ratio.clamp(max=tau).mean()
+
+
 def average_gradients(module, world):
     """DDP by hand (one all-reduce of the flattened gradients): robust with R1's double backward."""
     if world <= 1:
@@ -209,15 +220,19 @@ def train_step(G, D, opt_g, opt_d, sched, x0, cfg, step, amp=None, world=1):
     opt_d.step()
     # G: make D call x'_t ~ p_theta(x_t | x_{t+1}) real; D frozen
     D.requires_grad_(False)
-    t = torch.randint(0, sched.T, (B,), device=dev)
-    _, x_t1 = sched.q_sample_pairs(x0, t)
+    lam = cfg.get("ds_lambda", 0.0)
+    n = B // 2 if lam else B          # with the diversity term, pairs i and i + B/2 share t and x_{t+1}
+    t = torch.randint(0, sched.T, (n,), device=dev)
+    _, x_t1 = sched.q_sample_pairs(x0[:n], t)
+    t, x_t1 = (t.repeat(2), x_t1.repeat(2, 1, 1, 1)) if lam else (t, x_t1)
+    z = torch.randn(t.shape[0], cfg["nz"], device=dev)
     with amp:
-        x0_pred = G(x_t1, t, torch.randn(B, cfg["nz"], device=dev))
+        x0_pred = G(x_t1, t, z)
     x_fake = sched.sample_posterior(x0_pred.float(), x_t1, t)
     with amp:
         loss_g = generator_loss(D(x_fake, x_t1, t))
     opt_g.zero_grad(set_to_none=True)
-    loss_g.backward()
+    (loss_g - lam * diversity(x0_pred.float(), z, cfg.get("ds_tau", 0.1)) if lam else loss_g).backward()
     average_gradients(G, world)
     opt_g.step()
     D.requires_grad_(True)
@@ -476,8 +491,11 @@ def main(argv=None):
                    help="apply R1 every k steps (default: cpu 10, paper 15)")
     p.add_argument("--lr-d", type=common.positive_float,
                    help="discriminator learning rate (--lr is the generator's)")
+    p.add_argument("--ds-lambda", type=common.nonneg_float,
+                   help="weight of DSGAN's diversity term in G's loss (not the paper's; default 0 = off)")
     args = p.parse_args(argv)
-    cfg = common.make_config(args, PRESETS, keys=("timesteps", "nz", "r1_gamma", "lazy_reg", "lr_d"))
+    cfg = common.make_config(args, PRESETS, keys=("timesteps", "nz", "r1_gamma", "lazy_reg", "lr_d",
+                                                  "ds_lambda"))
     return common.run(args, lambda: train(args, cfg), sample_images, evaluate)
 
 

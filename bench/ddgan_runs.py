@@ -103,7 +103,7 @@ RUNS = {  # name: (what it changes, preset keys); the cpu preset's own values ar
     # fast, D still 10x G, to cover more of that ground in the same 3600 steps. D fell to chance: FID 17.69
     # and 11.88 from seeds 1 and 3, against the preset's 7.65 and 7.07
     "rates_x2": ("the cpu preset with both rates doubled: lr 2e-4, lr_d 2e-3", {"lr": 2e-4, "lr_d": 2e-3}),
-    # G ignores z (docs/ddgan.md, "G ignores its latent"): a diversity-sensitive term (DSGAN, not DDGAN's)
+    # G ignores z (docs/ddgan.md, "G ignores its latent z"): ddgan.diversity, DSGAN's term (not DDGAN's),
     # asks G for different x_0' from different z at the same x_{t+1}
     "ds1": ("the cpu preset with a diversity-sensitive term in G's loss, lambda 1, tau 0.1",
             {"ds_lambda": 1.0, "ds_tau": 0.1}),
@@ -159,42 +159,7 @@ def train_step(G, D, opt_g, opt_d, sched, x0, cfg, *rest, plain=ddgan.train_step
         torch.randint = uniform
 
 
-def train_step_ds(G, D, opt_g, opt_d, sched, x0, cfg, step, amp=None, world=1, plain=train_step):
-    """ddgan.train_step with a diversity-sensitive term in G's step where a run sets cfg["ds_lambda"]
-    (Yang et al. 2019, DSGAN; not DDGAN's): G's pairs come two by two with the same x_{t+1} and t and their
-    own z, and G also maximises lambda E min(|x_0'(z1) - x_0'(z2)|_1 / |z1 - z2|_1, tau). The D step is
-    ddgan's, line for line."""
-    if not cfg.get("ds_lambda"):
-        return plain(G, D, opt_g, opt_d, sched, x0, cfg, step, amp, world)
-    B, h, nz = x0.shape[0], x0.shape[0] // 2, cfg["nz"]
-    D.requires_grad_(True)
-    t = torch.randint(0, sched.T, (B,))
-    x_t, x_t1 = sched.q_sample_pairs(x0, t)
-    reg = cfg["r1_gamma"] > 0 and step % cfg["lazy_reg"] == 0
-    x_t.requires_grad_(reg)
-    d_real = D(x_t, x_t1, t)
-    with torch.no_grad():
-        x_fake = sched.sample_posterior(G(x_t1, t, torch.randn(B, nz)), x_t1, t)
-    loss_d = ddgan.discriminator_loss(d_real, D(x_fake, x_t1, t))
-    r1 = ddgan.r1_penalty(d_real, x_t, cfg["r1_gamma"]) if reg else torch.zeros(())
-    opt_d.zero_grad(set_to_none=True)
-    (loss_d + r1).backward()
-    opt_d.step()
-    D.requires_grad_(False)
-    t = torch.randint(0, sched.T, (h,)).repeat(2)            # (B,): pair i and i + h share t and x_{t+1}
-    _, x_t1 = sched.q_sample_pairs(x0[:h], t[:h])
-    x_t1, z = x_t1.repeat(2, 1, 1, 1), torch.randn(B, nz)
-    x0_pred = G(x_t1, t, z)
-    loss_g = ddgan.generator_loss(D(sched.sample_posterior(x0_pred, x_t1, t), x_t1, t))
-    ratio = (x0_pred[:h] - x0_pred[h:]).abs().mean((1, 2, 3)) / (z[:h] - z[h:]).abs().mean(1)
-    opt_g.zero_grad(set_to_none=True)
-    (loss_g - cfg["ds_lambda"] * ratio.clamp(max=cfg["ds_tau"]).mean()).backward()
-    opt_g.step()
-    D.requires_grad_(True)
-    return loss_d.detach(), loss_g.detach(), r1.detach()
-
-
-ddgan.train_step = train_step_ds
+ddgan.train_step = train_step
 
 
 def record(row):

@@ -285,3 +285,44 @@ def test_z_drives_both_norms_of_every_residual_block_and_t_is_an_added_bias():
     z = torch.randn(2, G.nz)
     with torch.no_grad():
         assert not torch.allclose(G(x, t, z), G(x, t + 1, z))
+
+
+def test_diversity_term_is_dsgan_ratio_on_pairs_that_share_x_t_and_t():
+    # known answer: pair 0 differs by 0.05 per pixel with |z1 - z2| = 1, pair 1 by 0.5 with 2: ratios 0.05
+    # and 0.25, the second capped at tau = 0.1
+    x0_pred = torch.zeros(4, 3, 8, 8)
+    x0_pred[2], x0_pred[3] = 0.05, -0.5
+    z = torch.zeros(4, 100)
+    z[2], z[3] = 1.0, -2.0
+    assert ddgan.diversity(x0_pred, z, tau=0.1).item() == pytest.approx((0.05 + 0.1) / 2)
+    assert ddgan.diversity(torch.ones(4, 3, 8, 8), torch.randn(4, 100), tau=0.1) == 0   # ignores z: 0
+    # in a training step, G's pairs (i, i + B/2) share x_{t+1} and t and differ in z; without the term, not
+    torch.manual_seed(0)
+    sched, x = ddgan.schedule_from(TINY, "cpu"), torch.rand(8, 3, 16, 16) * 2 - 1
+    for lam in (1.0, 0.0):
+        cfg = {**TINY, "ds_lambda": lam}
+        G, D = ddgan.Generator(cfg), ddgan.Discriminator(cfg)
+        calls = []
+        G.register_forward_hook(lambda m, a, o: calls.append(a) if torch.is_grad_enabled() else None)
+        ddgan.train_step(G, D, torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters()), sched, x,
+                         cfg, 1)
+        (x_t1, t, z), = calls
+        assert torch.equal(x_t1[:4], x_t1[4:]) == torch.equal(t[:4], t[4:]) == (lam > 0)
+        assert not torch.equal(z[:4], z[4:])
+
+
+def test_diversity_term_makes_g_use_z():
+    """Trained with the term, G's x_0' moves with z; trained without it for the same steps, G barely does."""
+    sched, data = ddgan.schedule_from(TINY, "cpu"), common.load_data("shapes", 16, 3)
+    moved = {}
+    for lam in (0.0, 1.0):
+        cfg = {**TINY, "ds_lambda": lam}
+        torch.manual_seed(0)
+        G, D = ddgan.Generator(cfg), ddgan.Discriminator(cfg)
+        opt_g, opt_d = torch.optim.Adam(G.parameters(), 1e-3), torch.optim.Adam(D.parameters(), 1e-3)
+        for step, (x, _, _) in zip(range(30), common.batches(data, 8, 0)):
+            ddgan.train_step(G, D, opt_g, opt_d, sched, x, cfg, step)
+        with torch.no_grad():
+            t, x_t1 = torch.full((64,), 3), torch.randn(64, 3, 16, 16)
+            moved[lam] = (G(x_t1, t, torch.randn(64, 100)) - G(x_t1, t, torch.randn(64, 100))).square().mean()
+    assert moved[1.0] > 10 * moved[0.0]
