@@ -95,14 +95,18 @@ def probe_latent(path, n=256):
             print(f"{key:3s} t = {i}: x_0' moves by {by_z:.5f} with a new z, "
                   f"{by_x:.5f} with another x_{{t+1}}")
     D = common.load_state(ddgan.Discriminator(cfg), ck["D"], path).eval()
-    for i in range(cfg["timesteps"]):   # what D tells G (the G it trains against) at each t: 32 pairs
-        t = torch.full((32,), i)
-        _, x_t1 = sched.q_sample_pairs(x0[:32], t)
+    for i in range(cfg["timesteps"]):   # what D tells G (the G it trains against) at each t, and what
+        t = torch.full((32,), i)          # DSGAN's term would (ddgan.diversity): 16 x_{t+1}, two z each
+        _, x_t1 = sched.q_sample_pairs(x0[:16], t[:16])
+        x_t1, z = x_t1.repeat(2, 1, 1, 1), torch.randn(32, cfg["nz"])
         with torch.enable_grad():
-            x_fake = sched.sample_posterior(G(x_t1, t, torch.randn(32, cfg["nz"])), x_t1, t)
-            grads = torch.autograd.grad(ddgan.generator_loss(D(x_fake, x_t1, t)), list(G.parameters()))
-        norm = torch.cat([g.flatten() for g in grads]).norm()
-        print(f"t = {i}: ||grad of G's loss in G's weights|| {norm:.3f}")
+            x0_pred = G(x_t1, t, z)
+            loss = ddgan.generator_loss(D(sched.sample_posterior(x0_pred, x_t1, t), x_t1, t))
+            norms = [torch.cat([g.flatten() for g in torch.autograd.grad(f, list(G.parameters()),
+                                                                        retain_graph=True)]).norm()
+                     for f in (loss, ddgan.diversity(x0_pred, z, 0.1))]
+        print(f"t = {i}: in G's weights, ||grad of G's GAN loss|| {norms[0]:.3f}, "
+              f"of the diversity term {norms[1]:.3f}")
 
 
 def main():
