@@ -26,6 +26,9 @@ R1            gamma/2 E ||grad_{x_{t-1}} D(x_{t-1}, x_t, t)||^2 on real pairs, l
               k = 10 on CelebA-HQ (the cpu preset)
 Optimisation  Adam (0.5, 0.9), lr_G 1.6e-4, lr_D 1.25e-4, EMA 0.9999 of G; one D step then one G step, each
               with freshly drawn t, noise and z (appendix, official README/code)
+Diversity     not the paper's, off unless --ds-lambda L > 0: G also maximises
+              L E min(|x_0'(z_1) - x_0'(z_2)|_1 / |z_1 - z_2|_1, tau) over pairs that share x_t and t (DSGAN,
+              Yang et al. 2019): without it, G here learns to ignore z (docs/ddgan.md)
 
 Indexing: 0-based as in the official code. A pair index t in 0..T-1 is the paper's step t+1: the pair is
 (x_t, x_{t+1}), G(x_{t+1}, z, t) predicts x_0, and the posterior draws x_t. With T = 1 this is a one-step GAN

@@ -244,7 +244,8 @@ def test_compile_trains_the_compiled_generator_and_saves_plain_names(tmp_path, c
 
 @pytest.mark.parametrize("flags,words",
                          [(["--timesteps", "0"], "--timesteps"), (["--lazy-reg", "0"], "--lazy-reg"),
-                                         (["--r1-gamma", "-1"], "--r1-gamma"), (["--lr-d", "0"], "--lr-d")])
+                                         (["--r1-gamma", "-1"], "--r1-gamma"), (["--lr-d", "0"], "--lr-d"),
+                                         (["--ds-lambda", "-1"], "--ds-lambda")])
 def test_bad_flags_are_one_line_user_errors(flags, words):
     with pytest.raises(common.UserError, match=words):
         ddgan.main(["--train", "--preset", "tiny", *flags])
@@ -326,3 +327,11 @@ def test_diversity_term_makes_g_use_z():
             t, x_t1 = torch.full((64,), 3), torch.randn(64, 3, 16, 16)
             moved[lam] = (G(x_t1, t, torch.randn(64, 100)) - G(x_t1, t, torch.randn(64, 100))).square().mean()
     assert moved[1.0] > 10 * moved[0.0]
+
+
+def test_ds_lambda_flag_trains_and_is_kept_in_the_checkpoint(tmp_path):
+    out = str(tmp_path / "ds")
+    ddgan.main(["--train", "--preset", "tiny", "--max-steps", "2", "--ds-lambda", "0.5", "--out", out,
+                "--n-samples", "1", "--threads", "1"])
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ck["config"]["ds_lambda"] == 0.5 and ck["step"] == 2
