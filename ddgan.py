@@ -173,7 +173,7 @@ def r1_penalty(d_real, x_real, gamma):
 
 
 def diversity(x0_pred, z, tau):
-    """Not DDGAN's: the diversity-sensitive term of DSGAN (Yang et al., ICLR 2019, Sec. 3),
+    """Not DDGAN's: the diversity-sensitive term of DSGAN (Yang et al., ICLR 2019),
     E min(|x_0'(z_1) - x_0'(z_2)|_1 / |z_1 - z_2|_1, tau), over the pairs (i, i + B/2) of a G step whose
     halves share x_{t+1} and t. G maximises it: without it G here ignores z (docs/ddgan.md), and each step
     falls back to the Gaussian posterior around one x_0' that Sec. 3.1 argues cannot take large steps.
@@ -376,6 +376,8 @@ def train(args, cfg):
     if args.steps is not None and args.steps != cfg["timesteps"]:
         raise common.UserError(f"--steps {args.steps}: DDGAN samples in exactly its T = {cfg['timesteps']} "
                                "steps; set T with --timesteps")
+    if cfg.get("ds_lambda") and cfg["batch_size"] < 2:
+        raise common.UserError(f"--ds-lambda needs pairs: --batch-size {cfg['batch_size']} is below 2")
     run = common.start_training("ddgan", args, cfg)
     cfg, device = run.cfg, run.device
     sched = schedule_from(cfg, device)

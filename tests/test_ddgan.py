@@ -245,7 +245,8 @@ def test_compile_trains_the_compiled_generator_and_saves_plain_names(tmp_path, c
 @pytest.mark.parametrize("flags,words",
                          [(["--timesteps", "0"], "--timesteps"), (["--lazy-reg", "0"], "--lazy-reg"),
                                          (["--r1-gamma", "-1"], "--r1-gamma"), (["--lr-d", "0"], "--lr-d"),
-                                         (["--ds-lambda", "-1"], "--ds-lambda")])
+                                         (["--ds-lambda", "-1"], "--ds-lambda"),
+                                         (["--ds-lambda", "1", "--batch-size", "1"], "needs pairs")])
 def test_bad_flags_are_one_line_user_errors(flags, words):
     with pytest.raises(common.UserError, match=words):
         ddgan.main(["--train", "--preset", "tiny", *flags])
