@@ -24,6 +24,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ddgan  # noqa: E402
 
+RUNS_DIR = os.path.join("out", "ddgan_runs")   # each run's folder, and runs.jsonl
+
 CIFAR_R1 = {"r1_gamma": 0.02, "lazy_reg": 15, "max_steps": 3200}   # the cpu preset before 'r1_church'
 CHURCH = {"r1_gamma": 1.0, "lazy_reg": 10, "max_steps": 3200}      # the cpu preset before 'r1_celeba' at 3600
 OLD_LR = {**CIFAR_R1, "lr": 2e-4, "lr_d": 1.6e-4}   # the cpu preset's learning rates before 'fast_d'
@@ -126,7 +128,6 @@ def lr_at(step, lr, cfg, plain=ddgan.lr_at):
 
 
 ddgan.lr_at = lr_at
-RUNS_DIR = os.path.join("out", "ddgan_runs")
 LAST_T = {}   # the last pairs' weights abar_t: R1 runs right after the D step draws its pairs
 
 
@@ -165,7 +166,7 @@ ddgan.train_step = train_step
 
 def record(row):
     """One JSON line in out/ddgan_runs/runs.jsonl, and on stdout."""
-    with open(os.path.join("out", "ddgan_runs", "runs.jsonl"), "a") as f:
+    with open(os.path.join(RUNS_DIR, "runs.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row))
 
@@ -174,7 +175,7 @@ def run(name, threads, seed=0):
     what, changes = RUNS[name]
     if seed:    # the same run from another seed: out/ddgan_runs/<RUN>_seed<S>/
         name, what = f"{name}_seed{seed}", f"{what}, --seed {seed}"
-    out = os.path.join("out", "ddgan_runs", name)
+    out = os.path.join(RUNS_DIR, name)
     ddgan.PRESETS["cpu"] = {**ddgan.PRESETS["cpu"], **changes}
     flags = ["--out", out, "--seed", str(seed)] + (["--threads", str(threads)] if threads else [])
     t0, c0 = time.time(), time.process_time()
@@ -188,7 +189,7 @@ def run(name, threads, seed=0):
 def extend(name, steps, threads):
     """RUN's checkpoint, copied to out/ddgan_runs/<RUN>_to<steps>/ and trained on to `steps` with --resume
     (exactly what a run of `steps` would have done, at the same thread count), then evaluated."""
-    src, out = os.path.join("out", "ddgan_runs", name), os.path.join("out", "ddgan_runs", f"{name}_to{steps}")
+    src, out = os.path.join(RUNS_DIR, name), os.path.join(RUNS_DIR, f"{name}_to{steps}")
     os.makedirs(out, exist_ok=True)
     shutil.copy(os.path.join(src, "ckpt.pt"), os.path.join(out, "ckpt.pt"))
     flags = ["--out", out] + (["--threads", str(threads)] if threads else [])
@@ -202,8 +203,8 @@ def extend(name, steps, threads):
 
 def raw(name, threads):
     """--eval of RUN's generator G itself, not its EMA: a copy of the checkpoint with G in the EMA's place."""
-    ck = torch.load(os.path.join("out", "ddgan_runs", name, "ckpt.pt"), weights_only=True)
-    out = os.path.join("out", "ddgan_runs", f"{name}_raw")
+    ck = torch.load(os.path.join(RUNS_DIR, name, "ckpt.pt"), weights_only=True)
+    out = os.path.join(RUNS_DIR, f"{name}_raw")
     os.makedirs(out, exist_ok=True)
     torch.save({**ck, "ema": ck["G"]}, os.path.join(out, "ckpt.pt"))
     res = ddgan.main(["--eval", "--n-samples", "1000", "--out", out]
