@@ -49,16 +49,26 @@ class NoStep(torch.optim.Adam):
         return None
 
 
+def load(path, n):
+    """A checkpoint's config, its schedule, n held-out shapes, and net(key): its "G", "ema" or "D", in eval
+    mode."""
+    ck = common.load_checkpoint(path, ["ddgan"])
+    cfg = ck["config"]
+
+    def net(key):
+        return common.load_state((ddgan.Discriminator if key == "D" else ddgan.Generator)(cfg), ck[key],
+                                 path).eval()
+
+    x0 = common.held_out_images("shapes", cfg["image_size"], cfg["channels"], n)
+    return cfg, ddgan.schedule_from(cfg, torch.device("cpu")), x0, net
+
+
 @torch.no_grad()
 def probe_checkpoint(path, n=256):
     """D of a trained checkpoint on n held-out real pairs and n pairs made by its G (not the EMA: the G that D
     was trained against), per t: accuracy, mean logits, and the norm of grad_x D at the real pairs (R1's)."""
-    ck = common.load_checkpoint(path, ["ddgan"])
-    cfg = ck["config"]
-    G = common.load_state(ddgan.Generator(cfg), ck["G"], path).eval()
-    D = common.load_state(ddgan.Discriminator(cfg), ck["D"], path).eval()
-    sched = ddgan.schedule_from(cfg, torch.device("cpu"))
-    x0 = common.held_out_images("shapes", cfg["image_size"], cfg["channels"], n)
+    cfg, sched, x0, net = load(path, n)
+    G, D = net("G"), net("D")
     torch.manual_seed(0)
     for i in range(cfg["timesteps"]):
         t = torch.full((n,), i)
@@ -78,12 +88,9 @@ def probe_latent(path, n=256):
     """How much G's x_0' depends on its latent z, against how much on x_{t+1}, per t, for the EMA and G: the
     mean squared change of x_0' = G(x_{t+1}, t, z) when z is drawn again, and when x_{t+1} is another image's
     (the same z). A G that ignores z is a deterministic x_0 predictor, and each step a Gaussian posterior."""
-    ck = common.load_checkpoint(path, ["ddgan"])
-    cfg = ck["config"]
-    sched = ddgan.schedule_from(cfg, torch.device("cpu"))
-    x0 = common.held_out_images("shapes", cfg["image_size"], cfg["channels"], n)
-    for key in ("ema", "G"):
-        G = common.load_state(ddgan.Generator(cfg), ck[key], path).eval()
+    cfg, sched, x0, net = load(path, n)
+    gens = {key: net(key) for key in ("ema", "G")}
+    for key, G in gens.items():
         torch.manual_seed(0)
         for i in range(cfg["timesteps"]):
             t = torch.full((n,), i)
@@ -94,7 +101,7 @@ def probe_latent(path, n=256):
             by_x = (G(x_t1.roll(1, 0), t, z) - x0_pred).square().mean()
             print(f"{key:3s} t = {i}: x_0' moves by {by_z:.5f} with a new z, "
                   f"{by_x:.5f} with another x_{{t+1}}")
-    D = common.load_state(ddgan.Discriminator(cfg), ck["D"], path).eval()
+    G, D = gens["G"], net("D")
     for i in range(cfg["timesteps"]):   # what D tells G (the G it trains against) at each t, and what
         t = torch.full((32,), i)          # DSGAN's term would (ddgan.diversity): 16 x_{t+1}, two z each
         _, x_t1 = sched.q_sample_pairs(x0[:16], t[:16])
