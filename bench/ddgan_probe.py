@@ -13,6 +13,8 @@ the real and the fake pairs of each t (the fraction of real pairs with D > 0 and
                                                               # accuracy, mean logits, ||grad_x D|| on real
     python bench/ddgan_probe.py --ckpt CKPT --latent          # how much x_0' = G(x_{t+1}, t, z) moves with
                                                               # z, against with x_{t+1}, per t
+    python bench/ddgan_probe.py --heads CKPT [CKPT ...]       # the judge's confidence per head (shape,
+                                                              # color, size, position) on their samples
 """
 import argparse
 import json
@@ -116,6 +118,29 @@ def probe_latent(path, n=256):
               f"of the diversity term {norms[1]:.3f}")
 
 
+@torch.no_grad()
+def probe_heads(paths, n=1000):
+    """Which of the judge's heads the samples fail: per head (shape, color, size, position), the fraction of n
+    samples of each checkpoint's EMA (seed 0) that the judge puts in one class with p > 0.9, and the shares of
+    the classes it predicts, beside the same for n held-out images (--eval's `confident`: all four heads)."""
+    judge = common.get_judge("shapes", 32, 3, "cpu")
+    rows = [("held-out data", common.held_out_images("shapes", 32, 3, n))]
+    for path in paths:
+        G, sched, ck = ddgan.load(path, "cpu")
+        torch.manual_seed(0)
+        shape = (ck["config"]["channels"], ck["config"]["image_size"], ck["config"]["image_size"])
+        rows.append((path, ddgan.sample(G, sched, n, shape, "cpu")[0]))
+    for name, x in rows:
+        probs = {k: v.softmax(1) for k, v in judge(x).items()}
+        sure = {k: (p.amax(1) > 0.9).float().mean().item() for k, p in probs.items()}
+        every = torch.stack([p.amax(1) for p in probs.values()]).amin(0).gt(0.9).float().mean()
+        print(f"{name}: confident on every head {every:.3f}; per head "
+              + ", ".join(f"{k} {v:.2f}" for k, v in sure.items()))
+        for k, p in probs.items():
+            share = torch.bincount(p.argmax(1), minlength=len(judge.classes[k])) / len(x)
+            print(f"    {k}: " + ", ".join(f"{c} {s:.2f}" for c, s in zip(judge.classes[k], share.tolist())))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--set", default="{}", help="cpu preset keys to change, as JSON")
@@ -128,8 +153,12 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ckpt", help="probe this trained ddgan.py checkpoint instead of training")
     p.add_argument("--latent", action="store_true", help="with --ckpt: how much G's output depends on z")
+    p.add_argument("--heads", nargs="+", metavar="CKPT", help="the judge's confidence per head on these "
+                   "checkpoints' samples")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.heads:
+        return probe_heads(args.heads)
     if args.ckpt:
         return probe_latent(args.ckpt) if args.latent else probe_checkpoint(args.ckpt)
     cfg = {**ddgan.PRESETS["cpu"], **json.loads(args.set)}

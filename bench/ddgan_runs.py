@@ -107,7 +107,8 @@ RUNS = {  # name: (what it changes, preset keys); the cpu preset's own values ar
     "rates_x2": ("the cpu preset with both rates doubled: lr 2e-4, lr_d 2e-3", {"lr": 2e-4, "lr_d": 2e-3}),
     # G ignores z (docs/ddgan.md, "G ignores its latent z"): ddgan.diversity, DSGAN's term (not DDGAN's),
     # asks G for different x_0' from different z at the same x_{t+1}. G then uses z; FID from seeds 3, 1, 5:
-    # 6.39, 8.01, 8.53 at L = 1 (the preset's 7.07, 7.65, 7.26), 7.65 at L = 10 (seed 3)
+    # 6.39, 8.01, 8.53 at L = 1 (the preset's 7.07, 7.65, 7.26), 7.65 at L = 10 (seed 3); L = 1 from seed 3
+    # trained on to 7200 steps (--extend ds1_seed3 --to 7200): 6.02, against the preset's 4.40
     "ds1": ("the cpu preset with a diversity-sensitive term in G's loss, lambda 1, tau 0.1",
             {"ds_lambda": 1.0, "ds_tau": 0.1}),
     "ds10": ("the cpu preset with a diversity-sensitive term in G's loss, lambda 10, tau 0.1",
