@@ -224,18 +224,20 @@ def train_step(G, D, opt_g, opt_d, sched, x0, cfg, step, amp=None, world=1):
     # G: make D call x'_t ~ p_theta(x_t | x_{t+1}) real; D frozen
     D.requires_grad_(False)
     lam = cfg.get("ds_lambda", 0.0)
-    n = B // 2 if lam else B          # with the diversity term, pairs i and i + B/2 share t and x_{t+1}
+    n = B // 2 if lam else B
     t = torch.randint(0, sched.T, (n,), device=dev)
     _, x_t1 = sched.q_sample_pairs(x0[:n], t)
-    t, x_t1 = (t.repeat(2), x_t1.repeat(2, 1, 1, 1)) if lam else (t, x_t1)
+    if lam:   # the diversity term's pairs: i and i + B/2 share t and x_{t+1}, and differ in z
+        t, x_t1 = t.repeat(2), x_t1.repeat(2, 1, 1, 1)
     z = torch.randn(t.shape[0], cfg["nz"], device=dev)
     with amp:
         x0_pred = G(x_t1, t, z)
     x_fake = sched.sample_posterior(x0_pred.float(), x_t1, t)
     with amp:
         loss_g = generator_loss(D(x_fake, x_t1, t))
+    loss = loss_g - lam * diversity(x0_pred.float(), z, cfg.get("ds_tau", 0.1)) if lam else loss_g
     opt_g.zero_grad(set_to_none=True)
-    (loss_g - lam * diversity(x0_pred.float(), z, cfg.get("ds_tau", 0.1)) if lam else loss_g).backward()
+    loss.backward()
     average_gradients(G, world)
     opt_g.step()
     D.requires_grad_(True)
