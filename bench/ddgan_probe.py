@@ -133,8 +133,7 @@ def probe_heads(paths, n=1000):
     for name, x in rows:
         probs = {k: v.softmax(1) for k, v in judge(x).items()}
         sure = {k: (p.amax(1) > 0.9).float().mean().item() for k, p in probs.items()}
-        every = torch.stack([p.amax(1) for p in probs.values()]).amin(0).gt(0.9).float().mean()
-        print(f"{name}: confident on every head {every:.3f}; per head "
+        print(f"{name}: confident on every head {common.judge_confident(judge, x):.3f}; per head "
               + ", ".join(f"{k} {v:.2f}" for k, v in sure.items()))
         for k, p in probs.items():
             share = torch.bincount(p.argmax(1), minlength=len(judge.classes[k])) / len(x)
