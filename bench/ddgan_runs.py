@@ -165,6 +165,10 @@ def train_step(G, D, opt_g, opt_d, sched, x0, cfg, *rest, plain=ddgan.train_step
 ddgan.train_step = train_step
 
 
+def thread_flags(threads):
+    return ["--threads", str(threads)] if threads else []
+
+
 def record(row):
     """One JSON line in out/ddgan_runs/runs.jsonl, and on stdout."""
     with open(os.path.join(RUNS_DIR, "runs.jsonl"), "a") as f:
@@ -178,7 +182,7 @@ def run(name, threads, seed=0):
         name, what = f"{name}_seed{seed}", f"{what}, --seed {seed}"
     out = os.path.join(RUNS_DIR, name)
     ddgan.PRESETS["cpu"] = {**ddgan.PRESETS["cpu"], **changes}
-    flags = ["--out", out, "--seed", str(seed)] + (["--threads", str(threads)] if threads else [])
+    flags = ["--out", out, "--seed", str(seed)] + thread_flags(threads)
     t0, c0 = time.time(), time.process_time()
     ddgan.main(["--train", *flags])
     wall, cpu = time.time() - t0, time.process_time() - c0
@@ -193,7 +197,7 @@ def extend(name, steps, threads):
     src, out = os.path.join(RUNS_DIR, name), os.path.join(RUNS_DIR, f"{name}_to{steps}")
     os.makedirs(out, exist_ok=True)
     shutil.copy(os.path.join(src, "ckpt.pt"), os.path.join(out, "ckpt.pt"))
-    flags = ["--out", out] + (["--threads", str(threads)] if threads else [])
+    flags = ["--out", out] + thread_flags(threads)
     t0, c0 = time.time(), time.process_time()
     ddgan.main(["--train", "--resume", "--max-steps", str(steps), *flags])
     wall, cpu = time.time() - t0, time.process_time() - c0
@@ -209,7 +213,7 @@ def raw(name, threads):
     os.makedirs(out, exist_ok=True)
     torch.save({**ck, "ema": ck["G"]}, os.path.join(out, "ckpt.pt"))
     res = ddgan.main(["--eval", "--n-samples", "1000", "--out", out]
-                     + (["--threads", str(threads)] if threads else []))
+                     + thread_flags(threads))
     record({"run": f"{name}_raw", "what": f"{name}'s G, not its EMA", **res})
 
 
@@ -217,22 +221,21 @@ def truncated(name, psi, threads):
     """--eval of RUN's EMA generator with the truncation trick in the mapping network's output space
     (StyleGAN, Karras et al. 2019; not DDGAN's): w = w_avg + psi (w - w_avg), w_avg the mean w of 10000
     latents."""
-    plain = ddgan.Generator.forward
+    plain = ddgan.load
 
-    def forward(self, x, t, z):
-        if not hasattr(self, "w_avg"):   # drawn from its own generator: the sampler's draws stay the same
-            g = torch.Generator().manual_seed(0)
-            self.w_avg = self.mapping(torch.randn(10000, self.nz, generator=g)).mean(0)
-        w = self.w_avg + psi * (self.mapping(z) - self.w_avg)
-        return torch.tanh(self.unet(x, t, style=w))
+    def load(path, device):   # the checkpoint's EMA, with its mapping network's output truncated
+        G, sched, ck = plain(path, device)
+        with torch.no_grad():   # w_avg from its own generator: the sampler's draws stay the same
+            w_avg = G.mapping(torch.randn(10000, G.nz, generator=torch.Generator().manual_seed(0))).mean(0)
+        G.mapping.register_forward_hook(lambda module, args, w: w_avg + psi * (w - w_avg))
+        return G, sched, ck
 
-    ddgan.Generator.forward = forward
+    ddgan.load = load
     try:
         res = ddgan.main(["--eval", "--n-samples", "1000", "--ckpt", os.path.join(RUNS_DIR, name, "ckpt.pt"),
-                          "--out", os.path.join(RUNS_DIR, f"{name}_psi{psi}")]
-                         + (["--threads", str(threads)] if threads else []))
+                          "--out", os.path.join(RUNS_DIR, f"{name}_psi{psi}")] + thread_flags(threads))
     finally:
-        ddgan.Generator.forward = plain
+        ddgan.load = plain
     record({"run": f"{name}_psi{psi}", "what": f"{name}'s EMA with truncation psi {psi}", **res})
 
 
