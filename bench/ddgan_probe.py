@@ -15,6 +15,8 @@ the real and the fake pairs of each t (the fraction of real pairs with D > 0 and
                                                               # z, against with x_{t+1}, per t
     python bench/ddgan_probe.py --heads CKPT [CKPT ...]       # the judge's confidence per head (shape,
                                                               # color, size, position) on their samples
+    python bench/ddgan_probe.py --time-steps --threads 2      # seconds per training step: float32,
+                                                              # channels-last, bf16, both, batch 16
 """
 import argparse
 import json
@@ -140,6 +142,36 @@ def probe_heads(paths, n=1000):
             print(f"    {k}: " + ", ".join(f"{c} {s:.2f}" for c, s in zip(judge.classes[k], share.tolist())))
 
 
+def time_steps(rounds=5, steps=10):
+    """Seconds per ddgan.train_step of the cpu preset, in one process, the settings taking turns each round
+    (the machine's load falls on all of them alike): float32, channels-last networks and inputs, bf16
+    autocast, both, and a batch of 16. The median over rounds of the mean over `steps` steps."""
+    cfg = ddgan.PRESETS["cpu"]
+    settings = {"float32": (False, False, 32), "channels-last": (True, False, 32), "bf16": (False, True, 32),
+                "channels-last + bf16": (True, True, 32), "batch 16": (False, False, 16)}
+    sched = ddgan.schedule_from(cfg, torch.device("cpu"))
+    x0 = common.held_out_images("shapes", cfg["image_size"], cfg["channels"], 32)
+    runs, times = {}, {name: [] for name in settings}
+    for name, (cl, bf16, batch) in settings.items():
+        torch.manual_seed(0)
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        G, D = ddgan.Generator(cfg).to(memory_format=fmt), ddgan.Discriminator(cfg).to(memory_format=fmt)
+        opts = [torch.optim.Adam(m.parameters(), 1e-4, betas=(0.5, 0.9)) for m in (G, D)]
+        amp = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else None
+        runs[name] = (G, D, *opts, x0[:batch].contiguous(memory_format=fmt), amp)
+    for r in range(rounds + 1):   # round 0 warms up
+        for name, (G, D, opt_g, opt_d, x, amp) in runs.items():
+            t0 = time.perf_counter()
+            for step in range(1, steps + 1):   # steps 1..10: one lazy R1 step (step 10) as in training
+                ddgan.train_step(G, D, opt_g, opt_d, sched, x, cfg, step, amp)
+            if r:
+                times[name].append((time.perf_counter() - t0) / steps)
+    base = sorted(times["float32"])[rounds // 2]
+    for name, ts in times.items():
+        med = sorted(ts)[rounds // 2]
+        print(f"{name:22s} {med:.3f} s a step ({med / base:.2f}x float32's)")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--set", default="{}", help="cpu preset keys to change, as JSON")
@@ -152,10 +184,14 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ckpt", help="probe this trained ddgan.py checkpoint instead of training")
     p.add_argument("--latent", action="store_true", help="with --ckpt: how much G's output depends on z")
+    p.add_argument("--time-steps", action="store_true", help="seconds per training step: float32, "
+                   "channels-last, bf16, both, batch 16 (use --threads 2, as the default command)")
     p.add_argument("--heads", nargs="+", metavar="CKPT", help="the judge's confidence per head on these "
                    "checkpoints' samples")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.time_steps:
+        return time_steps()
     if args.heads:
         return probe_heads(args.heads)
     if args.ckpt:

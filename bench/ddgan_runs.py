@@ -113,8 +113,9 @@ RUNS = {  # name: (what it changes, preset keys); the cpu preset's own values ar
             {"ds_lambda": 1.0, "ds_tau": 0.1}),
     "ds10": ("the cpu preset with a diversity-sensitive term in G's loss, lambda 10, tau 0.1",
              {"ds_lambda": 10.0, "ds_tau": 0.1}),
-    # the same route to more steps, by a cheaper step: at 2 threads a batch-16 step takes 0.59x a batch-32
-    # one (0.234 s against 0.395 s, timed in one process), so 6000 steps cost the preset's 3600
+    # the same route to more steps, by a cheaper step: at 2 threads a batch-16 step takes about 0.6x a
+    # batch-32 one (0.59x, then 0.64x from bench/ddgan_probe.py --time-steps), so 6000 steps cost about the
+    # preset's 3600
     "b16_same_time": ("the cpu preset at batch 16 for 6000 steps, the 2-thread time of its 3600 at batch 32",
                       {"batch_size": 16, "max_steps": 6000}),
 }
