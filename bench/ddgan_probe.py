@@ -16,7 +16,8 @@ the real and the fake pairs of each t (the fraction of real pairs with D > 0 and
     python bench/ddgan_probe.py --heads CKPT [CKPT ...]       # the judge's confidence per head (shape,
                                                               # color, size, position) on their samples
     python bench/ddgan_probe.py --time-steps --threads 2      # seconds per training step: float32,
-                                                              # channels-last, bf16, both, batch 16
+                                                              # channels-last, bf16, both, batch 16,
+                                                              # a lighter G, reused fakes, both
 """
 import argparse
 import json
@@ -142,28 +143,58 @@ def probe_heads(paths, n=1000):
             print(f"    {k}: " + ", ".join(f"{c} {s:.2f}" for c, s in zip(judge.classes[k], share.tolist())))
 
 
+def reused_fake_step(G, D, opt_g, opt_d, sched, x0, cfg, step, amp=None):
+    """ddgan.train_step without its second G forward: G's step reuses the D step's fake pairs (made with
+    grad) against the updated D, as many GAN codes do; the official code draws new t, noise and z."""
+    t = torch.randint(0, sched.T, (x0.shape[0],))
+    x_t, x_t1 = sched.q_sample_pairs(x0, t)
+    reg = step % cfg["lazy_reg"] == 0
+    x_t.requires_grad_(reg)
+    x_fake = sched.sample_posterior(G(x_t1, t, torch.randn(len(t), cfg["nz"])), x_t1, t)
+    d_real = D(x_t, x_t1, t)
+    loss_d = ddgan.discriminator_loss(d_real, D(x_fake.detach(), x_t1, t))
+    r1 = ddgan.r1_penalty(d_real, x_t, cfg["r1_gamma"]) if reg else 0.0
+    opt_d.zero_grad(set_to_none=True)
+    (loss_d + r1).backward()
+    opt_d.step()
+    D.requires_grad_(False)
+    opt_g.zero_grad(set_to_none=True)
+    ddgan.generator_loss(D(x_fake, x_t1, t)).backward()
+    opt_g.step()
+    D.requires_grad_(True)
+
+
 def time_steps(rounds=5, steps=10):
-    """Seconds per ddgan.train_step of the cpu preset, in one process, the settings taking turns each round
+    """Seconds per training step of the cpu preset, in one process, the settings taking turns each round
     (the machine's load falls on all of them alike): float32, channels-last networks and inputs, bf16
-    autocast, both, and a batch of 16. The median over rounds of the mean over `steps` steps."""
-    cfg = ddgan.PRESETS["cpu"]
-    settings = {"float32": (False, False, 32), "channels-last": (True, False, 32), "bf16": (False, True, 32),
-                "channels-last + bf16": (True, True, 32), "batch 16": (False, False, 16)}
-    sched = ddgan.schedule_from(cfg, torch.device("cpu"))
-    x0 = common.held_out_images("shapes", cfg["image_size"], cfg["channels"], 32)
+    autocast, both, a batch of 16, a lighter G (no residual up/down blocks, no attention), G's step reusing
+    the D step's fakes, and both of the last two. The median over rounds of the mean over `steps` steps."""
+    light = {"resblock_updown": False, "attn_res": []}
+    settings = {   # name: (channels-last, bf16, batch, preset keys changed, step)
+        "float32": (False, False, 32, {}, ddgan.train_step),
+        "channels-last": (True, False, 32, {}, ddgan.train_step),
+        "bf16": (False, True, 32, {}, ddgan.train_step),
+        "channels-last + bf16": (True, True, 32, {}, ddgan.train_step),
+        "batch 16": (False, False, 16, {}, ddgan.train_step),
+        "lighter G": (False, False, 32, light, ddgan.train_step),
+        "reused fakes": (False, False, 32, {}, reused_fake_step),
+        "lighter G + reused": (False, False, 32, light, reused_fake_step)}
+    sched = ddgan.schedule_from(ddgan.PRESETS["cpu"], torch.device("cpu"))
+    x0 = common.held_out_images("shapes", 32, 3, 32)
     runs, times = {}, {name: [] for name in settings}
-    for name, (cl, bf16, batch) in settings.items():
+    for name, (cl, bf16, batch, changes, step_fn) in settings.items():
         torch.manual_seed(0)
+        cfg = {**ddgan.PRESETS["cpu"], **changes}
         fmt = torch.channels_last if cl else torch.contiguous_format
         G, D = ddgan.Generator(cfg).to(memory_format=fmt), ddgan.Discriminator(cfg).to(memory_format=fmt)
         opts = [torch.optim.Adam(m.parameters(), 1e-4, betas=(0.5, 0.9)) for m in (G, D)]
         amp = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else None
-        runs[name] = (G, D, *opts, x0[:batch].contiguous(memory_format=fmt), amp)
+        runs[name] = (G, D, *opts, x0[:batch].contiguous(memory_format=fmt), cfg, amp, step_fn)
     for r in range(rounds + 1):   # round 0 warms up
-        for name, (G, D, opt_g, opt_d, x, amp) in runs.items():
+        for name, (G, D, opt_g, opt_d, x, cfg, amp, step_fn) in runs.items():
             t0 = time.perf_counter()
             for step in range(1, steps + 1):   # steps 1..10: one lazy R1 step (step 10) as in training
-                ddgan.train_step(G, D, opt_g, opt_d, sched, x, cfg, step, amp)
+                step_fn(G, D, opt_g, opt_d, sched, x, cfg, step, amp)
             if r:
                 times[name].append((time.perf_counter() - t0) / steps)
     base = sorted(times["float32"])[rounds // 2]
@@ -185,7 +216,8 @@ def main():
     p.add_argument("--ckpt", help="probe this trained ddgan.py checkpoint instead of training")
     p.add_argument("--latent", action="store_true", help="with --ckpt: how much G's output depends on z")
     p.add_argument("--time-steps", action="store_true", help="seconds per training step: float32, "
-                   "channels-last, bf16, both, batch 16 (use --threads 2, as the default command)")
+                   "channels-last, bf16, both, batch 16, a lighter G, reused fakes, both of those (use "
+                   "--threads 2, as the default command)")
     p.add_argument("--heads", nargs="+", metavar="CKPT", help="the judge's confidence per head on these "
                    "checkpoints' samples")
     args = p.parse_args()
