@@ -121,12 +121,14 @@ RUNS = {  # name: (what it changes, preset keys); the cpu preset's own values ar
     # the paper's VP schedule (beta_max 20) keeps 0.72 / 0.28 / 0.06 / 0.007 of x_0 at t = 1..4, so x_3 and
     # x_4 are both almost pure noise and the step between them teaches G little (D is at chance at t = 2, 3).
     # A lower beta_max spreads the four steps more evenly: 0.85 / 0.53 / 0.24 / 0.08 at 10, 0.79 / 0.41 /
-    # 0.14 / 0.03 at 14 (not the paper's; the sampler still starts from N(0, I))
+    # 0.14 / 0.03 at 14 (not the paper's; the sampler still starts from N(0, I)). From seed 3: FID 7.99 and
+    # 10.27, judged with confidence 0.457 and 0.428, against the preset's 7.07 and 0.463
     "beta10": ("the cpu preset with the VP schedule's beta_max 10 instead of 20", {"beta_max": 10.0}),
     "beta14": ("the cpu preset with the VP schedule's beta_max 14 instead of 20", {"beta_max": 14.0}),
     # at 3600 steps two changes raised the judge's confidence on every seed run or on the mean: a deeper G
     # (0.553 / 0.516 / 0.491 from seeds 0-2, against 0.506 / 0.475 / 0.461) and DSGAN's term (0.499
-    # against 0.470 over seeds 1, 3, 5); both together, at about 1.16x the preset's time
+    # against 0.470 over seeds 1, 3, 5); both together, at about 1.15x the preset's time. From seeds 1 and 3:
+    # FID 7.57 and 6.92, confidence 0.489 and 0.399, against the preset's 7.65 / 0.475 and 7.07 / 0.463
     "g_blocks2_ds1": ("g_blocks2 and ds1 together: 2 residual blocks per level in G, DSGAN's term, lambda 1",
                       {"num_res_blocks": 2, "ds_lambda": 1.0, "ds_tau": 0.1}),
 }
