@@ -145,7 +145,9 @@ def probe_heads(paths, n=1000):
 
 def reused_fake_step(G, D, opt_g, opt_d, sched, x0, cfg, step, amp=None):
     """ddgan.train_step without its second G forward: G's step reuses the D step's fake pairs (made with
-    grad) against the updated D, as many GAN codes do; the official code draws new t, noise and z."""
+    grad) against the updated D, as many GAN codes do; the official code draws new t, noise and z. Timed in
+    float32 only: `amp` is there for train_step's signature and must be None."""
+    assert amp is None, "reused_fake_step runs in float32 only"
     t = torch.randint(0, sched.T, (x0.shape[0],))
     x_t, x_t1 = sched.q_sample_pairs(x0, t)
     reg = step % cfg["lazy_reg"] == 0
@@ -179,12 +181,13 @@ def time_steps(rounds=5, steps=10):
         "lighter G": (False, False, 32, light, ddgan.train_step),
         "reused fakes": (False, False, 32, {}, reused_fake_step),
         "lighter G + reused": (False, False, 32, light, reused_fake_step)}
-    sched = ddgan.schedule_from(ddgan.PRESETS["cpu"], torch.device("cpu"))
-    x0 = common.held_out_images("shapes", 32, 3, 32)
+    cpu = ddgan.PRESETS["cpu"]
+    sched = ddgan.schedule_from(cpu, torch.device("cpu"))
+    x0 = common.held_out_images("shapes", cpu["image_size"], cpu["channels"], 32)
     runs, times = {}, {name: [] for name in settings}
     for name, (cl, bf16, batch, changes, step_fn) in settings.items():
         torch.manual_seed(0)
-        cfg = {**ddgan.PRESETS["cpu"], **changes}
+        cfg = {**cpu, **changes}
         fmt = torch.channels_last if cl else torch.contiguous_format
         G, D = ddgan.Generator(cfg).to(memory_format=fmt), ddgan.Discriminator(cfg).to(memory_format=fmt)
         opts = [torch.optim.Adam(m.parameters(), 1e-4, betas=(0.5, 0.9)) for m in (G, D)]
