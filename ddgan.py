@@ -26,9 +26,9 @@ R1            gamma/2 E ||grad_{x_{t-1}} D(x_{t-1}, x_t, t)||^2 on real pairs, l
               k = 10 on CelebA-HQ (the cpu preset)
 Optimisation  Adam (0.5, 0.9), lr_G 1.6e-4, lr_D 1.25e-4, EMA 0.9999 of G; one D step then one G step, each
               with freshly drawn t, noise and z (appendix, official README/code)
-Diversity     not the paper's, off unless --ds-lambda L > 0: G also maximises
-              L E min(|x_0'(z_1) - x_0'(z_2)|_1 / |z_1 - z_2|_1, tau) over pairs that share x_t and t (DSGAN,
-              Yang et al. 2019): without it, G here learns to ignore z (docs/ddgan.md)
+Diversity     not the paper's: on in the cpu preset (L = 3), off in the paper preset and with --ds-lambda 0.
+              G also maximises L E min(|x_0'(z_1) - x_0'(z_2)|_1 / |z_1 - z_2|_1, tau) over pairs that share
+              x_t and t (DSGAN, Yang et al. 2019): without it, G here learns to ignore z (docs/ddgan.md)
 
 Indexing: 0-based as in the official code. A pair index t in 0..T-1 is the paper's step t+1: the pair is
 (x_t, x_{t+1}), G(x_{t+1}, z, t) predicts x_0, and the posterior draws x_t. With T = 1 this is a one-step GAN
@@ -61,19 +61,22 @@ PRESETS = {
     "tiny": dict(image_size=16, channels=3, ch=16, ch_mult=[1, 2], num_res_blocks=1, attn_res=[8], heads=2,
                  dropout=0.0, **G_NET, nz=100, z_dim=32, n_mlp=2, d_ch=16, d_mult=[1, 2], timesteps=4,
                  beta_min=0.1, beta_max=20.0, r1_gamma=0.02, lazy_reg=3, batch_size=8, max_steps=20,
-                 lr=1e-3, lr_d=1e-3, cosine=False, ema=0.99, log_every=5, sample_every=0, ckpt_every=10,
-                 judge_steps=30),
-    # the default: 21.6 minutes on the idle 2-core CPU, FID 8.41 (README). G and D at 16 base channels
+                 lr=1e-3, lr_d=1e-3, cosine=False, ema=0.99, ds_lambda=3.0, ds_tau=0.1, log_every=5,
+                 sample_every=0, ckpt_every=10, judge_steps=30),
+    # the default: 23.8 minutes on the 2-core CPU, FID 6.18 (README). G and D at 16 base channels
     # (FID 23.3 against 65.2 for 32 channels and half the steps), D learning 10x faster than G (FID 12.6-14.3
     # against 23.3 with lr 2e-4 / lr_d 1.6e-4: D otherwise falls to chance within 100 steps), a strong R1 as
     # in the official LSUN Church (gamma 1) and CelebA-HQ (gamma 2) settings, every 10 steps (FID 8.7 and 8.4
     # over three seeds at 3200 steps, against 12.7 with CIFAR-10's gamma 0.02 every 15), and 3600 steps
     # (gamma 2: 7.6 over seeds 0-5, run uninterrupted; 4000 steps, which still fit, did worse: 8.4 over the
-    # same seeds; 10800 steps, past the 30 minutes, gave 3.1-3.5 from seeds 0 and 3): docs/ddgan.md
+    # same seeds; 10800 steps, past the 30 minutes, gave 3.1-3.5 from seeds 0 and 3), and DSGAN's diversity
+    # term at lambda 3 (not the paper's; G otherwise ignores z): 6.9 against 7.6 over seeds 0-5, but 6.4
+    # against 4.4 at 7200 steps from seed 3, so long runs go better with --ds-lambda 0: docs/ddgan.md
     "cpu": dict(image_size=32, channels=3, ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, attn_res=[8], heads=4,
                 dropout=0.0, **G_NET, nz=100, z_dim=64, n_mlp=3, d_ch=16, d_mult=[1, 2, 4, 4], timesteps=4,
                 beta_min=0.1, beta_max=20.0, r1_gamma=2.0, lazy_reg=10, batch_size=32, max_steps=3600,
-                lr=1e-4, lr_d=1e-3, cosine=False, ema=0.999, log_every=25, sample_every=0, ckpt_every=500),
+                lr=1e-4, lr_d=1e-3, cosine=False, ema=0.999, ds_lambda=3.0, ds_tau=0.1, log_every=25,
+                sample_every=0, ckpt_every=500),
     # CIFAR-10 (official README): NCSN++-size G (ch 128, mult 1,2,2,2, 2 blocks, attention at 16), nz 100,
     # 4-layer mapping 256 wide (z_emb_dim), D_small 128-128-256-512-512, lr_G 1.6e-4, lr_D 1.25e-4 (cosine
     # decay to 1e-5), r1 gamma 0.02 every 15 steps, batch 64 per GPU (x 4 GPUs), EMA 0.9999, T = 4,
@@ -379,7 +382,8 @@ def train(args, cfg):
         raise common.UserError(f"--steps {args.steps}: DDGAN samples in exactly its T = {cfg['timesteps']} "
                                "steps; set T with --timesteps")
     if cfg.get("ds_lambda") and cfg["batch_size"] < 2:
-        raise common.UserError(f"--ds-lambda needs pairs: --batch-size {cfg['batch_size']} is below 2")
+        raise common.UserError(f"--ds-lambda {cfg['ds_lambda']:g} (DSGAN's term) needs pairs: --batch-size "
+                               f"{cfg['batch_size']} is below 2 (use 2 or more, or --ds-lambda 0)")
     run = common.start_training("ddgan", args, cfg)
     cfg, device = run.cfg, run.device
     sched = schedule_from(cfg, device)
@@ -499,7 +503,8 @@ def main(argv=None):
     p.add_argument("--lr-d", type=common.positive_float,
                    help="discriminator learning rate (--lr is the generator's)")
     p.add_argument("--ds-lambda", type=common.nonneg_float,
-                   help="weight of DSGAN's diversity term in G's loss (not the paper's; default 0 = off)")
+                   help="weight of DSGAN's diversity term in G's loss (not the paper's; default: cpu 3, "
+                   "paper 0 = off)")
     args = p.parse_args(argv)
     cfg = common.make_config(args, PRESETS, keys=("timesteps", "nz", "r1_gamma", "lazy_reg", "lr_d",
                                                   "ds_lambda"))

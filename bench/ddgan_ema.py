@@ -9,6 +9,8 @@ evaluated as `ddgan.py --eval --n-samples 1000` evaluates the checkpoint's own.
     python bench/ddgan_ema.py --threads 2 --r1-gamma 0.02 --lazy-reg 15 --max-steps 3200
                         # other flags go to ddgan.py --train: here the cpu preset before r1_church (its R1 and
                         # steps), as in the runs of docs/ddgan.md
+    python bench/ddgan_ema.py --ds-lambda 0 ...  # the runs in docs/ddgan.md: all made before the cpu preset
+                                                 # took DSGAN's diversity term (ds_lambda 3)
 
 --powers: power-function EMAs (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion
 Models", its power-function EMA profile): decay (1 - 1/n)^(gamma + 1) at step n = 1, 2, ..., an average over

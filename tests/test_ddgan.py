@@ -330,6 +330,19 @@ def test_diversity_term_makes_g_use_z():
     assert moved[1.0] > 10 * moved[0.0]
 
 
+def test_default_loss_has_the_term_and_a_batch_of_one_needs_it_off(tmp_path):
+    # the cpu preset trains with DSGAN's term and tiny (the tests') with the same; the paper preset without
+    cpu, paper = ddgan.PRESETS["cpu"], ddgan.PRESETS["paper"]
+    assert cpu["ds_lambda"] == TINY["ds_lambda"] > 0 == paper.get("ds_lambda", 0)
+    out = str(tmp_path / "b1")
+    with pytest.raises(common.UserError, match=r"needs pairs: --batch-size 1 .*--ds-lambda 0"):
+        ddgan.main(["--train", "--preset", "tiny", "--batch-size", "1", "--out", out])
+    ddgan.main(["--train", "--preset", "tiny", "--batch-size", "1", "--ds-lambda", "0", "--max-steps", "1",
+                "--out", out, "--n-samples", "1", "--threads", "1"])
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ck["config"]["ds_lambda"] == 0 and ck["config"]["batch_size"] == 1 and ck["step"] == 1
+
+
 def test_ds_lambda_flag_trains_and_is_kept_in_the_checkpoint(tmp_path):
     out = str(tmp_path / "ds")
     ddgan.main(["--train", "--preset", "tiny", "--max-steps", "2", "--ds-lambda", "0.5", "--out", out,
