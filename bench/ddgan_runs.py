@@ -7,6 +7,7 @@ changed, trained and evaluated exactly as the command line does, so every figure
     python bench/ddgan_runs.py RUN --threads 1         # two runs side by side on a 2-core machine
     python bench/ddgan_runs.py RUN --seed 1            # RUN from another seed, as <RUN>_seed1
     python bench/ddgan_runs.py --extend RUN --to 3200  # RUN's checkpoint trained on (--resume) to step 3200
+    python bench/ddgan_runs.py --extend RUN --to 7200 --set '{"ds_lambda": 0}'  # config keys changed first
     python bench/ddgan_runs.py --raw RUN               # --eval of RUN's generator itself instead of its EMA
 
 Each run writes out/ddgan_runs/<RUN>/ (ckpt.pt, samples.png, eval_samples.png) and appends one JSON line
@@ -214,18 +215,24 @@ def run(name, threads, seed=0):
             "train_cpu_s": round(cpu, 1), "threads": threads, **res})
 
 
-def extend(name, steps, threads):
+def extend(name, steps, threads, changes=None):
     """RUN's checkpoint, copied to out/ddgan_runs/<RUN>_to<steps>/ and trained on to `steps` with --resume
-    (exactly what a run of `steps` would have done, at the same thread count), then evaluated."""
-    src, out = os.path.join(RUNS_DIR, name), os.path.join(RUNS_DIR, f"{name}_to{steps}")
+    (exactly what a run of `steps` would have done, at the same thread count), then evaluated. `changes`:
+    config keys changed in the copy first (e.g. the diversity term off from here on), named in the folder."""
+    tag = "".join(f"_{k}{v}" for k, v in (changes or {}).items())
+    src, out = os.path.join(RUNS_DIR, name), os.path.join(RUNS_DIR, f"{name}_to{steps}{tag}")
     os.makedirs(out, exist_ok=True)
     shutil.copy(os.path.join(src, "ckpt.pt"), os.path.join(out, "ckpt.pt"))
+    if changes:
+        ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+        torch.save({**ck, "config": {**ck["config"], **changes}}, os.path.join(out, "ckpt.pt"))
     flags = ["--out", out] + thread_flags(threads)
     t0, c0 = time.time(), time.process_time()
     ddgan.main(["--train", "--resume", "--max-steps", str(steps), *flags])
     wall, cpu = time.time() - t0, time.process_time() - c0
     res = ddgan.main(["--eval", "--n-samples", "1000", *flags])
-    record({"run": f"{name}_to{steps}", "what": f"{name} trained on to step {steps}",
+    what = f"{name} trained on to step {steps}" + (f" with {changes}" if changes else "")
+    record({"run": os.path.basename(out), "what": what,
             "train_wall_s": round(wall, 1), "train_cpu_s": round(cpu, 1), "threads": threads, **res})
 
 
@@ -270,6 +277,7 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="train RUN from this seed (the spread between seeds)")
     p.add_argument("--extend", metavar="RUN", help="train RUN's checkpoint on to --to steps")
     p.add_argument("--to", type=int, help="with --extend: the step to train to")
+    p.add_argument("--set", default="{}", help="with --extend: config keys to change first, as JSON")
     p.add_argument("--raw", metavar="RUN", help="evaluate RUN's generator instead of its EMA")
     p.add_argument("--psi", nargs=2, metavar=("RUN", "PSI"),
                    help="evaluate RUN's EMA with truncation psi (not the paper's)")
@@ -279,7 +287,7 @@ def main():
     if args.psi:
         return truncated(args.psi[0], float(args.psi[1]), args.threads)
     if args.extend:
-        return extend(args.extend, args.to, args.threads)
+        return extend(args.extend, args.to, args.threads, json.loads(args.set))
     unknown = [r for r in args.runs if r not in RUNS]
     if unknown:
         p.error(f"unknown run {unknown[0]}; --list shows them")
