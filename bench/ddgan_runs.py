@@ -120,7 +120,8 @@ RUNS = {  # name: (what it changes, preset keys); the cpu preset's own values ar
     # between the two: L = 1 raised the judge's confidence a little (0.499 against 0.470 over three seeds),
     # L = 10 lowered it (0.434 from seed 3). L = 3 from seeds 0-5: FID 6.35, 5.99, 7.77, 6.86, 8.39, 6.22 (the
     # preset's 7.39, 7.65, 7.77, 7.07, 8.37, 7.26), confidence 0.490 on the mean, the preset's 0.474; from
-    # seed 3 trained on to 7200 steps 6.41, the preset's 4.40. The cpu preset since these runs
+    # seed 3 trained on to 7200 steps 6.41, the preset's 4.40 (7.27 with the term off from step 3600: --extend
+    # ds3_seed3 --to 7200 --set '{"ds_lambda": 0}'). The cpu preset since these runs
     "ds3": ("the cpu preset with a diversity-sensitive term in G's loss, lambda 3, tau 0.1 (the cpu preset)",
             {"ds_lambda": 3.0, "ds_tau": 0.1}),
     # the same route to more steps, by a cheaper step: at 2 threads a batch-16 step takes about 0.6x a
