@@ -16,7 +16,6 @@ Each run writes out/ddgan_runs/<RUN>/ (ckpt.pt, samples.png, eval_samples.png) a
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -216,17 +215,15 @@ def run(name, threads, seed=0):
             "train_cpu_s": round(cpu, 1), "threads": threads, **res})
 
 
-def extend(name, steps, threads, changes=None):
+def extend(name, steps, threads, changes):
     """RUN's checkpoint, copied to out/ddgan_runs/<RUN>_to<steps>/ and trained on to `steps` with --resume
     (exactly what a run of `steps` would have done, at the same thread count), then evaluated. `changes`:
     config keys changed in the copy first (e.g. the diversity term off from here on), named in the folder."""
-    tag = "".join(f"_{k}{v}" for k, v in (changes or {}).items())
-    src, out = os.path.join(RUNS_DIR, name), os.path.join(RUNS_DIR, f"{name}_to{steps}{tag}")
+    tag = "".join(f"_{k}{v}" for k, v in changes.items())
+    out = os.path.join(RUNS_DIR, f"{name}_to{steps}{tag}")
     os.makedirs(out, exist_ok=True)
-    shutil.copy(os.path.join(src, "ckpt.pt"), os.path.join(out, "ckpt.pt"))
-    if changes:
-        ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-        torch.save({**ck, "config": {**ck["config"], **changes}}, os.path.join(out, "ckpt.pt"))
+    ck = torch.load(os.path.join(RUNS_DIR, name, "ckpt.pt"), weights_only=True)
+    torch.save({**ck, "config": {**ck["config"], **changes}}, os.path.join(out, "ckpt.pt"))
     flags = ["--out", out] + thread_flags(threads)
     t0, c0 = time.time(), time.process_time()
     ddgan.main(["--train", "--resume", "--max-steps", str(steps), *flags])
